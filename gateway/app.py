@@ -1,0 +1,125 @@
+"""Wire the gateway together: the only module that knows every part.
+
+Lifecycle (aiohttp ``cleanup_ctx``, unwound in reverse): upstream connected → policy
+watcher running → serving; on shutdown the watcher stops, the upstream closes and the
+audit trail is flushed to disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.catalog import ModelCatalog
+from gateway.devissuer import trusted_dev_issuer
+from gateway.fronts.http.server import HttpFront
+from gateway.observability.audit import AuditLog
+from gateway.observability.metrics import Metrics
+from gateway.policy.store import PolicyStore
+from gateway.service import InferenceService
+from gateway.settings import Settings
+from gateway.stages.authn import TrustedIssuer
+from gateway.upstream.base import Upstream
+
+log = structlog.get_logger("gateway.app")
+
+SERVICE_KEY = web.AppKey("service", InferenceService)
+
+# Wire-level limits of the HTTP parser (request line, one header, header count).
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 100
+
+
+def make_upstream(backend: str, *, threads: int = 2) -> Upstream:
+    """``local:DIR`` runs the repository in process; ``grpc://HOST:PORT`` calls Triton."""
+    if backend.startswith("local:"):
+        from gateway.upstream.embedded import EmbeddedUpstream
+
+        return EmbeddedUpstream(Path(backend[len("local:"):]), workers=threads)
+    if backend.startswith("grpc://"):
+        from gateway.upstream.triton_grpc import TritonGrpcUpstream
+
+        return TritonGrpcUpstream(backend[len("grpc://"):])
+    raise ValueError(f"--backend must be local:DIR or grpc://HOST:PORT, got {backend!r}")
+
+
+def build_service(settings: Settings, *, upstream: Upstream | None = None) -> InferenceService:
+    """Load policy (fatal if invalid) and assemble the transport-neutral service."""
+    metrics = Metrics()
+    extra: tuple[TrustedIssuer, ...] = ()
+    if settings.dev:
+        # SECURITY: the dev issuer exists only under --dev; production never trusts it.
+        extra = (trusted_dev_issuer(settings.state_dir),)
+    store = PolicyStore(settings.policies, metrics, extra_issuers=extra)
+    store.load_initial()
+    upstream = upstream or make_upstream(settings.backend, threads=settings.embedded_threads)
+    return InferenceService(
+        store=store,
+        upstream=upstream,
+        catalog=ModelCatalog(upstream),
+        metrics=metrics,
+        audit_log=AuditLog(settings.audit_dir),
+    )
+
+
+def build_app(settings: Settings, *, service: InferenceService | None = None) -> web.Application:
+    service = service or build_service(settings)
+    # The body is read by the front itself, capped and decompressed under its own limits.
+    app = web.Application(client_max_size=1024)
+    app[SERVICE_KEY] = service
+    front = HttpFront(service)
+    app.router.add_route("*", "/{tail:.*}", front.handle)
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await service.upstream.start()
+        watcher = asyncio.create_task(service.store.watch(settings.policy_poll_s))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.store.reload("sighup")))
+        log.info("gateway_started", revision=service.store.current.policy.revision, backend=settings.backend)
+        yield
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGHUP)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await service.upstream.close()
+        service.audit_log.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
+    # SECURITY: no automatic request decompression: the front decompresses itself with a
+    # cap on the decompressed size (no gzip bombs).
+    return web.AppRunner(app, auto_decompress=False, access_log=None, max_line_size=MAX_LINE_SIZE,
+                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, **extra)
+
+
+async def serve(settings: Settings, *, ready_message: str | None = None) -> None:
+    app = build_app(settings)
+    runner = runner_for(app)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    if ready_message:
+        print(ready_message, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway_stopping")
+        await runner.cleanup()

@@ -1,0 +1,130 @@
+"""The ``infergate`` command: serve, tokens for development, policy and audit tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from gateway.settings import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.app import serve
+    from gateway.observability.logging import configure_logging
+    from gateway.policy.loader import PolicyError
+
+    host, port = Settings.parse_listen(args.listen)
+    settings = Settings(
+        host=host, port=port, policies=Path(args.policies), backend=args.backend,
+        redis_url=args.redis, audit_dir=Path(args.audit_dir), state_dir=Path(args.state_dir), dev=args.dev,
+    )
+    configure_logging(args.log_level)
+    base = f"http://{host}:{port}"
+    lines = [f"infergate listening on {base} (backend {settings.backend}, policies {settings.policies})"]
+    if settings.dev:
+        lines += [
+            "Dev mode: a local token issuer is trusted. Get a token and send a first request:",
+            "  TOKEN=$(.venv/bin/infergate token --sub alice --tenant acme --roles analyst)",
+            f'  curl -s -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" '
+            f"-d @examples/digits-request.json {base}/v2/models/digits/infer",
+        ]
+    try:
+        asyncio.run(serve(settings, ready_message="\n".join(lines)))
+    except PolicyError as exc:
+        print("infergate: the policy is invalid, not starting:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from gateway.devissuer import issue_token
+
+    roles = [r for r in args.roles.split(",") if r]
+    print(issue_token(Path(args.state_dir), sub=args.sub, tenant=args.tenant, roles=roles, ttl_s=args.ttl))
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from gateway.observability.metrics import Metrics
+    from gateway.policy.compile import compile_pipeline
+    from gateway.policy.loader import PolicyError, load_policy_dir
+
+    try:
+        policy = load_policy_dir(Path(args.dir))
+        compile_pipeline(policy, Metrics())
+    except PolicyError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"{len(exc.issues)} error(s)", file=sys.stderr)
+        return 1
+    print(f"ok: revision {policy.revision}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from gateway.observability.audit import LOG_NAME, verify_chain
+
+    path = Path(args.dir) / LOG_NAME
+    if not path.exists():
+        print(f"no audit log at {path}", file=sys.stderr)
+        return 1
+    ok, bad = verify_chain(path)
+    if ok:
+        print(f"ok: {path} verifies")
+        return 0
+    print(f"TAMPERED: first bad record at seq {bad} in {path}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infergate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the gateway")
+    serve.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    serve.add_argument("--policies", default="policies", help="policy directory (default ./policies)")
+    serve.add_argument("--backend", default="local:triton_repo",
+                       help="local:DIR (embedded onnxruntime) or grpc://HOST:PORT (Triton)")
+    serve.add_argument("--redis", default=None, help="redis://... for shared state (default: in memory)")
+    serve.add_argument("--audit-dir", default="var/audit", help="audit trail directory (default ./var/audit)")
+    serve.add_argument("--state-dir", default="var", help="local state such as the dev key (default ./var)")
+    serve.add_argument("--dev", action="store_true", help="trust the local dev token issuer")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="print a token from the local dev issuer (for --dev)")
+    token.add_argument("--sub", required=True)
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--roles", default="", help="comma-separated roles")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    token.add_argument("--state-dir", default="var")
+    token.set_defaults(func=_token)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="validate and compile a policy directory")
+    check.add_argument("dir")
+    check.set_defaults(func=_policy_check)
+
+    audit = sub.add_parser("audit", help="audit trail tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="verify the hash chain of an audit directory")
+    verify.add_argument("dir")
+    verify.set_defaults(func=_audit_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Check a decoded request against the model's declared metadata, before the upstream.
+
+Always on (not a policy stage): a tensor the model did not declare is never forwarded.
+The adversarial and sanitizing stages build on this; this module only enforces the
+contract Triton itself would enforce, so both upstreams behave alike.
+"""
+
+from __future__ import annotations
+
+from gateway.errors import InputRejected
+from gateway.kserve import InferRequest, ModelMetadata
+
+
+def check_request(req: InferRequest, meta: ModelMetadata) -> None:
+    declared = {spec.name: spec for spec in meta.inputs}
+    given = {t.name for t in req.inputs}
+    for tensor in req.inputs:
+        spec = declared.get(tensor.name)
+        if spec is None:
+            raise InputRejected(f"input '{_safe(tensor.name)}' is not an input of this model",
+                                reason="input_unknown_name")
+        if tensor.datatype != spec.datatype:
+            raise InputRejected(f"input '{spec.name}' must have datatype {spec.datatype}",
+                                reason="input_wrong_datatype")
+        if len(tensor.shape) != len(spec.shape):
+            raise InputRejected(f"input '{spec.name}' must have rank {len(spec.shape)}",
+                                reason="input_wrong_shape")
+        for axis, (dim, want) in enumerate(zip(tensor.shape, spec.shape, strict=True)):
+            if want >= 0 and dim != want:
+                raise InputRejected(f"input '{spec.name}' dimension {axis} must be {want}",
+                                    reason="input_wrong_shape")
+        if meta.max_batch_size > 0 and tensor.shape and tensor.shape[0] > meta.max_batch_size:
+            raise InputRejected(f"input '{spec.name}' batch size exceeds {meta.max_batch_size}",
+                                reason="input_batch_too_large")
+    missing = sorted(set(declared) - given)
+    if missing:
+        raise InputRejected(f"missing input '{missing[0]}'", reason="input_missing")
+    if meta.max_batch_size > 0:
+        batches = {t.shape[0] for t in req.inputs if t.shape}
+        if len(batches) > 1:
+            raise InputRejected("all inputs must have the same batch size", reason="input_wrong_shape")
+    outputs = {spec.name for spec in meta.outputs}
+    for out in req.outputs:
+        if out.name not in outputs:
+            raise InputRejected(f"output '{_safe(out.name)}' is not an output of this model",
+                                reason="output_unknown_name")
+
+
+def _safe(name: str) -> str:
+    """Names reach error messages; keep them short and printable (the codec already
+    restricts them, this is defence in depth for other fronts)."""
+    cleaned = "".join(ch if ch.isprintable() and ch.isascii() else "?" for ch in name)
+    return cleaned[:64]

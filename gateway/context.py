@@ -1,0 +1,85 @@
+"""Per-request state shared by the pipeline's stages. No transport imports.
+
+:class:`RequestContext` is the only mutable object a request carries through the
+pipeline (Envoy's dynamic metadata). Each front builds one, pins it to one policy
+revision, and emits one audit record from it in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import InternalError
+
+# SECURITY: a client-supplied request id is echoed in headers, logs and audit records,
+# so only a short, header-safe token is accepted; anything else is replaced.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def new_request_id(offered: str | None = None) -> str:
+    """Accept the client's ``X-Request-ID`` only when it is well-formed."""
+    if offered is not None and _REQUEST_ID_RE.fullmatch(offered):
+        return offered
+    return secrets.token_hex(16)
+
+
+class Action(enum.StrEnum):
+    """What a call asks to do; the unit RBAC grants permissions on."""
+
+    INFER = "infer"
+    METADATA = "metadata"
+    SERVER = "server"  # server metadata and health
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as established by authentication. Never holds the credential."""
+
+    subject: str
+    tenant: str
+    roles: frozenset[str]
+    issuer: str
+    credential_id: str  # short hash of the credential, for correlation, never the token
+
+
+@dataclass(frozen=True, slots=True)
+class StageRecord:
+    stage: str
+    outcome: str  # allowed | denied | shadow_denied | failure_mode_allowed | error
+    reason: str | None
+    duration_s: float
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything a stage may read or note about the current call."""
+
+    request_id: str
+    revision: str
+    action: Action
+    transport: str
+    client_addr: str
+    model: str | None = None
+    version: str = ""
+    # SECURITY: the raw bearer credential lives here only for the authentication stage;
+    # it is cleared once verified and is never logged or audited.
+    bearer: str | None = None
+    principal: Principal | None = None
+    started: float = field(default_factory=time.monotonic)
+    records: list[StageRecord] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def require_principal(self) -> Principal:
+        """For stages that run after authentication; a missing principal is a wiring bug."""
+        if self.principal is None:
+            raise InternalError(reason="internal_no_principal")
+        return self.principal
+
+    def note(self, key: str, value: Any) -> None:
+        """Record a fact for the audit record (counts, scores, never raw values)."""
+        self.notes[key] = value

@@ -1,0 +1,72 @@
+"""A local token issuer for ``--dev`` only: a newcomer's first token without an IdP.
+
+The key is generated on first use and kept under the state directory (mode 0600). The
+gateway trusts it only when started with ``--dev``; outside that, this issuer does not
+exist, so a leaked dev key is worthless against a production gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.stages.authn import TrustedIssuer
+
+DEV_ISSUER = "infergate-dev"
+DEV_AUDIENCE = "infergate"
+KEY_FILE = "dev-issuer-ed25519.pem"
+
+
+def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
+    path = state_dir / KEY_FILE
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 key")
+        return key
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    # SECURITY: create with 0600 atomically; never world-readable, even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    return key
+
+
+def trusted_dev_issuer(state_dir: Path) -> TrustedIssuer:
+    key = load_or_create_key(state_dir)
+    issuer = TrustedIssuer(
+        issuer=DEV_ISSUER,
+        audiences=(DEV_AUDIENCE,),
+        algorithms=("EdDSA",),
+        key=key.public_key(),
+        max_lifetime_s=86_400,
+    )
+    issuer.check_key_family()
+    return issuer
+
+
+def issue_token(state_dir: Path, *, sub: str, tenant: str, roles: list[str], ttl_s: int = 3600) -> str:
+    if not 0 < ttl_s <= 86_400:
+        raise ValueError("ttl must be between 1 and 86400 seconds")
+    now = int(time.time())
+    claims = {
+        "iss": DEV_ISSUER,
+        "aud": DEV_AUDIENCE,
+        "sub": sub,
+        "tenant": tenant,
+        "roles": roles,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl_s,
+        "jti": secrets.token_hex(8),
+    }
+    return jwt.encode(claims, load_or_create_key(state_dir), algorithm="EdDSA", headers={"typ": "JWT"})

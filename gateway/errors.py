@@ -1,0 +1,187 @@
+"""The gateway's error taxonomy: one class per way a request can end badly.
+
+Every refusal is a :class:`GatewayError`. Each class carries, as class variables, the
+gRPC code (chosen first, from ``google/rpc/code.proto``), the HTTP status and the public
+message a client may see; an instance carries a stable ``reason`` code for logs, audit
+records and metrics, plus a ``detail`` that is safe to show (it never echoes secrets or
+raw input). Fronts map errors to the wire in exactly one place each.
+
+Tree::
+
+    GatewayError
+    ├── MalformedRequest          400  INVALID_ARGUMENT  (syntax: JSON, headers, path)
+    ├── AuthenticationFailed      401  UNAUTHENTICATED
+    ├── PermissionDenied          403  PERMISSION_DENIED
+    ├── NotFound                  404  NOT_FOUND
+    ├── MethodNotAllowed          405  UNIMPLEMENTED
+    ├── PayloadTooLarge           413  RESOURCE_EXHAUSTED
+    ├── UnsupportedMediaType      415  INVALID_ARGUMENT
+    ├── InputRejected             422  INVALID_ARGUMENT  (semantics: tensor vs model)
+    ├── RateLimited               429  RESOURCE_EXHAUSTED (+ Retry-After)
+    ├── UpstreamBadResponse       502  INTERNAL
+    ├── DependencyUnavailable     503  UNAVAILABLE        (+ Retry-After)
+    ├── UpstreamUnavailable       503  UNAVAILABLE        (+ Retry-After)
+    ├── UpstreamTimeout           504  DEADLINE_EXCEEDED
+    └── InternalError             500  INTERNAL           (a bug of ours, never attacker input)
+
+The statuses follow the security catalogue's conventions (422 for a semantically
+invalid tensor, 502 for a bad upstream) where they differ from gRPC's HTTP mapping.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class GrpcCode(enum.IntEnum):
+    """The numbers of ``google/rpc/code.proto``, so this module imports no gRPC."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class GatewayError(Exception):
+    """Base of every refusal; raising one stops the pipeline.
+
+    ``detail`` is shown to the client after the public message, so it must be written
+    for an untrusted reader: name the input and the rule, never echo the value.
+    """
+
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[GrpcCode] = GrpcCode.INTERNAL
+    public_message: ClassVar[str] = "internal error"
+    default_reason: ClassVar[str] = "internal"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        reason: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.detail = detail
+        self.reason = reason or self.default_reason
+        self.retry_after_s = retry_after_s
+        super().__init__(self.client_message())
+
+    def client_message(self) -> str:
+        """The text a client sees: the public message, then the safe detail."""
+        if self.detail:
+            return f"{self.public_message}: {self.detail}"
+        return self.public_message
+
+
+class MalformedRequest(GatewayError):
+    http_status = 400
+    grpc_code = GrpcCode.INVALID_ARGUMENT
+    public_message = "malformed request"
+    default_reason = "input_malformed"
+
+
+class AuthenticationFailed(GatewayError):
+    http_status = 401
+    grpc_code = GrpcCode.UNAUTHENTICATED
+    public_message = "authentication required"
+    default_reason = "authn_invalid_token"
+
+
+class PermissionDenied(GatewayError):
+    http_status = 403
+    grpc_code = GrpcCode.PERMISSION_DENIED
+    public_message = "forbidden"
+    default_reason = "authz_denied"
+
+
+class NotFound(GatewayError):
+    http_status = 404
+    grpc_code = GrpcCode.NOT_FOUND
+    public_message = "not found"
+    default_reason = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    http_status = 405
+    grpc_code = GrpcCode.UNIMPLEMENTED
+    public_message = "method not allowed"
+    default_reason = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    http_status = 413
+    grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+    public_message = "request too large"
+    default_reason = "input_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    http_status = 415
+    grpc_code = GrpcCode.INVALID_ARGUMENT
+    public_message = "unsupported media type"
+    default_reason = "input_media_type"
+
+
+class InputRejected(GatewayError):
+    http_status = 422
+    grpc_code = GrpcCode.INVALID_ARGUMENT
+    public_message = "request rejected by input policy"
+    default_reason = "input_invalid"
+
+
+class RateLimited(GatewayError):
+    http_status = 429
+    grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+    public_message = "rate limit exceeded"
+    default_reason = "ratelimit_exceeded"
+
+
+class UpstreamBadResponse(GatewayError):
+    http_status = 502
+    grpc_code = GrpcCode.INTERNAL
+    public_message = "bad response from the model server"
+    default_reason = "upstream_bad_response"
+
+
+class DependencyUnavailable(GatewayError):
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+    public_message = "temporarily unavailable"
+    default_reason = "dependency_unavailable"
+
+
+class UpstreamUnavailable(GatewayError):
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+    public_message = "model temporarily unavailable"
+    default_reason = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    http_status = 504
+    grpc_code = GrpcCode.DEADLINE_EXCEEDED
+    public_message = "upstream timeout"
+    default_reason = "upstream_timeout"
+
+
+class InternalError(GatewayError):
+    """A bug of ours. The client sees only the request id; the log has the trace."""
+
+    http_status = 500
+    grpc_code = GrpcCode.INTERNAL
+    public_message = "internal error"
+    default_reason = "internal"

@@ -1,0 +1,1 @@
+"""Wire fronts: each translates one transport to the transport-neutral service and back."""

@@ -1,0 +1,204 @@
+"""The KServe V2 HTTP/REST front: translate HTTP to the service and back, nothing more.
+
+Every request takes the same path: resolve the route on the raw path, pin the policy
+snapshot, authenticate (before any body byte is read), decode, run the service, encode,
+then write exactly one audit record before the response leaves. A response whose audit
+record cannot be written is replaced by a 503: nothing is answered that is not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.context import RequestContext, new_request_id
+from gateway.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InternalError,
+    MalformedRequest,
+    MethodNotAllowed,
+)
+from gateway.fronts.http.body import check_content_type, read_body
+from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
+from gateway.fronts.http.routes import Route, resolve
+from gateway.policy.store import Snapshot
+from gateway.service import InferenceService
+
+log = structlog.get_logger("gateway.http")
+
+BODY_READ_TIMEOUT_S = 30.0
+_JSON = "application/json"
+
+
+def _json_response(status: int, payload: dict[str, Any], request_id: str,
+                   extra: dict[str, str] | None = None) -> web.Response:
+    headers = {"X-Request-ID": request_id}
+    if extra:
+        headers.update(extra)
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+
+def error_response(exc: GatewayError, request_id: str) -> web.Response:
+    """The one place a :class:`GatewayError` becomes HTTP."""
+    extra: dict[str, str] = {}
+    message = exc.client_message()
+    if isinstance(exc, AuthenticationFailed):
+        extra["WWW-Authenticate"] = (
+            'Bearer realm="infergate"' if exc.reason == "authn_missing_token"
+            else 'Bearer realm="infergate", error="invalid_token"'
+        )
+    if isinstance(exc, MethodNotAllowed) and exc.detail and exc.detail.startswith("use "):
+        extra["Allow"] = exc.detail[4:]
+    if exc.retry_after_s is not None:
+        extra["Retry-After"] = str(max(1, int(exc.retry_after_s + 0.999)))
+    elif exc.http_status == 503:
+        extra["Retry-After"] = "1"
+    if exc.http_status >= 500:
+        message = f"{message} (request id {request_id})"
+    return _json_response(exc.http_status, {"error": message}, request_id, extra)
+
+
+def _bearer(request: web.Request) -> str | None:
+    values = request.headers.getall("Authorization", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise AuthenticationFailed("more than one Authorization header", reason="authn_malformed_header")
+    scheme, _, token = values[0].partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("expected a Bearer token", reason="authn_malformed_header")
+    return token.strip()
+
+
+class HttpFront:
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+        self.metrics = service.metrics
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = new_request_id(request.headers.get("X-Request-ID"))
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        route_label = "unmatched"
+        self.metrics.in_flight.inc()
+        try:
+            try:
+                route = resolve(request.method, request.raw_path)
+            except GatewayError as exc:
+                response = error_response(exc, request_id)
+                self._log_refusal(request, exc, route_label)
+                return response
+            route_label = route.template
+            if not route.authenticated:
+                return await self._open_route(route, request_id)
+            return await self._authenticated(request, route, request_id)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            self.metrics.request_duration.labels(route=route_label).observe(elapsed)
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _open_route(self, route: Route, request_id: str) -> web.StreamResponse:
+        if route.kind == "metrics":
+            response = web.Response(body=self.metrics.render(),
+                                    headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        elif route.kind == "live":
+            response = _json_response(200, {"live": True}, request_id)
+        else:
+            ready = await self.service.ready()
+            response = _json_response(200 if ready else 503, {"ready": ready}, request_id)
+        self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
+        return response
+
+    async def _authenticated(self, request: web.Request, route: Route, request_id: str) -> web.StreamResponse:
+        snap = self.service.pin()
+        ctx = RequestContext(
+            request_id=request_id,
+            revision=snap.policy.revision,
+            action=route.action,
+            transport="http",
+            client_addr=request.remote or "",
+            model=route.model,
+            version=route.version,
+        )
+        error: GatewayError | None = None
+        try:
+            ctx.bearer = _bearer(request)
+            await snap.pipeline.admit(ctx)
+            response = await self._dispatch(request, route, ctx, snap)
+        except GatewayError as exc:
+            error = exc
+            response = error_response(exc, request_id)
+        except Exception as exc:
+            log.exception("internal_error", route=route.template)
+            error = InternalError(reason="internal")
+            error.__cause__ = exc
+            response = error_response(error, request_id)
+        finally:
+            ctx.bearer = None
+        try:
+            self.service.audit(ctx, route=route.template, status=response.status, error=error)
+        except GatewayError as exc:
+            # SECURITY: fail closed: no answer leaves without its audit record.
+            log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
+            error = exc
+            response = error_response(exc, request_id)
+        if error is not None:
+            self._log_refusal(request, error, route.template)
+        self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
+        return response
+
+    async def _dispatch(self, request: web.Request, route: Route, ctx: RequestContext,
+                        snap: Snapshot) -> web.Response:
+        rid = ctx.request_id
+        if route.kind == "server":
+            return _json_response(200, (await self.service.server_metadata(snap)).to_json(), rid)
+        if route.kind == "model_metadata":
+            return _json_response(200, (await self.service.model_metadata(ctx, snap)).to_json(), rid)
+        if route.kind == "model_ready":
+            ready = await self.service.model_ready(ctx, snap)
+            return _json_response(200 if ready else 400, {"ready": ready}, rid)
+        if route.kind != "infer":
+            raise InternalError(reason="internal_unrouted")
+        limits = snap.policy.gateway.limits
+        check_content_type(request)
+        try:
+            async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+                body = await read_body(request, max_bytes=limits.max_body_bytes)
+        except TimeoutError as exc:
+            raise MalformedRequest("request body not received in time", reason="body_timeout") from exc
+        assert route.model is not None  # noqa: S101 - infer routes always carry a model
+        req = decode_infer_request(
+            route.model, route.version, body,
+            header_length=_single_header(request, "Inference-Header-Content-Length"),
+            limits=CodecLimits(
+                max_elements_per_tensor=limits.max_elements_per_tensor,
+                max_dims=limits.max_dims,
+                max_bytes_element=limits.max_bytes_element,
+                max_inputs=limits.max_inputs,
+            ),
+        )
+        resp = await self.service.infer(ctx, snap, req)
+        payload, headers = encode_infer_response(resp, req.outputs, binary_default=req.binary_data_output)
+        headers["X-Request-ID"] = rid
+        return web.Response(status=200, body=payload, headers=headers)
+
+    def _log_refusal(self, request: web.Request, exc: GatewayError, route: str) -> None:
+        self.metrics.refusals.labels(reason=exc.reason).inc()
+        level = "error" if exc.http_status >= 500 else "info"
+        getattr(log, level)("request_refused", route=route, method=request.method, status=exc.http_status,
+                            reason=exc.reason)
+
+
+def _single_header(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise MalformedRequest(f"more than one {name} header", reason="header_duplicate")
+    return values[0] if values else None

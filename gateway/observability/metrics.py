@@ -1,0 +1,78 @@
+"""Every Prometheus metric the gateway exports, in one place.
+
+Naming follows the Prometheus guide (prefix, base units, ``_total`` counters). Labels
+are bounded: routes are templates, models are only those the policy knows, reasons are
+the error taxonomy's codes. No subject, tenant-chosen string or raw path is a label.
+Each app owns its registry so tests can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STAGE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.05)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total", "Requests answered, by route template and status code.",
+            ["route", "code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request start to response, by route.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.refusals = Counter(
+            "gateway_refusals_total", "Requests refused, by reason code.", ["reason"], registry=r,
+        )
+        self.stage_decisions = Counter(
+            "gateway_stage_decisions_total", "Stage outcomes.", ["stage", "outcome"], registry=r,
+        )
+        self.stage_duration = Histogram(
+            "gateway_stage_duration_seconds", "Time spent in each stage hook.",
+            ["stage"], buckets=_STAGE_BUCKETS, registry=r,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total", "Calls to the upstream, by operation and outcome.",
+            ["operation", "outcome"], registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds", "Upstream call latency, by operation.",
+            ["operation"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.policy_reloads = Counter(
+            "gateway_policy_reloads_total", "Policy reload attempts, by result (applied|rejected|unchanged).",
+            ["result"], registry=r,
+        )
+        self.policy_info = Gauge(
+            "gateway_policy_info", "The active policy revision (value 1).", ["revision"], registry=r,
+        )
+        self.policy_last_success = Gauge(
+            "gateway_policy_last_success_timestamp_seconds", "When the active policy was applied.",
+            registry=r,
+        )
+        self.policy_last_failure = Gauge(
+            "gateway_policy_last_failure_timestamp_seconds", "When a policy reload was last rejected.",
+            registry=r,
+        )
+        self.audit_records = Counter(
+            "gateway_audit_records_total", "Audit records written, by decision.", ["decision"], registry=r,
+        )
+        self.audit_failures = Counter(
+            "gateway_audit_write_failures_total", "Audit writes that failed.", registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being processed.", registry=r,
+        )
+
+    def set_revision(self, revision: str) -> None:
+        """Keep exactly one ``gateway_policy_info`` series: the active revision's."""
+        self.policy_info.clear()
+        self.policy_info.labels(revision=revision).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""The request pipeline: ordered stages around one upstream call, per policy revision.
+
+Transport-neutral: the HTTP front (and later the gRPC one) builds a
+:class:`RequestContext`, then calls :meth:`Pipeline.admit` for every authenticated
+surface and :meth:`Pipeline.infer` for inference. A ``Pipeline`` is frozen and belongs to
+one policy revision; a reload builds a new one and swaps the reference, so a request in
+flight finishes on the revision it started with.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.context import RequestContext, StageRecord
+from gateway.errors import GatewayError
+from gateway.kserve import InferRequest, InferResponse
+from gateway.observability.metrics import Metrics
+from gateway.stages.base import Mode, Stage
+
+T = TypeVar("T")
+
+UpstreamCall = Callable[[RequestContext, InferRequest], Awaitable[InferResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class BoundStage:
+    """A stage with its mode: the one place timing, counting and shadow mode happen."""
+
+    stage: Stage
+    mode: Mode
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    async def run(self, ctx: RequestContext, metrics: Metrics, call: Awaitable[T], passthrough: T) -> T:
+        """Await one hook; in shadow mode a refusal is recorded and the input passes on."""
+        start = time.perf_counter()
+        try:
+            result = await call
+        except GatewayError as exc:
+            elapsed = time.perf_counter() - start
+            if self.mode is Mode.SHADOW:
+                self._record(ctx, metrics, "shadow_denied", exc.reason, elapsed)
+                return passthrough
+            self._record(ctx, metrics, "denied", exc.reason, elapsed)
+            raise
+        elapsed = time.perf_counter() - start
+        if self.mode is Mode.SHADOW:
+            # SECURITY: shadow mode observes only; a rewrite would change what the client
+            # or the model sees without the policy having enforced the stage.
+            self._record(ctx, metrics, "shadow_allowed", None, elapsed)
+            return passthrough
+        self._record(ctx, metrics, "allowed", None, elapsed)
+        return result
+
+    def _record(self, ctx: RequestContext, metrics: Metrics, outcome: str, reason: str | None,
+                elapsed: float) -> None:
+        ctx.records.append(StageRecord(self.name, outcome, reason, elapsed))
+        metrics.stage_decisions.labels(stage=self.name, outcome=outcome).inc()
+        metrics.stage_duration.labels(stage=self.name).observe(elapsed)
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    revision: str
+    stages: tuple[BoundStage, ...]
+    metrics: Metrics
+
+    def _with(self, hook: str) -> tuple[BoundStage, ...]:
+        return tuple(b for b in self.stages if b.stage.overrides(hook))
+
+    async def admit(self, ctx: RequestContext) -> None:
+        """Run every stage's ``on_call``: authentication and authorization of any call."""
+        for bound in self.stages:
+            if bound.stage.overrides("on_call"):
+                await bound.run(ctx, self.metrics, bound.stage.on_call(ctx), None)
+
+    async def infer(self, ctx: RequestContext, req: InferRequest, upstream: UpstreamCall) -> InferResponse:
+        """Request stages in order, the upstream call, then response stages in reverse."""
+        for bound in self.stages:
+            if bound.stage.overrides("on_request"):
+                req = await bound.run(ctx, self.metrics, bound.stage.on_request(ctx, req), req)
+        resp = await upstream(ctx, req)
+        for bound in reversed(self.stages):
+            if bound.stage.overrides("on_response"):
+                resp = await bound.run(ctx, self.metrics, bound.stage.on_response(ctx, resp), resp)
+        return resp

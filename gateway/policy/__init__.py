@@ -1,0 +1,1 @@
+"""Policy: the YAML security teams edit, validated into frozen objects and swapped atomically."""

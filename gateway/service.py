@@ -1,0 +1,139 @@
+"""What the gateway does for each kind of call, independent of the wire.
+
+Both fronts (HTTP now, gRPC later) pin a policy snapshot, build a
+:class:`RequestContext`, call these methods, and hand the context to :meth:`audit`
+when the call ends, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from gateway import __version__
+from gateway.catalog import ModelCatalog
+from gateway.conformance import check_request
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, NotFound, UpstreamUnavailable
+from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata
+from gateway.observability.audit import AuditLog
+from gateway.observability.metrics import Metrics
+from gateway.policy.store import PolicyStore, Snapshot
+from gateway.stages.model_exposure import UNKNOWN_MODEL
+from gateway.upstream.base import Upstream
+
+log = structlog.get_logger("gateway.service")
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class InferenceService:
+    store: PolicyStore
+    upstream: Upstream
+    catalog: ModelCatalog
+    metrics: Metrics
+    audit_log: AuditLog
+
+    def pin(self) -> Snapshot:
+        """Read the policy reference once; the call keeps this revision to the end."""
+        return self.store.current
+
+    async def live(self) -> bool:
+        return True
+
+    async def ready(self) -> bool:
+        """Ready when a policy is active and the upstream says it is ready."""
+        try:
+            self.store.current  # noqa: B018 - raises before the first load
+        except RuntimeError:
+            return False
+        try:
+            return await self._timed("server_ready", self.upstream.server_ready(timeout_s=1.0))
+        except GatewayError:
+            return False
+
+    async def server_metadata(self, snap: Snapshot) -> ServerMetadata:
+        """The gateway answers for itself; the upstream's identity is not disclosed."""
+        return ServerMetadata(name="infergate", version=__version__, extensions=("binary_tensor_data",))
+
+    async def model_metadata(self, ctx: RequestContext, snap: Snapshot) -> ModelMetadata:
+        assert ctx.model is not None  # noqa: S101 - the front only routes here with a model
+        up = snap.policy.gateway.upstream
+        return await self.catalog.get(ctx.model, ctx.version, ttl_s=float(up.metadata_cache_s),
+                                      timeout_s=float(up.metadata_timeout_s))
+
+    async def model_ready(self, ctx: RequestContext, snap: Snapshot) -> bool:
+        assert ctx.model is not None  # noqa: S101
+        await self.model_metadata(ctx, snap)  # unknown model -> NotFound, like Triton's 400/404
+        return await self._timed(
+            "model_ready",
+            self.upstream.model_ready(ctx.model, ctx.version,
+                                      timeout_s=float(snap.policy.gateway.upstream.metadata_timeout_s)),
+        )
+
+    async def infer(self, ctx: RequestContext, snap: Snapshot, req: InferRequest) -> InferResponse:
+        meta = await self.model_metadata(ctx, snap)
+        check_request(req, meta)
+        timeout = float(snap.policy.gateway.upstream.infer_timeout_s)
+
+        async def call_upstream(c: RequestContext, r: InferRequest) -> InferResponse:
+            c.notes["upstream_called"] = True
+            try:
+                return await self._timed("infer", self.upstream.infer(r, timeout_s=timeout))
+            except NotFound as exc:
+                raise NotFound(UNKNOWN_MODEL, reason="model_unknown") from exc
+
+        return await snap.pipeline.infer(ctx, req, call_upstream)
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await call
+        except GatewayError as exc:
+            outcome = exc.reason
+            raise
+        except Exception as exc:
+            outcome = "unexpected"
+            log.exception("upstream_unexpected_error", operation=operation)
+            raise UpstreamUnavailable(reason="upstream_unexpected_error") from exc
+        finally:
+            self.metrics.upstream_requests.labels(operation=operation, outcome=outcome).inc()
+            self.metrics.upstream_duration.labels(operation=operation).observe(time.perf_counter() - start)
+
+    def audit(self, ctx: RequestContext, *, route: str, status: int, error: GatewayError | None) -> None:
+        """Write the call's one audit record. Raises DependencyUnavailable if it cannot."""
+        principal = ctx.principal
+        decision = "allow" if error is None else "deny"
+        record: dict[str, Any] = {
+            "request_id": ctx.request_id,
+            "policy_revision": ctx.revision,
+            "transport": ctx.transport,
+            "route": route,
+            "action": ctx.action.value,
+            "model": ctx.model,
+            "model_version": ctx.version or None,
+            "tenant": principal.tenant if principal else None,
+            "subject": self.audit_log.pseudonym(principal.subject) if principal else None,
+            "roles": sorted(principal.roles) if principal else None,
+            "decision": decision,
+            "reason": error.reason if error else "ok",
+            "status": status,
+            "latency_ms": round((time.monotonic() - ctx.started) * 1000, 3),
+            "stages": [
+                {"stage": r.stage, "outcome": r.outcome, "reason": r.reason, "us": round(r.duration_s * 1e6, 1)}
+                for r in ctx.records
+            ],
+            "upstream_called": bool(ctx.notes.get("upstream_called")),
+        }
+        try:
+            self.audit_log.write(record)
+        except GatewayError:
+            self.metrics.audit_failures.inc()
+            raise
+        self.metrics.audit_records.labels(decision=decision).inc()

@@ -1,0 +1,31 @@
+"""Process settings: where to listen, which upstream, where state lives. Not policy.
+
+Settings are fixed for the life of a process (changing them means a restart); policy
+is what security teams edit and the gateway hot-reloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    policies: Path = Path("policies")
+    backend: str = "local:triton_repo"
+    redis_url: str | None = None
+    audit_dir: Path = Path("var/audit")
+    state_dir: Path = Path("var")
+    dev: bool = False
+    policy_poll_s: float = 1.0
+    embedded_threads: int = 2
+
+    @staticmethod
+    def parse_listen(value: str) -> tuple[str, int]:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
+        return host.strip("[]") or "127.0.0.1", int(port)

@@ -1,0 +1,1 @@
+"""Security stages: small, independent, built once per policy revision."""

@@ -1,0 +1,1 @@
+"""Upstreams: where inference really happens (Triton over gRPC, or embedded onnxruntime)."""

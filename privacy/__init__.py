@@ -1,0 +1,1 @@
+"""Privacy library: PII masking, differential privacy and DP training. No HTTP, no Redis at import."""

@@ -1,0 +1,73 @@
+"""Shared fixtures: settings on temporary state, the app on the embedded backend, tokens."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
+
+from gateway.app import build_app, runner_for
+from gateway.devissuer import issue_token
+from gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TRITON_REPO = ROOT / "triton_repo"
+POLICIES = ROOT / "policies"
+
+
+
+class GatewayTestServer(TestServer):
+    """A test server built with production's runner (``TestServer`` drops constructor
+    kwargs, so ``server_kwargs`` would silently leave decompression on)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return runner_for(self.app, **kwargs)
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    """A private copy of the shipped policies, safe to edit in a test."""
+    target = tmp_path / "policies"
+    shutil.copytree(POLICIES, target)
+    return target
+
+
+@pytest.fixture
+def settings(tmp_path: Path, policy_dir: Path) -> Settings:
+    return Settings(
+        policies=policy_dir,
+        backend=f"local:{TRITON_REPO}",
+        audit_dir=tmp_path / "audit",
+        state_dir=tmp_path / "state",
+        dev=True,
+        policy_poll_s=0.1,
+    )
+
+
+@pytest.fixture
+def token(settings: Settings) -> Callable[..., str]:
+    def make(sub: str = "alice", tenant: str = "acme", roles: tuple[str, ...] = ("analyst",), ttl: int = 600) -> str:
+        return issue_token(settings.state_dir, sub=sub, tenant=tenant, roles=list(roles), ttl_s=ttl)
+
+    return make
+
+
+@pytest.fixture
+def auth(token: Callable[..., str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token()}"}
+
+
+Client = TestClient  # type: ignore[type-arg]
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> Client:
+    server: BaseTestServer = GatewayTestServer(build_app(settings))
+    return await aiohttp_client(server)

@@ -1,0 +1,1 @@
+"""Test-only helpers: the MLServer stand-in for Triton (harness and runtime)."""

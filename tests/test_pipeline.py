@@ -1,0 +1,114 @@
+"""The pipeline: order, reverse order on the way out, shadow mode, records and metrics."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from gateway.context import Action, RequestContext
+from gateway.errors import InputRejected, PermissionDenied
+from gateway.kserve import InferRequest, InferResponse, Tensor
+from gateway.observability.metrics import Metrics
+from gateway.pipeline import BoundStage, Pipeline
+from gateway.stages.base import Mode, Stage
+
+
+class Tracer(Stage):
+    name: ClassVar[str] = "tracer"
+
+    def __init__(self, label: str, trail: list[str], *, refuse: bool = False) -> None:
+        self.label = label
+        self.trail = trail
+        self.refuse = refuse
+
+    async def on_call(self, ctx: RequestContext) -> None:
+        self.trail.append(f"call:{self.label}")
+        if self.refuse:
+            raise PermissionDenied(reason=f"denied_by_{self.label}")
+
+    async def on_request(self, ctx: RequestContext, req: InferRequest) -> InferRequest:
+        self.trail.append(f"req:{self.label}")
+        return InferRequest(req.model, req.version, [], id=f"rewritten-by-{self.label}")
+
+    async def on_response(self, ctx: RequestContext, resp: InferResponse) -> InferResponse:
+        self.trail.append(f"resp:{self.label}")
+        if self.refuse:
+            raise InputRejected(reason="refused_response")
+        return InferResponse(resp.model_name, resp.model_version, [], id=f"rewritten-by-{self.label}")
+
+
+class OnlyCall(Stage):
+    name: ClassVar[str] = "only_call"
+
+    async def on_call(self, ctx: RequestContext) -> None:
+        return None
+
+
+def _ctx() -> RequestContext:
+    return RequestContext(request_id="r1", revision="rev", action=Action.INFER, transport="test", client_addr="")
+
+
+def _req() -> InferRequest:
+    return InferRequest("m", "", [Tensor("x", "FP32", (1,), np.zeros(1, np.float32))], id="orig")
+
+
+async def test_request_stages_in_order_response_stages_reversed() -> None:
+    trail: list[str] = []
+    pipe = Pipeline("rev", (BoundStage(Tracer("a", trail), Mode.ENFORCE),
+                            BoundStage(Tracer("b", trail), Mode.ENFORCE)), Metrics())
+    ctx = _ctx()
+    await pipe.admit(ctx)
+
+    async def upstream(c: RequestContext, r: InferRequest) -> InferResponse:
+        trail.append(f"upstream:{r.id}")
+        return InferResponse("m", "1", [], id=r.id)
+
+    resp = await pipe.infer(ctx, _req(), upstream)
+    assert trail == ["call:a", "call:b", "req:a", "req:b", "upstream:rewritten-by-b", "resp:b", "resp:a"]
+    assert resp.id == "rewritten-by-a"
+    assert [r.outcome for r in ctx.records] == ["allowed"] * 6
+
+
+async def test_enforced_refusal_stops_and_is_recorded() -> None:
+    trail: list[str] = []
+    metrics = Metrics()
+    pipe = Pipeline("rev", (BoundStage(Tracer("a", trail, refuse=True), Mode.ENFORCE),
+                            BoundStage(Tracer("b", trail), Mode.ENFORCE)), metrics)
+    ctx = _ctx()
+    with pytest.raises(PermissionDenied):
+        await pipe.admit(ctx)
+    assert trail == ["call:a"]
+    assert ctx.records[0].outcome == "denied"
+    assert ctx.records[0].reason == "denied_by_a"
+    assert metrics.stage_decisions.labels(stage="tracer", outcome="denied")._value.get() == 1
+
+
+async def test_shadow_stage_never_blocks_and_never_rewrites() -> None:
+    trail: list[str] = []
+    pipe = Pipeline("rev", (BoundStage(Tracer("s", trail, refuse=True), Mode.SHADOW),), Metrics())
+    ctx = _ctx()
+    await pipe.admit(ctx)  # would deny in enforce mode
+
+    async def upstream(c: RequestContext, r: InferRequest) -> InferResponse:
+        assert r.id == "orig"  # the shadow rewrite did not reach the upstream
+        return InferResponse("m", "1", [], id="up")
+
+    resp = await pipe.infer(ctx, _req(), upstream)
+    assert resp.id == "up"
+    assert [r.outcome for r in ctx.records] == ["shadow_denied", "shadow_allowed", "shadow_denied"]
+
+
+async def test_only_overridden_hooks_run() -> None:
+    stage = OnlyCall()
+    assert stage.overrides("on_call")
+    assert not stage.overrides("on_request")
+    pipe = Pipeline("rev", (BoundStage(stage, Mode.ENFORCE),), Metrics())
+    ctx = _ctx()
+
+    async def upstream(c: RequestContext, r: InferRequest) -> InferResponse:
+        return InferResponse("m", "1", [])
+
+    await pipe.infer(ctx, _req(), upstream)
+    assert ctx.records == []

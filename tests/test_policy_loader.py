@@ -1,0 +1,74 @@
+"""Policy files: strict validation with file/line errors, and the shipped set loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.policy.loader import PolicyError, build_policy_set, load_policy_dir, revision_of
+
+from .conftest import POLICIES
+
+
+def test_shipped_policies_load() -> None:
+    policy = load_policy_dir(POLICIES)
+    assert set(policy.gateway.models) == {"digits", "text_echo", "risk"}
+    assert len(policy.revision) == 12
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        # a misspelt key is an error with its line, never a silent default
+        (b"limits:\n  max_body_bytez: 3\n", 2, "max_body_bytez"),
+        # anchors/aliases are refused (billion laughs, hidden sharing)
+        (b"models:\n  digits: &a {}\n  risk: *a\n", 2, "anchors"),
+        # duplicate keys: a reviewer would read one value, the loader take the other
+        (b"models:\n  digits: {}\n  digits: {}\n", 3, "duplicate key"),
+        # YAML 1.1 reads `no` as False: it must not become a model called "False"
+        (b"models:\n  no: {}\n", 2, "models"),
+        # wrong type
+        (b"limits:\n  max_dims: many\n", 2, "max_dims"),
+        # a zero limit makes no sense
+        (b"limits:\n  max_inputs: 0\n", 2, "max_inputs"),
+        # broken YAML
+        (b"limits: [\n", 2, "invalid YAML"),
+        # invalid model name
+        (b"models:\n  ../etc: {}\n", 2, "model name"),
+    ],
+)
+def test_invalid_gateway_policy_is_refused_with_location(text: bytes, line: int, needle: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        build_policy_set({"gateway.yaml": text})
+    issue = info.value.issues[0]
+    assert issue.file == "gateway.yaml"
+    assert issue.line == line, str(info.value)
+    assert needle in str(info.value)
+
+
+def test_unknown_policy_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "gatway.yaml").write_text("models: {}\n")
+    with pytest.raises(PolicyError, match="unknown policy file"):
+        load_policy_dir(tmp_path)
+
+
+def test_non_utf8_policy_is_refused() -> None:
+    with pytest.raises(PolicyError, match="UTF-8"):
+        build_policy_set({"gateway.yaml": b"models:\n  \xff: {}\n"})
+
+
+def test_revision_depends_on_bytes_only() -> None:
+    a = {"gateway.yaml": b"models: {}\n", "identity.yaml": b"issuers: []\n"}
+    b = dict(reversed(list(a.items())))
+    assert revision_of(a) == revision_of(b)
+    assert revision_of(a) != revision_of({**a, "gateway.yaml": b"models: {} \n"})
+
+
+def test_identity_issuer_requires_audience_and_algorithm() -> None:
+    text = b"issuers:\n  - issuer: x\n    audiences: []\n    algorithms: [HS256]\n    public_key_pem: k\n"
+    with pytest.raises(PolicyError) as info:
+        build_policy_set({"identity.yaml": text})
+    messages = str(info.value)
+    assert "audiences" in messages
+    assert "algorithms" in messages

@@ -1,0 +1,1 @@
+"""Tests of the upstreams: repository reader, embedded onnxruntime, Triton over gRPC."""
