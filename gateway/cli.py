@@ -50,6 +50,19 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apikey_new(args: argparse.Namespace) -> int:
+    import secrets
+
+    from gateway.stages.authn import API_KEY_PREFIX, api_key_hash
+
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    roles = ", ".join(r for r in args.roles.split(",") if r)
+    print(f"API key (shown once; give it to the service, it is not stored anywhere):\n  {key}\n")
+    print("Add this entry under api_keys: in policies/identity.yaml:")
+    print(f"  - id: {args.id}\n    sha256: {api_key_hash(key)}\n    tenant: {args.tenant}\n    roles: [{roles}]")
+    return 0
+
+
 def _policy_check(args: argparse.Namespace) -> int:
     from gateway.observability.metrics import Metrics
     from gateway.policy.compile import compile_pipeline
@@ -105,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
     token.add_argument("--state-dir", default="var")
     token.set_defaults(func=_token)
+
+    apikey = sub.add_parser("apikey", help="service-account API keys")
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", required=True)
+    new_key = apikey_sub.add_parser("new", help="make a key and print the policy entry holding its hash")
+    new_key.add_argument("--id", required=True)
+    new_key.add_argument("--tenant", required=True)
+    new_key.add_argument("--roles", required=True, help="comma-separated roles")
+    new_key.set_defaults(func=_apikey_new)
 
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

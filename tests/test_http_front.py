@@ -29,6 +29,14 @@ def digits_body(rows: list[list[float]] | None = None, **extra: Any) -> dict[str
                         "data": [v for r in rows for v in r]}], **extra}
 
 
+def write_policy_without_risk(policy_dir: Path) -> None:
+    """A consistent edit across files: `risk` leaves the gateway, the tenant and the roles."""
+    for name in ("gateway.yaml", "access.yaml"):
+        path = policy_dir / name
+        text = path.read_text().replace("  risk: {}\n", "").replace(", risk]", "]")
+        path.write_text(text)
+
+
 def audit_records(settings: Settings) -> list[dict[str, Any]]:
     path = settings.audit_dir / LOG_NAME
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -206,9 +214,8 @@ class TestRefusals:
     ) -> None:
         unknown = await client.get("/v2/models/nope", headers=auth)
         # `risk` exists upstream; hide it from the policy and compare
-        text = (policy_dir / "gateway.yaml").read_text().replace("  risk: {}\n", "")
-        (policy_dir / "gateway.yaml").write_text(text)
-        await client.app[SERVICE_KEY].store.reload("test")
+        write_policy_without_risk(policy_dir)
+        assert await client.app[SERVICE_KEY].store.reload("test")
         hidden = await client.get("/v2/models/risk", headers=auth)
         assert (unknown.status, await unknown.json()) == (hidden.status, await hidden.json()) == (
             404, {"error": "not found: unknown model or version"})
@@ -251,6 +258,7 @@ class TestReload:
     ) -> None:
         service = client.app[SERVICE_KEY]
         before = service.store.current.policy.revision
+        original = (policy_dir / "gateway.yaml").read_text()
         (policy_dir / "gateway.yaml").write_text("models:\n  digits: {}\n  digits: {}\n")
         for _ in range(50):
             await asyncio.sleep(0.05)
@@ -264,7 +272,8 @@ class TestReload:
         metrics = await (await client.get("/metrics")).text()
         assert 'gateway_policy_reloads_total{result="rejected"}' in metrics
 
-        (policy_dir / "gateway.yaml").write_text("models:\n  digits: {}\n")
+        (policy_dir / "gateway.yaml").write_text(original)
+        write_policy_without_risk(policy_dir)
         for _ in range(50):
             await asyncio.sleep(0.05)
             if service.store.current.policy.revision != before:

@@ -65,10 +65,50 @@ def test_revision_depends_on_bytes_only() -> None:
     assert revision_of(a) != revision_of({**a, "gateway.yaml": b"models: {} \n"})
 
 
-def test_identity_issuer_requires_audience_and_algorithm() -> None:
-    text = b"issuers:\n  - issuer: x\n    audiences: []\n    algorithms: [HS256]\n    public_key_pem: k\n"
+ISSUER = "issuers:\n  - issuer: x\n    audiences: [gw]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        # no audience
+        ("issuers:\n  - issuer: x\n    audiences: []\n    algorithms: [RS256]\n    keys: {pem: k}\n", "audiences"),
+        # two key families for one issuer: the token would choose the key type
+        (ISSUER + "    algorithms: [RS256, ES256]\n    keys: {pem: k}\n", "one key family"),
+        # HS with a public key: the classic confusion
+        (ISSUER + "    algorithms: [HS256]\n    keys: {pem: k}\n", "hs_secret_env"),
+        # an asymmetric alg with an HS secret
+        (ISSUER + "    algorithms: [RS256]\n    keys: {hs_secret_env: X}\n", "hs_secret_env"),
+        # two key sources
+        (ISSUER + "    algorithms: [RS256]\n    keys: {pem: k, jwks_url: 'https://x'}\n", "exactly one"),
+        # alg none is not an algorithm
+        (ISSUER + "    algorithms: [none]\n    keys: {pem: k}\n", "algorithms"),
+        # the old inline key field is unknown
+        (ISSUER + "    algorithms: [RS256]\n    public_key_pem: k\n", "public_key_pem"),
+        # an API key stored in clear is not a hash
+        ("api_keys:\n  - {id: bot, sha256: igk_secret, tenant: acme, roles: [analyst]}\n", "sha256"),
+    ],
+)
+def test_invalid_identity_policy(text: str, needle: str) -> None:
     with pytest.raises(PolicyError) as info:
-        build_policy_set({"identity.yaml": text})
-    messages = str(info.value)
-    assert "audiences" in messages
-    assert "algorithms" in messages
+        build_policy_set({"identity.yaml": text.encode()})
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("files", "needle"),
+    [
+        # a tenant model the gateway does not expose
+        ({"access.yaml": b"tenants:\n  acme: {models: [ghost]}\n"}, "not exposed"),
+        # a role granting a model no tenant has
+        ({"gateway.yaml": b"models: {digits: {}}\n",
+          "access.yaml": b"tenants:\n  acme: {models: [digits]}\nroles:\n  r: [{actions: [infer], models: [risk]}]\n"},
+         "belongs to no tenant"),
+        # an API key for an unknown tenant and role
+        ({"identity.yaml": b"api_keys:\n  - {id: bot, sha256: '" + b"a" * 64 + b"', tenant: nope, roles: [x]}\n"},
+         "unknown tenant"),
+    ],
+)
+def test_cross_file_contradictions(files: dict[str, bytes], needle: str) -> None:
+    with pytest.raises(PolicyError, match=needle):
+        build_policy_set(files)

@@ -1,45 +1,95 @@
 """Build the frozen :class:`Pipeline` of one policy revision.
 
 Stage order is fixed here, in code: YAML only enables, configures or shadows. A later
-stage may rely on an earlier one (authorization needs the principal), so reordering is
-not a policy decision.
+stage relies on an earlier one (authorization needs the principal), so reordering is not
+a policy decision.
 """
 
 from __future__ import annotations
 
-from gateway.errors import GatewayError
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import BoundStage, Pipeline
 from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet
-from gateway.stages.authn import JwtAuthenticator, TrustedIssuer
+from gateway.policy.schema import IssuerPolicy
+from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKeys, TrustedIssuer, VerifyKey, key_fits
+from gateway.stages.authz import RoleAuthorizer, compile_grants
 from gateway.stages.base import Mode
 from gateway.stages.model_exposure import ModelExposure
 
+# Builds (or reuses across revisions) a fetching key source for a JWKS/discovery issuer.
+KeySourceFactory = Callable[[IssuerPolicy], KeyResolver]
 
-def compile_pipeline(policy: PolicySet, metrics: Metrics, *, extra_issuers: tuple[TrustedIssuer, ...] = ()
-                     ) -> Pipeline:
-    """Compile stages; a key or setting that cannot be built is a :class:`PolicyError`."""
+MIN_HS_SECRET_BYTES = 32
+
+
+def _static_keys(cfg: IssuerPolicy) -> StaticKeys:
+    keys: dict[str | None, VerifyKey] = {}
+    source = cfg.keys
+    if source.pem is not None:
+        loaded: Any = load_pem_public_key(source.pem.encode())
+        keys[None] = loaded
+    elif source.jwks is not None:
+        raw_keys = source.jwks.get("keys")
+        if not isinstance(raw_keys, list) or not raw_keys:
+            raise ValueError("keys.jwks must be a JWK set with a non-empty 'keys' list")
+        for jwk in raw_keys:
+            if not isinstance(jwk, dict) or jwk.get("kty") == "oct" or "d" in jwk:
+                raise ValueError("keys.jwks may hold only public asymmetric keys")
+            parsed = jwt.PyJWK(jwk)
+            keys[jwk.get("kid")] = parsed.key
+    elif source.hs_secret_env is not None:
+        secret = os.environ.get(source.hs_secret_env, "")
+        # SECURITY: HS is accepted only with a real shared secret (RFC 7518 §3.2: >= the hash size).
+        if len(secret.encode()) < MIN_HS_SECRET_BYTES:
+            raise ValueError(f"environment variable {source.hs_secret_env} must hold a secret of at least "
+                             f"{MIN_HS_SECRET_BYTES} bytes")
+        keys[None] = secret.encode()
+    for key in keys.values():
+        if not all(key_fits(alg, key) for alg in cfg.algorithms):
+            raise ValueError(f"a key of type {type(key).__name__} does not fit algorithms {list(cfg.algorithms)}")
+    return StaticKeys(keys)
+
+
+def build_issuers(policy: PolicySet, key_sources: KeySourceFactory | None) -> dict[str, TrustedIssuer]:
     issuers: dict[str, TrustedIssuer] = {}
     for index, cfg in enumerate(policy.identity.issuers):
         try:
-            issuers[cfg.issuer] = TrustedIssuer.from_pem(
-                cfg.public_key_pem,
-                issuer=cfg.issuer,
-                audiences=cfg.audiences,
-                algorithms=cfg.algorithms,
-                tenant_claim=cfg.tenant_claim,
-                roles_claim=cfg.roles_claim,
-                leeway_s=cfg.leeway_s,
-                max_lifetime_s=cfg.max_lifetime_s,
-            )
-        except (ValueError, TypeError, GatewayError) as exc:
-            raise PolicyError([PolicyIssue("identity.yaml", 1, 1, f"issuers[{index}]: {exc}")]) from exc
+            if cfg.keys.jwks_url is not None or cfg.keys.oidc_discovery is not None:
+                if key_sources is None:
+                    raise ValueError("JWKS issuers need the running gateway's key sources")  # noqa: TRY301
+                resolver: KeyResolver = key_sources(cfg)
+            else:
+                resolver = _static_keys(cfg)
+        except (ValueError, TypeError, jwt.PyJWTError) as exc:
+            raise PolicyError([PolicyIssue("identity.yaml", 1, 1, f"issuers[{index}] ({cfg.issuer}): {exc}")]) from exc
+        issuers[cfg.issuer] = TrustedIssuer(
+            issuer=cfg.issuer, audiences=cfg.audiences, algorithms=cfg.algorithms, keys=resolver,
+            subject_claim=cfg.subject_claim, tenant_claim=cfg.tenant_claim, roles_claim=cfg.roles_claim,
+            required_claims=cfg.required_claims, leeway_s=cfg.leeway_s, max_lifetime_s=cfg.max_lifetime_s,
+        )
+    return issuers
+
+
+def compile_pipeline(policy: PolicySet, metrics: Metrics, *, extra_issuers: tuple[TrustedIssuer, ...] = (),
+                     key_sources: KeySourceFactory | None = None) -> Pipeline:
+    """Compile stages; a key or setting that cannot be built is a :class:`PolicyError`."""
+    issuers = build_issuers(policy, key_sources)
     for extra in extra_issuers:
         issuers[extra.issuer] = extra
-
+    api_keys = {k.sha256: ApiKey(k.id, k.tenant, frozenset(k.roles)) for k in policy.identity.api_keys}
+    grants, role_actions = compile_grants(policy.access)
     stages = (
-        # SECURITY: authentication is always enforced; it has no policy switch.
-        BoundStage(JwtAuthenticator(issuers=issuers), Mode.ENFORCE),
+        # SECURITY: authentication and authorization are always enforced; no policy switch.
+        BoundStage(JwtAuthenticator(issuers=issuers, api_keys=api_keys), Mode.ENFORCE),
         BoundStage(ModelExposure(models=policy.gateway.models), policy.gateway.stages.model_exposure.mode),
+        BoundStage(RoleAuthorizer(grants=grants, role_actions=role_actions,
+                                  non_enumeration=policy.access.non_enumeration), Mode.ENFORCE),
     )
     return Pipeline(revision=policy.revision, stages=stages, metrics=metrics)

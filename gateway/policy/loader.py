@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gateway.policy.schema import POLICY_FILES, GatewayPolicy, IdentityPolicy
+from gateway.policy.schema import POLICY_FILES, AccessPolicy, GatewayPolicy, IdentityPolicy
 
 MAX_POLICY_FILE_BYTES = 1024 * 1024
 
@@ -43,6 +43,7 @@ class PolicySet:
     revision: str
     gateway: GatewayPolicy
     identity: IdentityPolicy
+    access: AccessPolicy
 
 
 def _strict_yaml(text: str, name: str) -> tuple[Any, yaml.Node | None]:
@@ -176,8 +177,38 @@ def build_policy_set(raw: dict[str, bytes]) -> PolicySet:
             issues.extend(exc.issues)
     if issues:
         raise PolicyError(issues)
-    gateway = sections["gateway.yaml"]
-    identity = sections["identity.yaml"]
+    gateway, identity, access = sections["gateway.yaml"], sections["identity.yaml"], sections["access.yaml"]
     assert isinstance(gateway, GatewayPolicy)  # noqa: S101 - narrowing for mypy, true by construction
     assert isinstance(identity, IdentityPolicy)  # noqa: S101
-    return PolicySet(revision=revision_of(raw), gateway=gateway, identity=identity)
+    assert isinstance(access, AccessPolicy)  # noqa: S101
+    policy = PolicySet(revision=revision_of(raw), gateway=gateway, identity=identity, access=access)
+    contradictions = check_contradictions(policy)
+    if contradictions:
+        raise PolicyError(contradictions)
+    return policy
+
+
+def check_contradictions(policy: PolicySet) -> list[PolicyIssue]:
+    """Rules that span files: each would make the policy mean something its author did not."""
+    issues: list[PolicyIssue] = []
+    exposed = set(policy.gateway.models)
+    tenants = set(policy.access.tenants)
+    for name, tenant in policy.access.tenants.items():
+        for model in tenant.models:
+            if model not in exposed:
+                issues.append(PolicyIssue("access.yaml", 1, 1,
+                                          f"tenants.{name}: model {model!r} is not exposed in gateway.yaml"))
+    all_tenant_models = {m for t in policy.access.tenants.values() for m in t.models}
+    for role, grants in policy.access.roles.items():
+        for index, grant in enumerate(grants):
+            for model in grant.models:
+                if model != "*" and model not in all_tenant_models:
+                    issues.append(PolicyIssue("access.yaml", 1, 1,
+                                              f"roles.{role}[{index}]: model {model!r} belongs to no tenant"))
+    for key in policy.identity.api_keys:
+        if key.tenant not in tenants:
+            issues.append(PolicyIssue("identity.yaml", 1, 1, f"api_keys {key.id}: unknown tenant {key.tenant!r}"))
+        for role in key.roles:
+            if role not in policy.access.roles:
+                issues.append(PolicyIssue("identity.yaml", 1, 1, f"api_keys {key.id}: unknown role {role!r}"))
+    return issues

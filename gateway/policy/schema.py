@@ -8,9 +8,19 @@ Each file in ``policies/`` maps to one top-level model (see :data:`POLICY_FILES`
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from gateway.stages.base import Mode
 
@@ -79,32 +89,119 @@ class GatewayPolicy(_Strict):
         return value
 
 
-Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+                    "HS256", "HS384", "HS512"]
+_FAMILIES = ({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}, {"ES256"}, {"ES384"}, {"EdDSA"},
+             {"HS256", "HS384", "HS512"})
+
+
+class JwksSettings(_Strict):
+    refresh_cooldown_s: Seconds = Field(30, description="At most one refresh for an unknown kid per this.")
+    fetch_timeout_s: Seconds = Field(2, description="Deadline of one JWKS or discovery fetch.")
+    allow_http: StrictBool = Field(False, description="Allow plain http URLs (loopback tests only).")
+
+
+class IssuerKeys(_Strict):
+    """Where the issuer's keys come from: exactly one source."""
+
+    pem: StrictStr | None = Field(None, description="A PEM SubjectPublicKeyInfo (asymmetric issuers).")
+    jwks: dict[StrictStr, Any] | None = Field(None, description="A static JWK set {keys: [...]}.")
+    jwks_url: StrictStr | None = Field(None, description="A JWKS URL, fetched and cached.")
+    oidc_discovery: StrictStr | None = Field(None, description="An OIDC discovery URL naming the JWKS.")
+    hs_secret_env: StrictStr | None = Field(
+        None, description="Name of the environment variable holding an HS shared secret (>= 32 bytes). "
+                          "Secrets never live in policy files.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> IssuerKeys:
+        given = [n for n in ("pem", "jwks", "jwks_url", "oidc_discovery", "hs_secret_env") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one key source, got {given or 'none'}")
+        return self
 
 
 class IssuerPolicy(_Strict):
-    """A trusted token issuer with a static public key."""
+    """A trusted token issuer. One key family per issuer: the token never chooses it."""
 
     issuer: StrictStr = Field(min_length=1)
     audiences: tuple[StrictStr, ...] = Field(min_length=1)
     algorithms: tuple[Algorithm, ...] = Field(min_length=1)
-    public_key_pem: StrictStr = Field(min_length=1, description="PEM SubjectPublicKeyInfo.")
+    keys: IssuerKeys
+    jwks_settings: JwksSettings = JwksSettings()
+    subject_claim: StrictStr = "sub"
     tenant_claim: StrictStr = "tenant"
     roles_claim: StrictStr = "roles"
+    required_claims: tuple[StrictStr, ...] = ("exp", "iat", "sub")
     leeway_s: Annotated[StrictInt, Field(ge=0, le=300)] = 30
     max_lifetime_s: Annotated[StrictInt, Field(gt=0, le=86_400 * 7)] = 86_400
+
+    @model_validator(mode="after")
+    def _one_family(self) -> IssuerPolicy:
+        algs = set(self.algorithms)
+        if not any(algs <= family for family in _FAMILIES):
+            raise ValueError("algorithms must all belong to one key family (e.g. only RS*/PS*, or only ES256)")
+        symmetric = algs <= _FAMILIES[-1]
+        if symmetric != (self.keys.hs_secret_env is not None):
+            raise ValueError("HS* algorithms need keys.hs_secret_env, and hs_secret_env needs HS* algorithms")
+        return self
+
+
+class ApiKeyPolicy(_Strict):
+    """A service account. Only the SHA-256 of the key is stored; delete the entry to revoke."""
+
+    id: StrictStr = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+    tenant: StrictStr = Field(min_length=1)
+    roles: tuple[StrictStr, ...] = Field(min_length=1)
 
 
 class IdentityPolicy(_Strict):
     """``identity.yaml``: who may call. The dev issuer is added by ``--dev`` only."""
 
     issuers: tuple[IssuerPolicy, ...] = ()
-    allow_unauthenticated_health: StrictBool = Field(
-        True, description="Health endpoints answer without a token (load balancers and probes).",
+    api_keys: tuple[ApiKeyPolicy, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> IdentityPolicy:
+        names = [i.issuer for i in self.issuers]
+        if len(names) != len(set(names)):
+            raise ValueError("an issuer is listed twice")
+        ids = [k.id for k in self.api_keys]
+        hashes = [k.sha256 for k in self.api_keys]
+        if len(ids) != len(set(ids)) or len(hashes) != len(set(hashes)):
+            raise ValueError("an API key id or hash is listed twice")
+        return self
+
+
+Action = Literal["infer", "metadata", "audit:read", "audit:erase", "budget:admin", "pii:unmask", "policy:read"]
+MODEL_ACTIONS = frozenset({"infer", "metadata"})
+
+
+class Grant(_Strict):
+    actions: tuple[Action | Literal["*"], ...] = Field(min_length=1)
+    models: tuple[StrictStr, ...] = Field(("*",), description="Model names, or * for every model of the tenant.")
+    versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
+        None, description="Versions that may be called explicitly; omitted = any.",
     )
+
+
+class TenantPolicy(_Strict):
+    models: tuple[StrictStr, ...] = Field(description="Models this tenant may see at all.")
+
+
+class AccessPolicy(_Strict):
+    """``access.yaml``: tenants, and what each role may do within its own tenant. Deny by default."""
+
+    non_enumeration: StrictBool = Field(
+        True, description="A model outside the caller's reach is answered exactly like an unknown model (404).",
+    )
+    tenants: dict[StrictStr, TenantPolicy] = Field(default_factory=dict)
+    roles: dict[StrictStr, tuple[Grant, ...]] = Field(default_factory=dict)
 
 
 POLICY_FILES: dict[str, type[_Strict]] = {
     "gateway.yaml": GatewayPolicy,
     "identity.yaml": IdentityPolicy,
+    "access.yaml": AccessPolicy,
 }

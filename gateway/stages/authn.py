@@ -1,7 +1,9 @@
-"""Bearer-token authentication against the issuers the policy trusts.
+"""Authentication: bearer JWTs from trusted issuers, or service-account API keys.
 
 Runs first: every later stage needs the principal, and nothing may touch a request
-(not even read its body) before the caller is known.
+(not even read its body) before the caller is known. Verified credentials are cached
+(bounded, keyed by the credential's hash, never past ``exp``) so a repeat costs a hash
+and a dict look-up.
 """
 
 from __future__ import annotations
@@ -11,59 +13,88 @@ import binascii
 import hashlib
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.context import Principal, RequestContext
 from gateway.errors import AuthenticationFailed
 from gateway.stages.base import Stage
 
 MAX_TOKEN_BYTES = 8192
+API_KEY_PREFIX = "igk_"
 _CACHE_MAX = 10_000
+_CACHE_HORIZON_S = 300.0
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+VerifyKey = PublicKey | bytes
+
+
+class KeyResolver(Protocol):
+    """Finds the verification key for a token's ``kid`` and (policy-allowed) ``alg``."""
+
+    async def get_key(self, kid: str | None, alg: str) -> Any: ...
+
+
+def key_fits(alg: str, key: object) -> bool:
+    """# SECURITY: the key type is fixed by policy; ``alg`` must fit it, never pick it."""
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048
+    if alg == "ES256":
+        return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    if alg == "ES384":
+        return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey)
+    if alg.startswith("HS"):
+        return isinstance(key, bytes) and len(key) >= 32
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class StaticKeys:
+    """Keys given in policy (PEM, a static JWK set, or an HS secret)."""
+
+    keys: Mapping[str | None, VerifyKey]
+
+    async def get_key(self, kid: str | None, alg: str) -> VerifyKey:
+        key = self.keys.get(kid)
+        if key is None and kid is None and len(self.keys) == 1:
+            key = next(iter(self.keys.values()))
+        if key is None:
+            raise _fail("authn_unknown_kid")
+        if not key_fits(alg, key):
+            raise _fail("authn_invalid_token")
+        return key
 
 
 @dataclass(frozen=True, slots=True)
 class TrustedIssuer:
-    """One issuer, compiled: a typed key object and the algorithms that fit it."""
-
     issuer: str
     audiences: tuple[str, ...]
     algorithms: tuple[str, ...]
-    key: PublicKey
+    keys: KeyResolver
+    subject_claim: str = "sub"
     tenant_claim: str = "tenant"
     roles_claim: str = "roles"
+    required_claims: tuple[str, ...] = ("exp", "iat", "sub")
     leeway_s: int = 30
     max_lifetime_s: int = 86_400
 
-    @classmethod
-    def from_pem(cls, pem: str, **kwargs: Any) -> TrustedIssuer:
-        key = load_pem_public_key(pem.encode())
-        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-            raise TypeError("unsupported public key type")
-        issuer = cls(key=key, **kwargs)
-        issuer.check_key_family()
-        return issuer
 
-    def check_key_family(self) -> None:
-        """# SECURITY: one key family per issuer; the token's ``alg`` never picks the key type."""
-        for alg in self.algorithms:
-            family: type[Any]
-            if alg.startswith(("RS", "PS")):
-                family = rsa.RSAPublicKey
-            elif alg.startswith("ES"):
-                family = ec.EllipticCurvePublicKey
-            elif alg == "EdDSA":
-                family = ed25519.Ed25519PublicKey
-            else:
-                raise ValueError(f"algorithm {alg} is not allowed")
-            if not isinstance(self.key, family):
-                raise TypeError(f"algorithm {alg} does not fit the issuer's {type(self.key).__name__}")
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    tenant: str
+    roles: frozenset[str]
+
+
+def api_key_hash(key: str) -> str:
+    """API keys are 256-bit random strings, so a plain SHA-256 is a sound verifier."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _unverified_header(token: str) -> dict[str, Any]:
@@ -84,8 +115,9 @@ def _fail(reason: str, detail: str = "invalid token") -> AuthenticationFailed:
 @dataclass(slots=True)
 class JwtAuthenticator(Stage):
     name: ClassVar[str] = "authn"
-    issuers: dict[str, TrustedIssuer]
-    clock: Any = time.time
+    issuers: Mapping[str, TrustedIssuer]
+    api_keys: Mapping[str, ApiKey] = field(default_factory=dict)  # sha256 hex -> key
+    clock: Callable[[], float] = time.time
     _cache: dict[bytes, tuple[Principal, float]] = field(default_factory=dict)
 
     async def on_call(self, ctx: RequestContext) -> None:
@@ -93,26 +125,38 @@ class JwtAuthenticator(Stage):
         ctx.bearer = None
         if not token:
             raise _fail("authn_missing_token", "missing bearer token")
-        ctx.principal = self.authenticate(token)
+        ctx.principal = await self.authenticate(token)
 
-    def authenticate(self, token: str) -> Principal:
+    async def authenticate(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():
             raise _fail("authn_malformed_token")
-        key = hashlib.sha256(token.encode()).digest()
+        digest = hashlib.sha256(token.encode()).digest()
         now = self.clock()
-        cached = self._cache.get(key)
+        cached = self._cache.get(digest)
         if cached is not None:
-            principal, exp = cached
-            if now < exp:
+            principal, until = cached
+            if now < until:
                 return principal
-            del self._cache[key]
-        principal, exp = self._verify(token, now)
+            del self._cache[digest]
+        if token.startswith(API_KEY_PREFIX):
+            principal, until = self._api_key(token, digest, now)
+        else:
+            principal, until = await self._verify(token, digest, now)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
-        self._cache[key] = (principal, exp)
+        self._cache[digest] = (principal, until)
         return principal
 
-    def _verify(self, token: str, now: float) -> tuple[Principal, float]:
+    def _api_key(self, token: str, digest: bytes, now: float) -> tuple[Principal, float]:
+        entry = self.api_keys.get(digest.hex())
+        if entry is None:
+            raise _fail("authn_unknown_api_key")
+        principal = Principal(subject=f"apikey:{entry.id}", tenant=entry.tenant, roles=entry.roles,
+                              issuer="api_key", credential_id=digest.hex()[:16])
+        # Revocation is a policy edit, which builds a new authenticator with an empty cache.
+        return principal, now + _CACHE_HORIZON_S
+
+    async def _verify(self, token: str, digest: bytes, now: float) -> tuple[Principal, float]:
         if token.count(".") != 2:
             raise _fail("authn_malformed_token")
         header = _unverified_header(token)
@@ -128,42 +172,51 @@ class JwtAuthenticator(Stage):
         issuer = self.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
             raise _fail("authn_unknown_issuer")
+        alg = header.get("alg")
+        # SECURITY: algorithms come from policy, never from the token (RFC 8725 §2.1).
+        if not isinstance(alg, str) or alg not in issuer.algorithms:
+            raise _fail("authn_invalid_token")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
+            raise _fail("authn_malformed_token")
+        key = await issuer.keys.get_key(kid, alg)
         try:
             claims = jwt.decode(
                 token,
-                issuer.key,
-                algorithms=list(issuer.algorithms),
+                key,
+                algorithms=[alg],
                 audience=list(issuer.audiences),
                 issuer=issuer.issuer,
                 # Times are checked below against the injectable clock.
-                options={"require": ["exp", "iat", "sub"], "verify_exp": False, "verify_nbf": False,
+                options={"require": list(issuer.required_claims), "verify_exp": False, "verify_nbf": False,
                          "verify_iat": False},
             )
         except jwt.PyJWTError as exc:
             raise _fail("authn_invalid_token") from exc
-        exp, iat = claims["exp"], claims["iat"]
+        return self._principal(claims, issuer, digest, now)
+
+    def _principal(self, claims: dict[str, Any], issuer: TrustedIssuer, digest: bytes,
+                   now: float) -> tuple[Principal, float]:
+        exp, iat = claims.get("exp"), claims.get("iat")
         nbf = claims.get("nbf", iat)
         # SECURITY: numeric dates must be numbers (RFC 7519 §2), never strings or booleans.
         if not all(type(v) in (int, float) for v in (exp, iat, nbf)):
             raise _fail("authn_invalid_token")
+        assert isinstance(exp, int | float) and isinstance(iat, int | float)  # noqa: S101 - checked above
+        assert isinstance(nbf, int | float)  # noqa: S101
         leeway = issuer.leeway_s
         if now > exp + leeway:
             raise _fail("authn_token_expired", "token expired")
         if now + leeway < nbf or now + leeway < iat or exp - iat > issuer.max_lifetime_s:
             raise _fail("authn_invalid_token")
-        sub = claims["sub"]
+        sub = claims.get(issuer.subject_claim)
         tenant = claims.get(issuer.tenant_claim)
         roles = claims.get(issuer.roles_claim, [])
         if not (isinstance(sub, str) and sub and isinstance(tenant, str) and tenant):
             raise _fail("authn_missing_claims")
         if not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
             raise _fail("authn_missing_claims")
-        principal = Principal(
-            subject=sub,
-            tenant=tenant,
-            roles=frozenset(roles),
-            issuer=issuer.issuer,
-            credential_id=hashlib.sha256(token.encode()).hexdigest()[:16],
-        )
-        # Cache no longer than the token lives, nor past a short horizon.
-        return principal, min(float(exp), now + 300.0)
+        principal = Principal(subject=sub, tenant=tenant, roles=frozenset(roles), issuer=issuer.issuer,
+                              credential_id=digest.hex()[:16])
+        # Cache no longer than the token lives (with its leeway), nor past a short horizon.
+        return principal, min(float(exp) + leeway, now + _CACHE_HORIZON_S)

@@ -95,14 +95,14 @@ class Server:
     seen: Seen
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[Server]:
+async def _start(**overrides: Any) -> AsyncIterator[Server]:
     app = web.Application()
     app[SEEN] = Seen()
     app.router.add_post("/echo", _echo)
     app.router.add_post("/raw", _raw)
     app.router.add_post("/v2/models/{model}/infer", _infer)
     runner = runner_for(app)  # production's runner: auto_decompress=False
+    runner._kwargs.update(overrides)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -111,6 +111,22 @@ async def server() -> AsyncIterator[Server]:
         yield Server(f"http://{host}:{port}", port, app[SEEN])
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    async for running in _start():
+        yield running
+
+
+@pytest.fixture
+async def short_linger_server() -> AsyncIterator[Server]:
+    """Production options except lingering_time: after refusing a body mid-stream aiohttp
+    keeps the handler reading (and discarding) for lingering_time, 10 s by default, and
+    in aiohttp 3.14.5 it does so even after the client has gone (reading is paused, so
+    the FIN goes unnoticed). Not what these tests measure; it would only slow teardown."""
+    async for running in _start(lingering_time=0.5):
+        yield running
 
 
 @pytest.fixture
@@ -257,8 +273,11 @@ async def test_content_type(server: Server, session: ClientSession, values: list
     headers = CIMultiDict(("Content-Type", value) for value in values)
     async with session.post(server.url + "/echo", data=PAYLOAD, headers=headers,
                             skip_auto_headers=[] if values else ["Content-Type"]) as resp:
-        got_status, got = resp.status, await resp.json(content_type=None)
-    assert got_status == status, got
+        got_status, text = resp.status, await resp.text()
+    assert got_status == status, text
+    if status == 400:
+        return  # aiohttp's own plain-text refusal
+    got = json.loads(text)
     if status == 415:
         assert got["reason"] == "input_media_type"
     if status == 200:
@@ -320,9 +339,9 @@ async def test_gzip_declared_length_over_cap_is_refused_before_reading(server: S
     assert line.startswith(b"HTTP/1.1 413 ")
 
 
-async def test_chunked_flood_is_not_buffered_past_the_cap(server: Server) -> None:
+async def test_chunked_flood_is_not_buffered_past_the_cap(short_linger_server: Server) -> None:
     """IN-10: a 200 MB chunked stream is refused once the cap is passed, not buffered."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", short_linger_server.port)
     writer.write(b"POST /echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
     frame = b"%x\r\n" % READ_CHUNK + b"\0" * READ_CHUNK + b"\r\n"
 
@@ -338,11 +357,16 @@ async def test_chunked_flood_is_not_buffered_past_the_cap(server: Server) -> Non
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await sender
+        # End the chunked body cleanly (the pump only stops between frames): aiohttp's
+        # lingering close otherwise keeps reading the refused body for lingering_time.
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     assert line.startswith(b"HTTP/1.1 413 ")
-    (received,) = server.seen.refused_after_bytes
+    (received,) = short_linger_server.seen.refused_after_bytes
     # What aiohttp had accepted off the socket when we refused: the cap plus read-ahead.
     assert received < CAP + 512 * 1024
 

@@ -288,6 +288,9 @@ REFUSALS: list[tuple[bytes, str | None, type[GatewayError], str]] = [
     (_req(_input(shape=[2, 2], data=[[1, 2, 3, 4]])), None, InputRejected, "nested data"),
     (_req(_input(shape=[1, 1], data=[[[1]]])), None, InputRejected, "nested data"),
     (_req(_input(shape=[], data=[[1]])), None, InputRejected, "nested data"),
+    # PII in an input name or an over-long id is never echoed
+    (_req(_input(name="078-05-1120", shape=[2])), None, InputRejected, "inputs[0]"),
+    (_req(id="john.doe@example.com" + "x" * 200), None, MalformedRequest, "id must be"),
     # the PII in data is never echoed, whatever is wrong with it
     (_req(_input(shape=[1], data=["john.doe@example.com"])), None, InputRejected, "must be JSON numbers"),
     # --- outputs -------------------------------------------------------------------------
@@ -396,9 +399,11 @@ def test_errors_name_the_input() -> None:
     """Details say which input broke which rule (the client needs it; it is not data)."""
     with pytest.raises(InputRejected, match="input 'pixels'"):
         _decode(_req(_input(name="pixels", shape=[1, 64], data=[0.0] * 10)))
-    # A name unfit to quote is referred to by position instead.
-    with pytest.raises(InputRejected, match=r"inputs\[0\]"):
-        _decode(_req(_input(name="john.doe@example.com!", shape=[1, 64], data=[0.0] * 10)))
+    # A name unfit to quote (it could carry PII) is referred to by position instead.
+    for name in ("john.doe@example.com", "078-05-1120", "card_4111111111111111", "a" * 65):
+        with pytest.raises(InputRejected, match=r"inputs\[0\]") as info:
+            _decode(_req(_input(name=name, shape=[1, 64], data=[0.0] * 10)))
+        assert name not in info.value.client_message()
 
 
 # --- accepted requests -----------------------------------------------------------------

@@ -22,7 +22,6 @@ from gateway.upstream.model_repo import ModelRepoError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRITON_REPO = REPO_ROOT / "triton_repo"
-needs_repo = pytest.mark.skipif(not (TRITON_REPO / "digits").is_dir(), reason="triton_repo/ not built")
 
 FLOAT, INT64, STRING = TensorProto.FLOAT, TensorProto.INT64, TensorProto.STRING
 
@@ -132,8 +131,6 @@ async def start(started: list[EmbeddedUpstream], repo: Path, **kwargs: Any) -> E
 
 @pytest.fixture
 async def real(started: list[EmbeddedUpstream]) -> EmbeddedUpstream:
-    if not (TRITON_REPO / "digits").is_dir():
-        pytest.skip("triton_repo/ not built")
     return await start(started, TRITON_REPO)
 
 
@@ -180,7 +177,6 @@ def direct_session(model: str) -> Any:
 # --------------------------------------------------------------------------- real repository
 
 
-@needs_repo
 async def test_metadata_and_health(real: EmbeddedUpstream) -> None:
     assert await real.server_live(timeout_s=1)
     assert await real.server_ready(timeout_s=1)
@@ -204,7 +200,6 @@ async def test_metadata_and_health(real: EmbeddedUpstream) -> None:
     assert not await real.model_ready("nope", "", timeout_s=1)
 
 
-@needs_repo
 async def test_digits_matches_onnxruntime(real: EmbeddedUpstream) -> None:
     rows = np.random.default_rng(1).random((5, 64), dtype=np.float32) * 16
     response = await real.infer(digits_request(rows, id="req-7"), timeout_s=5)
@@ -219,7 +214,6 @@ async def test_digits_matches_onnxruntime(real: EmbeddedUpstream) -> None:
     np.testing.assert_allclose(out.data.sum(axis=1), 1.0, rtol=1e-5)
 
 
-@needs_repo
 async def test_risk(real: EmbeddedUpstream) -> None:
     rows = np.random.default_rng(2).random((3, 30), dtype=np.float32)
     response = await real.infer(
@@ -231,7 +225,6 @@ async def test_risk(real: EmbeddedUpstream) -> None:
     np.testing.assert_allclose(out.data, expected, rtol=1e-6)
 
 
-@needs_repo
 @pytest.mark.parametrize(
     ("sent", "returned"),
     [
@@ -257,7 +250,6 @@ async def test_text_echo_bytes_round_trip(
     assert list(out.data) == returned
 
 
-@needs_repo
 def test_onnxruntime_python_api_is_not_byte_transparent() -> None:
     """Why embedded.py converts: pins onnxruntime's behaviour, so an upgrade that changes it shows."""
     session = direct_session("text_echo")
@@ -269,7 +261,6 @@ def test_onnxruntime_python_api_is_not_byte_transparent() -> None:
     assert latin1[0].encode("latin-1") == b"\xff\x80"
 
 
-@needs_repo
 async def test_unknown_model_and_version_look_the_same(real: EmbeddedUpstream) -> None:
     errors = []
     for model, version in [("nope", ""), ("digits", "2"), ("digits", "01"), ("text_echo", "999")]:
@@ -284,7 +275,6 @@ async def test_unknown_model_and_version_look_the_same(real: EmbeddedUpstream) -
         assert name not in message
 
 
-@needs_repo
 @pytest.mark.parametrize(
     ("inputs", "outputs"),
     [
@@ -314,13 +304,11 @@ async def test_bad_inputs_are_rejected(
     assert info.value.http_status == 422
 
 
-@needs_repo
 async def test_batch_of_64_is_accepted(real: EmbeddedUpstream) -> None:
     response = await real.infer(digits_request(np.zeros((64, 64))), timeout_s=5)
     assert response.outputs[0].shape == (64, 10)
 
 
-@needs_repo
 async def test_concurrent_requests(real: EmbeddedUpstream) -> None:
     rng = np.random.default_rng(3)
     batches = [rng.random((int(rng.integers(1, 9)), 64), dtype=np.float32) * 16 for _ in range(50)]

@@ -66,7 +66,6 @@ def write_model(
 # --------------------------------------------------------------------------- the real repo
 
 
-@pytest.mark.skipif(not TRITON_REPO.is_dir(), reason="triton_repo/ not built")
 def test_real_repository_metadata() -> None:
     repo = load_repository(TRITON_REPO)
     assert set(repo.names) >= {"digits", "text_echo", "risk"}

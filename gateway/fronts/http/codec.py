@@ -90,7 +90,9 @@ _UTF8_BOM: Final = b"\xef\xbb\xbf"
 _UNSAFE_TEXT: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # Names we are willing to quote back in an error message (input and output names are
 # also model metadata, so quoting them helps the client; anything else gets an index).
-_QUOTABLE_NAME: Final = re.compile(r"[A-Za-z0-9_.:/\-]{1,64}")
+# SECURITY: identifier-like only, and no run of 4+ digits, so a name cannot carry an
+# e-mail address, a card or a social security number into logs and audit records.
+_QUOTABLE_NAME: Final = re.compile(r"(?!.*[0-9]{4})[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 _HEADER_LENGTH: Final = re.compile(r"[0-9]{1,10}")
 _BINARY_HINT: Final = " (binary tensor data needs the Inference-Header-Content-Length header)"
 

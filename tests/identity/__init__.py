@@ -1,0 +1,1 @@
+"""Tests of the fetching key sources (JWKS URL, OIDC discovery)."""
