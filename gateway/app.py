@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.catalog import ModelCatalog
 from gateway.devissuer import trusted_dev_issuer
-from gateway.fronts.http.server import HttpFront
+from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
 from gateway.policy.store import PolicyStore
@@ -76,7 +76,8 @@ def build_app(settings: Settings, *, service: InferenceService | None = None) ->
     app = web.Application(client_max_size=1024)
     app[SERVICE_KEY] = service
     front = HttpFront(service)
-    app.router.add_route("*", "/{tail:.*}", front.handle)
+    # Every path, even one holding CR/LF after decoding, reaches the front (routes.py decides).
+    app.router.add_route("*", "/{tail:(?s:.*)}", front.handle, expect_handler=no_automatic_continue)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await service.upstream.start()
@@ -101,8 +102,9 @@ def build_app(settings: Settings, *, service: InferenceService | None = None) ->
 def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
     # SECURITY: no automatic request decompression: the front decompresses itself with a
     # cap on the decompressed size (no gzip bombs).
+    # A refused body is drained for at most a second, not aiohttp's default ten.
     return web.AppRunner(app, auto_decompress=False, access_log=None, max_line_size=MAX_LINE_SIZE,
-                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, **extra)
+                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, lingering_time=1.0, **extra)
 
 
 async def serve(settings: Settings, *, ready_message: str | None = None) -> None:

@@ -7,6 +7,8 @@ contract Triton itself would enforce, so both upstreams behave alike.
 
 from __future__ import annotations
 
+import re
+
 from gateway.errors import InputRejected
 from gateway.kserve import InferRequest, ModelMetadata
 
@@ -46,8 +48,16 @@ def check_request(req: InferRequest, meta: ModelMetadata) -> None:
                                 reason="output_unknown_name")
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+_DIGIT_RUN = re.compile(r"[0-9]{4}")
+
+
 def _safe(name: str) -> str:
-    """Names reach error messages; keep them short and printable (the codec already
-    restricts them, this is defence in depth for other fronts)."""
-    cleaned = "".join(ch if ch.isprintable() and ch.isascii() else "?" for ch in name)
-    return cleaned[:64]
+    """A client-chosen name is echoed only when it looks like an identifier.
+
+    # SECURITY: error messages reach logs and audit records; a "name" such as an SSN or
+    # a header-injection payload must not.
+    """
+    if _IDENTIFIER.fullmatch(name) and not _DIGIT_RUN.search(name):
+        return name
+    return "(unnamed)"

@@ -14,8 +14,10 @@ Tree::
     ├── PermissionDenied          403  PERMISSION_DENIED
     ├── NotFound                  404  NOT_FOUND
     ├── MethodNotAllowed          405  UNIMPLEMENTED
+    ├── RequestTimeout            408  DEADLINE_EXCEEDED  (slow client)
     ├── PayloadTooLarge           413  RESOURCE_EXHAUSTED
     ├── UnsupportedMediaType      415  INVALID_ARGUMENT
+    ├── ExpectationFailed         417  INVALID_ARGUMENT
     ├── InputRejected             422  INVALID_ARGUMENT  (semantics: tensor vs model)
     ├── RateLimited               429  RESOURCE_EXHAUSTED (+ Retry-After)
     ├── UpstreamBadResponse       502  INTERNAL
@@ -120,6 +122,20 @@ class MethodNotAllowed(GatewayError):
     grpc_code = GrpcCode.UNIMPLEMENTED
     public_message = "method not allowed"
     default_reason = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    http_status = 408
+    grpc_code = GrpcCode.DEADLINE_EXCEEDED
+    public_message = "request not received in time"
+    default_reason = "client_timeout"
+
+
+class ExpectationFailed(GatewayError):
+    http_status = 417
+    grpc_code = GrpcCode.INVALID_ARGUMENT
+    public_message = "expectation failed"
+    default_reason = "expect_unsupported"
 
 
 class PayloadTooLarge(GatewayError):

@@ -9,6 +9,7 @@ record cannot be written is replaced by a 503: nothing is answered that is not r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from typing import Any
@@ -19,10 +20,13 @@ from aiohttp import web
 from gateway.context import RequestContext, new_request_id
 from gateway.errors import (
     AuthenticationFailed,
+    ExpectationFailed,
     GatewayError,
     InternalError,
     MalformedRequest,
     MethodNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
 )
 from gateway.fronts.http.body import check_content_type, read_body
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
@@ -33,6 +37,7 @@ from gateway.service import InferenceService
 log = structlog.get_logger("gateway.http")
 
 BODY_READ_TIMEOUT_S = 30.0
+OFFLOAD_DECODE_BYTES = 256 * 1024
 _JSON = "application/json"
 
 
@@ -169,14 +174,15 @@ class HttpFront:
             raise InternalError(reason="internal_unrouted")
         limits = snap.policy.gateway.limits
         check_content_type(request)
+        await _continue_if_expected(request, limits.max_body_bytes)
         try:
             async with asyncio.timeout(BODY_READ_TIMEOUT_S):
                 body = await read_body(request, max_bytes=limits.max_body_bytes)
         except TimeoutError as exc:
-            raise MalformedRequest("request body not received in time", reason="body_timeout") from exc
+            raise RequestTimeout("request body not received in time", reason="body_timeout") from exc
         assert route.model is not None  # noqa: S101 - infer routes always carry a model
-        req = decode_infer_request(
-            route.model, route.version, body,
+        decode = functools.partial(
+            decode_infer_request, route.model, route.version, body,
             header_length=_single_header(request, "Inference-Header-Content-Length"),
             limits=CodecLimits(
                 max_elements_per_tensor=limits.max_elements_per_tensor,
@@ -185,6 +191,9 @@ class HttpFront:
                 max_inputs=limits.max_inputs,
             ),
         )
+        # A large body takes tens of milliseconds to parse: off the event loop, so other
+        # requests (and health probes) are not stalled by one client's upload.
+        req = await asyncio.to_thread(decode) if len(body) > OFFLOAD_DECODE_BYTES else decode()
         resp = await self.service.infer(ctx, snap, req)
         payload, headers = encode_infer_response(resp, req.outputs, binary_default=req.binary_data_output)
         headers["X-Request-ID"] = rid
@@ -195,6 +204,27 @@ class HttpFront:
         level = "error" if exc.http_status >= 500 else "info"
         getattr(log, level)("request_refused", route=route, method=request.method, status=exc.http_status,
                             reason=exc.reason)
+
+
+async def no_automatic_continue(_request: web.Request) -> None:
+    """Expect handler: never send ``100 Continue`` before the request is authenticated
+    and its declared size is checked (the handler sends it itself)."""
+    return
+
+
+async def _continue_if_expected(request: web.Request, max_bytes: int) -> None:
+    expect = request.headers.get("Expect")
+    if expect is None:
+        return
+    if expect.lower() != "100-continue":
+        raise ExpectationFailed(reason="expect_unsupported")
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        # SECURITY: refuse before inviting the body (RFC 9110 §10.1.1); it is never read.
+        raise PayloadTooLarge(f"body larger than {max_bytes} bytes", reason="input_too_large")
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
 
 
 def _single_header(request: web.Request, name: str) -> str | None:
