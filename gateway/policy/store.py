@@ -72,8 +72,10 @@ class PolicyStore:
                 self.last_error = str(exc)
                 self.metrics.policy_reloads.labels(result="rejected").inc()
                 self.metrics.policy_last_failure.set(time.time())
-                log.error("policy_reload_rejected",  # noqa: TRY400 - a refused edit, not a crash reason=reason, error=str(exc),
-                          active_revision=self._current.policy.revision if self._current else None)
+                log.error(  # noqa: TRY400 - a refused edit, not a crash: no traceback
+                    "policy_reload_rejected", reason=reason, error=str(exc),
+                    active_revision=self._current.policy.revision if self._current else None,
+                )
                 return False
             if self._current is not None and candidate.policy.revision == self._current.policy.revision:
                 self.metrics.policy_reloads.labels(result="unchanged").inc()

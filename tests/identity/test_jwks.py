@@ -34,9 +34,9 @@ ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 @dataclass(frozen=True)
 class Keys:
-    rsa: rsa.RSAPrivateKey
-    rsa_b: rsa.RSAPrivateKey
-    rsa_1024: rsa.RSAPrivateKey
+    rs1: rsa.RSAPrivateKey
+    rs2: rsa.RSAPrivateKey
+    rs_weak: rsa.RSAPrivateKey
     p256: ec.EllipticCurvePrivateKey
     p384: ec.EllipticCurvePrivateKey
     ed: ed25519.Ed25519PrivateKey
@@ -46,9 +46,9 @@ class Keys:
 @pytest.fixture(scope="session")
 def keys() -> Keys:
     return Keys(
-        rsa=rsa.generate_private_key(65537, 2048),
-        rsa_b=rsa.generate_private_key(65537, 2048),
-        rsa_1024=rsa.generate_private_key(65537, 1024),
+        rs1=rsa.generate_private_key(65537, 2048),
+        rs2=rsa.generate_private_key(65537, 2048),
+        rs_weak=rsa.generate_private_key(65537, 1024),  # noqa: S505 - the weak key the source must refuse
         p256=ec.generate_private_key(ec.SECP256R1()),
         p384=ec.generate_private_key(ec.SECP384R1()),
         ed=ed25519.Ed25519PrivateKey.generate(),
@@ -94,6 +94,7 @@ class JwksServer:
     hits: int = 0
     discovery_hits: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
 
     def url(self, path: str = "/jwks.json") -> str:
@@ -102,6 +103,7 @@ class JwksServer:
 
     async def jwks(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
+        self.arrived.set()
         headers = {"Cache-Control": self.cache_control} if self.cache_control else {}
         body = {"keys": self.keys}
         if self.mode == "ok":
@@ -126,7 +128,8 @@ class JwksServer:
             resp.enable_chunked_encoding()
             resp.content_type = "application/json"
             await resp.prepare(request)
-            await resp.write(b'{"keys": [], "pad": "')
+            # Valid keys and valid JSON: only the byte cap can make this fetch fail.
+            await resp.write(json.dumps(body).encode()[:-1] + b', "pad": "')
             for _ in range(200):  # 3.2 MB, far past the cap, without a Content-Length
                 await resp.write(b"x" * 16_384)
             await resp.write(b'"}')
@@ -161,7 +164,7 @@ async def _start(aiohttp_server: ServerFactory) -> JwksServer:
 @pytest.fixture
 async def idp(aiohttp_server: ServerFactory, keys: Keys) -> AsyncIterator[JwksServer]:
     srv = await _start(aiohttp_server)
-    srv.keys = [jwk(keys.rsa, "rs-1"), jwk(keys.p256, "es-1"), jwk(keys.ed, "ed-1")]
+    srv.keys = [jwk(keys.rs1, "rs-1"), jwk(keys.p256, "es-1"), jwk(keys.ed, "ed-1")]
     yield srv
     srv.release.set()  # let a hanging handler finish before the server shuts down
 
@@ -219,7 +222,7 @@ def unknown_kid(exc: pytest.ExceptionInfo[AuthenticationFailed]) -> bool:
 
 @pytest.mark.parametrize(
     ("alg", "kid", "attr"),
-    [("RS256", "rs-1", "rsa"), ("PS256", "rs-1", "rsa"), ("ES256", "es-1", "p256"), ("EdDSA", "ed-1", "ed")],
+    [("RS256", "rs-1", "rs1"), ("PS256", "rs-1", "rs1"), ("ES256", "es-1", "p256"), ("EdDSA", "ed-1", "ed")],
 )
 async def test_each_key_family_verifies_a_real_token(
     make_source: SourceFactory, idp: JwksServer, keys: Keys, alg: str, kid: str, attr: str
@@ -276,8 +279,8 @@ async def test_kid_none_needs_exactly_one_usable_key(make_source: SourceFactory,
                                                      keys: Keys) -> None:
     # rs-1 is the only RSA key: usable without a kid; ES256 keys are not RSA and do not count.
     source = make_source()
-    assert same_key(await source.get_key(None, "RS256"), keys.rsa.public_key())
-    idp.keys = [jwk(keys.rsa, "rs-1"), jwk(keys.rsa_b, "rs-2")]
+    assert same_key(await source.get_key(None, "RS256"), keys.rs1.public_key())
+    idp.keys = [jwk(keys.rs1, "rs-1"), jwk(keys.rs2, "rs-2")]
     two = make_source()
     with pytest.raises(AuthenticationFailed) as exc:
         await two.get_key(None, "RS256")
@@ -309,14 +312,14 @@ async def test_rotation_new_kid_one_refresh(make_source: SourceFactory, idp: Jwk
                                             clock: Clock) -> None:
     source = make_source()
     await source.get_key("rs-1", "RS256")
-    idp.keys = [*idp.keys, jwk(keys.rsa_b, "rs-2")]
+    idp.keys = [*idp.keys, jwk(keys.rs2, "rs-2")]
     # Within the cooldown of the last fetch the new kid is not fetched for.
     with pytest.raises(AuthenticationFailed) as exc:
         await source.get_key("rs-2", "RS256")
     assert unknown_kid(exc)
     assert idp.hits == 1
     clock.advance(30)
-    assert same_key(await source.get_key("rs-2", "RS256"), keys.rsa_b.public_key())
+    assert same_key(await source.get_key("rs-2", "RS256"), keys.rs2.public_key())
     assert idp.hits == 2
     await source.get_key("rs-2", "RS256")
     await source.get_key("rs-1", "RS256")
@@ -327,7 +330,7 @@ async def test_removed_kid_is_refused_after_refresh(make_source: SourceFactory, 
                                                     clock: Clock) -> None:
     source = make_source()
     await source.get_key("rs-1", "RS256")
-    idp.keys = [jwk(keys.rsa_b, "rs-2")]
+    idp.keys = [jwk(keys.rs2, "rs-2")]
     clock.advance(300)
     with pytest.raises(AuthenticationFailed) as exc:
         await source.get_key("rs-1", "RS256")
@@ -358,10 +361,10 @@ async def test_concurrent_unknown_kid_lookups_share_one_fetch(make_source: Sourc
                                                               keys: Keys, clock: Clock) -> None:
     source = make_source()
     await source.get_key("rs-1", "RS256")
-    idp.keys = [*idp.keys, jwk(keys.rsa_b, "rs-2")]
+    idp.keys = [*idp.keys, jwk(keys.rs2, "rs-2")]
     clock.advance(31)
     found = await asyncio.gather(*(source.get_key("rs-2", "RS256") for _ in range(100)))
-    assert all(same_key(k, keys.rsa_b.public_key()) for k in found)
+    assert all(same_key(k, keys.rs2.public_key()) for k in found)
     assert idp.hits == 2
 
 
@@ -382,8 +385,7 @@ async def test_cancelled_caller_does_not_cancel_the_shared_fetch(make_source: So
     source = make_source(fetch_timeout_s=5.0)
     first = asyncio.ensure_future(source.get_key("rs-1", "RS256"))
     second = asyncio.ensure_future(source.get_key("rs-1", "RS256"))
-    while idp.hits == 0:
-        await asyncio.sleep(0.005)
+    await asyncio.wait_for(idp.arrived.wait(), 5)
     first.cancel()
     idp.mode = "ok"
     idp.release.set()
@@ -450,9 +452,7 @@ async def test_failure_backoff_is_exponential_up_to_the_cooldown(make_source: So
                                                                  clock: Clock) -> None:
     idp.mode = "status_500"
     source = make_source()
-    expected_hits = 0
-    for backoff in (5, 10, 20, 30, 30):
-        expected_hits += 1
+    for expected_hits, backoff in enumerate((5, 10, 20, 30, 30), start=1):
         with pytest.raises(DependencyUnavailable):
             await source.get_key("rs-1", "RS256")
         assert idp.hits == expected_hits
@@ -473,7 +473,7 @@ async def test_redirect_is_never_followed(make_source: SourceFactory, idp: JwksS
     idp.redirect_to = attacker_srv.url()
     clock.advance(301)
     key = await source.get_key("rs-1", "RS256")  # stale: still the real key, never the attacker's
-    assert same_key(key, keys.rsa.public_key())
+    assert same_key(key, keys.rs1.public_key())
     assert attacker_srv.hits == 0
     assert (idp.hits, source.failures) == (2, 1)
 
@@ -501,58 +501,61 @@ async def test_connection_refused_fails_closed(make_source: SourceFactory, unuse
 def _bad_keys(keys: Keys) -> dict[str, Any]:
     return {
         "oct": {"kty": "oct", "kid": "bad", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"},
-        "private_rsa": jwk(keys.rsa_b, "bad", private=True),
-        "private_member_d_only": {**jwk(keys.rsa_b, "bad"), "d": "AQAB"},
-        "rsa_1024": jwk(keys.rsa_1024, "bad"),
-        "use_enc": jwk(keys.rsa_b, "bad", use="enc"),
-        "key_ops_encrypt": jwk(keys.rsa_b, "bad", key_ops=["encrypt"]),
-        "key_ops_not_list": jwk(keys.rsa_b, "bad", key_ops="verify"),
-        "alg_not_allowed": jwk(keys.rsa_b, "bad", alg="RS512"),
-        "alg_hs256": jwk(keys.rsa_b, "bad", alg="HS256"),
+        "oct_without_k": {"kty": "oct", "kid": "bad", "alg": "RS256"},
+        "private_rsa": jwk(keys.rs2, "bad", private=True),
+        "private_member_d_only": {**jwk(keys.rs2, "bad"), "d": "AQAB"},
+        "rsa_1024": jwk(keys.rs_weak, "bad"),
+        "use_enc": jwk(keys.rs2, "bad", use="enc"),
+        "key_ops_encrypt": jwk(keys.rs2, "bad", key_ops=["encrypt"]),
+        "key_ops_not_list": jwk(keys.rs2, "bad", key_ops="verify"),
+        "alg_not_allowed": jwk(keys.rs2, "bad", alg="RS512"),
+        "alg_hs256": jwk(keys.rs2, "bad", alg="HS256"),
         "ec_for_rsa_issuer": jwk(keys.p256, "bad"),
         "okp_for_rsa_issuer": jwk(keys.ed, "bad"),
         "unknown_kty": {"kty": "XYZ", "kid": "bad"},
         "missing_n": {"kty": "RSA", "kid": "bad", "e": "AQAB"},
         "garbage_n": {"kty": "RSA", "kid": "bad", "n": 12, "e": "AQAB"},
-        "kid_not_string": {**jwk(keys.rsa_b, None), "kid": 7},
+        "kid_not_string": {**jwk(keys.rs2, None), "kid": 7},
         "not_an_object": "rsa",
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["oct", "private_rsa", "private_member_d_only", "rsa_1024", "use_enc", "key_ops_encrypt", "key_ops_not_list",
+    ["oct", "oct_without_k", "private_rsa", "private_member_d_only", "rsa_1024", "use_enc", "key_ops_encrypt",
+     "key_ops_not_list",
      "alg_not_allowed", "alg_hs256", "ec_for_rsa_issuer", "okp_for_rsa_issuer", "unknown_kty", "missing_n",
      "garbage_n", "kid_not_string", "not_an_object"],
 )
 async def test_unusable_jwk_is_skipped(make_source: SourceFactory, idp: JwksServer, keys: Keys, case: str) -> None:
-    idp.keys = [jwk(keys.rsa, "rs-1"), _bad_keys(keys)[case]]
+    idp.keys = [jwk(keys.rs1, "rs-1"), _bad_keys(keys)[case]]
     source = make_source()
-    assert same_key(await source.get_key("rs-1", "RS256"), keys.rsa.public_key())
+    assert same_key(await source.get_key("rs-1", "RS256"), keys.rs1.public_key())
     with pytest.raises(AuthenticationFailed) as exc:
         await source.get_key("bad", "RS256")
     assert unknown_kid(exc)
     # A kid-less token still finds exactly one usable key: the bad one never counts.
-    assert same_key(await source.get_key(None, "RS256"), keys.rsa.public_key())
-    assert source.refused_keys == (1 if case in ("oct", "private_rsa", "private_member_d_only") else 0)
+    assert same_key(await source.get_key(None, "RS256"), keys.rs1.public_key())
+    refused = ("oct", "oct_without_k", "private_rsa", "private_member_d_only")
+    assert source.refused_keys == (1 if case in refused else 0)
 
 
 async def test_usable_key_markers_are_accepted(make_source: SourceFactory, idp: JwksServer, keys: Keys) -> None:
-    idp.keys = [jwk(keys.rsa, "rs-1", use="sig", alg="RS256", key_ops=["verify"])]
+    idp.keys = [jwk(keys.rs1, "rs-1", use="sig", alg="RS256", key_ops=["verify"])]
     source = make_source()
-    assert same_key(await source.get_key("rs-1", "RS256"), keys.rsa.public_key())
+    assert same_key(await source.get_key("rs-1", "RS256"), keys.rs1.public_key())
 
 
 async def test_key_pinned_to_one_alg_serves_only_that_alg(make_source: SourceFactory, idp: JwksServer,
                                                           keys: Keys) -> None:
-    idp.keys = [jwk(keys.rsa, "rs-1", alg="PS256")]
+    idp.keys = [jwk(keys.rs1, "rs-1", alg="PS256")]
     source = make_source(algorithms=("RS256", "PS256"))
     assert await source.get_key("rs-1", "PS256") is not None
     with pytest.raises(AuthenticationFailed):
         await source.get_key("rs-1", "RS256")
 
 
-@pytest.mark.parametrize(("alg", "attr"), [("ES256", "rsa"), ("ES256", "p384"), ("ES384", "p256"),
+@pytest.mark.parametrize(("alg", "attr"), [("ES256", "rs1"), ("ES256", "p384"), ("ES384", "p256"),
                                            ("EdDSA", "p256"), ("RS256", "ed")])
 async def test_family_mismatch_is_not_usable(make_source: SourceFactory, idp: JwksServer, keys: Keys,
                                              alg: str, attr: str) -> None:
@@ -568,7 +571,7 @@ async def test_a_set_of_only_refused_keys_keeps_the_stale_set(make_source: Sourc
                                                               keys: Keys, clock: Clock) -> None:
     source = make_source()
     await source.get_key("rs-1", "RS256")
-    idp.keys = [jwk(keys.rsa, "rs-1", private=True)]
+    idp.keys = [jwk(keys.rs1, "rs-1", private=True)]
     clock.advance(301)
     assert await source.get_key("rs-1", "RS256") is not None
     assert source.stale_served == 1
@@ -576,7 +579,7 @@ async def test_a_set_of_only_refused_keys_keeps_the_stale_set(make_source: Sourc
 
 
 async def test_duplicate_kid_is_ambiguous(make_source: SourceFactory, idp: JwksServer, keys: Keys) -> None:
-    idp.keys = [jwk(keys.rsa, "rs-1"), jwk(keys.rsa_b, "rs-1"), jwk(keys.rsa, "rs-ok")]
+    idp.keys = [jwk(keys.rs1, "rs-1"), jwk(keys.rs2, "rs-1"), jwk(keys.rs1, "rs-ok")]
     source = make_source()
     with pytest.raises(AuthenticationFailed):
         await source.get_key("rs-1", "RS256")
@@ -584,7 +587,7 @@ async def test_duplicate_kid_is_ambiguous(make_source: SourceFactory, idp: JwksS
 
 
 async def test_too_many_keys_is_a_failure(make_source: SourceFactory, idp: JwksServer, keys: Keys) -> None:
-    idp.keys = [{"kty": "XYZ", "kid": f"k{i}"} for i in range(101)] + [jwk(keys.rsa, "rs-1")]
+    idp.keys = [{"kty": "XYZ", "kid": f"k{i}"} for i in range(101)] + [jwk(keys.rs1, "rs-1")]
     source = make_source()
     with pytest.raises(DependencyUnavailable):
         await source.get_key("rs-1", "RS256")
@@ -600,7 +603,7 @@ async def test_discovery_with_matching_issuer(idp: JwksServer, keys: Keys, clock
     ) as source:
         assert source.url == idp.url()
         assert (idp.discovery_hits, idp.hits) == (1, 1)  # warmed at construction
-        assert same_key(await source.get_key("rs-1", "RS256"), keys.rsa.public_key())
+        assert same_key(await source.get_key("rs-1", "RS256"), keys.rs1.public_key())
         assert idp.hits == 1
 
 
