@@ -20,6 +20,7 @@ from aiohttp import web
 from gateway.catalog import ModelCatalog
 from gateway.devissuer import trusted_dev_issuer
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
+from gateway.identity.registry import KeySourceRegistry
 from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
 from gateway.policy.store import PolicyStore
@@ -58,7 +59,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
     if settings.dev:
         # SECURITY: the dev issuer exists only under --dev; production never trusts it.
         extra = (trusted_dev_issuer(settings.state_dir),)
-    store = PolicyStore(settings.policies, metrics, extra_issuers=extra)
+    key_sources = KeySourceRegistry()
+    store = PolicyStore(settings.policies, metrics, extra_issuers=extra, key_sources=key_sources)
     store.load_initial()
     upstream = upstream or make_upstream(settings.backend, threads=settings.embedded_threads)
     return InferenceService(
@@ -67,6 +69,7 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         catalog=ModelCatalog(upstream),
         metrics=metrics,
         audit_log=AuditLog(settings.audit_dir),
+        key_sources=key_sources,
     )
 
 
@@ -93,6 +96,7 @@ def build_app(settings: Settings, *, service: InferenceService | None = None) ->
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await service.upstream.close()
+        await service.key_sources.close()
         service.audit_log.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -19,6 +19,7 @@ from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, UpstreamUnavailable
+from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
@@ -38,6 +39,7 @@ class InferenceService:
     catalog: ModelCatalog
     metrics: Metrics
     audit_log: AuditLog
+    key_sources: KeySourceRegistry
 
     def pin(self) -> Snapshot:
         """Read the policy reference once; the call keeps this revision to the end."""

@@ -19,7 +19,7 @@ import structlog
 
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
-from gateway.policy.compile import compile_pipeline
+from gateway.policy.compile import KeySourceFactory, compile_pipeline
 from gateway.policy.loader import PolicyError, PolicySet, load_policy_dir
 from gateway.stages.authn import TrustedIssuer
 
@@ -35,8 +35,10 @@ class Snapshot:
 
 class PolicyStore:
     def __init__(self, directory: Path, metrics: Metrics, *, extra_issuers: tuple[TrustedIssuer, ...] = (),
+                 key_sources: KeySourceFactory | None = None,
                  on_change: Callable[[Snapshot], None] | None = None) -> None:
         self.directory = directory
+        self.key_sources = key_sources
         self.metrics = metrics
         self.extra_issuers = extra_issuers
         self.on_change = on_change
@@ -53,7 +55,8 @@ class PolicyStore:
 
     def build(self) -> Snapshot:
         policy = load_policy_dir(self.directory)
-        pipeline = compile_pipeline(policy, self.metrics, extra_issuers=self.extra_issuers)
+        pipeline = compile_pipeline(policy, self.metrics, extra_issuers=self.extra_issuers,
+                                    key_sources=self.key_sources)
         return Snapshot(policy=policy, pipeline=pipeline, applied_at=time.time())
 
     def load_initial(self) -> Snapshot:
