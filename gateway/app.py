@@ -24,6 +24,7 @@ from gateway.identity.registry import KeySourceRegistry
 from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
 from gateway.policy.store import PolicyStore
+from gateway.resilience.breaker import Breakers, State
 from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
@@ -37,6 +38,7 @@ SERVICE_KEY = web.AppKey("service", InferenceService)
 MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 100
+HEADER_TIMEOUT_S = 10.0
 
 
 def make_upstream(backend: str, *, threads: int = 2) -> Upstream:
@@ -63,6 +65,11 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
     store = PolicyStore(settings.policies, metrics, extra_issuers=extra, key_sources=key_sources)
     store.load_initial()
     upstream = upstream or make_upstream(settings.backend, threads=settings.embedded_threads)
+
+    def circuit_changed(model: str, state: State) -> None:
+        metrics.circuit_state.labels(model=model).set(int(state))
+        log.warning("circuit_state_changed", model=model, state=state.name.lower())
+
     return InferenceService(
         store=store,
         upstream=upstream,
@@ -70,6 +77,7 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         metrics=metrics,
         audit_log=AuditLog(settings.audit_dir),
         key_sources=key_sources,
+        breakers=Breakers(on_change=circuit_changed),
     )
 
 
@@ -107,8 +115,11 @@ def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
     # SECURITY: no automatic request decompression: the front decompresses itself with a
     # cap on the decompressed size (no gzip bombs).
     # A refused body is drained for at most a second, not aiohttp's default ten.
+    # SECURITY: keepalive_timeout also bounds how long a connection may take to deliver
+    # its request headers (aiohttp arms it at connect time): slowloris gets 10 s.
     return web.AppRunner(app, auto_decompress=False, access_log=None, max_line_size=MAX_LINE_SIZE,
-                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, lingering_time=1.0, **extra)
+                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, lingering_time=1.0,
+                         keepalive_timeout=HEADER_TIMEOUT_S, **extra)
 
 
 async def serve(settings: Settings, *, ready_message: str | None = None) -> None:

@@ -24,6 +24,7 @@ from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMet
 from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
 from gateway.policy.store import PolicyStore, Snapshot
+from gateway.resilience.breaker import Breakers
 from gateway.stages.model_exposure import UNKNOWN_MODEL
 from gateway.upstream.base import Upstream
 
@@ -40,6 +41,7 @@ class InferenceService:
     metrics: Metrics
     audit_log: AuditLog
     key_sources: KeySourceRegistry
+    breakers: Breakers
 
     def pin(self) -> Snapshot:
         """Read the policy reference once; the call keeps this revision to the end."""
@@ -83,10 +85,14 @@ class InferenceService:
         check_request(req, meta)
         timeout = float(snap.policy.gateway.upstream.infer_timeout_s)
 
+        up = snap.policy.gateway.upstream
+        self.breakers.failure_threshold, self.breakers.cooldown_s = up.breaker_failures, float(up.breaker_cooldown_s)
+
         async def call_upstream(c: RequestContext, r: InferRequest) -> InferResponse:
             c.notes["upstream_called"] = True
             try:
-                return await self._timed("infer", self.upstream.infer(r, timeout_s=timeout))
+                return await self.breakers.call(
+                    r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout)))
             except NotFound as exc:
                 raise NotFound(UNKNOWN_MODEL, reason="model_unknown") from exc
 

@@ -283,3 +283,38 @@ class TestReload:
         assert (await client.get("/v2/models/risk", headers=auth)).status == 404
         metrics = await (await client.get("/metrics")).text()
         assert f'gateway_policy_info{{revision="{service.store.current.policy.revision}"}} 1.0' in metrics
+
+
+class TestEarlyRefusals:
+    async def test_bad_path_is_audited(self, client: Client, auth: dict[str, str], settings: Settings) -> None:
+        resp = await client.get("/v2/models/a%2Fb", headers=auth)
+        assert resp.status == 400
+        record = audit_records(settings)[-1]
+        assert (record["decision"], record["reason"], record["status"]) == ("deny", "path_invalid", 400)
+
+    async def test_load_is_shed_with_503_and_retry_after(self, client: Client, auth: dict[str, str],
+                                                         policy_dir: Path, settings: Settings) -> None:
+        path = policy_dir / "gateway.yaml"
+        path.write_text(path.read_text().replace("max_inputs: 64", "max_inputs: 64\n  max_in_flight: 1"))
+        assert await client.app[SERVICE_KEY].store.reload("test")
+        # hold one request in flight inside the upstream, then send another
+        service = client.app[SERVICE_KEY]
+        gate = asyncio.Event()
+        original = service.upstream.infer
+
+        async def slow_infer(*args: Any, **kwargs: Any) -> Any:
+            await gate.wait()
+            return await original(*args, **kwargs)
+
+        service.upstream.infer = slow_infer  # type: ignore[method-assign]
+        first = asyncio.create_task(client.post("/v2/models/digits/infer", json=digits_body(), headers=auth))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if service.metrics.in_flight._value.get() >= 1:
+                break
+        second = await client.post("/v2/models/digits/infer", json=digits_body(), headers=auth)
+        gate.set()
+        assert second.status == 503
+        assert second.headers["Retry-After"] == "1"
+        assert (await first).status == 200
+        assert audit_records(settings)[-2]["reason"] == "load_shed"

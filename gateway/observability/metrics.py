@@ -65,6 +65,13 @@ class Metrics:
         self.audit_failures = Counter(
             "gateway_audit_write_failures_total", "Audit writes that failed.", registry=r,
         )
+        self.circuit_state = Gauge(
+            "gateway_circuit_state", "Upstream circuit per model: 0 closed, 1 open, 2 half-open.", ["model"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "gateway_load_shed_total", "Requests refused because too many were in flight.", registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being processed.", registry=r,
         )

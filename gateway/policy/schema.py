@@ -43,6 +43,10 @@ class LimitsPolicy(_Strict):
     max_dims: PositiveInt = Field(8, le=64, description="Rank of one tensor.")
     max_bytes_element: PositiveInt = Field(65_536, description="Bytes in one BYTES element.")
     max_inputs: PositiveInt = Field(64, description="Input tensors in one request.")
+    max_in_flight: PositiveInt = Field(
+        256, description="Requests processed at once by one gateway process; beyond it 503 + Retry-After "
+                         "(load shedding instead of unbounded queues).",
+    )
 
 
 class UpstreamPolicy(_Strict):
@@ -51,6 +55,8 @@ class UpstreamPolicy(_Strict):
     metadata_cache_s: Annotated[StrictFloat | StrictInt, Field(ge=0, le=3600)] = Field(
         30.0, description="How long model metadata is cached for request validation.",
     )
+    breaker_failures: PositiveInt = Field(5, description="Consecutive upstream failures that open a model's circuit.")
+    breaker_cooldown_s: Seconds = Field(5.0, description="How long an open circuit fails fast before one probe.")
 
 
 class ModelPolicy(_Strict):

@@ -17,9 +17,10 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.context import RequestContext, new_request_id
+from gateway.context import Action, RequestContext, new_request_id
 from gateway.errors import (
     AuthenticationFailed,
+    DependencyUnavailable,
     ExpectationFailed,
     GatewayError,
     InternalError,
@@ -86,6 +87,7 @@ class HttpFront:
     def __init__(self, service: InferenceService) -> None:
         self.service = service
         self.metrics = service.metrics
+        self._in_flight = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -97,13 +99,20 @@ class HttpFront:
             try:
                 route = resolve(request.method, request.raw_path)
             except GatewayError as exc:
-                response = error_response(exc, request_id)
-                self._log_refusal(request, exc, route_label)
-                return response
+                return self._refuse_early(request, exc, request_id, route_label)
             route_label = route.template
             if not route.authenticated:
                 return await self._open_route(route, request_id)
-            return await self._authenticated(request, route, request_id)
+            if self._in_flight >= self.service.pin().policy.gateway.limits.max_in_flight:
+                # SECURITY: shed load before any work; a bounded queue, not unbounded memory.
+                self.metrics.shed.inc()
+                shed = DependencyUnavailable("too many requests in flight", reason="load_shed", retry_after_s=1)
+                return self._refuse_early(request, shed, request_id, route_label, route)
+            self._in_flight += 1
+            try:
+                return await self._authenticated(request, route, request_id)
+            finally:
+                self._in_flight -= 1
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
@@ -198,6 +207,23 @@ class HttpFront:
         payload, headers = encode_infer_response(resp, req.outputs, binary_default=req.binary_data_output)
         headers["X-Request-ID"] = rid
         return web.Response(status=200, body=payload, headers=headers)
+
+    def _refuse_early(self, request: web.Request, exc: GatewayError, request_id: str, route_label: str,
+                      route: Route | None = None) -> web.Response:
+        """A refusal before the pipeline ran (bad path, shedding): still logged and audited."""
+        response = error_response(exc, request_id)
+        ctx = RequestContext(
+            request_id=request_id, revision=self.service.pin().policy.revision,
+            action=route.action if route else Action.SERVER, transport="http", client_addr=request.remote or "",
+            model=route.model if route else None, version=route.version if route else "",
+        )
+        try:
+            self.service.audit(ctx, route=route_label, status=response.status, error=exc)
+        except GatewayError as audit_exc:
+            response = error_response(audit_exc, request_id)
+        self._log_refusal(request, exc, route_label)
+        self.metrics.requests.labels(route=route_label, code=str(response.status)).inc()
+        return response
 
     def _log_refusal(self, request: web.Request, exc: GatewayError, route: str) -> None:
         self.metrics.refusals.labels(reason=exc.reason).inc()

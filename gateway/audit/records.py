@@ -1,0 +1,205 @@
+"""The on-disk form of an audit record: canonical JSON lines, hash-chained and MACed.
+
+Canonical rule (what ``canonical`` produces and ``verify`` demands byte for byte):
+
+- UTF-8 JSON, object keys sorted by code point, no insignificant whitespace
+  (separators ``,`` and ``:``), every non-ASCII character and every control character
+  escaped as ``\\uXXXX`` (so a record is exactly one line: a ``\\n`` smuggled into a
+  model name or a user agent stays ``\\n`` text, never a new record);
+- numbers: integers in the I-JSON safe range ``|n| <= 2**53 - 1``; a non-integral
+  number is rounded to 6 decimal places and written in the shortest form that reads
+  back to the same double (Python ``repr``, which is RFC 8785's form for
+  ``1e-4 <= |x| < 1e16``); an integral float is written as an integer; NaN and
+  infinities are refused. Consequently every number reads back to the value that was
+  hashed, and re-encoding a parsed record reproduces the stored bytes;
+- ``true``/``false``/``null``, strings, arrays (tuples become arrays, sets become
+  sorted arrays) and objects with string keys; anything else is refused.
+
+A line is ``canonical(body)`` with ``,"mac":"<64 hex>"`` spliced in before the closing
+brace and a ``\\n`` after it. ``body`` holds ``seq``, ``prev_hash`` (the SHA-256 of the
+previous record's body bytes, ``GENESIS`` for the first), ``time``, ``type``, ``key_id``
+(the chain-MAC key) and the record's own fields. ``hash = sha256(body bytes)`` links the
+chain; ``mac = HMAC-SHA256(mac_key, hash)`` makes recomputing the chain after an edit
+impossible without the key store (Schneier & Kelsey), even for records newer than the
+last signed checkpoint.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeAlias
+
+GENESIS = "0" * 64
+MAX_SAFE_INT = 2**53 - 1
+FLOAT_DECIMALS = 6
+SEGMENT_RE = re.compile(r"seg-(\d{12})\.jsonl")
+# Fields the log itself owns; a caller cannot set or forge them.
+RESERVED = frozenset({"seq", "prev_hash", "mac", "key_id", "enc"})
+
+_MAC_PREFIX = b',"mac":"'
+_MAC_SUFFIX_LEN = len(_MAC_PREFIX) + 64 + 2  # ,"mac":"<64 hex>"}
+_HEX64 = re.compile(rb"[0-9a-f]{64}")
+
+JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
+
+
+class RecordFormatError(ValueError):
+    """A line is not a well-formed canonical audit record."""
+
+
+def normalize(value: Any) -> JSONValue:
+    """A deep copy of ``value`` restricted to what the canonical form can represent.
+
+    Copying matters too: a record waits in the group-commit queue, and a caller mutating
+    its dict afterwards must not change what gets hashed.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INT:
+            raise ValueError("integer outside the I-JSON safe range")
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("NaN and infinities have no canonical JSON form")
+        rounded = round(value, FLOAT_DECIMALS)
+        if rounded.is_integer() and abs(rounded) <= MAX_SAFE_INT:
+            return int(rounded)
+        return rounded
+    if isinstance(value, enum.Enum):
+        return normalize(value.value)
+    if isinstance(value, Mapping):
+        out: dict[str, JSONValue] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError("audit record keys must be strings")
+            out[key] = normalize(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [normalize(item) for item in value]
+    if isinstance(value, set | frozenset):
+        items = [normalize(item) for item in value]
+        return sorted(items, key=canonical)
+    raise TypeError(f"{type(value).__name__} is not allowed in an audit record")
+
+
+def canonical(value: Any) -> bytes:
+    """The canonical bytes of an already normalized value."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def encode_line(body: bytes, mac: str) -> bytes:
+    """Splice the MAC into the canonical body: the line stays one JSON object."""
+    return body[:-1] + _MAC_PREFIX + mac.encode("ascii") + b'"}\n'
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    record: dict[str, Any]
+    body: bytes
+    hash: str
+    mac: str
+
+
+def parse_line(raw: bytes) -> ParsedLine:
+    """Split a stored line (without its ``\\n``) into record, body bytes, hash and MAC.
+
+    Refuses anything that is not byte-for-byte what the writer would have produced, so
+    cosmetic edits (whitespace, key order, ``1.0`` for ``1``, duplicate keys) count as
+    edits too.
+    """
+    if len(raw) <= _MAC_SUFFIX_LEN or raw[-_MAC_SUFFIX_LEN:][: len(_MAC_PREFIX)] != _MAC_PREFIX:
+        raise RecordFormatError("no trailing mac field")
+    mac = raw[-_MAC_SUFFIX_LEN + len(_MAC_PREFIX): -2]
+    if not _HEX64.fullmatch(mac) or raw[-2:] != b'"}':
+        raise RecordFormatError("malformed mac field")
+    body = raw[:-_MAC_SUFFIX_LEN] + b"}"
+    try:
+        record = json.loads(body)
+    except ValueError as exc:
+        raise RecordFormatError("not JSON") from exc
+    if not isinstance(record, dict):
+        raise RecordFormatError("not a JSON object")
+    try:
+        again = canonical(normalize(record))
+    except (TypeError, ValueError) as exc:
+        raise RecordFormatError(f"not canonical: {exc}") from exc
+    if again != body:
+        raise RecordFormatError("not in canonical form")
+    if not isinstance(record.get("seq"), int) or isinstance(record.get("seq"), bool):
+        raise RecordFormatError("no integer seq")
+    full = dict(record)
+    full["mac"] = mac.decode("ascii")
+    return ParsedLine(full, body, body_hash(body), full["mac"])
+
+
+def utc_now_iso(ts: float) -> str:
+    """``time`` field: UTC, microseconds, ``Z`` suffix. Informational only: order is ``seq``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str) -> datetime:
+    """Read a ``time`` field or a CLI date (``2025-01-31`` or a full ISO timestamp)."""
+    text = value.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def segment_name(first_seq: int) -> str:
+    return f"seg-{first_seq:012d}.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    path: Path
+    first_seq: int
+
+
+def list_segments(log_dir: Path) -> list[Segment]:
+    """Segments in chain order (by the first ``seq`` in their name)."""
+    if not log_dir.is_dir():
+        return []
+    found = []
+    for path in log_dir.iterdir():
+        match = SEGMENT_RE.fullmatch(path.name)
+        if match and path.is_file() and not path.is_symlink():
+            found.append(Segment(path, int(match.group(1))))
+    return sorted(found, key=lambda s: s.first_seq)
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(byte offset, line without ``\\n``, complete?) for each line of a file."""
+    offset = 0
+    with path.open("rb") as handle:
+        for line in handle:
+            complete = line.endswith(b"\n")
+            yield offset, (line[:-1] if complete else line), complete
+            offset += len(line)
+
+
+def iter_records(log_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every parseable record, in order, without verification (for export and reports)."""
+    for segment in list_segments(log_dir):
+        for _offset, raw, complete in iter_lines(segment.path):
+            if not complete:
+                continue
+            try:
+                yield parse_line(raw).record
+            except RecordFormatError:
+                continue

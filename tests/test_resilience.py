@@ -1,0 +1,168 @@
+"""Faults: the upstream errors, hangs or answers nonsense; the breaker opens and closes;
+shutdown drains in-flight requests without losing a response or an audit record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from aiohttp.test_utils import BaseTestServer
+
+from gateway.app import SERVICE_KEY, build_app, build_service
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.observability.audit import LOG_NAME
+from gateway.resilience.breaker import Breaker, State
+from gateway.settings import Settings
+from gateway.upstream.model_repo import load_repository
+from gateway.upstream.triton_grpc import TritonGrpcUpstream
+from tests.support.fake_triton import CANARY, FakeTriton, error, hang, nan_out, ok, slow, wrong_shape
+from tests.support.gateway_proc import start_gateway
+
+from .conftest import TRITON_REPO, Client, GatewayTestServer
+
+DIGITS = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}
+
+
+class TestBreakerUnit:
+    def test_opens_after_threshold_and_probes_after_cooldown(self) -> None:
+        now = [0.0]
+        b = Breaker(failure_threshold=3, cooldown_s=5.0, clock=lambda: now[0])
+        for _ in range(3):
+            b.before()
+            b.failure()
+        assert b.state is State.OPEN
+        with pytest.raises(UpstreamUnavailable) as info:
+            b.before()
+        assert info.value.retry_after_s == pytest.approx(5.0)
+        now[0] = 6.0
+        b.before()  # the one probe
+        assert b.state is State.HALF_OPEN
+        with pytest.raises(UpstreamUnavailable):
+            b.before()  # a second caller while the probe is out
+        b.success()
+        assert b.state is State.CLOSED
+
+    def test_failed_probe_reopens(self) -> None:
+        now = [0.0]
+        b = Breaker(failure_threshold=1, cooldown_s=1.0, clock=lambda: now[0])
+        b.before()
+        b.failure()
+        now[0] = 2.0
+        b.before()
+        b.failure()
+        assert b.state is State.OPEN
+        assert b.opened_at == 2.0
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTriton]:
+    async with FakeTriton([m.metadata for m in load_repository(TRITON_REPO).models]) as server:
+        yield server
+
+
+@pytest.fixture
+async def gw(settings: Settings, fake: FakeTriton, policy_dir: Path,
+             aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
+    path = policy_dir / "gateway.yaml"
+    path.write_text(path.read_text().replace("infer_timeout_s: 10", "infer_timeout_s: 0.5\n  breaker_failures: 3\n"
+                                             "  breaker_cooldown_s: 0.5"))
+    service = build_service(settings, upstream=TritonGrpcUpstream(fake.url))
+    server: BaseTestServer = GatewayTestServer(build_app(settings, service=service))
+    return await aiohttp_client(server)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status"),
+    [
+        (error(grpc.StatusCode.INTERNAL), 502),  # the upstream broke
+        (error(grpc.StatusCode.UNAVAILABLE), 503),  # the upstream is away
+        (error(grpc.StatusCode.INVALID_ARGUMENT), 422),  # the model refused the input
+        (hang(), 504),  # the deadline holds
+        (wrong_shape(), 502),  # nonsense answers are not passed on
+        (nan_out(), 502),
+    ],
+)
+async def test_upstream_faults_map_to_clear_statuses_without_leaks(
+    gw: Client, fake: FakeTriton, auth: dict[str, str], behaviour: object, status: int
+) -> None:
+    fake.set(behaviour)  # type: ignore[arg-type]
+    resp = await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)
+    body = await resp.text()
+    assert resp.status == status, body
+    assert CANARY not in body
+    assert "internal" not in json.loads(body)["error"].lower() or status >= 500
+    if status in (503, 504):
+        assert resp.status != 500
+
+
+async def test_breaker_opens_fails_fast_then_recovers(gw: Client, fake: FakeTriton, auth: dict[str, str]) -> None:
+    fake.set(error(grpc.StatusCode.UNAVAILABLE))
+    for _ in range(3):
+        assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)).status == 503
+    calls = fake.counts["ModelInfer"]
+    fast = await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)
+    assert fast.status == 503
+    assert "Retry-After" in fast.headers
+    assert fake.counts["ModelInfer"] == calls  # open: nothing sent upstream
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_circuit_state{model="digits"} 1.0' in metrics
+    fake.set(ok())
+    await asyncio.sleep(0.6)
+    assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)).status == 200  # the probe
+    assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)).status == 200
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_circuit_state{model="digits"} 0.0' in metrics
+    # other models were never affected
+    risk = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}]}
+    assert (await gw.post("/v2/models/risk/infer", json=risk, headers=auth)).status == 200
+
+
+async def test_client_errors_do_not_open_the_breaker(gw: Client, fake: FakeTriton, auth: dict[str, str]) -> None:
+    fake.set(error(grpc.StatusCode.INVALID_ARGUMENT))
+    for _ in range(5):
+        assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)).status == 422
+    fake.set(ok())
+    assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)).status == 200
+
+
+async def test_upstream_down_is_503_and_health_says_not_ready(gw: Client, fake: FakeTriton,
+                                                              auth: dict[str, str]) -> None:
+    await fake.stop()
+    resp = await gw.post("/v2/models/digits/infer", json=DIGITS, headers=auth)
+    assert resp.status in (503, 504)
+    assert (await gw.get("/v2/health/ready")).status == 503
+    assert (await gw.get("/v2/health/live")).status == 200
+
+
+async def test_graceful_shutdown_drains_in_flight(fake: FakeTriton, tmp_path: Path) -> None:
+    fake.set(slow(1.5))
+    # the fake lives on this event loop: start the process from a thread so the loop keeps serving
+    gw = await asyncio.to_thread(start_gateway, tmp_path, backend=f"grpc://{fake.url}")
+    token = await asyncio.to_thread(gw.token)
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.create_task(session.post(
+            f"http://{gw.url}/v2/models/digits/infer", json=DIGITS, headers={"Authorization": f"Bearer {token}"}))
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if fake.counts["ModelInfer"]:
+                break
+        gw.proc.send_signal(signal.SIGTERM)
+        resp = await pending
+        assert resp.status == 200
+        await resp.read()
+    assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+    records = [json.loads(x) for x in (gw.audit_dir / LOG_NAME).read_text().splitlines()]
+    assert records[-1]["decision"] == "allow"
+    assert records[-1]["status"] == 200
+
+
+async def test_errors_convert_at_one_boundary() -> None:
+    # the classes fronts map are the taxonomy's; nothing else escapes the upstream
+    assert issubclass(UpstreamTimeout, Exception)
+    assert UpstreamTimeout.http_status == 504
