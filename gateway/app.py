@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,11 +124,11 @@ def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
                          keepalive_timeout=HEADER_TIMEOUT_S, **extra)
 
 
-async def serve(settings: Settings, *, ready_message: str | None = None) -> None:
+async def serve(settings: Settings, *, ready_message: str | None = None, reuse_port: bool = False) -> None:
     app = build_app(settings)
     runner = runner_for(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
     await site.start()
     if ready_message:
         print(ready_message, flush=True)
@@ -140,3 +142,43 @@ async def serve(settings: Settings, *, ready_message: str | None = None) -> None
     finally:
         log.info("gateway_stopping")
         await runner.cleanup()
+
+
+def _worker(settings: Settings, log_level: str) -> None:
+    from gateway.observability.logging import configure_logging
+
+    configure_logging(log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings, reuse_port=True))
+
+
+def serve_workers(settings: Settings, workers: int, *, log_level: str, ready_message: str | None) -> int:
+    """N processes share the port (SO_REUSEPORT); shared state lives in Redis.
+
+    The parent only supervises: it forwards SIGTERM/SIGINT and waits, so each worker
+    drains its own in-flight requests and flushes its own audit segment.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    # Each worker keeps its own hash chain: two writers interleaving one file would break it.
+    procs = [
+        ctx.Process(target=_worker, args=(dataclasses.replace(settings, audit_dir=settings.audit_dir / f"worker-{i}"),
+                                          log_level), name=f"infergate-{i}")
+        for i in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    if ready_message:
+        print(ready_message, flush=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    return max((proc.exitcode or 0) for proc in procs)

@@ -11,7 +11,7 @@ from gateway.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.app import serve
+    from gateway.app import serve, serve_workers
     from gateway.observability.logging import configure_logging
     from gateway.policy.loader import PolicyError
 
@@ -31,6 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
             f"-d @examples/digits-request.json {base}/v2/models/digits/infer",
         ]
     try:
+        if args.workers > 1:
+            # Validate once in the parent so a bad policy fails fast, not N times.
+            from gateway.policy.loader import load_policy_dir
+
+            load_policy_dir(settings.policies)
+            return serve_workers(settings, args.workers, log_level=args.log_level, ready_message="\n".join(lines))
         asyncio.run(serve(settings, ready_message="\n".join(lines)))
     except PolicyError as exc:
         print("infergate: the policy is invalid, not starting:", file=sys.stderr)
@@ -108,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-dir", default="var/audit", help="audit trail directory (default ./var/audit)")
     serve.add_argument("--state-dir", default="var", help="local state such as the dev key (default ./var)")
     serve.add_argument("--dev", action="store_true", help="trust the local dev token issuer")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the port (limits and budgets are exact across them with --redis)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
 

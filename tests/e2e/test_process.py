@@ -105,3 +105,15 @@ def test_apikey_cli_prints_a_key_and_its_hash() -> None:
     key = lines[1].strip()
     assert key.startswith("igk_")
     assert f"sha256: {api_key_hash(key)}" in out.stdout
+
+
+def test_two_workers_share_the_port(tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path, backend=f"local:{TRITON_REPO}", extra=["--workers", "2"])
+    try:
+        token = gw.token()
+        statuses = [_get(f"http://{gw.url}/v2/models/digits", token)[0] for _ in range(20)]
+        assert statuses == [200] * 20
+        chains = sorted(p.name for p in gw.audit_dir.iterdir())
+        assert chains and all(name.startswith("worker-") for name in chains)
+    finally:
+        assert gw.stop() == 0
