@@ -21,6 +21,17 @@ from gateway.errors import InternalError
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
+# W3C Trace Context: version 00, 16-byte trace id, 8-byte parent id, flags; all-zero ids invalid.
+_TRACEPARENT_RE = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def traceparent_for(offered: str | None) -> str:
+    """Continue the client's trace when its header is valid, else start one."""
+    valid = offered is not None and _TRACEPARENT_RE.fullmatch(offered)
+    trace_id = offered[3:35] if valid and offered else secrets.token_hex(16)
+    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
 def new_request_id(offered: str | None = None) -> str:
     """Accept the client's ``X-Request-ID`` only when it is well-formed."""
     if offered is not None and _REQUEST_ID_RE.fullmatch(offered):
@@ -66,6 +77,7 @@ class RequestContext:
     client_addr: str
     model: str | None = None
     version: str = ""
+    traceparent: str | None = None
     # SECURITY: the raw bearer credential lives here only for the authentication stage;
     # it is cleared once verified and is never logged or audited.
     bearer: str | None = None

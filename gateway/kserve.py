@@ -71,6 +71,8 @@ class InferRequest:
     id: str | None = None
     # Only the request parameters the gateway itself understands survive decoding.
     binary_data_output: bool = False
+    # W3C trace context propagated to the upstream (validated by the front), never client headers.
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)

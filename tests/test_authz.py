@@ -236,3 +236,26 @@ class TestIssuers:
         pem = k1.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         forged = forge({"alg": "HS256", "kid": "k1"}, _claims(), lambda m: hmac.new(pem, m, hashlib.sha256).digest())
         assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=bearer(forged))).status == 401
+
+
+class TestTracePropagation:
+    async def test_valid_trace_context_continues_upstream(self, gw: Client, fake: FakeTriton,
+                                                          auth: dict[str, str]) -> None:
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        incoming = f"00-{trace_id}-00f067aa0ba902b7-01"
+        assert (await gw.post("/v2/models/digits/infer", json=DIGITS,
+                              headers={**auth, "traceparent": incoming})).status == 200
+        call = next(c for c in reversed(fake.calls) if c.rpc == "ModelInfer")
+        sent = dict(call.metadata)["traceparent"]
+        assert sent.startswith(f"00-{trace_id}-")
+        assert sent != incoming  # a new span id: the gateway's own span
+
+    @pytest.mark.parametrize("bad", ["garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+                                     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-Evil: 1"])
+    async def test_invalid_trace_context_is_replaced(self, gw: Client, fake: FakeTriton, auth: dict[str, str],
+                                                     bad: str) -> None:
+        headers = {**auth, "traceparent": bad} if "\r" not in bad else auth
+        assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=headers)).status == 200
+        sent = dict(next(c for c in reversed(fake.calls) if c.rpc == "ModelInfer").metadata)["traceparent"]
+        assert sent != bad
+        assert len(sent) == 55

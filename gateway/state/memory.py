@@ -175,26 +175,6 @@ class MemoryState:
         reset = min(leases.values()) - now
         return LimitDecision(False, check.limit, 0, seconds(reset), seconds(min(reset, CONCURRENCY_RETRY_US))), None
 
-    async def undo(self, checks: Sequence[LimitCheck], leases: Sequence[Lease | None]) -> None:
-        """Give back what :meth:`run_limits` charged (used only to test the Redis undo path)."""
-        now = self._now()
-        for check, lease in zip(checks, leases, strict=True):
-            entry = self._get(check.key, now)
-            if entry is None:
-                continue
-            if isinstance(check, RateCheck) and isinstance(entry.value, int):
-                interval, _ = rate_params(check)
-                value = math.ceil(entry.value - check.cost * interval)
-                if value <= now:
-                    del self._entries[check.key]
-                else:
-                    self._put(check.key, value, value)
-            elif isinstance(check, QuotaCheck) and isinstance(entry.value, _Quota):
-                if entry.value.period == now // (check.period_s * 1_000_000):
-                    entry.value.count = max(0, entry.value.count - check.cost)
-            elif lease is not None and isinstance(entry.value, dict):
-                entry.value.pop(lease.lease_id, None)
-
     # -- budgets -------------------------------------------------------------------------
 
     async def reserve(self, key: StateKey, amount: float, *, capacity: float, period_s: int,
@@ -243,7 +223,8 @@ class MemoryState:
     # -- documents -----------------------------------------------------------------------
 
     async def get_document(self, key: StateKey) -> Document | None:
-        return self._typed(self._get(key, self._now()), Document, "doc_get")
+        document: Document | None = self._typed(self._get(key, self._now()), Document, "doc_get")
+        return document
 
     async def put_document(self, key: StateKey, value: bytes, *, expected_version: int | None) -> int:
         current = self._typed(self._get(key, self._now()), Document, "doc_put")

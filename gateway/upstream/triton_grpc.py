@@ -296,7 +296,7 @@ class TritonGrpcUpstream:
                 outputs=outputs,
                 request_id=request.id or "",
                 client_timeout=t,
-                headers=self._headers(),
+                headers=self._headers(request.traceparent),
             ),
         )
         try:
@@ -320,13 +320,13 @@ class TritonGrpcUpstream:
 
     # ------------------------------------------------------------------ helpers
 
-    def _headers(self) -> dict[str, str] | None:
+    def _headers(self, traceparent: str | None = None) -> dict[str, str] | None:
         """gRPC metadata sent upstream, built here only.
 
         SECURITY: nothing from the client's request (authorization, cookies, identity
-        headers) is ever forwarded; a trace header will be added here later.
+        headers) is ever forwarded; only the W3C trace context, which the front validated.
         """
-        return None
+        return {"traceparent": traceparent} if traceparent else None
 
     def _require_client(self) -> Any:
         if self._client is None:

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.context import Action, RequestContext, new_request_id
+from gateway.context import Action, RequestContext, new_request_id, traceparent_for
 from gateway.errors import (
     AuthenticationFailed,
     DependencyUnavailable,
@@ -141,6 +141,7 @@ class HttpFront:
             client_addr=request.remote or "",
             model=route.model,
             version=route.version,
+            traceparent=traceparent_for(request.headers.get("traceparent")),
         )
         error: GatewayError | None = None
         try:
@@ -203,6 +204,7 @@ class HttpFront:
         # A large body takes tens of milliseconds to parse: off the event loop, so other
         # requests (and health probes) are not stalled by one client's upload.
         req = await asyncio.to_thread(decode) if len(body) > OFFLOAD_DECODE_BYTES else decode()
+        req.traceparent = ctx.traceparent
         resp = await self.service.infer(ctx, snap, req)
         payload, headers = encode_infer_response(resp, req.outputs, binary_default=req.binary_data_output)
         headers["X-Request-ID"] = rid
