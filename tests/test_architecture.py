@@ -55,8 +55,8 @@ def test_privacy_is_a_pure_library(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in files("gateway/stages", "gateway/pipeline.py", "gateway/service.py", "gateway/policy",
-                      "gateway/context.py", "gateway/errors.py", "gateway/kserve.py")],
+    files("gateway/stages", "gateway/pipeline.py", "gateway/service.py", "gateway/policy",
+          "gateway/context.py", "gateway/errors.py", "gateway/kserve.py"),
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_pipeline_is_transport_neutral(path: Path) -> None:
