@@ -8,7 +8,7 @@ when the call ends, whatever the outcome.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,7 +18,7 @@ from gateway import __version__
 from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, NotFound, UpstreamUnavailable
+from gateway.errors import DependencyUnavailable, GatewayError, InternalError, NotFound, UpstreamUnavailable
 from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 from gateway.observability.audit import AuditLog
@@ -42,6 +42,50 @@ class InferenceService:
     audit_log: AuditLog
     key_sources: KeySourceRegistry
     breakers: Breakers
+    in_flight: int = 0
+
+    async def call(self, ctx: RequestContext, snap: Snapshot, route: str, work: Callable[[], Awaitable[T]]) -> T:
+        """One authenticated call, for every front: shed, admit, work, audit.
+
+        Raises the call's :class:`GatewayError` (already audited and logged); any other
+        exception becomes an :class:`InternalError` with the request id. The audit record
+        is written before the caller may answer: if it cannot be, the answer is a 503.
+        """
+        error: GatewayError | None = None
+        result: T | None = None
+        try:
+            self._shed_if_full(snap)
+            self.in_flight += 1
+            try:
+                await snap.pipeline.admit(ctx)
+                result = await work()
+            finally:
+                self.in_flight -= 1
+        except GatewayError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("internal_error", route=route)
+            error = InternalError(reason="internal")
+            error.__cause__ = exc
+        finally:
+            ctx.bearer = None
+        self.audit(ctx, route=route, status=200 if error is None else error.http_status, error=error)
+        if error is not None:
+            self.log_refusal(ctx, error, route)
+            raise error
+        return result  # type: ignore[return-value]  # set whenever error is None
+
+    def _shed_if_full(self, snap: Snapshot) -> None:
+        if self.in_flight >= snap.policy.gateway.limits.max_in_flight:
+            # SECURITY: shed load before any work; a bounded queue, not unbounded memory.
+            self.metrics.shed.inc()
+            raise DependencyUnavailable("too many requests in flight", reason="load_shed", retry_after_s=1)
+
+    def log_refusal(self, ctx: RequestContext, exc: GatewayError, route: str) -> None:
+        self.metrics.refusals.labels(reason=exc.reason).inc()
+        level = "error" if exc.http_status >= 500 else "info"
+        getattr(log, level)("request_refused", route=route, transport=ctx.transport, status=exc.http_status,
+                            reason=exc.reason)
 
     def pin(self) -> Snapshot:
         """Read the policy reference once; the call keeps this revision to the end."""
@@ -115,7 +159,8 @@ class InferenceService:
             self.metrics.upstream_duration.labels(operation=operation).observe(time.perf_counter() - start)
 
     def audit(self, ctx: RequestContext, *, route: str, status: int, error: GatewayError | None) -> None:
-        """Write the call's one audit record. Raises DependencyUnavailable if it cannot."""
+        """Write the call's one audit record. Raises DependencyUnavailable if it cannot:
+        fail closed, no answer leaves without its record."""
         principal = ctx.principal
         decision = "allow" if error is None else "deny"
         record: dict[str, Any] = {
@@ -141,7 +186,8 @@ class InferenceService:
         }
         try:
             self.audit_log.write(record)
-        except GatewayError:
+        except GatewayError as exc:
             self.metrics.audit_failures.inc()
+            log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
             raise
         self.metrics.audit_records.labels(decision=decision).inc()

@@ -20,7 +20,6 @@ from aiohttp import web
 from gateway.context import Action, RequestContext, new_request_id, traceparent_for
 from gateway.errors import (
     AuthenticationFailed,
-    DependencyUnavailable,
     ExpectationFailed,
     GatewayError,
     InternalError,
@@ -103,16 +102,7 @@ class HttpFront:
             route_label = route.template
             if not route.authenticated:
                 return await self._open_route(route, request_id)
-            if self._in_flight >= self.service.pin().policy.gateway.limits.max_in_flight:
-                # SECURITY: shed load before any work; a bounded queue, not unbounded memory.
-                self.metrics.shed.inc()
-                shed = DependencyUnavailable("too many requests in flight", reason="load_shed", retry_after_s=1)
-                return self._refuse_early(request, shed, request_id, route_label, route)
-            self._in_flight += 1
-            try:
-                return await self._authenticated(request, route, request_id)
-            finally:
-                self._in_flight -= 1
+            return await self._authenticated(request, route, request_id)
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
@@ -143,30 +133,15 @@ class HttpFront:
             version=route.version,
             traceparent=traceparent_for(request.headers.get("traceparent")),
         )
-        error: GatewayError | None = None
         try:
             ctx.bearer = _bearer(request)
-            await snap.pipeline.admit(ctx)
-            response = await self._dispatch(request, route, ctx, snap)
         except GatewayError as exc:
-            error = exc
-            response = error_response(exc, request_id)
-        except Exception as exc:
-            log.exception("internal_error", route=route.template)
-            error = InternalError(reason="internal")
-            error.__cause__ = exc
-            response = error_response(error, request_id)
-        finally:
-            ctx.bearer = None
+            return self._refuse_early(request, exc, request_id, route.template, route)
         try:
-            self.service.audit(ctx, route=route.template, status=response.status, error=error)
+            response = await self.service.call(ctx, snap, route.template,
+                                               lambda: self._dispatch(request, route, ctx, snap))
         except GatewayError as exc:
-            # SECURITY: fail closed: no answer leaves without its audit record.
-            log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
-            error = exc
             response = error_response(exc, request_id)
-        if error is not None:
-            self._log_refusal(request, error, route.template)
         self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
         return response
 
@@ -212,7 +187,7 @@ class HttpFront:
 
     def _refuse_early(self, request: web.Request, exc: GatewayError, request_id: str, route_label: str,
                       route: Route | None = None) -> web.Response:
-        """A refusal before the pipeline ran (bad path, shedding): still logged and audited."""
+        """A refusal before the pipeline ran (bad path, malformed header): still logged and audited."""
         response = error_response(exc, request_id)
         ctx = RequestContext(
             request_id=request_id, revision=self.service.pin().policy.revision,
@@ -223,15 +198,9 @@ class HttpFront:
             self.service.audit(ctx, route=route_label, status=response.status, error=exc)
         except GatewayError as audit_exc:
             response = error_response(audit_exc, request_id)
-        self._log_refusal(request, exc, route_label)
+        self.service.log_refusal(ctx, exc, route_label)
         self.metrics.requests.labels(route=route_label, code=str(response.status)).inc()
         return response
-
-    def _log_refusal(self, request: web.Request, exc: GatewayError, route: str) -> None:
-        self.metrics.refusals.labels(reason=exc.reason).inc()
-        level = "error" if exc.http_status >= 500 else "info"
-        getattr(log, level)("request_refused", route=route, method=request.method, status=exc.http_status,
-                            reason=exc.reason)
 
 
 async def no_automatic_continue(_request: web.Request) -> None:
