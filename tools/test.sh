@@ -5,12 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 
+TOOLS=.cache/deploy-tools
 if [[ "${1:-}" != "--checks-only" ]]; then
+  if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+  if ! command -v redis-server >/dev/null 2>&1 || [[ ! -x $TOOLS/usr/bin/promtool ]]; then
+    $SUDO apt-get update -qq >/dev/null
+  fi
   if ! command -v redis-server >/dev/null 2>&1; then
     echo "== installing redis-server (apt)"
-    if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  fi
+  if [[ ! -x $TOOLS/usr/bin/promtool || ! -x $TOOLS/usr/bin/amtool ]]; then
+    # promtool/amtool validate deploy/; unpacked, not installed, so no service starts.
+    echo "== fetching promtool and amtool (Debian packages, unpacked under $TOOLS)"
+    mkdir -p $TOOLS/debs
+    (cd $TOOLS/debs && apt-get download -qq prometheus prometheus-alertmanager >/dev/null)
+    for deb in $TOOLS/debs/*.deb; do dpkg-deb -x "$deb" $TOOLS; done
   fi
   echo "== MLServer venv"
   bash tools/setup_mlserver.sh
