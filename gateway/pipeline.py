@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import structlog
+
 from gateway.context import RequestContext, StageRecord
 from gateway.errors import GatewayError
 from gateway.kserve import InferRequest, InferResponse
@@ -21,6 +23,8 @@ from gateway.observability.metrics import Metrics
 from gateway.stages.base import Mode, Stage
 
 T = TypeVar("T")
+
+log = structlog.get_logger("gateway.pipeline")
 
 UpstreamCall = Callable[[RequestContext, InferRequest], Awaitable[InferResponse]]
 
@@ -78,6 +82,17 @@ class Pipeline:
         for bound in self.stages:
             if bound.stage.overrides("on_call"):
                 await bound.run(ctx, self.metrics, bound.stage.on_call(ctx), None)
+
+    async def complete(self, ctx: RequestContext, error: GatewayError | None) -> None:
+        """Every stage's ``on_complete``, in reverse order; a failing hook is logged, never raised,
+        so one stage's bookkeeping cannot turn an answered request into an error."""
+        for bound in reversed(self.stages):
+            if bound.stage.overrides("on_complete"):
+                try:
+                    await bound.stage.on_complete(ctx, error)
+                except Exception:
+                    log.exception("stage_on_complete_failed", stage=bound.name)
+                    self.metrics.stage_decisions.labels(stage=bound.name, outcome="error").inc()
 
     async def infer(self, ctx: RequestContext, req: InferRequest, upstream: UpstreamCall) -> InferResponse:
         """Request stages in order, the upstream call, then response stages in reverse."""

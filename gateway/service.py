@@ -69,6 +69,7 @@ class InferenceService:
             error.__cause__ = exc
         finally:
             ctx.bearer = None
+        await snap.pipeline.complete(ctx, error)
         self.audit(ctx, route=route, status=200 if error is None else error.http_status, error=error)
         if error is not None:
             self.log_refusal(ctx, error, route)

@@ -112,3 +112,26 @@ async def test_only_overridden_hooks_run() -> None:
 
     await pipe.infer(ctx, _req(), upstream)
     assert ctx.records == []
+
+
+class Completer(Stage):
+    name: ClassVar[str] = "completer"
+
+    def __init__(self, trail: list[str], *, explode: bool = False) -> None:
+        self.trail = trail
+        self.explode = explode
+
+    async def on_complete(self, ctx: RequestContext, error: object) -> None:  # type: ignore[override]
+        self.trail.append(f"complete:{type(error).__name__}")
+        if self.explode:
+            raise RuntimeError("bookkeeping bug")
+
+
+async def test_on_complete_runs_in_reverse_and_never_raises() -> None:
+    trail: list[str] = []
+    metrics = Metrics()
+    pipe = Pipeline("rev", (BoundStage(Completer(trail), Mode.ENFORCE),
+                            BoundStage(Completer(trail, explode=True), Mode.ENFORCE)), metrics)
+    await pipe.complete(_ctx(), PermissionDenied())
+    assert trail == ["complete:PermissionDenied", "complete:PermissionDenied"]
+    assert metrics.stage_decisions.labels(stage="completer", outcome="error")._value.get() == 1

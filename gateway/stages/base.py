@@ -9,6 +9,9 @@ three hooks; the pipeline calls only the hooks a stage overrides:
 - ``on_request``: inference requests, in pipeline order. Return the request to pass on
   (a new object when rewriting: shadow mode relies on the input staying untouched).
 - ``on_response``: inference responses, in reverse pipeline order.
+- ``on_complete``: once per call that passed admission, whatever its outcome, in reverse
+  order, after the answer is decided: release what ``on_call``/``on_request`` took
+  (concurrency slots, budget reservations), feed outcome statistics. It must not raise.
 
 To refuse, raise a :class:`gateway.errors.GatewayError`.
 """
@@ -19,6 +22,7 @@ import enum
 from typing import ClassVar
 
 from gateway.context import RequestContext
+from gateway.errors import GatewayError
 from gateway.kserve import InferRequest, InferResponse
 
 
@@ -40,6 +44,9 @@ class Stage:
 
     async def on_response(self, ctx: RequestContext, resp: InferResponse) -> InferResponse:
         return resp
+
+    async def on_complete(self, ctx: RequestContext, error: GatewayError | None) -> None:
+        return None
 
     def overrides(self, hook: str) -> bool:
         """True when this stage's class implements ``hook`` itself."""
