@@ -15,7 +15,7 @@ $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test,models]"
+	$(BIN)/pip install -q -e ".[test,models,training]"
 	touch $@ $(VENV)/.run-installed
 
 ## Serve the gateway on 127.0.0.1:8080 with the embedded backend and the dev token issuer.
