@@ -19,7 +19,7 @@ from pathlib import Path
 from gateway.context import Action, RequestContext
 from gateway.devissuer import issue_token, trusted_dev_issuer
 from gateway.observability.metrics import Metrics
-from gateway.policy.compile import compile_pipeline
+from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import load_policy_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 async def run(n: int) -> dict[str, float]:
     state = Path(tempfile.mkdtemp())
     pipeline = compile_pipeline(load_policy_dir(ROOT / "policies"), Metrics(),
-                                extra_issuers=(trusted_dev_issuer(state),))
+                                CompileEnv(extra_issuers=(trusted_dev_issuer(state),), repo_dir=ROOT / "triton_repo"))
     token = issue_token(state, sub="alice", tenant="acme", roles=["analyst"])
 
     def ctx() -> RequestContext:

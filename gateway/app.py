@@ -23,9 +23,11 @@ from gateway.catalog import ModelCatalog
 from gateway.devissuer import trusted_dev_issuer
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.identity.registry import KeySourceRegistry
+from gateway.kserve import InferRequest, InferResponse
 from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
-from gateway.policy.store import PolicyStore
+from gateway.policy.compile import CompileEnv
+from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers, State
 from gateway.service import InferenceService
 from gateway.settings import Settings
@@ -64,9 +66,21 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         # SECURITY: the dev issuer exists only under --dev; production never trusts it.
         extra = (trusted_dev_issuer(settings.state_dir),)
     key_sources = KeySourceRegistry()
-    store = PolicyStore(settings.policies, metrics, extra_issuers=extra, key_sources=key_sources)
-    store.load_initial()
     upstream = upstream or make_upstream(settings.backend, threads=settings.embedded_threads)
+    timeouts: dict[str, float] = {"infer": 10.0}
+
+    async def reinfer(req: InferRequest) -> InferResponse:
+        """Feature squeezing's second upstream call: the upstream only, never the pipeline."""
+        return await upstream.infer(req, timeout_s=timeouts["infer"])
+
+    env = CompileEnv(extra_issuers=extra, key_sources=key_sources, repo_dir=settings.profiles_dir(),
+                     reinfer=reinfer, detector_metrics=metrics)
+
+    def on_change(snapshot: Snapshot) -> None:
+        timeouts["infer"] = float(snapshot.policy.gateway.upstream.infer_timeout_s)
+
+    store = PolicyStore(settings.policies, metrics, env, on_change=on_change)
+    store.load_initial()
 
     def circuit_changed(model: str, state: State) -> None:
         metrics.circuit_state.labels(model=model).set(int(state))

@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(
         host=host, port=port, policies=Path(args.policies), backend=args.backend,
         redis_url=args.redis, audit_dir=Path(args.audit_dir), state_dir=Path(args.state_dir), dev=args.dev,
+        profiles=Path(args.profiles) if args.profiles else None,
     )
     configure_logging(args.log_level)
     base = f"http://{host}:{port}"
@@ -71,12 +72,12 @@ def _apikey_new(args: argparse.Namespace) -> int:
 
 def _policy_check(args: argparse.Namespace) -> int:
     from gateway.observability.metrics import Metrics
-    from gateway.policy.compile import compile_pipeline
+    from gateway.policy.compile import CompileEnv, compile_pipeline
     from gateway.policy.loader import PolicyError, load_policy_dir
 
     try:
         policy = load_policy_dir(Path(args.dir))
-        compile_pipeline(policy, Metrics())
+        compile_pipeline(policy, Metrics(), CompileEnv(repo_dir=Path(args.profiles)))
     except PolicyError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policies", default="policies", help="policy directory (default ./policies)")
     serve.add_argument("--backend", default="local:triton_repo",
                        help="local:DIR (embedded onnxruntime) or grpc://HOST:PORT (Triton)")
+    serve.add_argument("--profiles", default=None,
+                       help="directory of model profiles (profile.json); default: the local backend's repository")
     serve.add_argument("--redis", default=None, help="redis://... for shared state (default: in memory)")
     serve.add_argument("--audit-dir", default="var/audit", help="audit trail directory (default ./var/audit)")
     serve.add_argument("--state-dir", default="var", help="local state such as the dev key (default ./var)")
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_sub.add_parser("check", help="validate and compile a policy directory")
     check.add_argument("dir")
+    check.add_argument("--profiles", default="triton_repo", help="model profiles to check detectors against")
     check.set_defaults(func=_policy_check)
 
     audit = sub.add_parser("audit", help="audit trail tools")

@@ -21,7 +21,16 @@ class Settings:
     state_dir: Path = Path("var")
     dev: bool = False
     policy_poll_s: float = 1.0
+    # Where model profiles (profile.json) live; default: the local backend's repository.
+    profiles: Path | None = None
     embedded_threads: int = 2
+
+    def profiles_dir(self) -> Path:
+        if self.profiles is not None:
+            return self.profiles
+        if self.backend.startswith("local:"):
+            return Path(self.backend[len("local:"):])
+        return Path("triton_repo")
 
     @staticmethod
     def parse_listen(value: str) -> tuple[str, int]:

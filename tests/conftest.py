@@ -16,6 +16,13 @@ from gateway.devissuer import issue_token
 from gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A real handwritten zero from scikit-learn's digits (integers 0..16): constant or
+# off-grid pixels are refused by the adversarial checks (IN-20), so tests send this.
+DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8,
+              8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10,
+              0, 0, 0]
+DIGITS_BODY = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": DIGIT_ZERO}]}
 TRITON_REPO = ROOT / "triton_repo"
 POLICIES = ROOT / "policies"
 

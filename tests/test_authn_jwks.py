@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.app import SERVICE_KEY
 
+from .conftest import DIGITS_BODY as DIGITS
 from .conftest import Client
 
 ISSUER = "https://idp.test/realms/prod"
-DIGITS = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}
 
 
 @dataclass

@@ -29,11 +29,11 @@ from gateway.upstream.model_repo import load_repository
 from gateway.upstream.triton_grpc import TritonGrpcUpstream
 from tests.support.fake_triton import FakeTriton
 
+from .conftest import DIGITS_BODY as DIGITS
 from .conftest import TRITON_REPO, Client, GatewayTestServer
 from .test_authn import forge
 from .test_http_front import audit_records
 
-DIGITS = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}
 RISK = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}]}
 
 

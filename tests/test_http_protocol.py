@@ -6,7 +6,7 @@ import json
 
 from tests.support.raw_http import raw_http
 
-from .conftest import Client
+from .conftest import DIGITS_BODY, Client
 
 
 def _addr(client: Client) -> tuple[str, int]:
@@ -35,8 +35,7 @@ async def test_expect_continue_without_token_is_401_without_100(client: Client) 
 
 async def test_expect_continue_accepted_request_gets_100_then_answer(client: Client, auth: dict[str, str]) -> None:
     host, port = _addr(client)
-    body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
-                                   "data": [0.0] * 64}]}).encode()
+    body = json.dumps(DIGITS_BODY).encode()
     head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: gw\r\n{_auth_line(auth)}"
             f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n").encode()
     reply = await raw_http(host, port, head, read_after_s=0.5, then=body, timeout_s=3.0)
@@ -63,8 +62,7 @@ async def test_header_injection_in_path_is_refused(client: Client, auth: dict[st
 
 
 async def test_unknown_output_name_is_not_echoed(client: Client, auth: dict[str, str]) -> None:
-    body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}],
-            "outputs": [{"name": "078-05-1120"}]}
+    body = {**DIGITS_BODY, "outputs": [{"name": "078-05-1120"}]}
     resp = await client.post("/v2/models/digits/infer", json=body, headers=auth)
     assert resp.status in (400, 422)
     assert "078-05-1120" not in await resp.text()

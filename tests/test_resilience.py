@@ -24,9 +24,8 @@ from gateway.upstream.triton_grpc import TritonGrpcUpstream
 from tests.support.fake_triton import CANARY, FakeTriton, error, hang, nan_out, ok, slow, wrong_shape
 from tests.support.gateway_proc import start_gateway
 
+from .conftest import DIGITS_BODY as DIGITS
 from .conftest import TRITON_REPO, Client, GatewayTestServer
-
-DIGITS = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}]}
 
 
 class TestBreakerUnit:

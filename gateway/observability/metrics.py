@@ -72,9 +72,23 @@ class Metrics:
         self.shed = Counter(
             "gateway_load_shed_total", "Requests refused because too many were in flight.", registry=r,
         )
+        self.detector_score = Histogram(
+            "gateway_detector_score", "Adversarial detector scores, by detector and model.",
+            ["detector", "model"], buckets=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0), registry=r,
+        )
+        self.detector_fired = Counter(
+            "gateway_detector_fired_total", "Adversarial detector firings, by detector and model.",
+            ["detector", "model"], registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being processed.", registry=r,
         )
+
+    def observe(self, detector: str, model: str, score: float, fired: bool) -> None:
+        """The adversarial stage's DetectorMetrics hook."""
+        self.detector_score.labels(detector=detector, model=model).observe(score)
+        if fired:
+            self.detector_fired.labels(detector=detector, model=model).inc()
 
     def set_revision(self, revision: str) -> None:
         """Keep exactly one ``gateway_policy_info`` series: the active revision's."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -18,15 +20,19 @@ from gateway.observability.metrics import Metrics
 from gateway.pipeline import BoundStage, Pipeline
 from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet
 from gateway.policy.schema import IssuerPolicy
+from gateway.stages.adversarial import AdversarialDetector, DetectorMetrics, Reinfer, build_adversarial_stage
 from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKeys, TrustedIssuer, VerifyKey, key_fits
 from gateway.stages.authz import RoleAuthorizer, compile_grants
 from gateway.stages.base import Mode
 from gateway.stages.model_exposure import ModelExposure
+from gateway.stages.sanitize import build_sanitize_stage
 
 # Builds (or reuses across revisions) a fetching key source for a JWKS/discovery issuer.
 KeySourceFactory = Callable[[IssuerPolicy], KeyResolver]
 
 MIN_HS_SECRET_BYTES = 32
+
+T = TypeVar("T")
 
 
 def _static_keys(cfg: IssuerPolicy) -> StaticKeys:
@@ -77,19 +83,57 @@ def build_issuers(policy: PolicySet, key_sources: KeySourceFactory | None) -> di
     return issuers
 
 
-def compile_pipeline(policy: PolicySet, metrics: Metrics, *, extra_issuers: tuple[TrustedIssuer, ...] = (),
-                     key_sources: KeySourceFactory | None = None) -> Pipeline:
-    """Compile stages; a key or setting that cannot be built is a :class:`PolicyError`."""
-    issuers = build_issuers(policy, key_sources)
-    for extra in extra_issuers:
+@dataclass(frozen=True, slots=True)
+class CompileEnv:
+    """What a revision's stages need from the running process (shared across revisions)."""
+
+    extra_issuers: tuple[TrustedIssuer, ...] = ()
+    key_sources: KeySourceFactory | None = None
+    # Where the models' profile.json files live (the local Triton repository).
+    repo_dir: Path | None = None
+    # A second upstream call for feature squeezing (never re-runs the pipeline).
+    reinfer: Reinfer | None = None
+    detector_metrics: DetectorMetrics | None = None
+
+
+def _stage(pipeline: Pipeline | None, cls: type[T]) -> T | None:
+    if pipeline is None:
+        return None
+    for bound in pipeline.stages:
+        if isinstance(bound.stage, cls):
+            return bound.stage
+    return None
+
+
+def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None = None, *,
+                     previous: Pipeline | None = None) -> Pipeline:
+    """Compile stages; a key or setting that cannot be built is a :class:`PolicyError`.
+
+    ``previous`` is the pipeline being replaced: stages with memory (query history)
+    carry it over, so a reload does not give an attacker a clean slate.
+    """
+    env = env or CompileEnv()
+    issuers = build_issuers(policy, env.key_sources)
+    for extra in env.extra_issuers:
         issuers[extra.issuer] = extra
     api_keys = {k.sha256: ApiKey(k.id, k.tenant, frozenset(k.roles)) for k in policy.identity.api_keys}
     grants, role_actions = compile_grants(policy.access)
+    try:
+        sanitizer = build_sanitize_stage(policy.inputs.sanitize, env.repo_dir)
+        adversarial = build_adversarial_stage(
+            policy.inputs.adversarial, env.repo_dir or Path("triton_repo"), env.reinfer, env.detector_metrics,
+            previous=_stage(previous, AdversarialDetector),
+        )
+    except ValueError as exc:
+        raise PolicyError([PolicyIssue("inputs.yaml", 1, 1, str(exc))]) from exc
     stages = (
         # SECURITY: authentication and authorization are always enforced; no policy switch.
         BoundStage(JwtAuthenticator(issuers=issuers, api_keys=api_keys), Mode.ENFORCE),
         BoundStage(ModelExposure(models=policy.gateway.models), policy.gateway.stages.model_exposure.mode),
         BoundStage(RoleAuthorizer(grants=grants, role_actions=role_actions,
                                   non_enumeration=policy.access.non_enumeration), Mode.ENFORCE),
+        # Sanitizing runs before anything reads text (PII masking needs normalized input).
+        BoundStage(sanitizer, policy.inputs.sanitize.mode),
+        BoundStage(adversarial, Mode.ENFORCE),  # per-model modes live inside the stage
     )
     return Pipeline(revision=policy.revision, stages=stages, metrics=metrics)

@@ -14,7 +14,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gateway.policy.schema import POLICY_FILES, AccessPolicy, GatewayPolicy, IdentityPolicy
+from gateway.policy.registry import POLICY_FILES
+from gateway.policy.schema import AccessPolicy, GatewayPolicy, IdentityPolicy
+from gateway.stages.adversarial import InputsPolicy
+from gateway.stages.dp_noise import DpPolicy
+from gateway.stages.pii_mask import PiiPolicy
+from gateway.stages.ratelimit import RateLimitPolicy
 
 MAX_POLICY_FILE_BYTES = 1024 * 1024
 
@@ -44,6 +49,10 @@ class PolicySet:
     gateway: GatewayPolicy
     identity: IdentityPolicy
     access: AccessPolicy
+    inputs: InputsPolicy
+    limits: RateLimitPolicy
+    pii: PiiPolicy
+    privacy: DpPolicy
 
 
 def _strict_yaml(text: str, name: str) -> tuple[Any, yaml.Node | None]:
@@ -161,27 +170,23 @@ def revision_of(raw: dict[str, bytes]) -> str:
 def build_policy_set(raw: dict[str, bytes]) -> PolicySet:
     sections: dict[str, BaseModel] = {}
     issues: list[PolicyIssue] = []
-    for name, model in POLICY_FILES.items():
+    for name, (field_name, model) in POLICY_FILES.items():
         content = raw.get(name)
         try:
             if content is None:
-                sections[name] = model()
+                sections[field_name] = _validate(model, {}, None, name)
                 continue
             try:
                 text = content.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise PolicyError([PolicyIssue(name, 1, 1, "policy files must be UTF-8")]) from exc
             data, node = _strict_yaml(text, name)
-            sections[name] = _validate(model, data, node, name)
+            sections[field_name] = _validate(model, data, node, name)
         except PolicyError as exc:
             issues.extend(exc.issues)
     if issues:
         raise PolicyError(issues)
-    gateway, identity, access = sections["gateway.yaml"], sections["identity.yaml"], sections["access.yaml"]
-    assert isinstance(gateway, GatewayPolicy)  # noqa: S101 - narrowing for mypy, true by construction
-    assert isinstance(identity, IdentityPolicy)  # noqa: S101
-    assert isinstance(access, AccessPolicy)  # noqa: S101
-    policy = PolicySet(revision=revision_of(raw), gateway=gateway, identity=identity, access=access)
+    policy = PolicySet(revision=revision_of(raw), **sections)  # type: ignore[arg-type]  # typed by the registry
     contradictions = check_contradictions(policy)
     if contradictions:
         raise PolicyError(contradictions)

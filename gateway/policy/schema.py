@@ -204,10 +204,3 @@ class AccessPolicy(_Strict):
     )
     tenants: dict[StrictStr, TenantPolicy] = Field(default_factory=dict)
     roles: dict[StrictStr, tuple[Grant, ...]] = Field(default_factory=dict)
-
-
-POLICY_FILES: dict[str, type[_Strict]] = {
-    "gateway.yaml": GatewayPolicy,
-    "identity.yaml": IdentityPolicy,
-    "access.yaml": AccessPolicy,
-}

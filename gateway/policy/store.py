@@ -19,9 +19,8 @@ import structlog
 
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
-from gateway.policy.compile import KeySourceFactory, compile_pipeline
+from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import PolicyError, PolicySet, load_policy_dir
-from gateway.stages.authn import TrustedIssuer
 
 log = structlog.get_logger("gateway.policy")
 
@@ -34,13 +33,11 @@ class Snapshot:
 
 
 class PolicyStore:
-    def __init__(self, directory: Path, metrics: Metrics, *, extra_issuers: tuple[TrustedIssuer, ...] = (),
-                 key_sources: KeySourceFactory | None = None,
+    def __init__(self, directory: Path, metrics: Metrics, env: CompileEnv | None = None, *,
                  on_change: Callable[[Snapshot], None] | None = None) -> None:
         self.directory = directory
-        self.key_sources = key_sources
         self.metrics = metrics
-        self.extra_issuers = extra_issuers
+        self.env = env or CompileEnv()
         self.on_change = on_change
         self.last_error: str | None = None
         self._current: Snapshot | None = None
@@ -55,8 +52,8 @@ class PolicyStore:
 
     def build(self) -> Snapshot:
         policy = load_policy_dir(self.directory)
-        pipeline = compile_pipeline(policy, self.metrics, extra_issuers=self.extra_issuers,
-                                    key_sources=self.key_sources)
+        previous = self._current.pipeline if self._current is not None else None
+        pipeline = compile_pipeline(policy, self.metrics, self.env, previous=previous)
         return Snapshot(policy=policy, pipeline=pipeline, applied_at=time.time())
 
     def load_initial(self) -> Snapshot:
