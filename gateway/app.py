@@ -19,12 +19,12 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway.audit import AuditAggregator, AuditConfig, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.devissuer import trusted_dev_issuer
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse
-from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
 from gateway.policy.compile import CompileEnv
 from gateway.policy.store import PolicyStore, Snapshot
@@ -81,6 +81,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
 
     store = PolicyStore(settings.policies, metrics, env, on_change=on_change)
     store.load_initial()
+    overrides = {"key_dir": settings.audit_key_dir} if settings.audit_key_dir is not None else {}
+    audit_log = AuditLog(AuditConfig.for_dir(settings.audit_dir, **overrides))
 
     def circuit_changed(model: str, state: State) -> None:
         metrics.circuit_state.labels(model=model).set(int(state))
@@ -91,7 +93,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         upstream=upstream,
         catalog=ModelCatalog(upstream),
         metrics=metrics,
-        audit_log=AuditLog(settings.audit_dir),
+        audit_log=audit_log,
+        audit_aggregator=AuditAggregator(audit_log),
         key_sources=key_sources,
         breakers=Breakers(on_change=circuit_changed),
     )
@@ -107,6 +110,9 @@ def build_app(settings: Settings, *, service: InferenceService | None = None) ->
     app.router.add_route("*", "/{tail:(?s:.*)}", front.handle, expect_handler=no_automatic_continue)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        # An audit trail behind its signed anchors (truncated, rolled back) stops startup.
+        await service.audit_log.start()
+        service.audit_aggregator.start()
         await service.upstream.start()
         watcher = asyncio.create_task(service.store.watch(settings.policy_poll_s))
         loop = asyncio.get_running_loop()
@@ -121,7 +127,9 @@ def build_app(settings: Settings, *, service: InferenceService | None = None) ->
             await watcher
         await service.upstream.close()
         await service.key_sources.close()
-        service.audit_log.close()
+        # Last: every answered request's record is flushed and a final checkpoint signed.
+        await service.audit_aggregator.close()
+        await service.audit_log.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -174,11 +182,21 @@ def serve_workers(settings: Settings, workers: int, *, log_level: str, ready_mes
     """
     import multiprocessing
 
+    from gateway.audit import KeyStore
+    from gateway.audit.anchors import AnchorKeys
+
     ctx = multiprocessing.get_context("spawn")
-    # Each worker keeps its own hash chain: two writers interleaving one file would break it.
+    # Each worker keeps its own hash chain (two writers interleaving one file would break
+    # it) but all share one key store, created here first: one pseudonym per person, and
+    # one erasure reaches every worker's records.
+    key_dir = settings.audit_key_dir or settings.audit_dir.with_name(settings.audit_dir.name + "-keys")
+    KeyStore(key_dir).mac.current()
+    KeyStore(key_dir).pseudonyms.current()
+    AnchorKeys(key_dir).current()
     procs = [
-        ctx.Process(target=_worker, args=(dataclasses.replace(settings, audit_dir=settings.audit_dir / f"worker-{i}"),
-                                          log_level), name=f"infergate-{i}")
+        ctx.Process(target=_worker, args=(dataclasses.replace(settings, audit_dir=settings.audit_dir / f"worker-{i}",
+                                                              audit_key_dir=key_dir), log_level),
+                    name=f"infergate-{i}")
         for i in range(workers)
     ]
     for proc in procs:

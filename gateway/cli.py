@@ -87,21 +87,6 @@ def _policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
-    from gateway.observability.audit import LOG_NAME, verify_chain
-
-    path = Path(args.dir) / LOG_NAME
-    if not path.exists():
-        print(f"no audit log at {path}", file=sys.stderr)
-        return 1
-    ok, bad = verify_chain(path)
-    if ok:
-        print(f"ok: {path} verifies")
-        return 0
-    print(f"TAMPERED: first bad record at seq {bad} in {path}", file=sys.stderr)
-    return 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infergate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,11 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--profiles", default="triton_repo", help="model profiles to check detectors against")
     check.set_defaults(func=_policy_check)
 
-    audit = sub.add_parser("audit", help="audit trail tools")
-    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="verify the hash chain of an audit directory")
-    verify.add_argument("dir")
-    verify.set_defaults(func=_audit_verify)
+    from gateway.audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 

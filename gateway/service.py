@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway import __version__
+from gateway.audit import AuditAggregator, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request
 from gateway.context import RequestContext
 from gateway.errors import DependencyUnavailable, GatewayError, InternalError, NotFound, UpstreamUnavailable
 from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata
-from gateway.observability.audit import AuditLog
 from gateway.observability.metrics import Metrics
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers
@@ -40,6 +40,7 @@ class InferenceService:
     catalog: ModelCatalog
     metrics: Metrics
     audit_log: AuditLog
+    audit_aggregator: AuditAggregator
     key_sources: KeySourceRegistry
     breakers: Breakers
     in_flight: int = 0
@@ -70,7 +71,7 @@ class InferenceService:
         finally:
             ctx.bearer = None
         await snap.pipeline.complete(ctx, error)
-        self.audit(ctx, route=route, status=200 if error is None else error.http_status, error=error)
+        await self.audit(ctx, route=route, status=200 if error is None else error.http_status, error=error)
         if error is not None:
             self.log_refusal(ctx, error, route)
             raise error
@@ -159,7 +160,7 @@ class InferenceService:
             self.metrics.upstream_requests.labels(operation=operation, outcome=outcome).inc()
             self.metrics.upstream_duration.labels(operation=operation).observe(time.perf_counter() - start)
 
-    def audit(self, ctx: RequestContext, *, route: str, status: int, error: GatewayError | None) -> None:
+    async def audit(self, ctx: RequestContext, *, route: str, status: int, error: GatewayError | None) -> None:
         """Write the call's one audit record. Raises DependencyUnavailable if it cannot:
         fail closed, no answer leaves without its record."""
         principal = ctx.principal
@@ -173,7 +174,9 @@ class InferenceService:
             "model": ctx.model,
             "model_version": ctx.version or None,
             "tenant": principal.tenant if principal else None,
-            "subject": self.audit_log.pseudonym(principal.subject) if principal else None,
+            # Pseudonymized and encrypted by the audit log (the person's key; erasable).
+            "subject_id": principal.subject if principal else None,
+            "client_addr": ctx.client_addr or None,
             "roles": sorted(principal.roles) if principal else None,
             "decision": decision,
             "reason": error.reason if error else "ok",
@@ -184,9 +187,15 @@ class InferenceService:
                 for r in ctx.records
             ],
             "upstream_called": bool(ctx.notes.get("upstream_called")),
+            # Stage facts: counts, scores, variants, ε; never values (stages note nothing else).
+            "notes": {k: v for k, v in ctx.notes.items() if k != "upstream_called"},
         }
         try:
-            self.audit_log.write(record)
+            if principal is None and error is not None:
+                # Anonymous refusals may flood: first per (client, reason, minute), then a count.
+                await self.audit_aggregator.refusal(record, key=ctx.client_addr or "-")
+            else:
+                await self.audit_log.append(record)
         except GatewayError as exc:
             self.metrics.audit_failures.inc()
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace

@@ -18,6 +18,7 @@ class Settings:
     backend: str = "local:triton_repo"
     redis_url: str | None = None
     audit_dir: Path = Path("var/audit")
+    audit_key_dir: Path | None = None  # default: <audit_dir>-keys
     state_dir: Path = Path("var")
     dev: bool = False
     policy_poll_s: float = 1.0

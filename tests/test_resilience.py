@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import BaseTestServer
 
 from gateway.app import build_app, build_service
+from gateway.audit import iter_records
 from gateway.errors import UpstreamUnavailable
-from gateway.observability.audit import LOG_NAME
 from gateway.resilience.breaker import Breaker, State
 from gateway.settings import Settings
 from gateway.upstream.model_repo import load_repository
@@ -156,6 +156,6 @@ async def test_graceful_shutdown_drains_in_flight(fake: FakeTriton, tmp_path: Pa
         assert resp.status == 200
         await resp.read()
     assert await asyncio.to_thread(gw.proc.wait, 20) == 0
-    records = [json.loads(x) for x in (gw.audit_dir / LOG_NAME).read_text().splitlines()]
+    records = [r for r in iter_records(gw.audit_dir) if "request_id" in r]
     assert records[-1]["decision"] == "allow"
     assert records[-1]["status"] == 200

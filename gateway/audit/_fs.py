@@ -9,7 +9,6 @@ so a crash never leaves half a key behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
 import stat
@@ -117,10 +116,3 @@ def secure_delete(path: Path) -> bool:
     path.unlink()
     fsync_dir(path.parent)
     return True
-
-
-def is_disk_error(exc: BaseException) -> bool:
-    """Errors that mean "the sink is unavailable" rather than a bug of ours."""
-    return isinstance(exc, OSError) and exc.errno in {
-        errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EFBIG, errno.ENOENT,
-    }

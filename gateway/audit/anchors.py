@@ -43,8 +43,8 @@ from gateway.audit.records import GENESIS, RecordFormatError, canonical, normali
 
 CHECKPOINT_FILE = "checkpoints.jsonl"
 _ANCHOR_KID_RE = re.compile(r"a-[0-9a-f]{16}")
-# Chain fields are covered by the record MAC; a signature covers the decision itself.
-_UNSIGNED = frozenset({"seq", "prev_hash", "time", "key_id", "mac", "sig"})
+# Fields a chain record gets after it was signed (the record MAC covers them).
+_CHAIN_FIELDS = frozenset({"seq", "prev_hash", "time", "key_id", "mac"})
 
 
 class AnchorError(Exception):
@@ -71,12 +71,19 @@ def load_public_pem(data: bytes) -> Ed25519PublicKey:
     return key
 
 
-def signing_bytes(obj: Mapping[str, Any]) -> bytes:
-    """What a signature covers: the object without chain fields and without ``sig``."""
-    return canonical(normalize({k: v for k, v in obj.items() if k not in _UNSIGNED}))
+def signing_bytes(obj: Mapping[str, Any], *, in_chain: bool = False) -> bytes:
+    """What a signature covers: every field but ``sig``.
+
+    A signed chain record (tombstone, erasure, key rotation) is signed before the writer
+    adds ``seq``, ``prev_hash``, ``time``, ``key_id`` and ``mac``, so those are left out
+    when checking it (``in_chain``); a checkpoint is checked whole, ``seq`` included.
+    """
+    skip = _CHAIN_FIELDS if in_chain else frozenset()
+    return canonical(normalize({k: v for k, v in obj.items() if k != "sig" and k not in skip}))
 
 
-def check_signature(obj: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> str | None:
+def check_signature(obj: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicKey], *,
+                    in_chain: bool = False) -> str | None:
     """None if ``obj`` carries a valid signature by a trusted key, else why not."""
     kid = obj.get("sig_key_id")
     sig = obj.get("sig")
@@ -86,7 +93,7 @@ def check_signature(obj: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicK
     if key is None:
         return f"signed by unknown key {kid!r}"
     try:
-        key.verify(base64.b64decode(sig, validate=True), signing_bytes(obj))
+        key.verify(base64.b64decode(sig, validate=True), signing_bytes(obj, in_chain=in_chain))
     except (InvalidSignature, ValueError, binascii.Error):
         return f"bad signature (key {kid})"
     return None
@@ -153,10 +160,15 @@ class AnchorKeys:
     def sign(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """``obj`` plus ``sig_key_id`` and ``sig`` (Ed25519 over :func:`signing_bytes`)."""
         kid, key = self.current()
-        signed = dict(obj)
-        signed["sig_key_id"] = kid
-        signed["sig"] = base64.b64encode(key.sign(signing_bytes(signed))).decode("ascii")
-        return signed
+        return sign_with(kid, key, obj)
+
+
+def sign_with(kid: str, key: Ed25519PrivateKey, obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``obj`` signed by a given key (rotation records are signed by the outgoing key)."""
+    signed = dict(obj)
+    signed["sig_key_id"] = kid
+    signed["sig"] = base64.b64encode(key.sign(signing_bytes(signed))).decode("ascii")
+    return signed
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +196,7 @@ def parse_checkpoint(raw: bytes) -> Checkpoint:
     if canonical(normalize(obj)) != raw:
         raise RecordFormatError("checkpoint not in canonical form")
     n, seq, head, prev = obj.get("n"), obj.get("seq"), obj.get("head"), obj.get("prev")
-    if not (isinstance(n, int) and isinstance(seq, int) and isinstance(head, str) and isinstance(prev, str)):
+    if not (type(n) is int and type(seq) is int and isinstance(head, str) and isinstance(prev, str)):
         raise RecordFormatError("checkpoint fields missing")
     return Checkpoint(n, seq, head, prev, obj, raw)
 

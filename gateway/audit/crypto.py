@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import os
@@ -35,11 +34,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.audit._fs import ensure_dir, fsync_dir, read_private, secure_delete, write_private
-from gateway.audit.records import canonical, normalize
+from gateway.audit.records import canonical
 
 ENC_ALG = "A256GCM"
 _NONCE_BYTES = 12
 _PSEUDONYM_HEX = 32  # 128 bits: collision-free at any realistic number of subjects
+_PSEUDONYM_CACHE = 65_536
 _FAMILY_KID_RE = re.compile(r"[a-z]-[0-9a-f]{16}")
 _PSEUDONYM_RE = re.compile(r"[0-9a-f]{32}")
 _SUBJECT_KID_RE = re.compile(r"([0-9a-f]{32})\.([0-9a-f]{16})")
@@ -276,11 +276,19 @@ class KeyStore:
         self.mac = KeyFamily(directory / "mac", "m", create=create)
         self.pseudonyms = KeyFamily(directory / "pseudonym", "p", create=create)
         self.subjects = SubjectKeys(directory / "subjects", create=create)
+        self._pseudonym_cache: dict[tuple[str, str], str] = {}
 
     def pseudonym(self, owner: str) -> str:
         """HMAC-SHA256 of the owner string under the current pseudonym key (128-bit hex)."""
-        _kid, key = self.pseudonyms.current()
-        return _pseudonym(key, owner)
+        kid, key = self.pseudonyms.current()
+        cache_key = (kid, owner)
+        value = self._pseudonym_cache.get(cache_key)
+        if value is None:
+            value = _pseudonym(key, owner)
+            if len(self._pseudonym_cache) >= _PSEUDONYM_CACHE:
+                self._pseudonym_cache.clear()  # cheap bound; a miss only costs one HMAC
+            self._pseudonym_cache[cache_key] = value
+        return value
 
     def all_pseudonyms(self, owner: str) -> list[str]:
         """The owner's pseudonym under every pseudonym key still held (for export, erasure)."""
@@ -296,7 +304,7 @@ class KeyStore:
 
 
 def _pseudonym(key: bytes, owner: str) -> str:
-    return hmac.new(key, owner.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:_PSEUDONYM_HEX]
+    return hmac.digest(key, owner.encode("utf-8", "surrogatepass"), "sha256").hex()[:_PSEUDONYM_HEX]
 
 
 def aad_for(seq: int, kid: str) -> bytes:
@@ -305,9 +313,9 @@ def aad_for(seq: int, kid: str) -> bytes:
 
 
 def seal(aead: AESGCM, kid: str, fields: Mapping[str, Any], *, seq: int) -> dict[str, str]:
-    """Encrypt personal fields (canonical JSON) with a fresh random 96-bit nonce."""
+    """Encrypt personal fields (canonical JSON of normalized values) with a fresh random 96-bit nonce."""
     nonce = os.urandom(_NONCE_BYTES)
-    ciphertext = aead.encrypt(nonce, canonical(normalize(fields)), aad_for(seq, kid))
+    ciphertext = aead.encrypt(nonce, canonical(fields), aad_for(seq, kid))
     return {
         "alg": ENC_ALG,
         "kid": kid,

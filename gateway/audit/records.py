@@ -61,12 +61,30 @@ def normalize(value: Any) -> JSONValue:
     Copying matters too: a record waits in the group-commit queue, and a caller mutating
     its dict afterwards must not change what gets hashed.
     """
-    if value is None or isinstance(value, bool | str):
-        return value
+    kind = type(value)
+    if kind is str or kind is bool or value is None:  # the common cases first: this runs per field
+        return value  # type: ignore[no-any-return]
+    if kind is dict:
+        out: dict[str, JSONValue] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError("audit record keys must be strings")
+            out[key] = normalize(item)
+        return out
+    if kind is int:
+        if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            return value  # type: ignore[no-any-return]
+        raise ValueError("integer outside the I-JSON safe range")
+    if kind is list or kind is tuple:
+        return [normalize(item) for item in value]
+    return _normalize_other(value)
+
+
+def _normalize_other(value: Any) -> JSONValue:
+    if isinstance(value, bool | str):
+        return bool(value) if isinstance(value, bool) else str(value)
     if isinstance(value, int):
-        if abs(value) > MAX_SAFE_INT:
-            raise ValueError("integer outside the I-JSON safe range")
-        return int(value)
+        return normalize(int(value))
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError("NaN and infinities have no canonical JSON form")
@@ -77,12 +95,7 @@ def normalize(value: Any) -> JSONValue:
     if isinstance(value, enum.Enum):
         return normalize(value.value)
     if isinstance(value, Mapping):
-        out: dict[str, JSONValue] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError("audit record keys must be strings")
-            out[key] = normalize(item)
-        return out
+        return normalize(dict(value))
     if isinstance(value, list | tuple):
         return [normalize(item) for item in value]
     if isinstance(value, set | frozenset):
@@ -91,9 +104,12 @@ def normalize(value: Any) -> JSONValue:
     raise TypeError(f"{type(value).__name__} is not allowed in an audit record")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def canonical(value: Any) -> bytes:
     """The canonical bytes of an already normalized value."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    return _ENCODER.encode(value).encode("ascii")
 
 
 def body_hash(body: bytes) -> str:

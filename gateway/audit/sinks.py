@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -63,7 +62,7 @@ class FileSink:
         return (self.records >= self.max_records or self.size >= self.max_bytes
                 or now - self.opened_at >= self.max_age_s)
 
-    def _open(self, first_seq: int) -> None:
+    def _open(self, first_seq: int, now: float) -> None:
         name = segment_name(first_seq)
         # SECURITY: O_EXCL|O_NOFOLLOW: never append to an existing file or follow a
         # planted symlink; a name collision means the chain state is wrong, so stop.
@@ -77,12 +76,12 @@ class FileSink:
                 (self.log_dir / name).unlink()
             raise
         self._fd, self.segment = fd, name
-        self.records, self.size, self.opened_at = 0, 0, time.time()
+        self.records, self.size, self.opened_at = 0, 0, now
 
-    def write(self, data: bytes, *, first_seq: int, count: int) -> int:
+    def write(self, data: bytes, *, first_seq: int, count: int, now: float) -> int:
         """Append ``data`` (``count`` whole lines); return the offset it started at."""
         if self._fd is None:
-            self._open(first_seq)
+            self._open(first_seq, now)
         assert self._fd is not None  # noqa: S101 - set by _open
         offset = self.size
         view = memoryview(data)

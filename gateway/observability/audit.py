@@ -1,4 +1,10 @@
-"""The audit trail: one hash-chained JSON line per request, allowed or refused.
+"""Legacy synchronous audit writer, superseded by :mod:`gateway.audit`.
+
+Kept only so that ``service.py``/``app.py`` keep working until they switch to
+``gateway.audit.AuditLog`` (async, durable group commit, MAC + signed checkpoints,
+encrypted personal fields); new code must not import this module.
+
+The audit trail: one hash-chained JSON line per request, allowed or refused.
 
 A record holds decisions and counts, never a token, a raw input or an unmasked value;
 the subject is a keyed HMAC pseudonym. Each record carries ``seq`` and the SHA-256 of

@@ -98,7 +98,7 @@ class HttpFront:
             try:
                 route = resolve(request.method, request.raw_path)
             except GatewayError as exc:
-                return self._refuse_early(request, exc, request_id, route_label)
+                return await self._refuse_early(request, exc, request_id, route_label)
             route_label = route.template
             if not route.authenticated:
                 return await self._open_route(route, request_id)
@@ -136,7 +136,7 @@ class HttpFront:
         try:
             ctx.bearer = _bearer(request)
         except GatewayError as exc:
-            return self._refuse_early(request, exc, request_id, route.template, route)
+            return await self._refuse_early(request, exc, request_id, route.template, route)
         try:
             response = await self.service.call(ctx, snap, route.template,
                                                lambda: self._dispatch(request, route, ctx, snap))
@@ -185,7 +185,7 @@ class HttpFront:
         headers["X-Request-ID"] = rid
         return web.Response(status=200, body=payload, headers=headers)
 
-    def _refuse_early(self, request: web.Request, exc: GatewayError, request_id: str, route_label: str,
+    async def _refuse_early(self, request: web.Request, exc: GatewayError, request_id: str, route_label: str,
                       route: Route | None = None) -> web.Response:
         """A refusal before the pipeline ran (bad path, malformed header): still logged and audited."""
         response = error_response(exc, request_id)
@@ -195,7 +195,7 @@ class HttpFront:
             model=route.model if route else None, version=route.version if route else "",
         )
         try:
-            self.service.audit(ctx, route=route_label, status=response.status, error=exc)
+            await self.service.audit(ctx, route=route_label, status=response.status, error=exc)
         except GatewayError as audit_exc:
             response = error_response(audit_exc, request_id)
         self.service.log_refusal(ctx, exc, route_label)

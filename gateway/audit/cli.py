@@ -1,0 +1,267 @@
+"""``infergate audit …``: verify, erase, export, report (plus key rotation and retention).
+
+Every command takes the log directory as ``DIR`` (default ``var/audit``, as ``serve``);
+the anchor store and key store default to ``DIR-anchors`` and ``DIR-keys`` and can be
+named with ``--anchors`` and ``--keys``. Exit status: 0 success, 1 failure (tampering
+found, nothing to do), 2 usage or environment error.
+
+``erase`` works whether or not a gateway is running on the log: the subject's keys are
+destroyed at once either way; the signed erasure record is appended directly when the
+log is free, or left (signed) in ``DIR/inbox/`` for the running gateway to append
+within ``checkpoint_interval_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.audit._fs import ensure_dir, fsync_dir
+from gateway.audit.anchors import AnchorKeys, load_public_pem, valid_anchor_kid
+from gateway.audit.config import AuditConfig
+from gateway.audit.crypto import KeyStore, KeyStoreError, address_owner, subject_owner
+from gateway.audit.export import access_report, export_subject
+from gateway.audit.log import INBOX, LOCK_FILE, AuditIntegrityError, AuditLog, KeyFamilyName, erasure_notice
+from gateway.audit.records import canonical, parse_time, utc_now_iso
+from gateway.audit.verify import verify
+
+DEFAULT_DIR = "var/audit"
+_DESCRIPTION = """Audit trail tools. DIR is the log directory (default var/audit); the anchor
+store and the key store default to DIR-anchors and DIR-keys (--anchors, --keys).
+Exit status: 0 success, 1 failure (tampering found, nothing to do), 2 usage error."""
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> AuditConfig:
+    overrides: dict[str, Any] = dict(extra)
+    if getattr(args, "anchors", None):
+        overrides["anchor_dir"] = Path(args.anchors)
+    if getattr(args, "keys", None):
+        overrides["key_dir"] = Path(args.keys)
+    return AuditConfig.for_dir(Path(args.dir), **overrides)
+
+
+def _locked(log_dir: Path) -> bool:
+    """True if a running gateway holds the log (its writer keeps an exclusive flock)."""
+    path = log_dir / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not config.log_dir.is_dir():
+        print(f"no audit log at {config.log_dir}", file=sys.stderr)
+        return 1
+    trusted = {}
+    for item in args.trust_key or []:
+        path = Path(item)
+        if not valid_anchor_kid(path.stem):
+            print(f"--trust-key {item}: the file must be named <key id>.pub (a-<16 hex>.pub)", file=sys.stderr)
+            return 2
+        trusted[path.stem] = load_public_pem(path.read_bytes())
+    key_dir = config.key_dir if config.key_dir.is_dir() else None
+    anchor_dir = None if args.no_anchors else config.anchor_dir
+    result = verify(config.log_dir, anchor_dir=anchor_dir, key_dir=key_dir, trusted_keys=trusted)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if result.ok:
+        if not args.json:
+            span = f"seq {result.first_seq}..{result.last_seq}" if result.records else "empty"
+            print(f"ok: {config.log_dir} verifies: {result.records} records ({span}), "
+                  f"{result.checkpoints} signed checkpoints matched")
+        return 0
+    where = f"seq {result.first_bad_seq}" if result.first_bad_seq is not None else "the anchor store"
+    print(f"TAMPERED: first bad record at {where} in {config.log_dir}: {result.problem}: {result.detail}",
+          file=sys.stderr)
+    return 1
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    config = _config(args)
+    subject_id, client_addr = args.subject, args.client_addr
+    if not config.key_dir.is_dir():
+        print(f"no key store at {config.key_dir}: nothing recorded, nothing to erase", file=sys.stderr)
+        return 1
+    if not _locked(config.log_dir):
+        try:
+            notice = asyncio.run(_erase_offline(config, subject_id, client_addr))
+        except AuditIntegrityError as exc:
+            print(f"warning: {exc}; erasing keys and leaving the notice in the inbox", file=sys.stderr)
+        else:
+            print(f"erased: {len(notice['key_ids'])} key(s) destroyed; erasure recorded at seq {notice['seq']}")
+            return 0
+    owner = subject_owner(subject_id) if subject_id is not None else address_owner(client_addr)
+    try:
+        erasure = KeyStore(config.key_dir, create=False).erase_owner(owner)
+        notice = erasure_notice(AnchorKeys(config.key_dir, create=False), erasure.owner_pseudonyms,
+                                erasure.key_ids, utc_now_iso(time.time()))
+    except KeyStoreError as exc:
+        print(f"cannot erase: {exc}", file=sys.stderr)
+        return 2
+    inbox = config.log_dir / INBOX
+    ensure_dir(inbox)
+    name = f"erasure-{secrets.token_hex(8)}.json"
+    tmp = inbox / f".{name}.tmp"
+    tmp.write_bytes(canonical(notice))
+    tmp.replace(inbox / name)
+    fsync_dir(inbox)
+    print(f"erased: {len(erasure.key_ids)} key(s) destroyed; the running gateway will record the erasure "
+          f"(notice {name})")
+    return 0
+
+
+async def _erase_offline(config: AuditConfig, subject_id: str | None, client_addr: str | None) -> dict[str, Any]:
+    audit = AuditLog(config)
+    await audit.start()
+    try:
+        notice = await audit.erase(subject_id=subject_id, client_addr=client_addr)
+    finally:
+        await audit.close()
+    return notice
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not config.key_dir.is_dir():
+        print(f"no key store at {config.key_dir}", file=sys.stderr)
+        return 2
+    result = export_subject(config.log_dir, config.key_dir, Path(args.out), subject_id=args.subject,
+                            client_addr=args.client_addr,
+                            anchor_dir=config.anchor_dir if config.anchor_dir.is_dir() else None)
+    if not result.chain_ok:
+        print("warning: the audit chain does not verify; run `infergate audit verify`", file=sys.stderr)
+    print(f"{result.records} record(s) ({result.erased} with erased personal data) written to "
+          f"{result.json_path} and {result.csv_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = _config(args)
+    since = parse_time(args.since) if args.since else None
+    until = parse_time(args.until) if args.until else None
+    report = access_report(config.log_dir, since=since, until=until)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print(f"access report {report['since'] or 'beginning'} .. {report['until'] or 'now'}: "
+          f"{report['requests']} requests")
+    for name in ("model", "tenant", "purpose"):
+        rows = report[f"by_{name}"]
+        print(f"\nby {name}:")
+        print(f"  {name:<24} {'requests':>9} {'allow':>9} {'deny':>9} {'subjects':>9}")
+        for row in rows:
+            print(f"  {str(row[name])[:24]:<24} {row.get('requests', 0):>9} {row.get('allow', 0):>9} "
+                  f"{row.get('deny', 0):>9} {row['distinct_subjects']:>9}")
+    return 0
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if _locked(config.log_dir):
+        print("the log is in use by a running gateway; rotate keys through it or stop it first", file=sys.stderr)
+        return 2
+    new_kid = asyncio.run(_rotate_offline(config, args.family))
+    print(f"rotated {args.family} key: now {new_kid}")
+    return 0
+
+
+async def _rotate_offline(config: AuditConfig, family: KeyFamilyName) -> str:
+    audit = AuditLog(config)
+    try:
+        return await audit.rotate_key(family)
+    finally:
+        await audit.close()
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    config = _config(args, retention_s=args.days * 86_400.0)
+    if _locked(config.log_dir):
+        print("the log is in use by a running gateway (it applies retention itself)", file=sys.stderr)
+        return 2
+    deleted = asyncio.run(_retention_offline(config))
+    print(f"deleted {len(deleted)} segment(s) behind a signed tombstone" + (f": {', '.join(deleted)}"
+                                                                          if deleted else ""))
+    return 0
+
+
+async def _retention_offline(config: AuditConfig) -> list[str]:
+    audit = AuditLog(config)
+    try:
+        return await audit.apply_retention()
+    finally:
+        await audit.close()
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", nargs="?", default=DEFAULT_DIR, help=f"audit log directory (default {DEFAULT_DIR})")
+    parser.add_argument("--anchors", help="anchor store directory (default DIR-anchors)")
+    parser.add_argument("--keys", help="key store directory (default DIR-keys)")
+
+
+def _who(parser: argparse.ArgumentParser) -> None:
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--subject", help="the data subject's id (the token's sub)")
+    who.add_argument("--client-addr", help="a client address (refusals before authentication)")
+
+
+def add_audit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add ``audit`` and its subcommands to the ``infergate`` parser."""
+    audit = subparsers.add_parser("audit", help="audit trail tools", description=_DESCRIPTION,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = audit.add_subparsers(dest="audit_command", required=True)
+
+    p = sub.add_parser("verify", help="detect edits, deletions, reordering, truncation and rollback")
+    _common(p)
+    p.add_argument("--trust-key", action="append", metavar="PEM",
+                   help="pin an anchor public key (<key id>.pub); repeatable; default: the key store's")
+    p.add_argument("--no-anchors", action="store_true",
+                   help="check the chain only (a copy without its anchor store): truncation goes unseen")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("erase", help="crypto-shred a data subject's personal fields (GDPR Art. 17)")
+    _common(p)
+    _who(p)
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("export", help="data-subject access report (JSON and CSV)")
+    _common(p)
+    _who(p)
+    p.add_argument("--out", default=".", help="output directory (default .)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="access per model, tenant and purpose for a period")
+    _common(p)
+    p.add_argument("--since", help="start (ISO date or timestamp, UTC), inclusive")
+    p.add_argument("--until", help="end (ISO date or timestamp, UTC), exclusive")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("rotate-key", help="rotate the anchor, chain-MAC or pseudonym key (gateway stopped)")
+    _common(p)
+    p.add_argument("--family", required=True, choices=["anchor", "mac", "pseudonym"])
+    p.set_defaults(func=cmd_rotate_key)
+
+    p = sub.add_parser("retention", help="delete segments older than --days behind a signed tombstone")
+    _common(p)
+    p.add_argument("--days", type=float, required=True)
+    p.set_defaults(func=cmd_retention)
+    return audit

@@ -1,0 +1,190 @@
+"""Data-subject access reports (GDPR Art. 15, CCPA "right to know") and access summaries.
+
+:func:`export_subject` finds every record linked to one person through their pseudonyms
+(under every pseudonym key still held), decrypts their personal fields with their own
+key, and writes the result as JSON and CSV. After crypto-shredding the same export still
+lists the records (what was done, when, with which model) but their personal fields
+read ``"[erased]"``: that is the proof the erasure worked.
+
+:func:`access_report` summarizes access per model, tenant and purpose over a period,
+without personal data (pseudonyms are only counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.audit._fs import ensure_dir
+from gateway.audit.crypto import KeyStore, Unreadable, address_owner, subject_owner, unseal
+from gateway.audit.records import iter_records, parse_time
+from gateway.audit.verify import verify
+
+ERASED = "[erased]"
+# Columns shown first in the CSV; any other field follows in name order.
+_LEADING = ("seq", "time", "type", "request_id", "tenant", "subject", "client", "roles", "model", "model_version",
+            "action", "purpose", "decision", "reason", "status", "latency_ms", "policy_revision")
+_CHAIN_FIELDS = frozenset({"prev_hash", "mac", "key_id", "enc", "sig", "sig_key_id"})
+# SECURITY: a cell starting with one of these is a formula in spreadsheet software
+# (CSV injection); model names and request ids can be attacker-chosen.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    json_path: Path
+    csv_path: Path
+    records: int
+    erased: int
+    chain_ok: bool
+
+
+def _owner(subject_id: str | None, client_addr: str | None) -> str:
+    if (subject_id is None) == (client_addr is None):
+        raise ValueError("name exactly one of subject_id or client_addr")
+    return subject_owner(subject_id) if subject_id is not None else address_owner(client_addr or "")
+
+
+def subject_records(log_dir: Path, keys: KeyStore, owner: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The owner's pseudonyms and every record about them, personal fields decrypted."""
+    pseudonyms = keys.all_pseudonyms(owner)
+    wanted = set(pseudonyms)
+    field = "client" if owner.startswith("addr:") else "subject"
+    out: list[dict[str, Any]] = []
+    for record in iter_records(log_dir):
+        if record.get("type") == "erasure":
+            if wanted.intersection(p for p in record.get("pseudonyms") or [] if isinstance(p, str)):
+                out.append({k: v for k, v in record.items() if k not in _CHAIN_FIELDS})
+            continue
+        if record.get(field) not in wanted and record.get("subject") not in wanted:
+            continue
+        row = {k: v for k, v in record.items() if k not in _CHAIN_FIELDS}
+        enc = record.get("enc")
+        if isinstance(enc, Mapping):
+            try:
+                row.update(unseal(keys.subjects, enc, seq=int(record["seq"])))
+                row["personal_data"] = "readable"
+            except Unreadable:
+                row["personal_data"] = ERASED
+        out.append(row)
+    return pseudonyms, out
+
+
+def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: str | None = None,
+                   client_addr: str | None = None, anchor_dir: Path | None = None,
+                   now: datetime | None = None) -> ExportResult:
+    """Write ``dsar-<pseudonym>.json`` and ``.csv`` (mode 0600) into ``out_dir``."""
+    owner = _owner(subject_id, client_addr)
+    keys = KeyStore(key_dir, create=False)
+    pseudonyms, rows = subject_records(log_dir, keys, owner)
+    check = verify(log_dir, anchor_dir=anchor_dir, key_dir=key_dir)
+    erased = sum(1 for r in rows if r.get("personal_data") == ERASED)
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    report = {
+        "kind": "data_subject_access_report",
+        "generated_at": stamp,
+        "subject": {"subject_id": subject_id} if subject_id is not None else {"client_addr": client_addr},
+        "pseudonyms": pseudonyms,
+        "chain": {"ok": check.ok, "records": check.records, "first_bad_seq": check.first_bad_seq,
+                  "problem": check.problem},
+        "records": rows,
+        "count": len(rows),
+        "erased_records": erased,
+    }
+    ensure_dir(out_dir)
+    tag = pseudonyms[0][:16] if pseudonyms else "none"
+    json_path = out_dir / f"dsar-{tag}.json"
+    csv_path = out_dir / f"dsar-{tag}.csv"
+    _write_private_text(json_path, json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    _write_private_text(csv_path, to_csv(rows))
+    return ExportResult(json_path, csv_path, len(rows), erased, check.ok)
+
+
+def _write_private_text(path: Path, text: str) -> None:
+    # SECURITY: a DSAR holds decrypted personal data: owner-only from the first byte.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
+
+
+def to_csv(rows: Iterable[Mapping[str, Any]]) -> str:
+    rows = list(rows)
+    names = {k for row in rows for k in row}
+    columns = [c for c in _LEADING if c in names] + sorted(names.difference(_LEADING))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return buffer.getvalue()
+
+
+def access_report(log_dir: Path, *, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    """Counts per model, tenant and purpose (and decision) for requests in ``[since, until)``."""
+    groups: dict[str, dict[str, Counter[str]]] = {"model": defaultdict(Counter), "tenant": defaultdict(Counter),
+                                                  "purpose": defaultdict(Counter)}
+    subjects: dict[str, dict[str, set[str]]] = {name: defaultdict(set) for name in groups}
+    total = 0
+    first: str | None = None
+    last: str | None = None
+    for record in iter_records(log_dir):
+        kind = record.get("type")
+        if kind not in ("request", "denial_aggregate"):
+            continue
+        stamp = record.get("time")
+        if not isinstance(stamp, str):
+            continue
+        when = parse_time(stamp)
+        if (since is not None and when < since) or (until is not None and when >= until):
+            continue
+        count = record.get("count")
+        weight = count if kind == "denial_aggregate" and type(count) is int and count > 0 else 1
+        total += weight
+        first = first or stamp
+        last = stamp
+        purpose = record.get("purpose") or record.get("action") or "unspecified"
+        keys = {"model": record.get("model") or "-", "tenant": record.get("tenant") or "-", "purpose": purpose}
+        decision = str(record.get("decision") or "-")
+        who = record.get("subject") or record.get("client")
+        for name, value in keys.items():
+            bucket = groups[name][str(value)]
+            bucket["requests"] += weight
+            bucket[decision] += weight
+            if isinstance(who, str):
+                subjects[name][str(value)].add(who)
+    def table(name: str) -> list[dict[str, Any]]:
+        rows = []
+        for value, counts in sorted(groups[name].items()):
+            row: dict[str, Any] = {name: value, **dict(sorted(counts.items()))}
+            row["distinct_subjects"] = len(subjects[name][value])
+            rows.append(row)
+        return rows
+
+    return {
+        "kind": "access_report",
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+        "first_record_time": first,
+        "last_record_time": last,
+        "requests": total,
+        "by_model": table("model"),
+        "by_tenant": table("tenant"),
+        "by_purpose": table("purpose"),
+    }

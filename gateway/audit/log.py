@@ -1,0 +1,724 @@
+"""The audit log: segments, hash chain, MAC, signed checkpoints and durable group commit.
+
+Concurrency model. Requests call :meth:`AuditLog.append` on the event loop; it queues
+the record and waits. One writer task takes everything queued (up to ``batch_max``),
+hands the batch to one dedicated writer thread, which assigns ``seq``, links, MACs and
+encrypts each record, writes the whole batch with one ``write`` and makes it durable
+with one ``fsync`` (group commit), then the task wakes every waiter. A 2xx is therefore
+sent only after its record is on stable storage, while a busy gateway pays one fsync
+per batch rather than per request. All chain state (``seq``, head, files) belongs to
+the writer thread: there is exactly one writer, so the chain cannot fork (AUD-12).
+
+Failure model (fail closed, never silent loss). A full queue, a write or fsync error,
+a stall longer than ``append_timeout_s`` or an unwritable anchor store all raise
+:class:`gateway.errors.DependencyUnavailable` (``audit_unavailable`` → 503). A failed
+batch is cut back off the file so no record exists for a refused request; if even that
+fails the writer re-reads the tail from disk before the next batch and marks any record
+that reached the disk without an acknowledgement with an ``abandoned`` record. A waiter
+that gives up after its record was written gets an ``abandoned`` record too, so "every
+2xx has a record" and "every allow record had its 2xx" can both be checked.
+
+Crash recovery. Each process writes to new segments only. At start the last segment's
+torn tail (bytes after the last complete record, from a crash mid-write; never
+acknowledged since acknowledgement follows fsync) is moved to ``quarantine/``, a
+``recovery`` record notes it, and the chain continues from the last complete record.
+A log that ends before its newest signed checkpoint was truncated or rolled back: the
+writer refuses to start rather than fork the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from gateway.audit import retention
+from gateway.audit._fs import ensure_dir, fsync_dir, write_private
+from gateway.audit.anchors import (
+    AnchorKeys,
+    AnchorStore,
+    Checkpoint,
+    check_signature,
+    public_raw,
+    sign_with,
+)
+from gateway.audit.config import AuditConfig
+from gateway.audit.crypto import KeyStore, address_owner, seal, subject_owner
+from gateway.audit.records import (
+    GENESIS,
+    RESERVED,
+    RecordFormatError,
+    body_hash,
+    canonical,
+    encode_line,
+    iter_lines,
+    list_segments,
+    normalize,
+    parse_line,
+    utc_now_iso,
+)
+from gateway.audit.sinks import FileSink, Sink, StdoutSink
+from gateway.errors import DependencyUnavailable
+
+log = structlog.get_logger("gateway.audit")
+
+T = TypeVar("T")
+INBOX = "inbox"
+QUARANTINE = "quarantine"
+LOCK_FILE = ".lock"
+KeyFamilyName = Literal["anchor", "mac", "pseudonym"]
+_CREDENTIAL_KEYS = frozenset({"authorization", "token", "bearer", "password", "secret", "api_key", "apikey",
+                              "access_token", "id_token", "refresh_token", "cookie"})
+INTERNAL_TYPES = frozenset({"tombstone", "erasure", "key_rotation", "recovery", "abandoned", "checkpoint"})
+
+
+class AuditIntegrityError(Exception):
+    """The log on disk contradicts its anchors (truncated, rolled back) or is locked."""
+
+
+def _unavailable(cause: str) -> DependencyUnavailable:
+    # SECURITY: the client sees one fixed text (no queue or disk state); the cause is kept
+    # as a note for logs and tracebacks, and counted in AuditStats.
+    exc = DependencyUnavailable("audit trail unavailable", reason="audit_unavailable")
+    exc.add_note(cause)
+    return exc
+
+
+@dataclass(slots=True)
+class AuditStats:
+    """Counters for metrics and the benchmark (read them from the event loop)."""
+
+    records: int = 0
+    batches: int = 0
+    fsyncs: int = 0
+    failures: int = 0
+    rejected_full: int = 0
+    timeouts: int = 0
+    abandoned: int = 0
+    checkpoints: int = 0
+    last_batch: int = 0
+    queue_depth: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    record: dict[str, Any]
+    future: asyncio.Future[int]  # cancelled = the waiter gave up (timeout or cancellation)
+
+
+@dataclass(slots=True)
+class _Recovered:
+    seq: int = 0
+    head: str = GENESIS
+    segment: str | None = None
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _consume(fut: asyncio.Future[int]) -> None:
+    """Retrieve a future's exception so an abandoned waiter never triggers a loop warning."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class AuditLog:
+    """One append-only, tamper-evident audit trail with a single writer.
+
+    Use::
+
+        audit = AuditLog(AuditConfig.for_dir(Path("var/audit")))
+        await audit.start()                  # recovery; optional: append starts lazily
+        seq = await audit.append({...})      # returns once the record is durable
+        await audit.close()                  # drains, final checkpoint, releases the lock
+    """
+
+    def __init__(self, config: AuditConfig, *, sinks: Sequence[Sink] = (),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self.keys = KeyStore(config.key_dir)
+        self.anchor_keys = AnchorKeys(config.key_dir)
+        self._anchors = AnchorStore(config.anchor_dir, self.anchor_keys)
+        self._file = FileSink(config.log_dir, max_records=config.segment_max_records,
+                              max_bytes=config.segment_max_bytes, max_age_s=config.segment_max_age_s)
+        self._sinks: list[Sink] = [*sinks, *([StdoutSink()] if config.stdout else [])]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
+        self._stats = AuditStats()
+        # Writer-thread state: touched only inside the executor.
+        self._seq = 0
+        self._head = GENESIS
+        self._head_segment: str | None = None
+        self._ckpt_seq = 0
+        self._ckpt_time = 0.0
+        self._checkpoint_failed = False
+        self._needs_reopen = False
+        self._carry: list[dict[str, Any]] = []  # markers owed after a reopen, until written
+        self._last_retention = 0.0
+        self._lock_fd: int | None = None
+        # Event-loop state.
+        self._state: Literal["new", "running", "closing", "closed"] = "new"
+        self._pending: deque[_Pending] = deque()
+        self._internal: deque[dict[str, Any]] = deque()
+        self._control: deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._retry_at = 0.0
+        self._retry_start_at = 0.0
+        self._tick_s = min(1.0, config.checkpoint_interval_s)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def stats(self) -> AuditStats:
+        self._stats.queue_depth = len(self._pending)
+        self._stats.fsyncs = self._file.fsyncs
+        return self._stats
+
+    def pseudonym(self, subject_id: str) -> str:
+        """The keyed pseudonym a record carries for ``subject_id`` (linkable, not reversible)."""
+        return self.keys.pseudonym(subject_owner(subject_id))
+
+    async def start(self) -> None:
+        """Recover the chain head (sealing a torn tail) and start the writer."""
+        async with self._start_lock:
+            if self._state == "running":
+                return
+            if self._state != "new":
+                raise _unavailable("audit trail closed")
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._executor, self._open_sync)
+            except BaseException:
+                self._retry_start_at = time.monotonic() + 1.0  # lazy start retries, not in a tight loop
+                raise
+            self._wake = asyncio.Event()
+            self._state = "running"
+            self._task = loop.create_task(self._writer(), name="audit-writer")
+
+    async def append(self, record: Mapping[str, Any]) -> int:
+        """Append one record; return its ``seq`` once it is durable.
+
+        Raises :class:`DependencyUnavailable` (``audit_unavailable``) when the record
+        cannot be made durable in time: the caller must refuse the request (503).
+        """
+        if self._state == "new":
+            if time.monotonic() < self._retry_start_at:
+                raise _unavailable("audit trail could not be opened")
+            try:
+                await self.start()
+            except AuditIntegrityError as exc:
+                raise _unavailable("audit trail failed its integrity check") from exc
+            except OSError as exc:
+                raise _unavailable("audit trail cannot be opened") from exc
+        if self._state != "running" or self._wake is None:
+            raise _unavailable("audit trail closed")
+        try:
+            body = _checked_body(record)
+        except (TypeError, ValueError) as exc:
+            log.error("audit_record_rejected", error=str(exc))  # noqa: TRY400 - a bug, but no trace needed
+            raise _unavailable("audit record not representable") from exc
+        if not isinstance(body.get("time"), str):
+            body["time"] = utc_now_iso(self._clock())
+        if len(self._pending) >= self.config.queue_max:
+            self._stats.rejected_full += 1
+            raise _unavailable("audit queue full")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_consume)
+        self._pending.append(_Pending(body, fut))
+        self._wake.set()
+        # Timing out or being cancelled (client gone) cancels ``fut``: a record not yet
+        # picked up is then never written; one already being written gets an
+        # ``abandoned`` marker, since nobody will answer 2xx for it.
+        try:
+            async with asyncio.timeout(self.config.append_timeout_s):
+                return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Written, but the caller was cancelled before it could answer.
+                self._abandon(fut.result(), body.get("request_id"))
+            raise
+        except TimeoutError as exc:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                return fut.result()  # written in the same instant the timer fired
+            self._stats.timeouts += 1
+            raise _unavailable("audit write stalled") from exc
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Sign a checkpoint of the current head now (normally done every N records / T s)."""
+        return await self._call(self._checkpoint_now)
+
+    async def apply_retention(self, now: float | None = None) -> list[str]:
+        """Delete sealed segments older than ``retention_s`` behind a signed tombstone."""
+        return await self._call(lambda: self._retention_sync(self._clock() if now is None else now))
+
+    async def erase(self, *, subject_id: str | None = None, client_addr: str | None = None) -> dict[str, Any]:
+        """Crypto-shred a data subject's keys and record a signed erasure in the chain."""
+        owner = _owner(subject_id, client_addr)
+        return await self._call(lambda: self._erase_sync(owner))
+
+    async def rotate_key(self, family: KeyFamilyName) -> str:
+        """Rotate the anchor, chain-MAC or pseudonym key; the rotation is itself recorded."""
+        return await self._call(lambda: self._rotate_sync(family))
+
+    async def close(self) -> None:
+        """Drain queued records, sign a final checkpoint, release files and the lock."""
+        if self._state == "new":
+            self._state = "closed"
+            self._executor.shutdown(wait=False)
+            return
+        if self._state != "running":
+            return
+        self._state = "closing"
+        assert self._wake is not None and self._task is not None  # noqa: S101 - set by start
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            await self._task
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_sync)
+        finally:
+            self._state = "closed"
+            self._executor.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ event-loop side
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._state == "new":
+            await self.start()
+        if self._state != "running" or self._wake is None:
+            raise _unavailable("audit trail closed")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._control.append((fn, fut))
+        self._wake.set()
+        result: T = await fut
+        return result
+
+    def _has_work(self, now: float) -> bool:
+        return bool(self._pending or self._control or (self._internal and now >= self._retry_at))
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None  # noqa: S101
+        next_tick = time.monotonic() + self._tick_s
+        while True:
+            closing = self._state == "closing"
+            if not self._has_work(time.monotonic()) and not (closing and self._internal):
+                if closing:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_tick - time.monotonic())):
+                        await self._wake.wait()
+                self._wake.clear()
+            try:
+                next_tick = await self._step(loop, closing=closing, next_tick=next_tick)
+            except Exception:
+                # A bug here must not kill the only writer: waiters time out (503) meanwhile.
+                log.exception("audit_writer_error")
+                await asyncio.sleep(0.1)
+
+    async def _step(self, loop: asyncio.AbstractEventLoop, *, closing: bool, next_tick: float) -> float:
+        """Run queued control operations, one batch, and the periodic work when due."""
+        while self._control:
+            fn, fut = self._control.popleft()
+            try:
+                result = await loop.run_in_executor(self._executor, fn)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+        await self._write_batch(loop, force_internal=closing)
+        if time.monotonic() >= next_tick:
+            next_tick = time.monotonic() + self._tick_s
+            try:
+                await loop.run_in_executor(self._executor, self._tick_sync)
+            except Exception:
+                log.exception("audit_tick_failed")
+        return next_tick
+
+    async def _write_batch(self, loop: asyncio.AbstractEventLoop, *, force_internal: bool) -> None:
+        items: list[_Pending] = []
+        while self._pending and len(items) < self.config.batch_max:
+            item = self._pending.popleft()
+            if item.future.cancelled():  # the waiter left before the write began: never written
+                continue
+            items.append(item)
+        internal: list[dict[str, Any]] = []
+        if force_internal or time.monotonic() >= self._retry_at:
+            while self._internal and len(internal) < self.config.batch_max:
+                internal.append(self._internal.popleft())
+        if not items and not internal:
+            return
+        records = [*internal, *(i.record for i in items)]
+        try:
+            seqs = await loop.run_in_executor(self._executor, self._commit, records)
+        except Exception as exc:  # noqa: BLE001 - any failure refuses the batch (fail closed)
+            self._stats.failures += 1
+            self._retry_at = time.monotonic() + 1.0
+            log.error("audit_write_failed", error=type(exc).__name__, detail=str(exc),  # noqa: TRY400
+                      records=len(records))
+            if not force_internal:
+                self._internal.extendleft(reversed(internal))
+            for item in items:
+                if not item.future.done():
+                    err = _unavailable("audit trail unavailable")
+                    err.__cause__ = exc
+                    item.future.set_exception(err)
+            return
+        self._stats.batches += 1
+        self._stats.records += len(records)
+        self._stats.last_batch = len(records)
+        for item, seq in zip(items, seqs[len(internal):], strict=True):
+            if item.future.cancelled():
+                self._abandon(seq, item.record.get("request_id"))
+            elif not item.future.done():
+                item.future.set_result(seq)
+
+    def _abandon(self, seq: int, request_id: Any) -> None:
+        """Queue the marker for a record written after its waiter gave up."""
+        self._stats.abandoned += 1
+        self._internal.append({"type": "abandoned", "ref_seq": seq, "cause": "waiter_gone",
+                               "request_id": request_id, "time": utc_now_iso(self._clock())})
+        if self._wake is not None:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _open_sync(self) -> None:
+        cfg = self.config
+        ensure_dir(cfg.log_dir)
+        lock_fd = os.open(cfg.log_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(lock_fd)
+            # SECURITY: two writers on one log would fork the chain.
+            raise AuditIntegrityError(f"{cfg.log_dir} is in use by another audit writer") from exc
+        self._lock_fd = lock_fd
+        try:
+            self.keys.mac.current()
+            self.keys.pseudonyms.current()
+            self.anchor_keys.current()
+            rec = self._recover_tail()
+            last = self._anchors.open()
+            self._check_against_anchor(rec, last)
+            self._seq, self._head, self._head_segment = rec.seq, rec.head, rec.segment
+            self._ckpt_seq = last.seq if last else 0
+            self._ckpt_time = self._clock()
+            self._last_retention = self._clock()
+            if rec.quarantined:
+                self._commit([{"type": "recovery", "time": utc_now_iso(self._clock()), "torn": rec.quarantined}])
+        except BaseException:
+            self._release_lock()
+            self._anchors.close()
+            raise
+
+    def _check_against_anchor(self, rec: _Recovered, last: Checkpoint | None) -> None:
+        if last is None:
+            return
+        problem = check_signature(last.record, self.anchor_keys.public_keys())
+        if problem:
+            raise AuditIntegrityError(f"newest checkpoint (seq {last.seq}) is not valid: {problem}")
+        if last.seq > rec.seq:
+            raise AuditIntegrityError(
+                f"the log ends at seq {rec.seq} but a signed checkpoint covers seq {last.seq}: "
+                "it was truncated or rolled back; run `infergate audit verify`")
+        if last.seq == rec.seq and last.head != rec.head:
+            raise AuditIntegrityError(f"record {rec.seq} differs from its signed checkpoint")
+
+    def _recover_tail(self) -> _Recovered:
+        """Find the chain head on disk; quarantine a torn tail left by a crash."""
+        out = _Recovered()
+        for segment in reversed(list_segments(self.config.log_dir)):
+            last_end, last_line = 0, None
+            for offset, raw, complete in iter_lines(segment.path):
+                if not complete:
+                    break
+                with contextlib.suppress(RecordFormatError):
+                    last_line = parse_line(raw)
+                    last_end = offset + len(raw) + 1
+            size = segment.path.stat().st_size
+            if last_end < size:
+                out.quarantined.append(self._quarantine(segment.path, last_end, size))
+            if last_line is None:
+                segment.path.unlink()  # nothing but torn bytes: its content is in quarantine
+                fsync_dir(self.config.log_dir)
+                continue
+            out.seq, out.head, out.segment = int(last_line.record["seq"]), last_line.hash, segment.path.name
+            return out
+        return out
+
+    def _quarantine(self, path: Path, start: int, end: int) -> dict[str, Any]:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            torn = handle.read(end - start)
+        folder = self.config.log_dir / QUARANTINE
+        ensure_dir(folder)
+        write_private(folder / f"{path.name}.{start}.torn", torn, replace=True)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.warning("audit_torn_tail_quarantined", segment=path.name, offset=start, bytes=len(torn))
+        return {"segment": path.name, "offset": start, "bytes": len(torn),
+                "sha256": hashlib.sha256(torn).hexdigest()}
+
+    def _commit(self, records: list[dict[str, Any]]) -> list[int]:
+        """Chain, encrypt, write and (per policy) fsync one batch; all or nothing."""
+        if self._needs_reopen:
+            self._carry += self._reopen()
+        prefix = list(self._carry)
+        if self._checkpoint_failed:
+            self._checkpoint_now()  # SECURITY: no new records while the anchor store is failing
+        now = self._clock()
+        if self._file.needs_roll(now):
+            self._roll()
+        all_records = [*prefix, *records]
+        mac_kid, mac_key = self.keys.mac.current()
+        seq, head = self._seq, self._head
+        lines: list[bytes] = []
+        for record in all_records:
+            seq += 1
+            body = canonical(self._prepare(record, seq, head, mac_kid))
+            head = body_hash(body)
+            mac = hmac.digest(mac_key, bytes.fromhex(head), "sha256").hex()
+            lines.append(encode_line(body, mac))
+        was_open = self._file.is_open
+        offset, count_before = (self._file.size, self._file.records) if was_open else (0, 0)
+        try:
+            self._file.write(b"".join(lines), first_seq=self._seq + 1, count=len(lines), now=now)
+            if self.config.durability == "fsync":
+                self._file.sync()
+        except BaseException:
+            self._undo(offset, count_before)
+            raise
+        self._seq, self._head, self._head_segment = seq, head, self._file.segment
+        self._carry.clear()
+        for sink in self._sinks:
+            sink.emit(lines)
+        if self._seq - self._ckpt_seq >= self.config.checkpoint_every:
+            self._try_checkpoint()
+        first = self._seq - len(all_records) + 1
+        return list(range(first + len(prefix), self._seq + 1))
+
+    def _prepare(self, record: Mapping[str, Any], seq: int, head: str, mac_kid: str) -> dict[str, Any]:
+        body = dict(record)
+        personal = {k: body.pop(k) for k in list(body) if k in self.config.personal_fields}
+        personal = {k: v for k, v in personal.items() if v not in (None, "")}
+        owner: str | None = None
+        subject_id, client_addr = personal.get("subject_id"), personal.get("client_addr")
+        if isinstance(client_addr, str):
+            body["client"] = self.keys.pseudonym(address_owner(client_addr))
+            owner = body["client"]
+        if isinstance(subject_id, str):
+            body["subject"] = self.keys.pseudonym(subject_owner(subject_id))
+            owner = body["subject"]
+        if personal:
+            if owner is None:
+                # Personal data without a known person: a per-day key, shredded by retention.
+                owner = self.keys.pseudonym("day:" + str(body.get("time", ""))[:10])
+            kid, aead = self.keys.subjects.for_pseudonym(owner)
+            body["enc"] = seal(aead, kid, personal, seq=seq)
+        body.setdefault("type", "request")
+        body["seq"], body["prev_hash"], body["key_id"] = seq, head, mac_kid
+        return body
+
+    def _undo(self, offset: int, count_before: int) -> None:
+        try:
+            self._file.rollback(offset, count_before)
+        except OSError:
+            log.error("audit_rollback_failed")  # noqa: TRY400 - state re-read from disk next time
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._needs_reopen = True
+
+    def _reopen(self) -> list[dict[str, Any]]:
+        """Re-read the head from disk after a failed rollback; mark unacknowledged records."""
+        self._file.close()
+        rec = self._recover_tail()
+        if rec.seq < self._seq:
+            raise AuditIntegrityError(f"acknowledged records after seq {rec.seq} are gone from disk")
+        markers: list[dict[str, Any]] = []
+        now = utc_now_iso(self._clock())
+        if rec.quarantined:
+            markers.append({"type": "recovery", "time": now, "torn": rec.quarantined})
+        markers += [{"type": "abandoned", "ref_seq": s, "cause": "io_error", "time": now}
+                    for s in range(self._seq + 1, rec.seq + 1)]
+        self._seq, self._head, self._head_segment = rec.seq, rec.head, rec.segment
+        self._needs_reopen = False
+        return markers
+
+    def _roll(self) -> None:
+        if self._seq > self._ckpt_seq:
+            self._checkpoint_now()  # anchor each segment's end: removing it shows
+        self._file.close()
+
+    def _try_checkpoint(self) -> None:
+        try:
+            self._checkpoint_now()
+        except OSError as exc:
+            self._checkpoint_failed = True
+            log.error("audit_checkpoint_failed", error=type(exc).__name__)  # noqa: TRY400
+
+    def _checkpoint_now(self) -> Checkpoint | None:
+        if self._seq == 0 or (self._seq == self._ckpt_seq and not self._checkpoint_failed):
+            return self._anchors.last
+        if self.config.durability != "fsync":
+            self._file.sync()  # never sign a head that a power cut could take back
+        checkpoint = self._anchors.write(seq=self._seq, head=self._head, segment=self._head_segment or "",
+                                         time=utc_now_iso(self._clock()))
+        self._ckpt_seq, self._ckpt_time, self._checkpoint_failed = self._seq, self._clock(), False
+        self._stats.checkpoints += 1
+        return checkpoint
+
+    def _tick_sync(self) -> None:
+        now = self._clock()
+        if self._checkpoint_failed or (self._seq > self._ckpt_seq
+                                       and now - self._ckpt_time >= self.config.checkpoint_interval_s):
+            self._try_checkpoint()
+        self._process_inbox()
+        if self.config.retention_s is not None and now - self._last_retention >= self.config.retention_check_s:
+            self._retention_sync(now)
+
+    def _process_inbox(self) -> None:
+        """Append erasure notices left by ``infergate audit erase`` while we hold the log."""
+        folder = self.config.log_dir / INBOX
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.json")):
+            try:
+                notice = normalize(json.loads(path.read_bytes()))
+            except (OSError, ValueError, TypeError):
+                notice = None
+            trusted = self.anchor_keys.public_keys()
+            if (not isinstance(notice, dict) or notice.get("type") != "erasure"
+                    or check_signature(notice, trusted) is not None or RESERVED.intersection(notice)):
+                # SECURITY: only notices signed by the anchor key are accepted.
+                log.warning("audit_inbox_notice_rejected", file=path.name)
+                path.replace(folder / f"{path.name}.rejected")
+                continue
+            pseudonyms = notice.get("pseudonyms")
+            for pseudonym in pseudonyms if isinstance(pseudonyms, list) else []:
+                if isinstance(pseudonym, str):
+                    self.keys.subjects.evict(pseudonym)
+            notice.setdefault("time", utc_now_iso(self._clock()))
+            self._commit([notice])
+            path.unlink()
+            fsync_dir(folder)
+
+    def _erase_sync(self, owner: str) -> dict[str, Any]:
+        erasure = self.keys.erase_owner(owner)
+        notice = erasure_notice(self.anchor_keys, erasure.owner_pseudonyms, erasure.key_ids,
+                                utc_now_iso(self._clock()))
+        [seq] = self._commit([notice])
+        return {**notice, "seq": seq}
+
+    def _retention_sync(self, now: float) -> list[str]:
+        self._last_retention = now
+        if self.config.retention_s is None:
+            return []
+        cutoff = datetime.fromtimestamp(now - self.config.retention_s, UTC)
+        plan = retention.plan(self.config.log_dir, keep=self._head_segment, cutoff=cutoff)
+        if not plan:
+            return []
+        tombstone = self.anchor_keys.sign(retention.tombstone(plan, retention_s=self.config.retention_s,
+                                                              cutoff=cutoff))
+        tombstone["time"] = utc_now_iso(now)
+        self._commit([tombstone])  # durable before anything is deleted
+        retention.delete(self.config.log_dir, plan)
+        log.info("audit_retention_applied", segments=[s.name for s in plan])
+        return [s.name for s in plan]
+
+    def _rotate_sync(self, family: KeyFamilyName) -> str:
+        now = utc_now_iso(self._clock())
+        if family == "anchor":
+            self._checkpoint_now()
+            old_kid, old_key = self.anchor_keys.current()
+            _old, new_kid = self.anchor_keys.rotate()
+            _kid, new_key = self.anchor_keys.current()
+            record = sign_with(old_kid, old_key, {
+                "type": "key_rotation", "family": "anchor", "old_key_id": old_kid, "new_key_id": new_kid,
+                "public": base64.b64encode(public_raw(new_key.public_key())).decode("ascii")})
+            self._anchors.publish_current()
+        elif family == "mac":
+            new_kid = self.keys.mac.rotate()
+            record = {"type": "key_rotation", "family": "mac", "new_key_id": new_kid}
+        else:
+            new_kid = self.keys.pseudonyms.rotate()
+            record = {"type": "key_rotation", "family": "pseudonym", "new_key_id": new_kid}
+        record["time"] = now
+        self._commit([record])
+        return new_kid
+
+    def _close_sync(self) -> None:
+        try:
+            if self._seq > self._ckpt_seq or self._checkpoint_failed:
+                self._try_checkpoint()
+        finally:
+            self._file.close()
+            self._anchors.close()
+            for sink in self._sinks:
+                sink.close()
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _checked_body(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A normalized deep copy of a caller's record; reserved chain fields are refused."""
+    body = normalize(record)
+    if not isinstance(body, dict):
+        raise TypeError("an audit record is a mapping")
+    forged = RESERVED.intersection(body)
+    if forged:
+        # SECURITY: a caller (or a field copied from a request) must not forge chain state.
+        raise ValueError(f"reserved audit fields set by caller: {sorted(forged)}")
+    if body.get("type") in INTERNAL_TYPES:
+        # SECURITY: nor the log's own statements (a fake "abandoned" would discredit a record).
+        raise ValueError(f"record type {body['type']!r} is written by the log itself")
+    for key, value in body.items():
+        # SECURITY: last line of defence (AUD-10): a credential passed by mistake is never
+        # written, whatever field it was put in.
+        if key.lower() in _CREDENTIAL_KEYS or (isinstance(value, str) and _looks_like_jwt(value)):
+            body[key] = "[redacted]"
+    return body
+
+
+def _looks_like_jwt(value: str) -> bool:
+    return value.startswith("eyJ") and value.count(".") == 2 and len(value) > 40
+
+
+def _owner(subject_id: str | None, client_addr: str | None) -> str:
+    if (subject_id is None) == (client_addr is None):
+        raise ValueError("name exactly one of subject_id or client_addr")
+    return subject_owner(subject_id) if subject_id is not None else address_owner(client_addr or "")
+
+
+def erasure_notice(keys: AnchorKeys, pseudonyms: Sequence[str], key_ids: Sequence[str],
+                   requested_at: str) -> dict[str, Any]:
+    """The signed statement that a subject's keys were destroyed (chain record or inbox notice)."""
+    return keys.sign({"type": "erasure", "pseudonyms": list(pseudonyms), "key_ids": list(key_ids),
+                      "requested_at": requested_at})
