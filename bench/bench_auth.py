@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 async def run(n: int) -> dict[str, float]:
     state = Path(tempfile.mkdtemp())
     pipeline = compile_pipeline(load_policy_dir(ROOT / "policies"), Metrics(),
-                                CompileEnv(extra_issuers=(trusted_dev_issuer(state),), repo_dir=ROOT / "triton_repo"))
+                                CompileEnv(extra_issuers=(trusted_dev_issuer(state),), repo_dir=ROOT / "triton_repo",
+                                           pii_hmac_key=bytes(32), pii_token_key=bytes(32)))
     token = issue_token(state, sub="alice", tenant="acme", roles=["analyst"])
 
     def ctx() -> RequestContext:

@@ -58,6 +58,22 @@ def make_upstream(backend: str, *, threads: int = 2) -> Upstream:
     raise ValueError(f"--backend must be local:DIR or grpc://HOST:PORT, got {backend!r}")
 
 
+def load_or_create_secret(path: Path, size: int = 32) -> bytes:
+    """A process key kept in the state directory, created once with mode 0600."""
+    if path.exists():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = os.urandom(size)
+    # SECURITY: created 0600 atomically; O_EXCL so two workers never race to different keys.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return secret
+
+
 def build_service(settings: Settings, *, upstream: Upstream | None = None) -> InferenceService:
     """Load policy (fatal if invalid) and assemble the transport-neutral service."""
     metrics = Metrics()
@@ -74,7 +90,9 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         return await upstream.infer(req, timeout_s=timeouts["infer"])
 
     env = CompileEnv(extra_issuers=extra, key_sources=key_sources, repo_dir=settings.profiles_dir(),
-                     reinfer=reinfer, detector_metrics=metrics)
+                     reinfer=reinfer, detector_metrics=metrics,
+                     pii_hmac_key=load_or_create_secret(settings.state_dir / "pii-hmac.key"),
+                     pii_token_key=load_or_create_secret(settings.state_dir / "pii-token.key"))
 
     def on_change(snapshot: Snapshot) -> None:
         timeouts["infer"] = float(snapshot.policy.gateway.upstream.infer_timeout_s)

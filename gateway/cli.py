@@ -77,7 +77,9 @@ def _policy_check(args: argparse.Namespace) -> int:
 
     try:
         policy = load_policy_dir(Path(args.dir))
-        compile_pipeline(policy, Metrics(), CompileEnv(repo_dir=Path(args.profiles)))
+        # Placeholder keys: checking compiles every stage but never masks anything.
+        compile_pipeline(policy, Metrics(), CompileEnv(repo_dir=Path(args.profiles), pii_hmac_key=bytes(32),
+                                                       pii_token_key=bytes(32)))
     except PolicyError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)

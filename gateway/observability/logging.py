@@ -13,14 +13,22 @@ from typing import Any
 
 import structlog
 
+from privacy.pii.redact import redact_value
+
+# Fields the gateway itself fills with identifiers and codes, never client text.
+_SAFE_KEYS = frozenset({"event", "level", "timestamp", "request_id", "route", "reason", "status", "transport",
+                        "revision", "active_revision", "model", "stage", "operation", "code"})
 _FORBIDDEN_KEYS = frozenset({"authorization", "token", "bearer", "password", "secret", "api_key"})
 
 
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    # SECURITY: credentials never reach a log line, whoever passed them by mistake.
+    # SECURITY: credentials never reach a log line, whoever passed them by mistake, and
+    # PII in any logged value (an upstream's error text, an exception message) is masked.
     for key in list(event):
         if key.lower() in _FORBIDDEN_KEYS:
             event[key] = "[redacted]"
+        elif key not in _SAFE_KEYS:
+            event[key] = redact_value(event[key])
     return event
 
 

@@ -25,6 +25,7 @@ from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKe
 from gateway.stages.authz import RoleAuthorizer, compile_grants
 from gateway.stages.base import Mode
 from gateway.stages.model_exposure import ModelExposure
+from gateway.stages.pii_mask import build_pii_stage
 from gateway.stages.sanitize import build_sanitize_stage
 
 # Builds (or reuses across revisions) a fetching key source for a JWKS/discovery issuer.
@@ -94,6 +95,9 @@ class CompileEnv:
     # A second upstream call for feature squeezing (never re-runs the pipeline).
     reinfer: Reinfer | None = None
     detector_metrics: DetectorMetrics | None = None
+    # Keys of the PII operators (keyed pseudonyms, reversible tokens); from the state dir.
+    pii_hmac_key: bytes = b""
+    pii_token_key: bytes = b""
 
 
 def _stage(pipeline: Pipeline | None, cls: type[T]) -> T | None:
@@ -126,6 +130,12 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         )
     except ValueError as exc:
         raise PolicyError([PolicyIssue("inputs.yaml", 1, 1, str(exc))]) from exc
+    try:
+        unmask_roles = {role for role, actions in role_actions.items() if "pii:unmask" in actions}
+        pii = build_pii_stage(policy.pii, hmac_key=env.pii_hmac_key, token_key=env.pii_token_key,
+                              unmask_roles=unmask_roles)
+    except ValueError as exc:
+        raise PolicyError([PolicyIssue("pii.yaml", 1, 1, str(exc))]) from exc
     stages = (
         # SECURITY: authentication and authorization are always enforced; no policy switch.
         BoundStage(JwtAuthenticator(issuers=issuers, api_keys=api_keys), Mode.ENFORCE),
@@ -135,5 +145,8 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         # Sanitizing runs before anything reads text (PII masking needs normalized input).
         BoundStage(sanitizer, policy.inputs.sanitize.mode),
         BoundStage(adversarial, Mode.ENFORCE),  # per-model modes live inside the stage
+        # PII masking sees normalized text on the way in; on the way out it runs after the
+        # model and before anything reaches the client (response stages run in reverse).
+        BoundStage(pii, policy.pii.mode),
     )
     return Pipeline(revision=policy.revision, stages=stages, metrics=metrics)

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 # SECURITY: stdlib ``re`` is used only with single character classes and no quantifier
 # nesting below; such a search is one linear pass in any engine.
 _SPECIAL: Final = re.compile(r"[^\t\n\r\x20-\x7e]")
+_PLAIN_ASCII: Final = bytes([0x09, 0x0A, 0x0D, *range(0x20, 0x7F)])
 
 RLO: Final = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: following characters display reversed
 _OVERRIDE_END: Final = frozenset({"\u202c", "\u2069", "\n", "\r", "\u2029"})  # PDF, PDI, end of paragraph
@@ -94,14 +97,14 @@ def fold_char(ch: str) -> str:
 class Normalized:
     """The detection copy of ``original`` and the map from its offsets back.
 
-    ``starts[i]``/``ends[i]`` are the original offsets of the character that produced
-    copy character ``i``; both are None when the copy is the original itself.
+    ``starts[i]`` is the original offset of the character that produced copy character
+    ``i`` (each copy character comes from exactly one original character); None when the
+    copy is the original itself.
     """
 
     original: str
     text: str
-    starts: array[int] | None = None
-    ends: array[int] | None = None
+    starts: npt.NDArray[np.int64] | None = None
     reordered: bool = False  # a right-to-left override run was put in display order
 
     @property
@@ -110,91 +113,135 @@ class Normalized:
 
     def to_original(self, start: int, end: int) -> tuple[int, int]:
         """The original span covering copy characters ``[start, end)``."""
-        starts, ends = self.starts, self.ends
-        if starts is None or ends is None:
+        starts = self.starts
+        if starts is None:
             return start, end
         if start >= end:
-            position = starts[start] if start < len(starts) else len(self.original)
+            position = int(starts[start]) if start < len(starts) else len(self.original)
             return position, position
         if self.reordered:
-            return min(starts[start:end]), max(ends[start:end])
-        return starts[start], ends[end - 1]
+            window = starts[start:end]
+            return int(window.min()), int(window.max()) + 1
+        return int(starts[start]), int(starts[end - 1]) + 1
+
+
+class _FoldTable(dict[int, str]):
+    """Code point -> detection form, filled on first sight."""
+
+    def __missing__(self, key: int) -> str:
+        folded = fold_char(chr(key))
+        if len(self) < _TABLE_LIMIT:  # SECURITY: bounded, whatever code points arrive
+            self[key] = folded
+        return folded
+
+
+_TABLE_LIMIT: Final = 1 << 16
+_FOLD: Final = _FoldTable()
+_OVERRIDE_END_CODES: Final = np.array(sorted(ord(c) for c in _OVERRIDE_END), dtype=np.uint32)
+
+
+# Up to this many characters outside printable ASCII, a Python loop over them beats the
+# fixed cost of the vectorized path.
+SPARSE_LIMIT: Final = 256
 
 
 def normalize(text: str, *, display_order: bool = True) -> Normalized:
-    """Build the detection copy; ``display_order=False`` keeps override runs in logical order."""
-    if _SPECIAL.search(text) is None:
+    """Build the detection copy; ``display_order=False`` keeps override runs in logical order.
+
+    Three paths, all linear: printable ASCII is its own copy; when every character
+    outside it folds to exactly one character (accents, curly quotes, Cyrillic,
+    fullwidth digits) the copy has the same offsets and is made by ``str.replace`` per
+    distinct character; otherwise an offset map is built, by a loop over the few
+    special characters or vectorized over all of them.
+    """
+    if text.isascii() and not text.encode("ascii").translate(None, _PLAIN_ASCII):
         return Normalized(text, text)
-    builder = _Builder(text, display_order)
-    position = 0
-    for match in _SPECIAL.finditer(text):
-        index = match.start()
-        if index > position:
-            builder.ascii_run(position, index)
-        builder.special(index)
-        position = index + 1
-    if position < len(text):
-        builder.ascii_run(position, len(text))
-    builder.close_override()
-    return Normalized(text, "".join(builder.parts), builder.starts, builder.ends, builder.reordered)
+    distinct = set(_SPECIAL.findall(text))
+    folds = {ch: _FOLD[ord(ch)] for ch in distinct}
+    if len(distinct) <= SPARSE_LIMIT and all(len(f) == 1 for f in folds.values()):
+        copy = text
+        for ch, folded in folds.items():
+            if folded != ch:
+                copy = copy.replace(ch, folded)
+        return Normalized(text, copy)
+    if (display_order and RLO in distinct) or len(distinct) > SPARSE_LIMIT:
+        return _normalize_vectorized(text, display_order)
+    positions = [m.start() for m in _SPECIAL.finditer(text)]
+    if len(positions) > SPARSE_LIMIT:
+        return _normalize_vectorized(text, display_order)
+    return _normalize_sparse(text, positions, folds)
 
 
-class _Builder:
-    """Accumulates the copy and its offset map; one instance per ``normalize`` call."""
+def _normalize_sparse(text: str, positions: list[int], folds: dict[str, str]) -> Normalized:
+    pieces: list[str] = []
+    lengths = np.ones(len(text), dtype=np.int64)
+    previous = 0
+    for position in positions:
+        folded = folds[text[position]]
+        pieces.append(text[previous:position])
+        pieces.append(folded)
+        if len(folded) != 1:
+            lengths[position] = len(folded)
+        previous = position + 1
+    pieces.append(text[previous:])
+    starts = np.repeat(np.arange(len(text), dtype=np.int64), lengths)
+    return Normalized(text, "".join(pieces), starts)
 
-    __slots__ = ("display_order", "ends", "override", "parts", "reordered", "starts", "text")
 
-    def __init__(self, text: str, display_order: bool) -> None:
-        self.text = text
-        self.display_order = display_order
-        self.parts: list[str] = []
-        self.starts: array[int] = array("i")
-        self.ends: array[int] = array("i")
-        self.override: tuple[int, int] | None = None  # (parts index, map index) where an RLO run began
-        self.reordered = False
+def _normalize_vectorized(text: str, display_order: bool) -> Normalized:
+    """Only the distinct special code points go through Python; the rest is numpy."""
+    # surrogatepass: a lone surrogate (from surrogateescape) still has a code point.
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    special = (points < 0x20) | (points > 0x7E)
+    special &= (points != 0x09) & (points != 0x0A) & (points != 0x0D)
+    where = np.flatnonzero(special)
+    distinct, inverse = np.unique(points[where], return_inverse=True)
+    folds = [_FOLD[int(code)] for code in distinct]
+    fold_lengths = np.fromiter((len(f) for f in folds), dtype=np.int64, count=len(folds))
+    lengths = np.ones(len(points), dtype=np.int64)
+    lengths[where] = fold_lengths[inverse]
+    mapped = points.copy()
+    mapped[where] = np.fromiter((ord(f[0]) if f else 0 for f in folds), dtype="<u4", count=len(folds))[inverse]
+    out = np.repeat(mapped, lengths)
+    starts = np.repeat(np.arange(len(points), dtype=np.int64), lengths)
+    if fold_lengths.max(initial=0) > 1:
+        # Expansions ("ﬁ" -> "fi", "½" -> "1/2"): write the remaining code points.
+        offsets = np.cumsum(lengths) - lengths
+        expanding = where[fold_lengths[inverse] > 1]
+        for position, offset in zip(expanding.tolist(), offsets[expanding].tolist(), strict=True):
+            folded = _FOLD[int(points[position])]
+            out[offset:offset + len(folded)] = [ord(c) for c in folded]
+    reordered = False
+    if display_order and ord(RLO) in distinct:
+        reordered = _display_order(points, out, starts)
+    return Normalized(text, out.tobytes().decode("utf-32-le"), starts, reordered)
 
-    def ascii_run(self, start: int, stop: int) -> None:
-        if self.override is not None:
-            # An override run also ends at the end of a line.
-            cut = min((i for i in (self.text.find("\n", start, stop), self.text.find("\r", start, stop))
-                       if i != -1), default=-1)
-            if cut != -1:
-                self._copy(start, cut)
-                self.close_override()
-                start = cut
-        self._copy(start, stop)
 
-    def _copy(self, start: int, stop: int) -> None:
-        if stop > start:
-            self.parts.append(self.text[start:stop])
-            self.starts.extend(range(start, stop))
-            self.ends.extend(range(start + 1, stop + 1))
+def _display_order(points: npt.NDArray[np.uint32], out: npt.NDArray[np.uint32],
+                   starts: npt.NDArray[np.int64]) -> bool:
+    """Reverse, in place, the copy of every RLO run (to PDF, PDI or the end of the line).
 
-    def special(self, index: int) -> None:
-        ch = self.text[index]
-        if self.display_order:
-            if self.override is not None and ch in _OVERRIDE_END:
-                self.close_override()
-            elif ch == RLO and self.override is None:
-                self.override = (len(self.parts), len(self.starts))
-                self.reordered = True
-        folded = fold_char(ch)
-        if folded:
-            self.parts.append(folded)
-            self.starts.extend([index] * len(folded))
-            self.ends.extend([index + 1] * len(folded))
-
-    def close_override(self) -> None:
-        """Put the characters produced since the RLO in the order a reader sees them."""
-        if self.override is None:
-            return
-        from_part, from_map = self.override
-        self.override = None
-        run = "".join(self.parts[from_part:])[::-1]
-        del self.parts[from_part:]
-        self.parts.append(run)
-        self.starts[from_map:] = array("i", reversed(self.starts[from_map:]))
-        self.ends[from_map:] = array("i", reversed(self.ends[from_map:]))
+    Nested overrides are not modelled: a second RLO inside a run is ignored, which keeps
+    the run reversed as a whole (what a reader sees for the common single override).
+    """
+    events = np.flatnonzero((points == ord(RLO)) | np.isin(points, _OVERRIDE_END_CODES)).tolist()
+    runs: list[tuple[int, int]] = []
+    opened: int | None = None
+    for position in events:
+        is_rlo = points[position] == ord(RLO)
+        if opened is None:
+            if is_rlo:
+                opened = position
+        elif not is_rlo:
+            runs.append((opened, position))
+            opened = None
+    if opened is not None:
+        runs.append((opened, len(points)))
+    for begin, end in runs:
+        first, stop = np.searchsorted(starts, [begin, end])
+        out[first:stop] = out[first:stop][::-1].copy()
+        starts[first:stop] = starts[first:stop][::-1].copy()
+    return bool(runs)
 
 
 def skeleton(text: str) -> str:

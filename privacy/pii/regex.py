@@ -23,8 +23,10 @@ import re2  # type: ignore[import-untyped]  # google-re2 ships no type informati
 # (a few thousand instructions) cache many thousands of states, so the DFA never runs
 # out of memory (RE2::Set has no NFA fallback when it does).
 MAX_MEM: Final = 64 << 20
-# Program size over which a pattern is refused at build time, far below what MAX_MEM holds.
+# Program sizes (RE2 instructions) over which a pattern, or a whole set, is refused at
+# build time: far below what MAX_MEM holds, so a DFA state always fits.
 MAX_PROGRAM_SIZE: Final = 40_000
+MAX_SET_PROGRAM_SIZE: Final = 120_000
 
 
 class PatternError(ValueError):
@@ -53,7 +55,7 @@ class Found:
 class Pattern:
     """One compiled RE2 pattern, searched over bytes."""
 
-    __slots__ = ("_anchor", "_regexp", "source")
+    __slots__ = ("_anchor", "_regexp", "program_size", "source")
 
     def __init__(self, source: str) -> None:
         try:
@@ -63,6 +65,7 @@ class Pattern:
         if compiled.programsize > MAX_PROGRAM_SIZE:
             raise PatternError(f"pattern {source[:60]!r} compiles to {compiled.programsize} instructions")
         self.source = source
+        self.program_size: int = compiled.programsize
         self._regexp = compiled._regexp  # the RE2 object itself: Match(anchor, bytes, pos, endpos)
         self._anchor = re2._Anchor.UNANCHORED
 

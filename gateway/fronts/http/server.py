@@ -33,6 +33,7 @@ from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_
 from gateway.fronts.http.routes import Route, resolve
 from gateway.policy.store import Snapshot
 from gateway.service import InferenceService
+from privacy.pii.redact import redact_text
 
 log = structlog.get_logger("gateway.http")
 
@@ -53,7 +54,8 @@ def _json_response(status: int, payload: dict[str, Any], request_id: str,
 def error_response(exc: GatewayError, request_id: str) -> web.Response:
     """The one place a :class:`GatewayError` becomes HTTP."""
     extra: dict[str, str] = {}
-    message = exc.client_message()
+    # SECURITY: error text reaches the client; mask PII in it like any other output.
+    message = redact_text(exc.client_message())
     if isinstance(exc, AuthenticationFailed):
         extra["WWW-Authenticate"] = (
             'Bearer realm="infergate"' if exc.reason == "authn_missing_token"

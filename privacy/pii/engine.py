@@ -1,0 +1,302 @@
+"""The PII engine: recognizers compiled once, then ``scan`` and ``mask`` per text.
+
+A scan normalizes the text (:mod:`privacy.pii.normalize`), runs one RE2 set over the
+detection copy to learn which rules can match at all, runs only those rules, and maps
+every accepted span back to the original text. Overlapping detections are merged into
+one span (the union, so every character any rule flagged is replaced) typed by
+:data:`~privacy.pii.recognizers.PRIORITY`.
+
+Nothing returned by the engine holds a detected value: a :class:`Detection` is a type
+and two offsets, and counts are per type. Values exist only inside :meth:`mask`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from privacy.pii.normalize import Normalized, normalize
+from privacy.pii.operators import Operator, Replace
+from privacy.pii.recognizers import DEFAULT_ENTITIES, ENTITIES, PHONE, PRIORITY, RULES, Rule, _calling_codes
+from privacy.pii.regex import MAX_SET_PROGRAM_SIZE, Found, Pattern, PatternSet
+
+_RANK: Final = {entity: rank for rank, entity in enumerate(PRIORITY)}
+# Separator that keeps tensor elements apart in the per-element scan: no recognizer
+# continues an entity across a line break, except multi-line secrets (which must be
+# masked across elements anyway).
+ELEMENT_BARRIER: Final = "\n"
+DEFAULT_JOINS: Final = ("", " ")
+_FALLBACK: Final = Replace()
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """An entity's type and where it is; deliberately not its value."""
+
+    entity: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    start: int
+    end: int
+    entity: str
+    partial: bool  # a piece of an entity that continues in another element
+
+
+class PiiEngine:
+    """Recognizers for a set of entity types, compiled once and shared (thread-safe)."""
+
+    __slots__ = ("_patterns", "_rules", "_set", "entities")
+
+    def __init__(self, entities: Iterable[str] = DEFAULT_ENTITIES) -> None:
+        chosen = frozenset(entities)
+        unknown = chosen - ENTITIES
+        if unknown:
+            raise ValueError(f"unknown PII entity types: {sorted(unknown)}; known: {sorted(ENTITIES)}")
+        self.entities = chosen
+        self._rules: tuple[Rule, ...] = tuple(rule for rule in RULES if rule.entity in chosen)
+        self._patterns: tuple[Pattern, ...] = tuple(Pattern(rule.source) for rule in self._rules)
+        self._set = PatternSet(rule.source for rule in self._rules) if self._rules else None
+        if PHONE in chosen:
+            _calling_codes()  # load libphonenumber's table now, not on the first request
+        if sum(p.program_size for p in self._patterns) > MAX_SET_PROGRAM_SIZE:
+            raise ValueError("PII patterns too large for one RE2 set")
+
+    # --- detection --------------------------------------------------------------------
+
+    def scan(self, text: str) -> list[Detection]:
+        """Non-overlapping detections in ``text``, in order, offsets into ``text``."""
+        if not self._rules or not text:
+            return []
+        normalized = normalize(text)
+        found = self._scan_copy(normalized)
+        if normalized.reordered:
+            # SECURITY: a right-to-left override shows one order and feeds a program the
+            # other; the model reads logical order, the client's screen display order.
+            found.extend(self._scan_copy(normalize(text, display_order=False)))
+        return merge(found)
+
+    def _scan_copy(self, normalized: Normalized) -> list[Detection]:
+        if self._set is None:
+            return []
+        data = normalized.text.encode("utf-8")
+        hits = self._set.matching(data)
+        if not hits:
+            return []
+        char_of: npt.NDArray[np.int64] | None = None
+        if len(data) != len(normalized.text):
+            starts = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80
+            char_of = np.zeros(len(data) + 1, dtype=np.int64)
+            np.cumsum(starts, out=char_of[1:])
+        out: list[Detection] = []
+        size = len(data)
+        # Stronger types first. A candidate lying wholly inside what they already found
+        # cannot change the merged result (a union typed by priority), so its check is
+        # skipped: a card's digits need no phone parsing.
+        found: list[tuple[int, int]] = []
+        covered = _Covered([])
+        for index in sorted(hits, key=lambda i: _RANK[self._rules[i].entity]):
+            rule, pattern = self._rules[index], self._patterns[index]
+            position = 0
+            while position <= size:
+                match = pattern.search(data, position)
+                if match is None:
+                    break
+                group_start, group_end = _entity_group(match, rule.group)
+                if group_start < 0 or covered.contains((group_start, group_end)):
+                    position = max(group_end, match.start + 1)
+                    continue
+                span = rule.check(data, group_start, group_end)
+                if span is not None and span[1] > span[0]:
+                    found.append(span)
+                    start, end = span
+                    if char_of is not None:
+                        start, end = int(char_of[start]), int(char_of[end])
+                    start, end = normalized.to_original(start, end)
+                    out.append(Detection(rule.entity, start, end))
+                    # Resume after the accepted span; a check only narrows a match of a
+                    # bounded pattern, so at most a pattern's length is scanned again.
+                    position = max(span[1], match.start + 1)
+                else:
+                    # Resume at the end of the entity group, not of the match: a boundary
+                    # character the match consumed may start the next entity.
+                    position = max(group_end, match.start + 1)
+            if found:
+                covered = _Covered.union(found)
+        return out
+
+    # --- masking ----------------------------------------------------------------------
+
+    def mask(self, text: str, operators: Mapping[str, Operator]) -> tuple[str, dict[str, int]]:
+        """``text`` with every detection replaced by its entity's operator, and counts per type.
+
+        An entity type without an operator gets the type tag (fail safe, never the value).
+        """
+        detections = self.scan(text)
+        if not detections:
+            return text, {}
+        pieces = [_Piece(d.start, d.end, d.entity, False) for d in detections]
+        return render(text, pieces, operators), dict(Counter(d.entity for d in detections))
+
+    def mask_many(self, texts: Sequence[str], operators: Mapping[str, Operator], *,
+                  joins: Sequence[str] = DEFAULT_JOINS) -> tuple[list[str], dict[str, int]]:
+        """Mask the elements of one tensor, including entities split across elements.
+
+        Three scans when there are several elements: elements kept apart (what each one
+        says alone), then joined with each of ``joins`` (what a model that concatenates
+        them would say). A joined-only entity is masked in every element that contributes
+        to it, each piece fully (``partial``), and counted once.
+        """
+        if len(texts) <= 1 or not self._rules:
+            results = [self.mask(text, operators) for text in texts]
+            counts: Counter[str] = Counter()
+            for _, found in results:
+                counts.update(found)
+            return [masked for masked, _ in results], dict(counts)
+        per_element: list[list[_Piece]] = [[] for _ in texts]
+        counts = Counter()
+        alone: list[dict[str, _Covered]] = []  # per element and type: what the element says alone
+        for separator in (ELEMENT_BARRIER, *joins):
+            # What earlier scans covered, per element: sorted, non-overlapping, so an
+            # overlap test is one binary search.
+            covered = [_Covered(_merge_pieces(pieces)) for pieces in per_element]
+            joined = separator.join(texts)
+            starts = _element_starts(texts, len(separator))
+            for detection in self.scan(joined):
+                pieces = _split(detection, texts, starts)
+                if not pieces:
+                    continue  # only separator characters: nothing of an element
+                if alone and any(_same_entity(alone[i], detection.entity, piece) for i, piece in pieces):
+                    # An entity an element already holds whole, read on into its neighbour
+                    # ("john@example.com" + "b..." = "...comb"): the neighbour is not part of it.
+                    continue
+                if not any(covered[i].overlaps(piece) for i, piece in pieces):
+                    counts[detection.entity] += 1
+                partial = len(pieces) > 1
+                for i, piece in pieces:
+                    per_element[i].append(_Piece(piece[0], piece[1], detection.entity, partial))
+            if not alone:
+                alone = [_by_entity(pieces) for pieces in per_element]
+        masked = [
+            render(text, _merge_pieces(pieces), operators) if pieces else text
+            for text, pieces in zip(texts, per_element, strict=True)
+        ]
+        return masked, dict(counts)
+
+
+def _entity_group(match: Found, group: int) -> tuple[int, int]:
+    if group >= 0:
+        return match.group(group)
+    return next((span for span in match.groups if span[0] >= 0), (-1, -1))
+
+
+def merge(detections: Iterable[Detection]) -> list[Detection]:
+    """Union of overlapping detections, typed by priority; sorted by start."""
+    ordered = sorted(detections, key=lambda d: (d.start, -d.end))
+    merged: list[Detection] = []
+    for detection in ordered:
+        if merged and detection.start < merged[-1].end:
+            last = merged[-1]
+            entity = last.entity if _RANK[last.entity] <= _RANK[detection.entity] else detection.entity
+            merged[-1] = Detection(entity, last.start, max(last.end, detection.end))
+        else:
+            merged.append(detection)
+    return merged
+
+
+def _merge_pieces(pieces: list[_Piece]) -> list[_Piece]:
+    ordered = sorted(pieces, key=lambda p: (p.start, -p.end))
+    merged: list[_Piece] = []
+    for piece in ordered:
+        if merged and piece.start < merged[-1].end:
+            last = merged[-1]
+            entity = last.entity if _RANK[last.entity] <= _RANK[piece.entity] else piece.entity
+            merged[-1] = _Piece(last.start, max(last.end, piece.end), entity, last.partial or piece.partial)
+        else:
+            merged.append(piece)
+    return merged
+
+
+def render(text: str, pieces: Sequence[_Piece], operators: Mapping[str, Operator]) -> str:
+    """Apply operators to sorted, non-overlapping pieces of ``text``."""
+    out: list[str] = []
+    position = 0
+    for piece in pieces:
+        out.append(text[position:piece.start])
+        operator = operators.get(piece.entity, _FALLBACK)
+        out.append(operator.apply(piece.entity, text[piece.start:piece.end], partial=piece.partial))
+        position = piece.end
+    out.append(text[position:])
+    return "".join(out)
+
+
+def _element_starts(texts: Sequence[str], separator_length: int) -> list[int]:
+    starts: list[int] = []
+    position = 0
+    for text in texts:
+        starts.append(position)
+        position += len(text) + separator_length
+    return starts
+
+
+def _split(detection: Detection, texts: Sequence[str], starts: list[int]) -> list[tuple[int, tuple[int, int]]]:
+    """The element-local pieces of a span of the joined text (separators dropped)."""
+    pieces: list[tuple[int, tuple[int, int]]] = []
+    index = max(0, bisect.bisect_right(starts, detection.start) - 1)
+    while index < len(texts) and starts[index] < detection.end:
+        begin = max(detection.start, starts[index]) - starts[index]
+        stop = min(detection.end, starts[index] + len(texts[index])) - starts[index]
+        if stop > begin:
+            pieces.append((index, (begin, stop)))
+        index += 1
+    return pieces
+
+
+def _by_entity(pieces: list[_Piece]) -> dict[str, _Covered]:
+    grouped: dict[str, list[_Piece]] = {}
+    for piece in pieces:
+        grouped.setdefault(piece.entity, []).append(piece)
+    return {entity: _Covered(_merge_pieces(group)) for entity, group in grouped.items()}
+
+
+def _same_entity(alone: dict[str, _Covered], entity: str, span: tuple[int, int]) -> bool:
+    covered = alone.get(entity)
+    return covered is not None and covered.overlaps(span)
+
+
+class _Covered:
+    """Sorted, non-overlapping intervals with an O(log n) overlap test."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self, pieces: list[_Piece]) -> None:
+        self._starts = [p.start for p in pieces]
+        self._ends = [p.end for p in pieces]
+
+    @classmethod
+    def union(cls, spans: list[tuple[int, int]]) -> _Covered:
+        merged: list[_Piece] = []
+        for start, end in sorted(spans):
+            if merged and start < merged[-1].end:
+                if end > merged[-1].end:
+                    merged[-1] = _Piece(merged[-1].start, end, "", False)
+            else:
+                merged.append(_Piece(start, end, "", False))
+        return cls(merged)
+
+    def overlaps(self, span: tuple[int, int]) -> bool:
+        index = bisect.bisect_left(self._starts, span[1]) - 1
+        return index >= 0 and self._ends[index] > span[0]
+
+    def contains(self, span: tuple[int, int]) -> bool:
+        index = bisect.bisect_right(self._starts, span[0]) - 1
+        return index >= 0 and self._ends[index] >= span[1]

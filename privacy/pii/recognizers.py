@@ -1,0 +1,638 @@
+"""What counts as PII: one RE2 pattern per rule, plus a bounded check in Python.
+
+A rule's pattern finds candidates; its check decides (Luhn, mod 97, country calling
+codes, keyword context, boundaries) and may narrow the span. Checks look at the matched
+bytes and at most ``CONTEXT_BYTES`` around them, so each costs O(1) per candidate and a
+scan stays linear in the text (see :mod:`privacy.pii.regex`).
+
+Everything here runs on the UTF-8 bytes of the detection copy
+(:mod:`privacy.pii.normalize`): digits are ASCII, look-alike letters are Latin, and
+invisible characters are gone, so the patterns need not know any Unicode trick.
+
+Entity types (the tag the ``replace`` operator writes is ``[TYPE]``):
+
+======== ==============================================================================
+EMAIL    addresses incl. IDN, plus-addressing, ``%40``/``&#64;``/``[at]``/``(dot)`` forms
+PHONE    international (+cc or 00cc, checked against libphonenumber's country codes and
+         lengths), NANP, national with trunk 0; 7-digit local numbers near a keyword
+CARD     13-19 digits passing Luhn, IIN 1-6, any of `` -./_`` separators (1-3 chars);
+         12 digits or other prefixes only near a card keyword (short Maestro)
+SSN      US SSN (area/group/serial rules); 9 bare digits only near a keyword
+IBAN     ISO 13616 country length + mod-97 checksum, spaced or not
+IP       IPv4 (no leading zeros), IPv6 in every RFC 4291/5952 form, with zone
+SECRET   API keys with known prefixes (AWS, GitHub, GitLab, Slack, Stripe, OpenAI,
+         Google, Hugging Face, npm, PyPI, SendGrid, Twilio), PEM private keys, JWTs,
+         bearer/basic credentials, ``password=``/``api_key:`` style assignments
+DOB      a date within ``CONTEXT_BYTES`` after a birth keyword (or before "birth...")
+ADDRESS  optional: a US street line (number, capitalised name, USPS suffix, unit)
+======== ==============================================================================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Final
+
+# How far around a candidate a check may look (keywords, boundaries).
+CONTEXT_BYTES: Final = 48
+
+EMAIL: Final = "EMAIL"
+PHONE: Final = "PHONE"
+CARD: Final = "CARD"
+SSN: Final = "SSN"
+IBAN: Final = "IBAN"
+IP: Final = "IP"
+SECRET: Final = "SECRET"  # noqa: S105 - an entity type name, not a credential
+DOB: Final = "DOB"
+ADDRESS: Final = "ADDRESS"
+
+# Overlapping detections are merged; the merged span takes the type listed first here.
+PRIORITY: Final[tuple[str, ...]] = (SECRET, IBAN, CARD, SSN, EMAIL, IP, PHONE, DOB, ADDRESS)
+ENTITIES: Final[frozenset[str]] = frozenset(PRIORITY)
+DEFAULT_ENTITIES: Final[frozenset[str]] = ENTITIES
+
+Span = tuple[int, int]
+# (data, start, end) of the entity group -> the accepted span (possibly narrower) or None.
+Check = Callable[[bytes, int, int], "Span | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One candidate pattern and the check that accepts, narrows or rejects a candidate.
+
+    ``group`` is the capture group holding the entity (0 = the whole match, -1 = the
+    first group that took part). Patterns put their boundary conditions around that
+    group, so the DFA itself skips positions inside a longer number or word: a run of
+    60 KiB of "1-1-1-..." yields no candidate at all instead of thousands.
+    """
+
+    entity: str
+    name: str
+    source: str
+    check: Check
+    group: int = 1
+
+
+# --- byte helpers ---------------------------------------------------------------------
+
+_DIGITS: Final = frozenset(b"0123456789")
+_LETTERS: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_ALNUM: Final = _DIGITS | _LETTERS
+_WORD: Final = _ALNUM | {ord("_")}
+_NOT_DIGITS: Final = bytes(b for b in range(256) if b not in _DIGITS)
+# SECURITY: stdlib ``re`` only on bounded slices (a candidate, a context window) and with
+# no nested quantifiers: linear, and never run over a whole untrusted text.
+_DIGIT_RUN: Final = re.compile(rb"[0-9]+")
+
+
+def _byte_at(data: bytes, index: int) -> int:
+    return data[index] if 0 <= index < len(data) else -1
+
+
+def _has_keyword(window: bytes, keywords: re.Pattern[bytes]) -> bool:
+    return keywords.search(window.lower()) is not None
+
+
+def _keywords(*words: bytes) -> re.Pattern[bytes]:
+    """One alternation of literals, searched over a bounded window only."""
+    return re.compile(b"|".join(re.escape(w) for w in words))
+
+
+def _before(data: bytes, start: int) -> bytes:
+    return data[max(0, start - CONTEXT_BYTES):start]
+
+
+def _digits_only(chunk: bytes) -> bytes:
+    return chunk.translate(None, _NOT_DIGITS)
+
+
+def _bounded(before: str, body: str, after: str) -> str:
+    """``body`` as group 1 between boundary conditions (RE2 has no look-around)."""
+    return f"(?:{before})({body})(?:{after})"
+
+
+# Boundary fragments. Each consumes at most two characters; the engine resumes a scan
+# at the end of the entity group, so a consumed boundary still serves the next entity.
+_NOT_AFTER_NUMBER = r"^[\-./_]?|[^0-9\-./_]|[^0-9][\-./_]"  # not "7" or "7-" before
+_NOT_BEFORE_NUMBER = r"$|[^0-9\-./_]|[\-./_](?:$|[^0-9])"  # not "7" or "-7" after
+_NOT_AFTER_DIGIT = r"^|[^0-9]"
+_NOT_BEFORE_DIGIT = r"$|[^0-9]"
+_NOT_AFTER_ALNUM = r"^|[^0-9A-Za-z]"
+
+_LUHN_DOUBLE: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
+def luhn_valid(digits: bytes) -> bool:
+    """The Luhn (mod 10) check of ISO/IEC 7812-1 over ASCII digits."""
+    total = 0
+    for position, byte in enumerate(reversed(digits)):
+        value = byte - 48
+        total += _LUHN_DOUBLE[value] if position & 1 else value
+    return total % 10 == 0
+
+
+# --- EMAIL ----------------------------------------------------------------------------
+
+_AT = r"(?:@|%40|&#0*64;|&#[xX]0*40;|&commat;|[ \t]?[\[({<][ \t]?(?i:at)[ \t]?[\])}>][ \t]?)"
+_DOT = r"(?:\.|%2[eE]|&#0*46;|[ \t]?[\[({<][ \t]?(?i:dot)[ \t]?[\])}>][ \t]?)"
+_LABEL = r"[\p{L}\p{N}](?:[\p{L}\p{N}-]*[\p{L}\p{N}])?"
+_TLD = r"(?:(?i:xn--)[a-zA-Z0-9-]+|\p{L}\p{L}+)"
+EMAIL_SOURCE: Final = r"[\p{L}\p{N}._%+'!#$*^`{|}~-]+" + _AT + f"(?:{_LABEL}{_DOT})+{_TLD}"
+
+
+def _check_email(data: bytes, start: int, end: int) -> Span | None:
+    # SECURITY: no boundary before the local part: a local part glued to other text (or
+    # longer than RFC 5321's 64 octets) is still masked from its first matched byte.
+    while start < end and data[start] in b".'":
+        start += 1
+    return (start, end) if start < end else None
+
+
+# --- PHONE ----------------------------------------------------------------------------
+
+_PH_PAREN = r"\([ \t]?[0-9]{1,5}[ \t]?\)[ \t\-.]?"
+_PH_SEP = r"(?:[ \t]?[.\-/][ \t]?|[ \t]{1,2})"
+_PH_EXT = r"(?:[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6})?"
+# Separated groups (the first one followed by a separator or in parentheses, so a lone
+# number is no candidate) or one run of 7-15 digits; never inside a longer number.
+PHONE_SOURCE: Final = _bounded(
+    r"^|[^0-9A-Za-z_+]",
+    rf"(?:\+[ \t]?|00[ \t]?)?"
+    rf"(?:(?:{_PH_PAREN}|[0-9]{{1,6}}(?:{_PH_SEP}|[ \t]?{_PH_PAREN}))(?:{_PH_PAREN}|[0-9]{{1,6}}{_PH_SEP}?){{0,6}}"
+    rf"[0-9]{{1,6}}|[0-9]{{7,15}}){_PH_EXT}",
+    r"$|[^0-9A-Za-z_.\-/ \t]|[.\-/ \t](?:$|[^0-9])",
+)
+_PH_EXT_RE: Final = re.compile(rb"[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6}$")
+_PH_TOKEN: Final = re.compile(rb"\([ \t]?[0-9]+[ \t]?\)|[0-9]+")
+_PHONE_KEYWORDS: Final = _keywords(
+    b"phone", b"tel", b"call", b"mobile", b"cell", b"fax", b"whatsapp", b"contact", b"reach", b"text me",
+    b"sms", b"number", b"telefon", b"handy", b"portable", b"t\xc3\xa9l", b"movil", b"m\xc3\xb3vil",
+)
+# Group sizes a North American number is written in: 415-555-0132, 1-415-555-0132, 4155550132.
+_NANP_LAYOUTS: Final = frozenset({(3, 3, 4), (1, 3, 3, 4), (3, 7), (1, 3, 7), (10,), (1, 10), (11,)})
+_NANP_LEADING: Final = frozenset(b"23456789")
+
+
+@cache
+def _calling_codes() -> dict[str, frozenset[int]]:
+    """Country calling code -> possible national number lengths, from libphonenumber."""
+    from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
+
+    table: dict[str, frozenset[int]] = {}
+    for code, regions in COUNTRY_CODE_TO_REGION_CODE.items():
+        lengths: set[int] = set()
+        for region in regions:
+            metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+            if metadata is not None and metadata.general_desc is not None:
+                lengths.update(metadata.general_desc.possible_length or ())
+        if lengths:
+            table[str(code)] = frozenset(lengths)
+    return table
+
+
+def _international_ok(digits: bytes) -> bool:
+    table = _calling_codes()
+    text = digits.decode()
+    for size in (1, 2, 3):
+        lengths = table.get(text[:size])
+        if lengths is None:
+            continue
+        national = text[size:]
+        if len(national) in lengths or (national.startswith("0") and len(national) - 1 in lengths):
+            return True
+    return False
+
+
+def _looks_like_date(sizes: list[int], groups: list[bytes], chunk: bytes) -> bool:
+    if len(sizes) != 3 or b" " in chunk:
+        return False
+    if sizes[0] == 4 and sizes[1] <= 2 and sizes[2] <= 2:
+        return 1 <= int(groups[1]) <= 12
+    if sizes[0] <= 2 and sizes[1] <= 2 and sizes[2] in (2, 4):
+        return 1 <= int(groups[0]) <= 31 and 1 <= int(groups[1]) <= 31
+    return False
+
+
+def phone_valid(chunk: bytes, keyword: bool = False, *, inner: bool = False) -> bool:
+    """Is this exact text (no extension) a phone number? ``keyword``: the text says so.
+
+    ``inner``: the text starts after other digits of the candidate, so a leading "00"
+    is not an international prefix ("... 3704 0044 0532" is no call to +44).
+    """
+    chunk = chunk.strip()
+    if not 7 <= len(_digits_only(chunk)) <= 15:
+        return False
+    groups = _DIGIT_RUN.findall(chunk)
+    digits = b"".join(groups)
+    count = len(digits)
+    if chunk.startswith(b"+"):
+        return count >= 8 and _international_ok(digits)
+    if chunk.startswith(b"00") and count >= 10 and not inner:
+        return _international_ok(digits[2:])
+    sizes = [len(g) for g in groups]
+    if _looks_like_date(sizes, groups, chunk):
+        return False
+    if sizes == [3, 2, 4] and b"(" not in chunk:
+        return False  # the US SSN layout
+    if len(groups) == 4 and max(sizes) <= 3 and chunk.count(b".") == 3:
+        return False  # an IPv4 address or a version string
+    # NANP: area code 2-9; the exchange is not checked, written 3-3-4 is shape enough.
+    nanp_shape = tuple(sizes) in _NANP_LAYOUTS and (count == 10 or groups[0] == b"1" or sizes == [11])
+    if nanp_shape and digits[-10:][0] in _NANP_LEADING and (len(groups) > 1 or keyword):
+        return True
+    if groups[0][:1] == b"0" and groups[0][1:2] not in (b"0", b"") and 9 <= count <= 11:
+        # National format with a trunk prefix: "020 7946 0958", "01 23 45 67 89", "03231 12345".
+        if len(groups) >= 3 and min(sizes) >= 2:
+            return True
+        if len(groups) == 2 and 3 <= sizes[0] <= 5 and sizes[1] >= 4:
+            return True
+        if chunk.startswith(b"(") or keyword:
+            return True
+    if chunk.startswith(b"(") and len(groups) >= 2 and 8 <= count <= 11 and min(sizes[1:]) >= 3:
+        return True  # "(11) 91234-5678", "(02) 1234 5678"
+    return keyword and len(groups) >= 2 and min(sizes) >= 2
+
+
+def _check_phone(data: bytes, start: int, end: int) -> Span | None:
+    chunk = data[start:end]
+    if len(_digits_only(chunk)) < 7:
+        return None  # most candidates in prose ("pages 12 - 20"): cheapest test first
+    extension = _PH_EXT_RE.search(chunk) if b"x" in chunk or b"#" in chunk else None  # x, ext, extension, #
+    body = chunk[:len(chunk) - len(extension.group())] if extension else chunk
+    windows: list[tuple[int, int]] | None = None
+    # Layout and country-code evidence first; a nearby keyword ("call", "tel") only
+    # admits weaker forms when no strong reading exists.
+    for keyword in (False, True):
+        if keyword and not _has_keyword(_before(data, start), _PHONE_KEYWORDS):
+            break
+        if phone_valid(body, keyword):
+            return start, end
+        if windows is None:
+            windows = _phone_windows(body)
+        for sub_start, sub_end in windows:
+            if phone_valid(body[sub_start:sub_end], keyword, inner=sub_start > 0):
+                return start + sub_start, start + sub_end
+    return None
+
+
+def _phone_windows(body: bytes) -> list[tuple[int, int]]:
+    """The candidate without its first and/or last digit group, if 7-15 digits remain.
+
+    A candidate may have run into one neighbouring number ("Room 12 415-555-0132",
+    "415-555-0132 24 hours"); trimming more would find phone-shaped pieces in any long
+    run of digits (an IBAN, an order number).
+    """
+    tokens = [(t.start(), t.end(), len(_digits_only(t.group()))) for t in _PH_TOKEN.finditer(body)]
+    count = len(tokens)
+    windows: list[tuple[int, int]] = []
+    for first, last in ((0, count - 2), (1, count - 1), (1, count - 2)):
+        if last - first < 1:
+            continue
+        digits = sum(t[2] for t in tokens[first:last + 1])
+        if 7 <= digits <= 15:
+            windows.append((0 if first == 0 else tokens[first][0], tokens[last][1]))  # a leading "+" stays
+    return windows
+
+
+# --- CARD -----------------------------------------------------------------------------
+
+_SEP = r"[ \t\-./_]{1,3}"
+CARD_SOURCE: Final = _bounded(
+    _NOT_AFTER_DIGIT,
+    rf"[0-9]{{4}}(?:{_SEP}[0-9]{{4}}){{2,3}}(?:{_SEP}[0-9]{{1,4}})?"
+    rf"|[0-9]{{4}}{_SEP}[0-9]{{6}}{_SEP}[0-9]{{4,5}}"
+    r"|[0-9]{12,19}",
+    _NOT_BEFORE_DIGIT,
+)
+# Digits written in equal small groups ("4 1 1 1 ...", "41 11 11 ..."): only a whole run.
+CARD_SPREAD_SOURCE: Final = _bounded(
+    r"^[ \t\-./_]?|[^0-9 \t\-./_]|[^0-9][ \t\-./_]",
+    rf"[0-9]{{1,3}}(?:{_SEP}[0-9]{{1,3}}){{4,18}}",
+    r"$|[^0-9 \t\-./_]|[ \t\-./_](?:$|[^0-9 \t\-./_])",
+)
+
+
+_CARD_KEYWORDS: Final = _keywords(
+    b"card", b"visa", b"mastercard", b"maestro", b"amex", b"cc", b"credit", b"debit", b"paid with", b"payment",
+    b"pan", b"karte", b"carte", b"tarjeta",
+)
+
+
+def card_number_ok(digits: bytes, keyword: bool = False) -> bool:
+    """Luhn-valid; 13-19 digits with an issuer prefix 1-6 (ISO/IEC 7812 major industry).
+
+    With a card keyword nearby, 12-digit numbers (short Maestro) and other prefixes count.
+    """
+    if not 12 <= len(digits) <= 19 or not luhn_valid(digits):
+        return False
+    if len(digits) >= 13 and digits[0] in b"123456":
+        return True
+    return keyword
+
+
+def _check_card(data: bytes, start: int, end: int) -> Span | None:
+    chunk = data[start:end]
+    keyword = _has_keyword(_before(data, start), _CARD_KEYWORDS)
+    if card_number_ok(_digits_only(chunk), keyword):
+        return start, end
+    # A neighbouring group may have been taken in ("... 0132 4111 1111 1111 1111"): try
+    # the windows of whole groups, longest first (at most 5 groups here).
+    runs = [(r.start(), r.end()) for r in _DIGIT_RUN.finditer(chunk)]
+    best: Span | None = None
+    for first in range(len(runs)):
+        for last in range(len(runs) - 1, first - 1, -1):
+            window = _digits_only(chunk[runs[first][0]:runs[last][1]])
+            if len(window) < 13:
+                break
+            if card_number_ok(window):
+                span = (start + runs[first][0], start + runs[last][1])
+                if best is None or span[1] - span[0] > best[1] - best[0]:
+                    best = span
+                break
+    return best
+
+
+def _check_card_spread(data: bytes, start: int, end: int) -> Span | None:
+    groups = _DIGIT_RUN.findall(data[start:end])
+    size = len(groups[0])
+    if any(len(g) != size for g in groups[:-1]) or len(groups[-1]) > size:
+        return None
+    digits = b"".join(groups)
+    return (start, end) if card_number_ok(digits, _has_keyword(_before(data, start), _CARD_KEYWORDS)) else None
+
+
+# --- SSN ------------------------------------------------------------------------------
+
+_SSN_SEP = r"(?:[ \t]?[\-.][ \t]?|[ \t]{1,2}|_)"
+SSN_SOURCE: Final = _bounded(
+    _NOT_AFTER_NUMBER, rf"[0-9]{{3}}{_SSN_SEP}[0-9]{{2}}{_SSN_SEP}[0-9]{{4}}|[0-9]{{9}}", _NOT_BEFORE_NUMBER,
+)
+_SSN_KEYWORDS: Final = _keywords(b"ssn", b"social security", b"social sec", b"ss#", b"ss #", b"taxpayer", b"tin")
+
+
+def ssn_valid(digits: bytes) -> bool:
+    """SSA rules: area not 000, 666 or 9xx; group not 00; serial not 0000."""
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
+    return area not in (b"000", b"666") and area[:1] != b"9" and group != b"00" and serial != b"0000"
+
+
+def _check_ssn(data: bytes, start: int, end: int) -> Span | None:
+    digits = _digits_only(data[start:end])
+    if len(digits) != 9 or not ssn_valid(digits):
+        return None
+    if end - start == 9 and not _has_keyword(_before(data, start), _SSN_KEYWORDS):
+        return None  # nine bare digits are an SSN only when the text says so
+    return start, end
+
+
+# --- IBAN -----------------------------------------------------------------------------
+
+IBAN_SOURCE: Final = _bounded(
+    _NOT_AFTER_ALNUM, r"[A-Za-z]{2}[0-9]{2}(?:[ \t\-]?[A-Za-z0-9]{4}){2,7}(?:[ \t\-]?[A-Za-z0-9]{1,4})?", r"",
+)
+# ISO 13616 registry (SWIFT IBAN registry): country -> IBAN length.
+IBAN_LENGTHS: Final[dict[bytes, int]] = {
+    b"AD": 24, b"AE": 23, b"AL": 28, b"AT": 20, b"AZ": 28, b"BA": 20, b"BE": 16, b"BG": 22, b"BH": 22, b"BI": 27,
+    b"BR": 29, b"BY": 28, b"CH": 21, b"CR": 22, b"CY": 28, b"CZ": 24, b"DE": 22, b"DJ": 27, b"DK": 18, b"DO": 28,
+    b"EE": 20, b"EG": 29, b"ES": 24, b"FI": 18, b"FK": 18, b"FO": 18, b"FR": 27, b"GB": 22, b"GE": 22, b"GI": 23,
+    b"GL": 18, b"GR": 27, b"GT": 28, b"HN": 28, b"HR": 21, b"HU": 28, b"IE": 22, b"IL": 23, b"IQ": 23, b"IS": 26,
+    b"IT": 27, b"JO": 30, b"KW": 30, b"KZ": 20, b"LB": 28, b"LC": 32, b"LI": 21, b"LT": 20, b"LU": 20, b"LV": 21,
+    b"LY": 25, b"MC": 27, b"MD": 24, b"ME": 22, b"MK": 19, b"MN": 20, b"MR": 27, b"MT": 31, b"MU": 30, b"NI": 28,
+    b"NL": 18, b"NO": 15, b"OM": 23, b"PK": 24, b"PL": 28, b"PS": 29, b"PT": 25, b"QA": 29, b"RO": 24, b"RS": 22,
+    b"RU": 33, b"SA": 24, b"SC": 31, b"SD": 18, b"SE": 24, b"SI": 19, b"SK": 24, b"SM": 27, b"SO": 23, b"ST": 25,
+    b"SV": 28, b"TL": 23, b"TN": 24, b"TR": 26, b"UA": 29, b"VA": 22, b"VG": 24, b"XK": 20, b"YE": 30,
+}
+
+
+def iban_valid(compact: bytes) -> bool:
+    """ISO 7064 mod 97-10 over an upper-case IBAN without separators."""
+    rearranged = compact[4:] + compact[:4]
+    number = "".join(str(int(chr(c), 36)) for c in rearranged)
+    return int(number) % 97 == 1
+
+
+def _check_iban(data: bytes, start: int, end: int) -> Span | None:
+    expected = IBAN_LENGTHS.get(data[start:start + 2].upper())
+    if expected is None:
+        return None
+    compact = bytearray()
+    position = start
+    while position < end and len(compact) < expected:
+        byte = data[position]
+        if byte in _ALNUM:
+            compact.append(byte)
+        position += 1
+    if len(compact) != expected or not iban_valid(bytes(compact).upper()):
+        return None
+    return start, position
+
+
+# --- IP -------------------------------------------------------------------------------
+
+IPV4_SOURCE: Final = _bounded(
+    r"^|[^0-9A-Za-z_.]", r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}", r"$|[^0-9A-Za-z_.]|\.(?:$|[^0-9])",
+)
+_HEX = r"[0-9A-Fa-f]{0,4}"
+IPV6_SOURCE: Final = _bounded(
+    r"^|[^0-9A-Za-z_:]",
+    rf"{_HEX}(?::{_HEX}){{1,6}}:[0-9]{{1,3}}(?:\.[0-9]{{1,3}}){{3}}(?:%[0-9A-Za-z._~\-]{{1,32}})?"
+    rf"|{_HEX}(?::{_HEX}){{2,7}}(?:%[0-9A-Za-z._~\-]{{1,32}})?",
+    r"",
+)
+
+
+def _octets_ok(chunk: bytes) -> bool:
+    """Each octet 0-255 without leading zeros (which some parsers read as octal)."""
+    return all(int(part) <= 255 and (len(part) == 1 or part[:1] != b"0") for part in chunk.split(b"."))
+
+
+def _check_ipv4(data: bytes, start: int, end: int) -> Span | None:
+    return (start, end) if _octets_ok(data[start:end]) else None
+
+
+def _check_ipv6(data: bytes, start: int, end: int) -> Span | None:
+    address = data[start:end].partition(b"%")[0]
+    if address.endswith(b":") and not address.endswith(b"::"):
+        address = address[:-1]  # "... at fe80::1: it answered": the colon is prose
+        end = start + len(address)
+    elif _byte_at(data, end) in _WORD:
+        return None
+    try:
+        parsed = ipaddress.IPv6Address(address.decode())
+    except ValueError:
+        return None
+    if int(parsed) == 0:
+        return None
+    if not any(b in _DIGITS for b in address) and address.count(b":") < 7:
+        return None  # "dead::beef", "a::b": words, not addresses
+    return start, end
+
+
+# --- SECRET ---------------------------------------------------------------------------
+
+_SECRET_PREFIXED: Final = (
+    ("aws_access_key", r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA)[A-Z0-9]{16}"),
+    ("github", r"gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,255}"),
+    ("gitlab", r"gl(?:pat|dt|ptt|rt)-[A-Za-z0-9_\-]{20,64}"),
+    ("slack", r"xox[abposre]-[A-Za-z0-9\-]{10,250}|https://hooks\.slack\.com/services/[A-Za-z0-9/]{20,120}"),
+    ("stripe", r"(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,247}|whsec_[A-Za-z0-9]{24,64}"),
+    ("openai", r"sk-(?:proj-|svcacct-|admin-|ant-[a-z0-9]{2,8}-)?[A-Za-z0-9_\-]{20,250}"),
+    ("google", r"AIza[0-9A-Za-z_\-]{35}"),
+    ("huggingface", r"hf_[A-Za-z0-9]{30,40}"),
+    ("npm", r"npm_[A-Za-z0-9]{36}"),
+    ("pypi", r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,300}"),
+    ("sendgrid", r"SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}"),
+    ("twilio", r"SK[0-9a-fA-F]{32}"),
+    ("jwt", r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{2,}\.[A-Za-z0-9_\-]*"),
+)
+PEM_SOURCE: Final = (
+    r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+    r"(?s:.*?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,\-]*)"
+)
+# Names a secret follows in "name=value" text, not secrets themselves.
+_KEY_NAMES = (
+    r"(?:password|passwd|pwd|passphrase|secret(?:[_\-]?access)?(?:[_\-]?key)?|api[_\-]?key|apikey|api[_\-]?token"
+    r"|access[_\-]?token|auth[_\-]?token|refresh[_\-]?token|client[_\-]?secret|private[_\-]?key|token)"
+)
+ASSIGNED_SECRET_SOURCE: Final = (
+    rf"(?i:{_KEY_NAMES})[\"']?[ \t]*[:=][ \t]*[\"']?([^\s\"'<>,;\[\]]{{6,200}})"
+)
+AUTH_HEADER_SOURCE: Final = (
+    r"(?i:authorization)[\"']?[ \t]*[:=][ \t]*[\"']?(?i:(?:basic|bearer|token|digest)[ \t]+)?([^\s\"'<>,;]{8,})"
+    r"|(?i:bearer)[ \t]+([A-Za-z0-9\-._~+/]{16,}=*)"
+)
+
+
+def _check_prefixed_secret(data: bytes, start: int, end: int) -> Span | None:
+    chunk = data[start:end]
+    if chunk.startswith(b"sk-"):
+        body = chunk[3:]
+        # Precision: "sk-learn-compatible-estimators" is prose; a key is random, so it has
+        # letters and digits.
+        if not any(b in _DIGITS for b in body) or not any(b in _LETTERS for b in body):
+            return None
+    return start, end
+
+
+def _accept(data: bytes, start: int, end: int) -> Span | None:
+    return start, end
+
+
+# --- DOB ------------------------------------------------------------------------------
+
+_MONTHS = (
+    r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?"
+    r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
+)
+DATE_SOURCE: Final = _bounded(
+    _NOT_AFTER_DIGIT,
+    r"[0-9]{1,2}[/.\-][0-9]{1,2}[/.\-](?:[0-9]{4}|[0-9]{2})"
+    r"|[0-9]{4}[/.\-][0-9]{1,2}[/.\-][0-9]{1,2}"
+    rf"|(?i:[0-9]{{1,2}}(?:st|nd|rd|th)?[ \t]+(?:of[ \t]+)?{_MONTHS},?[ \t]+[0-9]{{4}})"
+    rf"|(?i:{_MONTHS}[ \t]+[0-9]{{1,2}}(?:st|nd|rd|th)?,?[ \t]+[0-9]{{4}})",
+    _NOT_BEFORE_NUMBER,
+)
+_DOB_BEFORE: Final = _keywords(
+    b"dob", b"d.o.b", b"date of birth", b"birth date", b"birthdate", b"birthday", b"born", b"b-day",
+    b"geboren", b"geb.", b"geburtsdatum", b"n\xc3\xa9 le", b"n\xc3\xa9e le", b"date de naissance",
+    b"fecha de nacimiento", b"nacido", b"nacida", b"data di nascita",
+)
+_DOB_AFTER: Final = _keywords(b"birth", b"dob", b"born")
+_MONTH_NAMES: Final = {
+    name: number for number, names in enumerate((
+        ("jan", "january"), ("feb", "february"), ("mar", "march"), ("apr", "april"), ("may",), ("jun", "june"),
+        ("jul", "july"), ("aug", "august"), ("sep", "sept", "september"), ("oct", "october"),
+        ("nov", "november"), ("dec", "december"),
+    ), start=1) for name in names
+}
+_DAYS_IN_MONTH: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_WORD_RE: Final = re.compile(rb"[A-Za-z]+")
+
+
+def _date_ok(day: int, month: int, year: int) -> bool:
+    if year < 100:
+        year += 1900
+    return 1 <= month <= 12 and 1 <= day <= _DAYS_IN_MONTH[month - 1] and 1880 <= year <= 2100
+
+
+def date_valid(chunk: bytes) -> bool:
+    """A real calendar date in one of the written forms DATE_SOURCE finds."""
+    runs = _DIGIT_RUN.findall(chunk)
+    numbers = [int(n) for n in runs]
+    month_words = [_MONTH_NAMES[w] for w in (w.decode().lower() for w in _WORD_RE.findall(chunk))
+                   if w in _MONTH_NAMES]
+    if month_words:
+        return len(numbers) == 2 and _date_ok(numbers[0], month_words[0], numbers[1])
+    if len(numbers) != 3:
+        return False
+    first, second, third = numbers
+    if len(runs[0]) == 4:
+        return _date_ok(third, second, first)
+    return _date_ok(first, second, third) or _date_ok(second, first, third)
+
+
+def _check_dob(data: bytes, start: int, end: int) -> Span | None:
+    if not (_has_keyword(_before(data, start), _DOB_BEFORE)
+            or _has_keyword(data[end:end + 24], _DOB_AFTER)):
+        return None
+    return (start, end) if date_valid(data[start:end]) else None
+
+
+# --- ADDRESS (optional) ---------------------------------------------------------------
+
+# USPS Publication 28, appendix C1: street suffix names and their standard abbreviations.
+_STREET_SUFFIXES = (
+    "Alley Aly Annex Anx Arcade Arc Avenue Ave Av Bayou Byu Beach Bch Bend Bnd Bluff Blf Bluffs Blfs Bottom Btm "
+    "Boulevard Blvd Branch Br Bridge Brg Brook Brk Brooks Brks Burg Bg Burgs Bgs Bypass Byp Camp Cp Canyon Cyn "
+    "Cape Cpe Causeway Cswy Center Ctr Centers Ctrs Circle Cir Circles Cirs Cliff Clf Cliffs Clfs Club Clb "
+    "Common Cmn Commons Cmns Corner Cor Corners Cors Course Crse Court Ct Courts Cts Cove Cv Coves Cvs Creek Crk "
+    "Crescent Cres Crest Crst Crossing Xing Crossroad Xrd Crossroads Xrds Curve Curv Dale Dl Dam Dm Divide Dv "
+    "Drive Dr Drives Drs Estate Est Estates Ests Expressway Expy Extension Ext Extensions Exts Fall Falls Fls "
+    "Ferry Fry Field Fld Fields Flds Flat Flt Flats Flts Ford Frd Fords Frds Forest Frst Forge Frg Forges Frgs "
+    "Fork Frk Forks Frks Fort Ft Freeway Fwy Garden Gdn Gardens Gdns Gateway Gtwy Glen Gln Glens Glns Green Grn "
+    "Greens Grns Grove Grv Groves Grvs Harbor Hbr Harbors Hbrs Haven Hvn Heights Hts Highway Hwy Hill Hl Hills "
+    "Hls Hollow Holw Inlet Inlt Island Is Islands Iss Isle Junction Jct Junctions Jcts Key Ky Keys Kys Knoll Knl "
+    "Knolls Knls Lake Lk Lakes Lks Land Landing Lndg Lane Ln Light Lgt Lights Lgts Loaf Lf Lock Lck Locks Lcks "
+    "Lodge Ldg Loop Mall Manor Mnr Manors Mnrs Meadow Mdw Meadows Mdws Mews Mill Ml Mills Mls Mission Msn "
+    "Motorway Mtwy Mount Mt Mountain Mtn Mountains Mtns Neck Nck Orchard Orch Oval Overpass Opas Park Prk Parks "
+    "Parkway Pkwy Parkways Pass Passage Psge Path Pike Pine Pne Pines Pnes Place Pl Plain Pln Plains Plns Plaza "
+    "Plz Point Pt Points Pts Port Prt Ports Prts Prairie Pr Radial Radl Ramp Ranch Rnch Rapid Rpd Rapids Rpds "
+    "Rest Rst Ridge Rdg Ridges Rdgs River Riv Road Rd Roads Rds Route Rte Row Rue Run Shoal Shl Shoals Shls Shore "
+    "Shr Shores Shrs Skyway Skwy Spring Spg Springs Spgs Spur Spurs Square Sq Squares Sqs Station Sta Stravenue "
+    "Stra Stream Strm Street St Streets Sts Summit Smt Terrace Ter Throughway Trwy Trace Trce Track Trak "
+    "Trafficway Trfy Trail Trl Trailer Trlr Tunnel Tunl Turnpike Tpke Underpass Upas Union Un Unions Uns Valley "
+    "Vly Valleys Vlys Via Viaduct Vdct View Vw Views Vws Village Vlg Villages Vlgs Ville Vl Vista Vis Walk Walks "
+    "Wall Way Ways Well Wl Wells Wls"
+)
+_SUFFIX_ALT = "|".join(sorted(set(_STREET_SUFFIXES.split()), key=lambda s: (-len(s), s)))
+ADDRESS_SOURCE: Final = _bounded(
+    r"^|[^0-9A-Za-z_]",
+    r"[0-9]{1,6}[A-Za-z]?[ \t]+(?:(?:[NSEW]|North|South|East|West)\.?[ \t]+)?"
+    r"(?:[A-Z][A-Za-z'\-]*[ \t]+|[0-9]{1,3}(?:st|nd|rd|th)[ \t]+){1,4}"
+    rf"(?:{_SUFFIX_ALT})\b\.?"
+    r"(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Fl\.?|Floor|Rm\.?|Room|#)[ \t]*#?[A-Za-z0-9\-]{1,6})?",
+    r"",
+)
+
+
+RULES: Final[tuple[Rule, ...]] = (
+    Rule(EMAIL, "email", EMAIL_SOURCE, _check_email, group=0),
+    Rule(PHONE, "phone", PHONE_SOURCE, _check_phone),
+    Rule(CARD, "card", CARD_SOURCE, _check_card),
+    Rule(CARD, "card_spread", CARD_SPREAD_SOURCE, _check_card_spread),
+    Rule(SSN, "ssn", SSN_SOURCE, _check_ssn),
+    Rule(IBAN, "iban", IBAN_SOURCE, _check_iban),
+    Rule(IP, "ipv4", IPV4_SOURCE, _check_ipv4),
+    Rule(IP, "ipv6", IPV6_SOURCE, _check_ipv6),
+    *(Rule(SECRET, name, _bounded(_NOT_AFTER_ALNUM, source, ""), _check_prefixed_secret)
+      for name, source in _SECRET_PREFIXED),
+    Rule(SECRET, "pem_private_key", PEM_SOURCE, _accept, group=0),
+    Rule(SECRET, "assigned_secret", ASSIGNED_SECRET_SOURCE, _accept),
+    Rule(SECRET, "auth_header", AUTH_HEADER_SOURCE, _accept, group=-1),
+    Rule(DOB, "dob", DATE_SOURCE, _check_dob),
+    Rule(ADDRESS, "address", ADDRESS_SOURCE, _accept),
+)
