@@ -35,6 +35,7 @@ from gateway.errors import UpstreamUnavailable
 from gateway.kserve import InferRequest, ModelMetadata, Tensor, TensorSpec
 from gateway.tls import TlsSettings, grpc_channel_credentials, grpc_server_credentials, server_ssl_context
 from gateway.upstream.triton_grpc import TritonGrpcUpstream
+from tests.conftest import DIGIT_ZERO
 from tests.e2e.test_both_fronts import GatewayThread, gateway_settings
 from tests.support.certs import TestPki, make_pki
 from tests.support.fake_triton import FakeTriton, _Servicer
@@ -42,6 +43,8 @@ from tests.support.fake_triton import FakeTriton, _Servicer
 DIGITS = ModelMetadata(name="digits", versions=("1",), platform="onnxruntime_onnx",
                        inputs=(TensorSpec("pixels", "FP32", (-1, 64)),),
                        outputs=(TensorSpec("probabilities", "FP32", (-1, 10)),))
+# A real digit: the input policy refuses constant or off-grid images.
+DIGIT = np.asarray([DIGIT_ZERO], dtype=np.float32)
 CBC_SUITES = "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:AES128-SHA:AES256-SHA256"
 
 
@@ -221,7 +224,7 @@ class TestProtocol:
 
 def _digits_http(client: httpclient.InferenceServerClient, token: str) -> np.ndarray:
     inp = httpclient.InferInput("pixels", [1, 64], "FP32")
-    inp.set_data_from_numpy(np.ones((1, 64), np.float32))
+    inp.set_data_from_numpy(DIGIT)
     result = client.infer("digits", [inp], headers={"Authorization": f"Bearer {token}"})
     return np.asarray(result.as_numpy("probabilities"))
 
@@ -300,7 +303,7 @@ def _grpc_client(gw: GatewayThread, pki: TestPki, cert: Any = None) -> grpcclien
 
 def _digits_grpc(client: Any, token: str) -> Any:
     inp = grpcclient.InferInput("pixels", [1, 64], "FP32")
-    inp.set_data_from_numpy(np.ones((1, 64), np.float32))
+    inp.set_data_from_numpy(DIGIT)
     return client.infer("digits", [inp], headers={"authorization": f"Bearer {token}"})
 
 
@@ -382,7 +385,7 @@ class TlsFakeTriton(FakeTriton):
 
 def _digits_request() -> InferRequest:
     return InferRequest(model="digits", version="", inputs=[
-        Tensor("pixels", "FP32", (1, 64), np.ones((1, 64), np.float32))])
+        Tensor("pixels", "FP32", (1, 64), DIGIT.copy())])
 
 
 class TestUpstreamTls:

@@ -178,6 +178,7 @@ class Reservation:
     reservation_id: str
     amount: float
     period: int  # index of the calendar period charged (server time // period_s)
+    period_s: int
 
 
 @dataclass(frozen=True, slots=True)

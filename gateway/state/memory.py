@@ -21,7 +21,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from gateway.state.base import (
@@ -108,10 +108,12 @@ class MemoryState:
             decision, plan = self._decide(check, now)
             decisions.append(decision)
             plans.append(plan)
-        if all(d.allowed for d in decisions):
-            for plan in plans:
-                if plan is not None:
-                    self._put(plan.key, plan.value, plan.expires_at)
+        if not all(d.allowed for d in decisions):
+            # Nothing is charged, so no lease was taken either.
+            return [replace(d, lease=None) if d.lease is not None else d for d in decisions]
+        for plan in plans:
+            if plan is not None:
+                self._put(plan.key, plan.value, plan.expires_at)
         return decisions
 
     async def acquire(self, check: ConcurrencyCheck) -> LimitDecision:
@@ -190,14 +192,14 @@ class MemoryState:
             ledger = _Ledger(period, 0.0)
         reset = seconds(end - now)
         if rid in ledger.reservations:
-            res = Reservation(key, rid, ledger.reservations[rid], period)
+            res = Reservation(key, rid, ledger.reservations[rid], period, period_s)
             return BudgetDecision(True, capacity, ledger.spent, reset, res)
         if ledger.spent + amount > capacity * (1 + BUDGET_EPSILON):
             return BudgetDecision(False, capacity, ledger.spent, reset)
         ledger.spent += amount
         ledger.reservations[rid] = amount
         self._put(key, ledger, end + PERIOD_GRACE_US, evictable=False)
-        return BudgetDecision(True, capacity, ledger.spent, reset, Reservation(key, rid, amount, period))
+        return BudgetDecision(True, capacity, ledger.spent, reset, Reservation(key, rid, amount, period, period_s))
 
     async def commit(self, reservation: Reservation, *, actual: float | None = None) -> bool:
         if actual is not None:
@@ -210,8 +212,11 @@ class MemoryState:
         return self._settle(reservation, refund=reservation.amount)
 
     def _settle(self, reservation: Reservation, *, refund: float | None) -> bool:
-        ledger = self._typed(self._get(reservation.key, self._now()), _Ledger, "settle")
-        if ledger is None or ledger.period != reservation.period:
+        now = self._now()
+        ledger = self._typed(self._get(reservation.key, now), _Ledger, "settle")
+        # A past period's budget is whole again: nothing there to settle.
+        current = now // (reservation.period_s * 1_000_000)
+        if ledger is None or ledger.period != reservation.period or current != reservation.period:
             return False
         held = ledger.reservations.pop(reservation.reservation_id, None)
         if held is None:

@@ -38,13 +38,14 @@ import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 import structlog
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -252,11 +253,13 @@ redis.call('PEXPIRE', key, ms(stop + grace - now))
 return {1, fmt17(spent), fmt(period), stop - now, fmt17(amount)}
 """
 
-# Settle (commit or refund) a reservation. ARGV: now reservation_id period refund ('' = none).
+# Settle (commit or refund) a reservation of the current period.
+# ARGV: now reservation_id period refund ('' = none) period_us.
 SETTLE_LUA: Final = _NOW + """
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 'p', 's')
-if not h[1] or tonumber(h[1]) ~= tonumber(ARGV[3]) then return 0 end
+local period = tonumber(ARGV[3])
+if not h[1] or tonumber(h[1]) ~= period or period_of(tonumber(ARGV[5])) ~= period then return 0 end
 local rid = 'r:' .. ARGV[2]
 local held = tonumber(redis.call('HGET', key, rid))
 if not held then return 0 end
@@ -334,7 +337,27 @@ def classify(exc: BaseException) -> str:
         return "cluster"
     if isinstance(exc, ResponseError) and str(exc).startswith("BUSY"):
         return "busy"
-    return "error"
+    if isinstance(exc, RedisError):
+        return "error"
+    return "client_error"
+
+
+class _CachedCommandsParser(AsyncCommandsParser):
+    """redis-py's cluster client re-reads ``COMMAND`` (~200 KB) on every topology refresh.
+
+    Parsing it takes ~15 ms of pure-Python CPU, and a failover triggers a refresh after
+    every connection error: measured, the event loop was blocked half the time for the
+    whole failover. The command table does not change when a replica is promoted, so it is
+    read once and reused; only the node it is read from is updated.
+    """
+
+    __slots__ = ()
+
+    async def initialize(self, node: Any = None) -> None:
+        if node is not None:
+            self.node = node
+        if not self.commands:
+            await super().initialize(node)
 
 
 class _Breaker:
@@ -473,7 +496,7 @@ class RedisState:
         self._observer = observer
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown_s)
         self._on_close = on_close
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
 
     @classmethod
     def from_url(cls, url: str, *, op_timeout_s: float = DEFAULT_OP_TIMEOUT_S, key_prefix: str = "ig",
@@ -493,6 +516,9 @@ class RedisState:
             "retry": Retry(NoBackoff(), 1, (RedisConnectionError,)),
             "decode_responses": False,
             "health_check_interval": 0,
+            # No CLIENT SETINFO on connect: one round trip less inside the op timeout when a
+            # burst has to open new connections.
+            "driver_info": None,
         }
         if target.tls:
             common["ssl"] = True
@@ -505,6 +531,7 @@ class RedisState:
             common.pop("health_check_interval")
             client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
                                   max_connections=max_connections, require_full_coverage=True, **common)
+            client.commands_parser = _CachedCommandsParser()
             # A global breaker would fail every slot when one master fails over: off for clusters.
             threshold = 0 if breaker_threshold is None else breaker_threshold
         elif target.mode == "sentinel":
@@ -562,16 +589,29 @@ class RedisState:
             self._observe(op, 0.0, "circuit_open")
             raise StateUnavailable(op, "circuit_open")
         start = time.perf_counter()
+        task = asyncio.ensure_future(command())
         try:
+            # The caller waits on a shield, so the deadline holds even when the client
+            # library is slow to honour the cancellation (measured: redis-py's cluster
+            # client sleeping 250 ms on CLUSTERDOWN, Python 3.11's wait_for losing a cancel).
             async with asyncio.timeout(self.op_timeout_s):
-                result = await command()
-        except (RedisError, RedisClusterException, OSError) as exc:
-            # OSError covers TimeoutError (asyncio.timeout) and socket errors redis-py lets through.
+                result = await asyncio.shield(task)
+        except BaseException as exc:
+            if not task.done():
+                task.cancel()  # redis-py drops the connection it was using
+                self._background.add(task)
+                task.add_done_callback(_reap(self._background))
+            if not isinstance(exc, Exception):
+                raise  # our own caller was cancelled (asyncio.timeout turns its own cancel into TimeoutError)
+            # RedisError and OSError (which covers asyncio's TimeoutError) are the expected
+            # ones; anything else is a redis-py fault under failover (seen: a connection torn
+            # down by a concurrent reset while another command was sending on it), and the
+            # caller's fail mode must apply to it too.
             kind = classify(exc)
             self._breaker.record(False)
             self._observe(op, time.perf_counter() - start, kind)
-            if kind == "error":
-                log.warning("state_backend_error", op=op, error=type(exc).__name__)
+            if kind in {"error", "client_error"}:
+                log.warning("state_backend_error", op=op, kind=kind, error=type(exc).__name__)
             raise StateUnavailable(op, kind) from exc
         self._breaker.record(True)
         self._observe(op, time.perf_counter() - start, None)
@@ -594,16 +634,25 @@ class RedisState:
         if self._observer is not None:
             self._observer.state_op(self._mode, op, elapsed, error)
 
-    async def start(self) -> None:
-        """Load the scripts ahead of the first request. Best effort: Redis may still be down."""
-        async def load_all() -> None:
+    async def start(self, timeout_s: float = 5.0) -> None:
+        """Warm up before the first request: discover the cluster, open a connection, load scripts.
+
+        A cold cluster client spends tens of milliseconds on topology discovery, which would
+        otherwise eat the first requests' 100 ms budgets. Best effort and bounded by
+        ``timeout_s``: Redis may be down at start-up, and the gateway starts anyway.
+        """
+
+        async def warm_up() -> None:
+            if isinstance(self._client, RedisCluster):
+                _ = await self._client.initialize()
             for script in SCRIPTS:
                 await self._client.script_load(script.source)
 
         try:
-            await self._call("script_load", load_all)
-        except StateUnavailable as exc:
-            log.warning("state_scripts_not_loaded", backend=self._mode, kind=exc.kind)
+            async with asyncio.timeout(timeout_s):
+                await warm_up()
+        except Exception as exc:  # noqa: BLE001 - start-up must not fail because Redis does
+            log.warning("state_warm_up_failed", backend=self._mode, kind=classify(exc))
 
     # -- limits -------------------------------------------------------------------------
 
@@ -645,7 +694,7 @@ class RedisState:
             self._spawn(self._limits_script("undo", "u", [checks[i] for i in idx], [leases[i] for i in idx]))
         if failure is not None:
             raise failure
-        return [d if d.lease is None else _without_lease(d) for d in complete]
+        return [replace(d, lease=None) if d.lease is not None else d for d in complete]
 
     async def _limits_script(self, op: str, mode: str, checks: Sequence[LimitCheck],
                              leases: Sequence[Lease | None]) -> Any:
@@ -687,7 +736,7 @@ class RedisState:
                                  [repr(float(capacity)), period_s * 1_000_000, repr(float(amount)), rid,
                                   PERIOD_GRACE_US, repr(BUDGET_EPSILON)])
         granted, spent, period, reset, held = raw
-        reservation = Reservation(key, rid, float(held), int(period)) if granted else None
+        reservation = Reservation(key, rid, float(held), int(period), period_s) if granted else None
         return BudgetDecision(bool(granted), capacity, float(spent), seconds(int(reset)), reservation)
 
     async def commit(self, reservation: Reservation, *, actual: float | None = None) -> bool:
@@ -703,7 +752,8 @@ class RedisState:
 
     async def _settle(self, op: str, reservation: Reservation, refund: str) -> bool:
         raw = await self._script(op, _SETTLE, [self.key(reservation.key)],
-                                 [reservation.reservation_id, reservation.period, refund])
+                                 [reservation.reservation_id, reservation.period, refund,
+                                  reservation.period_s * 1_000_000])
         return bool(raw)
 
     # -- documents ----------------------------------------------------------------------
@@ -728,11 +778,22 @@ class RedisState:
 
     async def close(self) -> None:
         for task in list(self._background):
-            with contextlib.suppress(asyncio.CancelledError, StateUnavailable):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._client.aclose()
         if self._on_close is not None:
             await self._on_close()
+
+
+def _reap(background: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    """Forget an abandoned call once it ends, reading its outcome so nothing is logged as lost."""
+
+    def done(task: asyncio.Future[Any]) -> None:
+        background.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 def _check_args(check: LimitCheck, lease: Lease | None) -> tuple[str | int, ...]:
@@ -755,7 +816,3 @@ def _decisions(raw: Sequence[Any], checks: Sequence[LimitCheck], leases: Sequenc
                                  lease if allowed and overall else None))
     return out
 
-
-def _without_lease(decision: LimitDecision) -> LimitDecision:
-    return LimitDecision(decision.allowed, decision.limit, decision.remaining, decision.reset_s,
-                         decision.retry_after_s, None)

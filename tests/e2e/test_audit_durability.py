@@ -62,6 +62,7 @@ async def test_kill_9_loses_no_answered_record(tmp_path: Path) -> None:
     recorded = {r.get("request_id") for r in iter_records(gw.audit_dir)}
     missing = [rid for rid in answered if rid not in recorded]
     assert not missing, f"{len(missing)} answered requests have no audit record"
-    out = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", str(gw.audit_dir)],
-                         capture_output=True, text=True, cwd=ROOT, check=False)
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "audit", "verify",
+                                                   str(gw.audit_dir)], capture_output=True, text=True, cwd=ROOT,
+                                  check=False)
     assert out.returncode == 0, out.stdout + out.stderr
