@@ -33,6 +33,7 @@ from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
 from gateway.upstream.base import Upstream
+from privacy.dp.ledger import InMemoryBudgetLedger
 
 log = structlog.get_logger("gateway.app")
 
@@ -89,7 +90,9 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         """Feature squeezing's second upstream call: the upstream only, never the pipeline."""
         return await upstream.infer(req, timeout_s=timeouts["infer"])
 
-    env = CompileEnv(extra_issuers=extra, key_sources=key_sources, repo_dir=settings.profiles_dir(),
+    dp_ledger = InMemoryBudgetLedger()
+    env = CompileEnv(dp_ledger=dp_ledger, extra_issuers=extra, key_sources=key_sources,
+                     repo_dir=settings.profiles_dir(),
                      reinfer=reinfer, detector_metrics=metrics,
                      pii_hmac_key=load_or_create_secret(settings.state_dir / "pii-hmac.key"),
                      pii_token_key=load_or_create_secret(settings.state_dir / "pii-token.key"))
@@ -115,6 +118,7 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         audit_aggregator=AuditAggregator(audit_log),
         key_sources=key_sources,
         breakers=Breakers(on_change=circuit_changed),
+        dp_ledger=dp_ledger,
     )
 
 

@@ -74,8 +74,10 @@ class Pipeline:
     stages: tuple[BoundStage, ...]
     metrics: Metrics
 
-    def _with(self, hook: str) -> tuple[BoundStage, ...]:
-        return tuple(b for b in self.stages if b.stage.overrides(hook))
+    def allows(self, ctx: RequestContext, permission: str) -> bool:
+        """A gateway-level permission (``audit:read``, ``budget:admin``) by the stages that grant them."""
+        return any(getattr(b.stage, "allows", None) is not None and b.stage.allows(ctx, permission)  # type: ignore[attr-defined]
+                   for b in self.stages)
 
     async def admit(self, ctx: RequestContext) -> None:
         """Run every stage's ``on_call``: authentication and authorization of any call."""

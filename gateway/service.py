@@ -25,8 +25,10 @@ from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMet
 from gateway.observability.metrics import Metrics
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers
+from gateway.stages.dp_noise import budget_report
 from gateway.stages.model_exposure import UNKNOWN_MODEL
 from gateway.upstream.base import Upstream
+from privacy.dp.ledger import BudgetLedger, LedgerUnavailable
 
 log = structlog.get_logger("gateway.service")
 
@@ -43,6 +45,7 @@ class InferenceService:
     audit_aggregator: AuditAggregator
     key_sources: KeySourceRegistry
     breakers: Breakers
+    dp_ledger: BudgetLedger
     in_flight: int = 0
 
     async def call(self, ctx: RequestContext, snap: Snapshot, route: str, work: Callable[[], Awaitable[T]]) -> T:
@@ -110,6 +113,18 @@ class InferenceService:
     async def server_metadata(self, snap: Snapshot) -> ServerMetadata:
         """The gateway answers for itself; the upstream's identity is not disclosed."""
         return ServerMetadata(name="infergate", version=__version__, extensions=("binary_tensor_data",))
+
+    async def privacy_budget(self, ctx: RequestContext, snap: Snapshot, tenant: str | None) -> dict[str, Any]:
+        """A tenant's remaining DP budget: its own principals, or ``budget:admin`` for any."""
+        principal = ctx.require_principal()
+        target = tenant or principal.tenant
+        if target != principal.tenant and not snap.pipeline.allows(ctx, "budget:admin"):
+            # SECURITY: another tenant's spending is not enumerable either.
+            raise NotFound(reason="budget_other_tenant")
+        try:
+            return await budget_report(snap.policy.privacy, self.dp_ledger, target)
+        except LedgerUnavailable as exc:
+            raise DependencyUnavailable("privacy budget store unavailable", reason="dp_ledger_unavailable") from exc
 
     async def model_metadata(self, ctx: RequestContext, snap: Snapshot) -> ModelMetadata:
         assert ctx.model is not None  # noqa: S101 - the front only routes here with a model
@@ -188,7 +203,8 @@ class InferenceService:
             ],
             "upstream_called": bool(ctx.notes.get("upstream_called")),
             # Stage facts: counts, scores, variants, ε; never values (stages note nothing else).
-            "notes": {k: v for k, v in ctx.notes.items() if k != "upstream_called"},
+            "notes": {k: v for k, v in ctx.notes.items() if k != "upstream_called" and not k.startswith("_")},
+            "eps": _epsilon(ctx),
         }
         try:
             if principal is None and error is not None:
@@ -201,3 +217,12 @@ class InferenceService:
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
             raise
         self.metrics.audit_records.labels(decision=decision).inc()
+
+
+def _epsilon(ctx: RequestContext) -> float:
+    """ε charged for this call (0 when nothing was released or it was refunded)."""
+    note = ctx.notes.get("dp")
+    if isinstance(note, dict):
+        value = note.get("epsilon", 0.0)
+        return float(value) if isinstance(value, int | float) else 0.0
+    return 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,9 +24,11 @@ from gateway.stages.adversarial import AdversarialDetector, DetectorMetrics, Rei
 from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKeys, TrustedIssuer, VerifyKey, key_fits
 from gateway.stages.authz import RoleAuthorizer, compile_grants
 from gateway.stages.base import Mode
+from gateway.stages.dp_noise import build_dp_stage
 from gateway.stages.model_exposure import ModelExposure
 from gateway.stages.pii_mask import build_pii_stage
 from gateway.stages.sanitize import build_sanitize_stage
+from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger
 
 # Builds (or reuses across revisions) a fetching key source for a JWKS/discovery issuer.
 KeySourceFactory = Callable[[IssuerPolicy], KeyResolver]
@@ -98,6 +100,8 @@ class CompileEnv:
     # Keys of the PII operators (keyed pseudonyms, reversible tokens); from the state dir.
     pii_hmac_key: bytes = b""
     pii_token_key: bytes = b""
+    # Privacy budgets: one ledger and one clock for every revision (in memory by default).
+    dp_ledger: BudgetLedger = field(default_factory=InMemoryBudgetLedger)
 
 
 def _stage(pipeline: Pipeline | None, cls: type[T]) -> T | None:
@@ -136,6 +140,10 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
                               unmask_roles=unmask_roles)
     except ValueError as exc:
         raise PolicyError([PolicyIssue("pii.yaml", 1, 1, str(exc))]) from exc
+    try:
+        dp = build_dp_stage(policy.privacy, env.dp_ledger)
+    except ValueError as exc:
+        raise PolicyError([PolicyIssue("privacy.yaml", 1, 1, str(exc))]) from exc
     stages = (
         # SECURITY: authentication and authorization are always enforced; no policy switch.
         BoundStage(JwtAuthenticator(issuers=issuers, api_keys=api_keys), Mode.ENFORCE),
@@ -148,5 +156,8 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         # PII masking sees normalized text on the way in; on the way out it runs after the
         # model and before anything reaches the client (response stages run in reverse).
         BoundStage(pii, policy.pii.mode),
+        # SECURITY: DP is always enforced (shadow would release raw outputs). Last on the way
+        # in (it charges only requests every other stage admitted), first on the way out.
+        BoundStage(dp, Mode.ENFORCE),
     )
     return Pipeline(revision=policy.revision, stages=stages, metrics=metrics)

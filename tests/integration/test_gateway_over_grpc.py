@@ -3,6 +3,7 @@ gateway on the embedded backend: same outputs, same refusals, through unmodified
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,16 +12,22 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.support.gateway_proc import GatewayProcess, start_gateway
+from tests.support.gateway_proc import ROOT, GatewayProcess, start_gateway
 from tests.support.mlserver import MLServerProcess
 
 
 @pytest.fixture(scope="module")
 def gateways(mlserver: MLServerProcess, triton_repo: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GatewayProcess]]:
+    # Exact comparisons need exact answers: the shipped policy without output DP noise.
+    policies = tmp_path_factory.mktemp("policies") / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    (policies / "privacy.yaml").write_text("models: {}\n")
     started = {
-        "grpc": start_gateway(tmp_path_factory.mktemp("gw-grpc"), backend=f"grpc://{mlserver.grpc_url}"),
-        "local": start_gateway(tmp_path_factory.mktemp("gw-local"), backend=f"local:{triton_repo}"),
+        "grpc": start_gateway(tmp_path_factory.mktemp("gw-grpc"), backend=f"grpc://{mlserver.grpc_url}",
+                              policies=policies, extra=["--profiles", str(triton_repo)]),
+        "local": start_gateway(tmp_path_factory.mktemp("gw-local"), backend=f"local:{triton_repo}",
+                               policies=policies),
     }
     yield started
     for gw in started.values():
@@ -65,11 +72,21 @@ def test_same_text_on_both_upstreams(gateways: dict[str, GatewayProcess]) -> Non
     answers = {}
     for kind, gw in gateways.items():
         inp = httpclient.InferInput("text", [3], "BYTES")
-        inp.set_data_from_numpy(np.array([b"hello", "wörld".encode(), b"\xffraw"], dtype=np.object_),
+        inp.set_data_from_numpy(np.array([b"hello", "wörld".encode(), "ﬁve".encode()], dtype=np.object_),
                                 binary_data=True)
         answers[kind] = list(_call(gw, "text_echo", [inp],
                                    [httpclient.InferRequestedOutput("text", binary_data=True)]).as_numpy("text"))
-    assert answers["grpc"] == answers["local"] == [b"hello", "wörld".encode(), b"\xffraw"]
+    # NFKC on the way in: the ligature reaches either model as "five"
+    assert answers["grpc"] == answers["local"] == [b"hello", "wörld".encode(), b"five"]
+
+
+def test_same_refusal_of_non_utf8_text(gateways: dict[str, GatewayProcess]) -> None:
+    for gw in gateways.values():
+        inp = httpclient.InferInput("text", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([b"\xffraw"], dtype=np.object_), binary_data=True)
+        with pytest.raises(InferenceServerException) as info:
+            _call(gw, "text_echo", [inp], [])
+        assert info.value.status() == "422"
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ _FIXED: dict[str, Route] = {
     "/readyz": Route("ready", "/readyz", Action.SERVER, False),
     "/metrics": Route("metrics", "/metrics", Action.SERVER, False),
     "/v2": Route("server", "/v2", Action.SERVER, True),
+    "/v2/privacy/budget": Route("privacy_budget", "/v2/privacy/budget", Action.SERVER, True),
 }
 
 _METHODS = {"infer": "POST"}

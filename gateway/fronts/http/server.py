@@ -33,6 +33,7 @@ from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_
 from gateway.fronts.http.routes import Route, resolve
 from gateway.policy.store import Snapshot
 from gateway.service import InferenceService
+from gateway.stages.dp_noise import HEADER_REMAINING, NOTE_REMAINING
 from privacy.pii.redact import redact_text
 
 log = structlog.get_logger("gateway.http")
@@ -144,6 +145,9 @@ class HttpFront:
                                                lambda: self._dispatch(request, route, ctx, snap))
         except GatewayError as exc:
             response = error_response(exc, request_id)
+        remaining = ctx.notes.get(NOTE_REMAINING)
+        if remaining is not None:
+            response.headers[HEADER_REMAINING] = str(remaining)
         self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
         return response
 
@@ -154,6 +158,9 @@ class HttpFront:
             return _json_response(200, (await self.service.server_metadata(snap)).to_json(), rid)
         if route.kind == "model_metadata":
             return _json_response(200, (await self.service.model_metadata(ctx, snap)).to_json(), rid)
+        if route.kind == "privacy_budget":
+            tenant = request.query.get("tenant")
+            return _json_response(200, await self.service.privacy_budget(ctx, snap, tenant), rid)
         if route.kind == "model_ready":
             ready = await self.service.model_ready(ctx, snap)
             return _json_response(200 if ready else 400, {"ready": ready}, rid)

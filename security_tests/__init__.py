@@ -1,0 +1,1 @@
+"""Security and attack tests; run explicitly: pytest security_tests/."""
