@@ -32,6 +32,7 @@ from gateway.resilience.breaker import Breakers, State
 from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
+from gateway.tls import server_ssl_context
 from gateway.upstream.base import Upstream
 from privacy.dp.ledger import InMemoryBudgetLedger
 
@@ -46,7 +47,7 @@ MAX_HEADERS = 100
 HEADER_TIMEOUT_S = 10.0
 
 
-def make_upstream(backend: str, *, threads: int = 2) -> Upstream:
+def make_upstream(backend: str, *, threads: int = 2, settings: Settings | None = None) -> Upstream:
     """``local:DIR`` runs the repository in process; ``grpc://HOST:PORT`` calls Triton."""
     if backend.startswith("local:"):
         from gateway.upstream.embedded import EmbeddedUpstream
@@ -55,6 +56,13 @@ def make_upstream(backend: str, *, threads: int = 2) -> Upstream:
     if backend.startswith("grpc://"):
         from gateway.upstream.triton_grpc import TritonGrpcUpstream
 
+        if settings is not None and settings.upstream_tls:
+            return TritonGrpcUpstream(
+                backend[len("grpc://"):], ssl=True,
+                root_certificates=str(settings.upstream_ca) if settings.upstream_ca else None,
+                private_key=str(settings.upstream_key) if settings.upstream_key else None,
+                certificate_chain=str(settings.upstream_cert) if settings.upstream_cert else None,
+            )
         return TritonGrpcUpstream(backend[len("grpc://"):])
     raise ValueError(f"--backend must be local:DIR or grpc://HOST:PORT, got {backend!r}")
 
@@ -83,7 +91,7 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         # SECURITY: the dev issuer exists only under --dev; production never trusts it.
         extra = (trusted_dev_issuer(settings.state_dir),)
     key_sources = KeySourceRegistry()
-    upstream = upstream or make_upstream(settings.backend, threads=settings.embedded_threads)
+    upstream = upstream or make_upstream(settings.backend, threads=settings.embedded_threads, settings=settings)
     timeouts: dict[str, float] = {"infer": 10.0}
 
     async def reinfer(req: InferRequest) -> InferResponse:
@@ -122,7 +130,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
     )
 
 
-def build_app(settings: Settings, *, service: InferenceService | None = None) -> web.Application:
+def build_app(settings: Settings, *, service: InferenceService | None = None,
+              reuse_port: bool = False) -> web.Application:
     service = service or build_service(settings)
     # The body is read by the front itself, capped and decompressed under its own limits.
     app = web.Application(client_max_size=1024)
@@ -154,6 +163,21 @@ def build_app(settings: Settings, *, service: InferenceService | None = None) ->
         await service.audit_log.close()
 
     app.cleanup_ctx.append(lifecycle)
+
+    async def grpc_front(_app: web.Application) -> AsyncIterator[None]:
+        from gateway.fronts.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, start_grpc_front
+
+        assert settings.grpc_host is not None  # noqa: S101 - only appended when set
+        max_bytes = max(DEFAULT_MAX_MESSAGE_BYTES, service.store.current.policy.gateway.limits.max_body_bytes)
+        running = await start_grpc_front(service, settings.grpc_host, settings.grpc_port, tls=settings.tls,
+                                         max_message_bytes=max_bytes, reuse_port=reuse_port)
+        log.info("grpc_front_started", port=running.port, tls=settings.tls is not None)
+        yield
+        await running.stop(grace_s=5.0)
+
+    if settings.grpc_host is not None:
+        # After the lifecycle: starts once the upstream is up, stops before it closes.
+        app.cleanup_ctx.append(grpc_front)
     return app
 
 
@@ -169,10 +193,11 @@ def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
 
 
 async def serve(settings: Settings, *, ready_message: str | None = None, reuse_port: bool = False) -> None:
-    app = build_app(settings)
+    app = build_app(settings, reuse_port=reuse_port)
     runner = runner_for(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+    ssl_context = server_ssl_context(settings.tls) if settings.tls is not None else None
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None, ssl_context=ssl_context)
     await site.start()
     if ready_message:
         print(ready_message, flush=True)

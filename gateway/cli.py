@@ -14,16 +14,30 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import serve, serve_workers
     from gateway.observability.logging import configure_logging
     from gateway.policy.loader import PolicyError
+    from gateway.tls import TlsSettings
 
     host, port = Settings.parse_listen(args.listen)
+    grpc_host, grpc_port = Settings.parse_listen(args.grpc_listen) if args.grpc_listen else (None, 8001)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        tls = TlsSettings(cert=Path(args.tls_cert), key=Path(args.tls_key),
+                          client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+                          require_client_cert=args.tls_require_client_cert)
+    upstream_tls = bool(args.upstream_tls or args.upstream_tls_ca or args.upstream_tls_cert)
     settings = Settings(
+        grpc_host=grpc_host, grpc_port=grpc_port, tls=tls, upstream_tls=upstream_tls,
+        upstream_ca=Path(args.upstream_tls_ca) if args.upstream_tls_ca else None,
+        upstream_cert=Path(args.upstream_tls_cert) if args.upstream_tls_cert else None,
+        upstream_key=Path(args.upstream_tls_key) if args.upstream_tls_key else None,
         host=host, port=port, policies=Path(args.policies), backend=args.backend,
         redis_url=args.redis, audit_dir=Path(args.audit_dir), state_dir=Path(args.state_dir), dev=args.dev,
         profiles=Path(args.profiles) if args.profiles else None,
     )
     configure_logging(args.log_level)
-    base = f"http://{host}:{port}"
+    base = f"{'https' if tls else 'http'}://{host}:{port}"
     lines = [f"infergate listening on {base} (backend {settings.backend}, policies {settings.policies})"]
+    if grpc_host:
+        lines.append(f"gRPC front (tritonclient.grpc) on {grpc_host}:{grpc_port}")
     if settings.dev:
         lines += [
             "Dev mode: a local token issuer is trusted. Get a token and send a first request:",
@@ -98,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policies", default="policies", help="policy directory (default ./policies)")
     serve.add_argument("--backend", default="local:triton_repo",
                        help="local:DIR (embedded onnxruntime) or grpc://HOST:PORT (Triton)")
+    serve.add_argument("--grpc-listen", default=None, help="HOST:PORT of the gRPC front (default: off)")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate chain for both fronts")
+    serve.add_argument("--tls-key", default=None, help="PEM private key for both fronts")
+    serve.add_argument("--tls-client-ca", default=None, help="CA bundle to verify client certificates (mTLS)")
+    serve.add_argument("--tls-require-client-cert", action="store_true", help="refuse clients without a certificate")
+    serve.add_argument("--upstream-tls", action="store_true",
+                       help="TLS to Triton (system roots unless --upstream-tls-ca)")
+    serve.add_argument("--upstream-tls-ca", default=None)
+    serve.add_argument("--upstream-tls-cert", default=None, help="client certificate for mTLS to Triton")
+    serve.add_argument("--upstream-tls-key", default=None)
     serve.add_argument("--profiles", default=None,
                        help="directory of model profiles (profile.json); default: the local backend's repository")
     serve.add_argument("--redis", default=None, help="redis://... for shared state (default: in memory)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.tls import TlsSettings
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -22,6 +24,15 @@ class Settings:
     state_dir: Path = Path("var")
     dev: bool = False
     policy_poll_s: float = 1.0
+    # gRPC front (Triton's GRPCInferenceService); None = HTTP only.
+    grpc_host: str | None = None
+    grpc_port: int = 8001
+    # TLS for both fronts, and for the upstream channel to Triton.
+    tls: TlsSettings | None = None
+    upstream_tls: bool = False
+    upstream_ca: Path | None = None
+    upstream_cert: Path | None = None
+    upstream_key: Path | None = None
     # Where model profiles (profile.json) live; default: the local backend's repository.
     profiles: Path | None = None
     embedded_threads: int = 2

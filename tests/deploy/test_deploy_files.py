@@ -65,7 +65,6 @@ EXPECTED_NOT_YET_EXPORTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_redis_errors_total": ("counter", ()),
     "gateway_dp_epsilon_spent_total": ("counter", ("model",)),
     "gateway_dp_budget_remaining": ("gauge", ("model",)),
-    "gateway_detector_fired_total": ("counter", ("detector", "model")),
     "gateway_drift_psi": ("gauge", ("model", "feature")),
     "gateway_drift_state": ("gauge", ("model",)),
     "gateway_canary_rollbacks_total": ("counter", ("flag",)),

@@ -117,3 +117,27 @@ def test_two_workers_share_the_port(tmp_path: Path) -> None:
         assert chains and all(name.startswith("worker-") for name in chains)
     finally:
         assert gw.stop() == 0
+
+
+def test_grpc_front_from_the_command_line(tmp_path: Path) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from ..conftest import DIGIT_ZERO
+
+    grpc_port = free_port()
+    gw = start_gateway(tmp_path, backend=f"local:{TRITON_REPO}", extra=["--grpc-listen", f"127.0.0.1:{grpc_port}"])
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        headers = {"authorization": f"Bearer {gw.token()}"}
+        inp = grpcclient.InferInput("pixels", [1, 64], "FP32")
+        inp.set_data_from_numpy(np.array([DIGIT_ZERO], dtype=np.float32))
+        result = client.infer("digits", [inp], headers=headers)
+        assert int(result.as_numpy("probabilities").argmax()) == 0
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("digits", [inp])
+        assert "UNAUTHENTICATED" in str(info.value.status())
+        client.close()
+    finally:
+        assert gw.stop() == 0

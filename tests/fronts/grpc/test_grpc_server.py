@@ -1,0 +1,408 @@
+"""The gRPC front on the wire: metadata, trailers, limits, deadlines, refused RPCs.
+
+The cross-front behaviour (same answers and refusals as HTTP through tritonclient) is in
+tests/e2e/test_both_fronts.py; this file covers what only gRPC has. The front runs on
+the test's event loop and is called with raw ``grpc.aio`` stubs, so status codes,
+details and trailing metadata are visible exactly as a client receives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import pytest
+from aiohttp import web
+from google.protobuf import message_factory
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gateway.app import build_app, build_service, runner_for
+from gateway.audit import iter_records
+from gateway.devissuer import issue_token
+from gateway.fronts.grpc.server import (
+    MAX_METADATA_BYTES,
+    GrpcFront,
+    RunningGrpcFront,
+    server_options,
+    start_grpc_front,
+)
+from gateway.kserve import ModelMetadata, TensorSpec
+from gateway.service import InferenceService
+from gateway.settings import Settings
+from gateway.upstream.triton_grpc import TritonGrpcUpstream
+from tests.support.fake_triton import CANARY, FakeTriton, error, slow
+
+from ...conftest import POLICIES, TRITON_REPO
+
+SERVED = ("ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata", "ModelReady", "ModelInfer")
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+REFUSED = tuple(m.name for m in SERVICE.methods if m.name not in SERVED)
+
+DIGITS = ModelMetadata(name="digits", versions=("1",), platform="onnxruntime_onnx",
+                       inputs=(TensorSpec("pixels", "FP32", (-1, 64)),),
+                       outputs=(TensorSpec("probabilities", "FP32", (-1, 10)),))
+
+
+# Identity, access and limits only. These tests are about the gRPC wire; the input policy
+# (sanitize, adversarial) runs through this front in tests/e2e/test_both_fronts.py, and
+# leaving it out keeps these tests independent of how that policy evolves.
+CORE_POLICY_FILES = ("access.yaml", "gateway.yaml", "identity.yaml")
+
+
+def make_settings(directory: Path, **limits: int) -> Settings:
+    """A private copy of the core policy files, with ``limits`` overridden."""
+    policies = directory / "policies"
+    policies.mkdir()
+    for name in CORE_POLICY_FILES:
+        shutil.copy(POLICIES / name, policies / name)
+    path = policies / "gateway.yaml"
+    text = path.read_text()
+    for key, value in limits.items():
+        line = re.compile(rf"^  {key}: .*$", re.MULTILINE)
+        text = line.sub(f"  {key}: {value}", text) if line.search(text) else \
+            text.replace("limits:\n", f"limits:\n  {key}: {value}\n", 1)
+    path.write_text(text)
+    return Settings(policies=policies, backend=f"local:{TRITON_REPO}", audit_dir=directory / "audit",
+                    state_dir=directory / "state", dev=True, policy_poll_s=0.1)
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    service: InferenceService
+    runner: web.AppRunner
+    front: RunningGrpcFront
+    channel: Any
+    stub: Any
+
+    def token(self, **claims: Any) -> str:
+        return issue_token(self.settings.state_dir, sub=claims.get("sub", "alice"),
+                           tenant=claims.get("tenant", "acme"), roles=claims.get("roles", ["analyst"]), ttl_s=600)
+
+    def auth(self, request_id: str = "t-1") -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token()}"), ("x-request-id", request_id))
+
+    def audit(self) -> list[dict[str, Any]]:
+        return list(iter_records(self.settings.audit_dir)) if self.settings.audit_dir.exists() else []
+
+    def record(self, request_id: str) -> dict[str, Any]:
+        (found,) = [r for r in self.audit() if r["request_id"] == request_id]
+        return found
+
+    async def wait_record(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        for _ in range(int(timeout_s / 0.02)):
+            found = [r for r in self.audit() if r["request_id"] == request_id]
+            if found:
+                return found[0]
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no audit record for {request_id}")
+
+
+async def open_gateway(settings: Settings, *, upstream: Any = None, **front: Any) -> Gateway:
+    """The service with the app's own lifecycle (upstream, audit trail, ...) and only the
+    gRPC front: the runner is set up (cleanup_ctx entered) but serves no HTTP site."""
+    service = build_service(settings, upstream=upstream)
+    runner = runner_for(build_app(settings, service=service))
+    await runner.setup()
+    running = await start_grpc_front(service, "127.0.0.1", 0, **front)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    return Gateway(settings, service, runner, running, channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
+
+
+async def close_gateway(gw: Gateway) -> None:
+    await gw.channel.close()
+    await gw.front.stop(1.0)
+    await gw.runner.cleanup()
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    gateway = await open_gateway(make_settings(tmp_path))
+    yield gateway
+    await close_gateway(gateway)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTriton]:
+    async with FakeTriton([DIGITS]) as server:
+        yield server
+
+
+@pytest.fixture
+async def gw_fake(tmp_path: Path, fake: FakeTriton) -> AsyncIterator[Gateway]:
+    """The gRPC front in front of TritonGrpcUpstream in front of the scriptable fake."""
+    gateway = await open_gateway(make_settings(tmp_path), upstream=TritonGrpcUpstream(fake.url))
+    yield gateway
+    await close_gateway(gateway)
+
+
+def digits_request(rows: int = 1, **fields: Any) -> Any:
+    message = service_pb2.ModelInferRequest(**{"model_name": "digits", **fields})
+    message.inputs.add(name="pixels", datatype="FP32", shape=[rows, 64])
+    message.raw_input_contents.append(np.ones((rows, 64), "<f4").tobytes())
+    return message
+
+
+def trailers(exc_or_metadata: Any) -> dict[str, str]:
+    metadata = exc_or_metadata.trailing_metadata() if isinstance(exc_or_metadata, grpc.aio.AioRpcError) \
+        else exc_or_metadata
+    return {str(key): value for key, value in metadata or ()}
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+# ---------------------------------------------------------------------------------------
+# Credentials and trailers
+# ---------------------------------------------------------------------------------------
+
+
+class TestAuthorizationMetadata:
+    async def test_no_token_gets_a_challenge(self, gw: Gateway) -> None:
+        exc = await refused(gw.stub.ServerMetadata(service_pb2.ServerMetadataRequest(),
+                                                   metadata=(("x-request-id", "no-token"),)))
+        assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert exc.details() == "authentication required: missing bearer token"
+        assert trailers(exc) == {"x-request-id": "no-token", "www-authenticate": 'Bearer realm="infergate"'}
+        assert gw.record("no-token")["reason"] == "authn_missing_token"
+
+    @pytest.mark.parametrize(("case", "values"), [
+        ("two_values", ("Bearer a", "Bearer b")),
+        ("basic_scheme", ("Basic YWxpY2U6cGFzcw==",)),
+        ("empty_token", ("Bearer  ",)),
+    ])
+    async def test_malformed_authorization(self, gw: Gateway, case: str, values: tuple[str, ...]) -> None:
+        if case == "two_values":
+            values = tuple(f"Bearer {gw.token()}" for _ in values)  # even two valid tokens
+        metadata = (*(("authorization", v) for v in values), ("x-request-id", case))
+        exc = await refused(gw.stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="digits"), metadata=metadata))
+        assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert trailers(exc)["www-authenticate"] == 'Bearer realm="infergate", error="invalid_token"'
+        record = gw.record(case)
+        assert (record["reason"], record["status"], record["transport"]) == ("authn_malformed_header", 401, "grpc")
+        assert record["route"] == "/v2/models/{model}" and record["model"] == "digits"
+
+    async def test_request_id_comes_back_in_trailers(self, gw: Gateway) -> None:
+        call = gw.stub.ServerMetadata(service_pb2.ServerMetadataRequest(), metadata=gw.auth("ok-1"))
+        response = await call
+        assert response.name == "infergate"
+        assert trailers(await call.trailing_metadata()) == {"x-request-id": "ok-1"}
+
+    async def test_health_is_open(self, gw: Gateway) -> None:
+        assert (await gw.stub.ServerLive(service_pb2.ServerLiveRequest())).live
+        assert (await gw.stub.ServerReady(service_pb2.ServerReadyRequest())).ready
+
+    async def test_invalid_model_name_looks_unknown(self, gw: Gateway) -> None:
+        exc = await refused(gw.stub.ModelInfer(digits_request(model_name="../risk"), metadata=gw.auth("bad-name")))
+        assert (exc.code(), exc.details()) == (grpc.StatusCode.NOT_FOUND, "not found")
+        record = gw.record("bad-name")
+        assert (record["route"], record["reason"], record["model"]) == ("unmatched", "model_name_invalid", None)
+
+
+# ---------------------------------------------------------------------------------------
+# Refused RPCs
+# ---------------------------------------------------------------------------------------
+
+
+def test_every_generated_rpc_is_overridden() -> None:
+    """A generated default would answer "Unexpected NotImplementedError", unaudited."""
+    base = service_pb2_grpc.GRPCInferenceServiceServicer
+    generated = {name for name in vars(base) if name[:1].isupper()}
+    assert generated == {m.name for m in SERVICE.methods}
+    assert all(name in vars(GrpcFront) for name in generated)
+
+
+@pytest.mark.parametrize("rpc", REFUSED)
+async def test_other_rpcs_are_unimplemented_and_audited(gw: Gateway, rpc: str) -> None:
+    method = SERVICE.methods_by_name[rpc]
+    request = message_factory.GetMessageClass(method.input_type)()
+    if method.client_streaming:
+        call = getattr(gw.stub, rpc)(iter([request]), metadata=gw.auth(rpc))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+        exc = info.value
+    else:
+        exc = await refused(getattr(gw.stub, rpc)(request, metadata=gw.auth(rpc)))
+    assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert exc.details() == f"method not allowed: {rpc} is not available through this gateway"
+    record = gw.record(rpc)
+    assert (record["route"], record["reason"], record["status"]) == (f"grpc:{rpc}", "rpc_unimplemented", 405)
+
+
+@pytest.mark.parametrize("rpc", ["ModelInfer", "ModelReady", "ModelMetadata"])
+async def test_unparseable_message_is_invalid_argument_and_audited(gw: Gateway, rpc: str) -> None:
+    """Not grpcio's UNKNOWN "Unexpected <class 'DecodeError'>": the taxonomy's answer, audited."""
+    invalid_utf8_name = b"\x0a\x02\xff\xfe"  # field 1, a string, holding invalid UTF-8
+    call = gw.channel.unary_unary(f"/inference.GRPCInferenceService/{rpc}")(invalid_utf8_name,
+                                                                           metadata=gw.auth(f"undecodable-{rpc}"))
+    exc = await refused(call)
+    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.details() == "malformed request: the message is not a valid protobuf request"
+    record = gw.record(f"undecodable-{rpc}")
+    assert (record["route"], record["reason"], record["status"]) == ("unmatched", "request_invalid_protobuf", 400)
+
+
+async def test_unknown_method_is_unimplemented(gw: Gateway) -> None:
+    call = gw.channel.unary_unary("/inference.GRPCInferenceService/Nope")(b"")
+    assert (await refused(call)).code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---------------------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------------------
+
+
+def test_server_options_are_limits() -> None:
+    options = dict(server_options(max_message_bytes=1000, max_concurrent_streams=7))
+    assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 1000
+    assert options["grpc.max_metadata_size"] == options["grpc.absolute_max_metadata_size"] == MAX_METADATA_BYTES
+    assert options["grpc.max_concurrent_streams"] == 7
+    assert options["grpc.so_reuseport"] == 0
+    assert options["grpc.keepalive_permit_without_calls"] == 0
+
+
+async def test_metadata_over_the_limit_is_refused(gw: Gateway) -> None:
+    big = (("x-pad", "a" * MAX_METADATA_BYTES), *gw.auth("too-much-metadata"))
+    exc = await refused(gw.stub.ServerMetadata(service_pb2.ServerMetadataRequest(), metadata=big))
+    assert exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+    assert not [r for r in gw.audit() if r["request_id"] == "too-much-metadata"]  # never reached the handler
+    fits = (("x-pad", "a" * (MAX_METADATA_BYTES // 2)), *gw.auth("metadata-fits"))
+    assert (await gw.stub.ServerMetadata(service_pb2.ServerMetadataRequest(), metadata=fits)).name == "infergate"
+
+
+@pytest.mark.parametrize("compression", [None, grpc.Compression.Gzip])
+async def test_message_over_the_limit_is_refused(tmp_path: Path, compression: Any) -> None:
+    """Compressed or not: a gzip bomb is measured after decompression."""
+    gateway = await open_gateway(make_settings(tmp_path), max_message_bytes=64 * 1024)
+    try:
+        message = digits_request(rows=400)  # ~100 KiB of ones, a few hundred bytes gzipped
+        exc = await refused(gateway.stub.ModelInfer(message, metadata=gateway.auth(), compression=compression))
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ok = await gateway.stub.ModelInfer(digits_request(rows=2), metadata=gateway.auth("small"),
+                                           compression=compression)
+        assert list(ok.outputs[0].shape) == [2, 10]
+    finally:
+        await close_gateway(gateway)
+
+
+async def test_policy_body_limit_applies_to_grpc(tmp_path: Path) -> None:
+    gateway = await open_gateway(make_settings(tmp_path, max_body_bytes=32 * 1024))
+    try:
+        exc = await refused(gateway.stub.ModelInfer(digits_request(rows=200), metadata=gateway.auth("big")))
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert exc.details() == "request too large: message larger than 32768 bytes"
+        assert gateway.record("big")["status"] == 413
+    finally:
+        await close_gateway(gateway)
+
+
+async def test_large_message_is_decoded_off_the_loop(gw: Gateway) -> None:
+    """Over 256 KiB the decoder runs in a thread; BYTES round-trip intact."""
+    words = [bytes([65 + i]) * 60_000 for i in range(5)]
+    message = service_pb2.ModelInferRequest(model_name="text_echo", id="big-bytes")
+    message.inputs.add(name="text", datatype="BYTES", shape=[5])
+    message.raw_input_contents.append(b"".join(len(w).to_bytes(4, "little") + w for w in words))
+    response = await gw.stub.ModelInfer(message, metadata=gw.auth())
+    raw = bytes(response.raw_output_contents[0])
+    assert response.id == "big-bytes" and raw == bytes(message.raw_input_contents[0])
+
+
+async def test_bind_conflict_is_an_error(gw: Gateway) -> None:
+    """SO_REUSEPORT is off: a second listener cannot share (or steal from) the port."""
+    with pytest.raises(OSError, match="cannot listen"):
+        await start_grpc_front(gw.service, "127.0.0.1", gw.front.port)
+
+
+async def test_concurrent_streams_per_connection_are_capped(tmp_path: Path, fake: FakeTriton) -> None:
+    """With a cap of 1, three calls on one connection reach the upstream one at a time."""
+    gateway = await open_gateway(make_settings(tmp_path), upstream=TritonGrpcUpstream(fake.url),
+                                 max_concurrent_streams=1)
+    try:
+        fake.set(slow(0.2))
+        auth = gateway.auth()
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(gateway.stub.ModelInfer(digits_request(), metadata=auth) for _ in range(3)))
+        assert asyncio.get_running_loop().time() - started >= 0.55
+    finally:
+        await close_gateway(gateway)
+
+
+async def test_concurrent_calls(gw: Gateway) -> None:
+    auth = gw.auth()
+    results = await asyncio.gather(*(gw.stub.ModelInfer(digits_request(), metadata=auth) for _ in range(32)))
+    assert all(list(r.outputs[0].shape) == [1, 10] for r in results)
+
+
+# ---------------------------------------------------------------------------------------
+# Deadlines, cancellation, shedding, upstream errors (behind the scriptable fake)
+# ---------------------------------------------------------------------------------------
+
+
+async def test_client_deadline_bounds_the_call(gw_fake: Gateway, fake: FakeTriton) -> None:
+    fake.set(slow(3.0))
+    exc = await refused(gw_fake.stub.ModelInfer(digits_request(), metadata=gw_fake.auth("short"), timeout=0.3))
+    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    record = await gw_fake.wait_record("short", timeout_s=2.0)
+    assert (record["status"], record["reason"], record["upstream_called"]) == (504, "client_deadline", True)
+    for _ in range(100):  # the upstream call was cancelled, not left running for 3 s
+        if fake.cancelled["ModelInfer"]:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.cancelled["ModelInfer"] == 1
+
+
+async def test_a_call_whose_client_left_is_still_audited(gw_fake: Gateway, fake: FakeTriton) -> None:
+    fake.set(slow(0.3))
+    call = gw_fake.stub.ModelInfer(digits_request(), metadata=gw_fake.auth("gone"))
+    await asyncio.sleep(0.1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    record = await gw_fake.wait_record("gone")
+    assert (record["decision"], record["status"], record["upstream_called"]) == ("allow", 200, True)
+
+
+async def test_load_shedding_is_unavailable_with_retry_after(tmp_path: Path, fake: FakeTriton) -> None:
+    gateway = await open_gateway(make_settings(tmp_path, max_in_flight=1), upstream=TritonGrpcUpstream(fake.url))
+    try:
+        fake.set(slow(0.5))
+        first = asyncio.ensure_future(gateway.stub.ModelInfer(digits_request(), metadata=gateway.auth("first")))
+        await asyncio.sleep(0.15)
+        exc = await refused(gateway.stub.ModelInfer(digits_request(), metadata=gateway.auth("second")))
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        assert exc.details().startswith("temporarily unavailable: too many requests in flight (request id second)")
+        assert trailers(exc)["retry-after"] == "1"
+        await first
+    finally:
+        await close_gateway(gateway)
+
+
+async def test_upstream_errors_do_not_leak(gw_fake: Gateway, fake: FakeTriton) -> None:
+    fake.set(error(grpc.StatusCode.INTERNAL))
+    exc = await refused(gw_fake.stub.ModelInfer(digits_request(), metadata=gw_fake.auth("upstream-error")))
+    assert exc.code() == grpc.StatusCode.INTERNAL
+    assert exc.details() == "bad response from the model server (request id upstream-error)"
+    assert CANARY not in exc.details()
+
+
+async def test_only_the_trace_context_goes_upstream(gw_fake: Gateway, fake: FakeTriton) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (*gw_fake.auth(), ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"), ("x-tenant", "globex"))
+    await gw_fake.stub.ModelInfer(digits_request(), metadata=metadata)
+    (call,) = [c for c in fake.calls if c.rpc == "ModelInfer"]
+    sent = dict(call.metadata)
+    assert "authorization" not in sent and "x-tenant" not in sent and "x-request-id" not in sent
+    assert str(sent["traceparent"]).split("-")[1] == trace_id
+    assert str(sent["traceparent"]).split("-")[2] != "00f067aa0ba902b7"  # a new span of the same trace
