@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway.audit import AuditAggregator, AuditConfig, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.devissuer import trusted_dev_issuer
+from gateway.flags.rollback import RollbackTrip
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse
@@ -32,6 +33,7 @@ from gateway.resilience.breaker import Breakers, State
 from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
+from gateway.stages.feature_flags import FlagsRuntime
 from gateway.tls import server_ssl_context
 from gateway.upstream.base import Upstream
 from privacy.dp.ledger import InMemoryBudgetLedger
@@ -67,6 +69,28 @@ def make_upstream(backend: str, *, threads: int = 2, settings: Settings | None =
     raise ValueError(f"--backend must be local:DIR or grpc://HOST:PORT, got {backend!r}")
 
 
+class _FlagHooks:
+    """Rollbacks are operator-visible events: a metric and an audit record of their own."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.audit_log: AuditLog | None = None
+        self._pending: set[asyncio.Task[int]] = set()
+
+    def rollback(self, trip: RollbackTrip) -> None:
+        fields = trip.audit_fields()
+        self.metrics.canary_rollbacks.labels(flag=str(fields.get("flag", "?"))).inc()
+        log.warning("canary_rolled_back", **{k: str(v) for k, v in fields.items()})
+        if self.audit_log is not None:
+            task = asyncio.ensure_future(self.audit_log.append({"event": "canary_rollback", **fields}))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def evaluation_failed(self, flag: str, error: str) -> None:
+        self.metrics.flag_evaluation_errors.labels(flag=flag).inc()
+        log.warning("flag_evaluation_failed", flag=flag, error=error)
+
+
 def load_or_create_secret(path: Path, size: int = 32) -> bytes:
     """A process key kept in the state directory, created once with mode 0600."""
     if path.exists():
@@ -99,7 +123,9 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         return await upstream.infer(req, timeout_s=timeouts["infer"])
 
     dp_ledger = InMemoryBudgetLedger()
-    env = CompileEnv(dp_ledger=dp_ledger, extra_issuers=extra, key_sources=key_sources,
+    flag_hooks = _FlagHooks(metrics)
+    env = CompileEnv(dp_ledger=dp_ledger, flags_runtime=FlagsRuntime.create(flag_hooks),
+                     extra_issuers=extra, key_sources=key_sources,
                      repo_dir=settings.profiles_dir(),
                      reinfer=reinfer, detector_metrics=metrics,
                      pii_hmac_key=load_or_create_secret(settings.state_dir / "pii-hmac.key"),
@@ -117,7 +143,7 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         metrics.circuit_state.labels(model=model).set(int(state))
         log.warning("circuit_state_changed", model=model, state=state.name.lower())
 
-    return InferenceService(
+    service = InferenceService(
         store=store,
         upstream=upstream,
         catalog=ModelCatalog(upstream),
@@ -128,6 +154,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         breakers=Breakers(on_change=circuit_changed),
         dp_ledger=dp_ledger,
     )
+    flag_hooks.audit_log = audit_log
+    return service
 
 
 def build_app(settings: Settings, *, service: InferenceService | None = None,

@@ -84,6 +84,7 @@ class RequestContext:
     principal: Principal | None = None
     started: float = field(default_factory=time.monotonic)
     records: list[StageRecord] = field(default_factory=list)
+    skipped: frozenset[str] = frozenset()  # stages kill-switched for this call
     notes: dict[str, Any] = field(default_factory=dict)
 
     def require_principal(self) -> Principal:

@@ -80,10 +80,22 @@ class Pipeline:
                    for b in self.stages)
 
     async def admit(self, ctx: RequestContext) -> None:
-        """Run every stage's ``on_call``: authentication and authorization of any call."""
+        """Run every stage's ``on_call``: authentication and authorization of any call.
+
+        A stage that decides kill switches (the flag stage) sets, for this call only, the
+        stages to skip; the flag schema never lets authentication, authorization, PII
+        masking or DP be switched off in production.
+        """
         for bound in self.stages:
+            if bound.name in ctx.skipped:
+                continue
             if bound.stage.overrides("on_call"):
                 await bound.run(ctx, self.metrics, bound.stage.on_call(ctx), None)
+            switches = getattr(bound.stage, "kill_switched_stages", None)
+            if switches is not None:
+                ctx.skipped = frozenset(switches(b.name for b in self.stages))
+                if ctx.skipped:
+                    ctx.note("skipped_stages", sorted(ctx.skipped))
 
     async def complete(self, ctx: RequestContext, error: GatewayError | None) -> None:
         """Every stage's ``on_complete``, in reverse order; a failing hook is logged, never raised,
@@ -99,10 +111,10 @@ class Pipeline:
     async def infer(self, ctx: RequestContext, req: InferRequest, upstream: UpstreamCall) -> InferResponse:
         """Request stages in order, the upstream call, then response stages in reverse."""
         for bound in self.stages:
-            if bound.stage.overrides("on_request"):
+            if bound.stage.overrides("on_request") and bound.name not in ctx.skipped:
                 req = await bound.run(ctx, self.metrics, bound.stage.on_request(ctx, req), req)
         resp = await upstream(ctx, req)
         for bound in reversed(self.stages):
-            if bound.stage.overrides("on_response"):
+            if bound.stage.overrides("on_response") and bound.name not in ctx.skipped:
                 resp = await bound.run(ctx, self.metrics, bound.stage.on_response(ctx, resp), resp)
         return resp

@@ -26,6 +26,7 @@ from gateway.observability.metrics import Metrics
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers
 from gateway.stages.dp_noise import budget_report
+from gateway.stages.feature_flags import flags_audit_fields
 from gateway.stages.model_exposure import UNKNOWN_MODEL
 from gateway.upstream.base import Upstream
 from privacy.dp.ledger import BudgetLedger, LedgerUnavailable
@@ -205,6 +206,7 @@ class InferenceService:
             # Stage facts: counts, scores, variants, ε; never values (stages note nothing else).
             "notes": {k: v for k, v in ctx.notes.items() if k != "upstream_called" and not k.startswith("_")},
             "eps": _epsilon(ctx),
+            **flags_audit_fields(ctx),
         }
         try:
             if principal is None and error is not None:

@@ -319,3 +319,17 @@ class TestEarlyRefusals:
         assert second.headers["Retry-After"] == "1"
         assert (await first).status == 200
         assert audit_records(settings)[-2]["reason"] == "load_shed"
+
+
+class TestFlags:
+    async def test_variant_served_is_in_header_and_audit(self, client: Client, auth: dict[str, str],
+                                                         settings: Settings) -> None:
+        resp = await client.post("/v2/models/digits/infer", json=digits_body(), headers=auth)
+        assert resp.status == 200
+        assert resp.headers["X-Model-Variant"] == "stable"
+        record = audit_records(settings)[-1]
+        assert (record["flag"], record["variant"]) == ("digits-version", "stable")
+
+    async def test_canary_version_cannot_be_chosen_by_the_client(self, client: Client, auth: dict[str, str]) -> None:
+        resp = await client.post("/v2/models/digits/versions/2/infer", json=digits_body(), headers=auth)
+        assert resp.status == 404

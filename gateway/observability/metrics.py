@@ -80,6 +80,14 @@ class Metrics:
             "gateway_detector_fired_total", "Adversarial detector firings, by detector and model.",
             ["detector", "model"], registry=r,
         )
+        self.canary_rollbacks = Counter(
+            "gateway_canary_rollbacks_total", "Automatic rollbacks of a canary variant, by flag.", ["flag"],
+            registry=r,
+        )
+        self.flag_evaluation_errors = Counter(
+            "gateway_flag_evaluation_errors_total", "Flag evaluations that failed safe to the stable variant.",
+            ["flag"], registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being processed.", registry=r,
         )

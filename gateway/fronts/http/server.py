@@ -34,6 +34,7 @@ from gateway.fronts.http.routes import Route, resolve
 from gateway.policy.store import Snapshot
 from gateway.service import InferenceService
 from gateway.stages.dp_noise import HEADER_REMAINING, NOTE_REMAINING
+from gateway.stages.feature_flags import variant_headers
 from privacy.pii.redact import redact_text
 
 log = structlog.get_logger("gateway.http")
@@ -148,6 +149,7 @@ class HttpFront:
         remaining = ctx.notes.get(NOTE_REMAINING)
         if remaining is not None:
             response.headers[HEADER_REMAINING] = str(remaining)
+        response.headers.update(variant_headers(ctx))
         self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
         return response
 
