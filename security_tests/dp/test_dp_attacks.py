@@ -1,5 +1,4 @@
 # pytest asserts are the point of this file (pyproject relaxes S101 for tests/** only).
-# ruff: noqa: S101
 """Attacks on output DP, run against the dp_noise stage over the embedded ``risk`` model.
 
 No HTTP: each query goes ``on_request`` → ``EmbeddedUpstream.infer`` (onnxruntime over
