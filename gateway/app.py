@@ -136,7 +136,12 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
 
     store = PolicyStore(settings.policies, metrics, env, on_change=on_change)
     store.load_initial()
-    overrides = {"key_dir": settings.audit_key_dir} if settings.audit_key_dir is not None else {}
+    audit_policy = store.current.policy.gateway.audit
+    overrides: dict[str, Any] = {"stdout": audit_policy.stdout}
+    if audit_policy.retention_days is not None:
+        overrides["retention_s"] = audit_policy.retention_days * 86_400.0
+    if settings.audit_key_dir is not None:
+        overrides["key_dir"] = settings.audit_key_dir
     audit_log = AuditLog(AuditConfig.for_dir(settings.audit_dir, **overrides))
 
     def circuit_changed(model: str, state: State) -> None:

@@ -333,3 +333,23 @@ class TestFlags:
     async def test_canary_version_cannot_be_chosen_by_the_client(self, client: Client, auth: dict[str, str]) -> None:
         resp = await client.post("/v2/models/digits/versions/2/infer", json=digits_body(), headers=auth)
         assert resp.status == 404
+
+
+class TestAuditSettings:
+    async def test_records_also_go_to_stdout_when_the_policy_says(
+        self, settings: Settings, policy_dir: Path, capfd: pytest.CaptureFixture[str],
+        aiohttp_client: Any, auth: dict[str, str],
+    ) -> None:
+        from gateway.app import build_app
+
+        from .conftest import GatewayTestServer
+
+        path = policy_dir / "gateway.yaml"
+        path.write_text(path.read_text().replace("stdout: false", "stdout: true"))
+        client = await aiohttp_client(GatewayTestServer(build_app(settings)))
+        resp = await client.post("/v2/models/digits/infer", json=digits_body(), headers=auth)
+        assert resp.status == 200
+        await client.close()
+        out = capfd.readouterr().out
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"seq"' in line]
+        assert any(r.get("request_id") == resp.headers["X-Request-ID"] for r in lines)

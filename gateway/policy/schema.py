@@ -75,9 +75,19 @@ class StagesPolicy(_Strict):
     model_exposure: StageSwitch = StageSwitch()
 
 
+class AuditPolicy(_Strict):
+    """Read at startup (the audit log belongs to the process, not to a revision)."""
+
+    retention_days: Annotated[StrictInt, Field(gt=0, le=36_500)] | None = Field(
+        None, description="Delete segments older than this, behind a signed tombstone; omitted = keep all.",
+    )
+    stdout: StrictBool = Field(False, description="Also write every committed record to stdout (log shippers).")
+
+
 class GatewayPolicy(_Strict):
     """``gateway.yaml``: limits, upstream deadlines and the models the gateway exposes."""
 
+    audit: AuditPolicy = AuditPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     upstream: UpstreamPolicy = UpstreamPolicy()
     stages: StagesPolicy = StagesPolicy()

@@ -593,10 +593,20 @@ class RedisState:
             self._observe(op, 0.0, "circuit_open")
             raise StateUnavailable(op, "circuit_open")
         start = time.perf_counter()
+        task = asyncio.ensure_future(command())
         try:
+            # The caller waits on a shield, so the deadline holds even when the client
+            # library is slow to honour the cancellation (measured: redis-py's cluster
+            # client sleeping 250 ms on CLUSTERDOWN, Python 3.11's wait_for losing a cancel).
             async with asyncio.timeout(self.op_timeout_s):
-                result = await command()
-        except Exception as exc:
+                result = await asyncio.shield(task)
+        except BaseException as exc:
+            if not task.done():
+                task.cancel()  # redis-py drops the connection it was using
+                self._background.add(task)
+                task.add_done_callback(_reap(self._background))
+            if not isinstance(exc, Exception):
+                raise  # our own caller was cancelled (asyncio.timeout turns its own cancel into TimeoutError)
             # RedisError and OSError (which covers asyncio's TimeoutError) are the expected
             # ones; anything else is a redis-py fault under failover (seen: a connection torn
             # down by a concurrent reset while another command was sending on it), and the
