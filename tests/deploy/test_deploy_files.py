@@ -67,7 +67,6 @@ EXPECTED_NOT_YET_EXPORTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_dp_budget_remaining": ("gauge", ("model",)),
     "gateway_drift_psi": ("gauge", ("model", "feature")),
     "gateway_drift_state": ("gauge", ("model",)),
-    "gateway_canary_rollbacks_total": ("counter", ("flag",)),
     "gateway_audit_queue_depth": ("gauge", ()),
     "gateway_audit_fsync_duration_seconds": ("histogram", ()),
 }
