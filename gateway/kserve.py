@@ -35,6 +35,23 @@ ELEMENT_SIZE: Final[dict[str, int]] = {
     name: dt.itemsize for name, dt in DTYPES.items() if name != "BYTES"
 }
 
+# The typed field of KServe V2 gRPC's InferTensorContents each datatype travels in;
+# FP16 has none (raw bytes only).
+CONTENTS_FIELD: Final[dict[str, str]] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
 FLOAT_TYPES: Final[frozenset[str]] = frozenset({"FP16", "FP32", "FP64"})
 INT_TYPES: Final[frozenset[str]] = frozenset(
     {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}

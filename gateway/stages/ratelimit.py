@@ -5,8 +5,8 @@ exposes). One round trip to the shared state per hook decides every limit that a
 all-or-nothing (:mod:`gateway.state.base`):
 
 - ``on_call`` (every authenticated call): request rates (GCRA), calendar quotas and
-  concurrency caps; a concurrency slot is a lease the front gives back in ``finally``
-  through :func:`finish_call`.
+  concurrency caps; a concurrency slot is a lease given back by ``on_complete`` (the
+  pipeline's once-per-call hook; :func:`finish_call` for a caller without a pipeline).
 - ``on_request`` (inference, tensors decoded): cost limits in tensor elements or bytes per
   period, so a batch of 64 costs 64 times a batch of 1.
 
@@ -38,7 +38,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
 from gateway.context import Principal, RequestContext
-from gateway.errors import DependencyUnavailable, PayloadTooLarge, RateLimited
+from gateway.errors import DependencyUnavailable, GatewayError, PayloadTooLarge, RateLimited
 from gateway.fronts.client_addr import address_bucket
 from gateway.kserve import InferRequest, Tensor, element_count
 from gateway.stages.base import Stage
@@ -478,6 +478,10 @@ class RateLimiter(Stage):
             await self._enforce(ctx, rules, checks)
         return req
 
+    async def on_complete(self, ctx: RequestContext, error: GatewayError | None) -> None:
+        """Give back the call's concurrency slots; nothing else is refunded (see the module doc)."""
+        await finish_call(ctx)
+
     async def _enforce(self, ctx: RequestContext, rules: list[_Compiled], checks: list[LimitCheck]) -> None:
         state, rules, decisions = await self.enforcer.decide(ctx, rules, checks)
         self.enforcer.judge(rules, decisions, local=state is not self.enforcer.state)
@@ -533,7 +537,7 @@ _RELEASES: set[asyncio.Task[None]] = set()
 
 
 async def finish_call(ctx: RequestContext) -> None:
-    """Give back the call's concurrency slots. The front calls this in ``finally``, always.
+    """Give back the call's concurrency slots (``RateLimiter.on_complete`` calls this).
 
     Shielded: if the caller is cancelled (client gone, shutdown), the release still runs to
     completion in the background. If the store is down the lease simply expires.

@@ -248,6 +248,10 @@ class SharedState(Protocol):
         """
         ...
 
+    async def start(self) -> None:
+        """Warm up at process start (connections, scripts, cluster topology). Never raises."""
+        ...
+
     async def ping(self) -> None:
         """Raise :class:`StateUnavailable` unless the store answers (readiness)."""
         ...

@@ -240,6 +240,9 @@ class MemoryState:
         self._entries[key] = _Entry(new, None, evictable=False)
         return new.version
 
+    async def start(self) -> None:
+        return None
+
     async def ping(self) -> None:
         return None
 

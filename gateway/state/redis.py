@@ -22,12 +22,19 @@ still agree on one timeline per key.
 Faults: each call is bounded by ``op_timeout_s`` (100 ms) twice over: ``asyncio.timeout``
 around the whole call, and the same value as the socket connect/read timeout, so a
 half-open server (TCP accepted, no answer) and a SIGSTOPped one both surface as
-:class:`StateUnavailable` on time, and the connection that timed out is discarded (redis-py
-disconnects on a read timeout or cancellation), so nothing stays stuck once Redis is back.
-A connection error is retried once at once (a pooled connection may be stale after a
-restart or failover), never a timeout. After ``breaker_threshold`` consecutive failures
-calls fail fast for ``breaker_cooldown_s``, then one probe at a time is let through. Every
-redis-py exception is converted here and only here.
+:class:`StateUnavailable` on time. The call runs in its own task and the caller waits on a
+shield, so the deadline holds even where redis-py is slow to honour a cancellation; the
+abandoned task is cancelled, which makes redis-py drop the connection it was using, so no
+late reply is ever read as the answer to a later command and nothing stays stuck once Redis
+is back. A connection error is retried once at once (a pooled connection may be stale after
+a restart or failover), never a timeout. After ``breaker_threshold`` consecutive failures
+calls fail fast for ``breaker_cooldown_s``, then one probe at a time is let through (not on
+a cluster, where one failing master must not fail every slot). Every exception of the
+client is converted in :meth:`RedisState._call` and only there.
+
+Cost: connections speak RESP2 without ``CLIENT SETINFO`` (no extra round trips when a burst
+opens connections inside the 100 ms budget), and the cluster client reads the ``COMMAND``
+table once instead of on every topology refresh (see :class:`_CachedCommandsParser`).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.kserve import (
+    CONTENTS_FIELD,
     DTYPES,
     ELEMENT_SIZE,
     InferRequest,
@@ -66,22 +67,6 @@ _DEADLINE_GRACE_S: Final = 0.25
 _INPUT_REJECTED: Final = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"})
 _UNAVAILABLE: Final = frozenset({"UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"})
 
-# Typed (non-raw) response contents: KServe datatype -> InferTensorContents field.
-# FP16 has no typed field; it only travels as raw bytes.
-_CONTENTS_FIELD: Final[dict[str, str]] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 
 def status_code_name(exc: BaseException) -> str | None:
@@ -471,7 +456,7 @@ def _raw_array(result: Any, name: str, datatype: str, count: int, buffer: bytes,
 
 
 def _typed_array(out: Any, datatype: str, count: int, model: str) -> NDArray:
-    field = _CONTENTS_FIELD.get(datatype)
+    field = CONTENTS_FIELD.get(datatype)
     values = list(getattr(out.contents, field)) if field is not None else []
     if len(values) != count:
         _bad("infer", model, f"output {out.name!r} has {len(values)} typed values for {count} elements")

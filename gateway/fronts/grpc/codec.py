@@ -39,11 +39,11 @@ from tritonclient.grpc import service_pb2
 
 from gateway.errors import InputRejected, MalformedRequest, NotFound, PayloadTooLarge
 from gateway.fronts.http.codec import (
-    _LE_DTYPES,
     _MAX_NAME_LENGTH,
     _UNSAFE_TEXT,
     CodecLimits,
     _all_finite,
+    _binary_tensor,
     _check_count,
     _checked_output,
     _input_label,
@@ -52,12 +52,11 @@ from gateway.fronts.http.codec import (
     _output_label,
     _output_shape,
     _parameter_label,
-    _split_bytes,
     _valid_tensor_name,
 )
 from gateway.kserve import (
+    CONTENTS_FIELD,
     DTYPES,
-    ELEMENT_SIZE,
     FLOAT_TYPES,
     InferRequest,
     InferResponse,
@@ -78,21 +77,6 @@ __all__ = [
 MODEL_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 MODEL_VERSION: Final = re.compile(r"[0-9]{1,19}")
 
-# The typed field each datatype travels in (KServe V2 gRPC); FP16 has none (raw only).
-CONTENTS_FIELD: Final[dict[str, str]] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 # Numpy dtype of each typed field, so values are read at the field's own width first and
 # range-checked before narrowing (no silent wrap-around of 300 into an INT8).
 _FIELD_DTYPE: Final[dict[str, np.dtype[Any]]] = {
@@ -260,27 +244,8 @@ def _decode_outputs(outputs: Sequence[Any], limits: CodecLimits) -> list[Request
 
 
 def _raw_tensor(spec: _InputSpec, raw: memoryview, limits: CodecLimits) -> NDArray:
-    """One ``raw_input_contents`` entry: little-endian elements, or length-prefixed BYTES."""
-    datatype, label = spec.datatype, spec.label
-    if datatype == "BYTES":
-        return _object_array(_split_bytes(spec, raw, limits)).reshape(spec.shape)
-    size = ELEMENT_SIZE[datatype]
-    if len(raw) % size:
-        raise MalformedRequest(f"{label}: raw_input_contents is not a multiple of the {datatype} element size",
-                               reason="binary_size_mismatch")
-    # SECURITY: counted on the bytes actually sent, then compared with the declared shape;
-    # nothing is ever sized from the declaration alone (IN-04).
-    _check_count(spec, len(raw) // size, limits, MalformedRequest)
-    if datatype == "BOOL":
-        octets = np.frombuffer(raw, dtype=np.uint8)
-        if octets.size and int(octets.max()) > 1:
-            raise InputRejected(f"{label}: BOOL bytes must be 0 or 1", reason="input_wrong_type")
-        return octets.astype(np.bool_).reshape(spec.shape)
-    # astype copies into native order and frees the array from the request buffer.
-    array = np.frombuffer(raw, dtype=_LE_DTYPES[datatype]).astype(DTYPES[datatype])
-    if datatype in FLOAT_TYPES and not _all_finite(array):
-        raise InputRejected(f"{label}: NaN and infinity are not accepted", reason="input_non_finite")
-    return array.reshape(spec.shape)
+    """One ``raw_input_contents`` entry: exactly the binary extension's rules."""
+    return _binary_tensor(spec, raw, limits, source="raw_input_contents")
 
 
 def _typed_tensor(spec: _InputSpec, contents: Any, populated: list[str], limits: CodecLimits) -> NDArray:

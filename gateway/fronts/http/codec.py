@@ -551,14 +551,19 @@ def _object_array(values: list[bytes]) -> NDArray:
     return array
 
 
-def _binary_tensor(spec: _InputSpec, raw: memoryview, limits: CodecLimits) -> NDArray:
+def _binary_tensor(spec: _InputSpec, raw: memoryview, limits: CodecLimits, *,
+                   source: str = "binary_data_size") -> NDArray:
+    """Little-endian elements or length-prefixed BYTES, for both fronts (``source`` names
+    where the bytes came from in error messages)."""
     datatype, label = spec.datatype, spec.label
     if datatype == "BYTES":
         return _object_array(_split_bytes(spec, raw, limits)).reshape(spec.shape)
     size = ELEMENT_SIZE[datatype]
     if len(raw) % size:
-        raise MalformedRequest(f"{label}: binary_data_size is not a multiple of the {datatype} element size",
+        raise MalformedRequest(f"{label}: {source} is not a multiple of the {datatype} element size",
                                reason="binary_size_mismatch")
+    # SECURITY: counted on the bytes actually sent, then compared with the declared shape;
+    # nothing is ever sized from the declaration alone (IN-04).
     _check_count(spec, len(raw) // size, limits, MalformedRequest)
     if datatype == "BOOL":
         octets = np.frombuffer(raw, dtype=np.uint8)
