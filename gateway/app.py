@@ -23,6 +23,7 @@ from gateway.audit import AuditAggregator, AuditConfig, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.devissuer import trusted_dev_issuer
 from gateway.flags.rollback import RollbackTrip
+from gateway.fronts.client_addr import TrustedProxies
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse
@@ -34,6 +35,7 @@ from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
 from gateway.stages.feature_flags import FlagsRuntime
+from gateway.state import open_state
 from gateway.tls import server_ssl_context
 from gateway.upstream.base import Upstream
 from privacy.dp.ledger import InMemoryBudgetLedger
@@ -123,8 +125,11 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         return await upstream.infer(req, timeout_s=timeouts["infer"])
 
     dp_ledger = InMemoryBudgetLedger()
+    # No I/O here: the gateway starts while Redis is down and refuses (fail closed) meanwhile.
+    state = open_state(settings.redis_url, observer=metrics)
     flag_hooks = _FlagHooks(metrics)
-    env = CompileEnv(dp_ledger=dp_ledger, flags_runtime=FlagsRuntime.create(flag_hooks),
+    env = CompileEnv(dp_ledger=dp_ledger, flags_runtime=FlagsRuntime.create(flag_hooks), state=state,
+                     limit_metrics=metrics,
                      extra_issuers=extra, key_sources=key_sources,
                      repo_dir=settings.profiles_dir(),
                      reinfer=reinfer, detector_metrics=metrics,
@@ -158,6 +163,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         key_sources=key_sources,
         breakers=Breakers(on_change=circuit_changed),
         dp_ledger=dp_ledger,
+        state=state,
+        trusted_proxies=TrustedProxies.parse(settings.trusted_proxies),
     )
     flag_hooks.audit_log = audit_log
     return service
@@ -178,6 +185,7 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         await service.audit_log.start()
         service.audit_aggregator.start()
         await service.upstream.start()
+        await service.state.start()
         watcher = asyncio.create_task(service.store.watch(settings.policy_poll_s))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -190,6 +198,7 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await service.upstream.close()
+        await service.state.close()
         await service.key_sources.close()
         # Last: every answered request's record is flushed and a final checkpoint signed.
         await service.audit_aggregator.close()

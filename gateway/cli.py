@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     upstream_tls = bool(args.upstream_tls or args.upstream_tls_ca or args.upstream_tls_cert)
     settings = Settings(
         grpc_host=grpc_host, grpc_port=grpc_port, tls=tls, upstream_tls=upstream_tls,
+        trusted_proxies=tuple(args.trusted_proxy),
         upstream_ca=Path(args.upstream_tls_ca) if args.upstream_tls_ca else None,
         upstream_cert=Path(args.upstream_tls_cert) if args.upstream_tls_cert else None,
         upstream_key=Path(args.upstream_tls_key) if args.upstream_tls_key else None,
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policies", default="policies", help="policy directory (default ./policies)")
     serve.add_argument("--backend", default="local:triton_repo",
                        help="local:DIR (embedded onnxruntime) or grpc://HOST:PORT (Triton)")
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                       help="a reverse proxy whose X-Forwarded-For is believed (repeatable)")
     serve.add_argument("--grpc-listen", default=None, help="HOST:PORT of the gRPC front (default: off)")
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain for both fronts")
     serve.add_argument("--tls-key", default=None, help="PEM private key for both fronts")

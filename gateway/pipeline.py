@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -68,11 +68,19 @@ class BoundStage:
         metrics.stage_duration.labels(stage=self.name).observe(elapsed)
 
 
+class PreAuthentication(Protocol):
+    """A check on the client address alone, before any credential is looked at."""
+
+    async def admit(self, client_addr: str, ctx: RequestContext | None = None) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Pipeline:
     revision: str
     stages: tuple[BoundStage, ...]
     metrics: Metrics
+    # SECURITY: token-guessing floods are refused per client address before verification.
+    preauth: PreAuthentication | None = None
 
     def allows(self, ctx: RequestContext, permission: str) -> bool:
         """A gateway-level permission (``audit:read``, ``budget:admin``) by the stages that grant them."""

@@ -7,6 +7,7 @@ when the call ends, whatever the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request
 from gateway.context import RequestContext
 from gateway.errors import DependencyUnavailable, GatewayError, InternalError, NotFound, UpstreamUnavailable
+from gateway.fronts.client_addr import NO_PROXIES, TrustedProxies
 from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 from gateway.observability.metrics import Metrics
@@ -28,6 +30,7 @@ from gateway.resilience.breaker import Breakers
 from gateway.stages.dp_noise import budget_report
 from gateway.stages.feature_flags import flags_audit_fields
 from gateway.stages.model_exposure import UNKNOWN_MODEL
+from gateway.state.base import SharedState, StateUnavailable
 from gateway.upstream.base import Upstream
 from privacy.dp.ledger import BudgetLedger, LedgerUnavailable
 
@@ -47,6 +50,8 @@ class InferenceService:
     key_sources: KeySourceRegistry
     breakers: Breakers
     dp_ledger: BudgetLedger
+    state: SharedState
+    trusted_proxies: TrustedProxies = NO_PROXIES
     in_flight: int = 0
 
     async def call(self, ctx: RequestContext, snap: Snapshot, route: str, work: Callable[[], Awaitable[T]]) -> T:
@@ -60,6 +65,8 @@ class InferenceService:
         result: T | None = None
         try:
             self._shed_if_full(snap)
+            if snap.pipeline.preauth is not None:
+                await snap.pipeline.preauth.admit(ctx.client_addr, ctx)
             self.in_flight += 1
             try:
                 await snap.pipeline.admit(ctx)
@@ -74,7 +81,8 @@ class InferenceService:
             error.__cause__ = exc
         finally:
             ctx.bearer = None
-        await snap.pipeline.complete(ctx, error)
+            # Shielded: a cancelled call (client gone) must still release its slots and refund.
+            await asyncio.shield(snap.pipeline.complete(ctx, error))
         await self.audit(ctx, route=route, status=200 if error is None else error.http_status, error=error)
         if error is not None:
             self.log_refusal(ctx, error, route)
@@ -106,6 +114,11 @@ class InferenceService:
             self.store.current  # noqa: B018 - raises before the first load
         except RuntimeError:
             return False
+        if self.state.backend != "memory":
+            try:
+                await self.state.ping()
+            except StateUnavailable:
+                return False
         try:
             return await self._timed("server_ready", self.upstream.server_ready(timeout_s=1.0))
         except GatewayError:

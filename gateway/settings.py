@@ -24,6 +24,8 @@ class Settings:
     state_dir: Path = Path("var")
     dev: bool = False
     policy_poll_s: float = 1.0
+    # Proxies whose X-Forwarded-For is believed (CIDRs); the client address is the rightmost untrusted hop.
+    trusted_proxies: tuple[str, ...] = ()
     # gRPC front (Triton's GRPCInferenceService); None = HTTP only.
     grpc_host: str | None = None
     grpc_port: int = 8001

@@ -353,3 +353,30 @@ class TestAuditSettings:
         out = capfd.readouterr().out
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"seq"' in line]
         assert any(r.get("request_id") == resp.headers["X-Request-ID"] for r in lines)
+
+
+class TestLimits:
+    async def test_subject_rate_limit_is_429_with_ietf_headers(
+        self, client: Client, auth: dict[str, str], policy_dir: Path, settings: Settings
+    ) -> None:
+        path = policy_dir / "limits.yaml"
+        text = path.read_text()
+        start = text.index("  - name: subject_rate")
+        end = text.index("  - name:", start + 5)
+        path.write_text(text[:start] + "  - name: subject_rate\n    kind: rate\n    per: [tenant, subject]\n"
+                        "    rate: 1\n    burst: 2\n" + text[end:])
+        assert await client.app[SERVICE_KEY].store.reload("test")
+        ok = await client.post("/v2/models/digits/infer", json=digits_body(), headers=auth)
+        assert ok.status == 200
+        assert "RateLimit-Limit" in ok.headers
+        await client.post("/v2/models/digits/infer", json=digits_body(), headers=auth)
+        limited = await client.post("/v2/models/digits/infer", json=digits_body(), headers=auth)
+        assert limited.status == 429
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.headers["RateLimit-Remaining"] == "0"
+        assert "rate limit" in (await limited.json())["error"]
+        record = audit_records(settings)[-1]
+        assert (record["decision"], record["reason"]) == ("deny", "ratelimit_exceeded")
+        assert record["upstream_called"] is False
+        metrics = await (await client.get("/metrics")).text()
+        assert 'gateway_ratelimit_decisions_total{decision="limited",limit="subject_rate"}' in metrics

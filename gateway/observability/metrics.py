@@ -88,6 +88,17 @@ class Metrics:
             "gateway_flag_evaluation_errors_total", "Flag evaluations that failed safe to the stable variant.",
             ["flag"], registry=r,
         )
+        self.ratelimit_decisions = Counter(
+            "gateway_ratelimit_decisions_total", "Limiter decisions, by limit name and decision.",
+            ["limit", "decision"], registry=r,
+        )
+        self.redis_duration = Histogram(
+            "gateway_redis_duration_seconds", "Shared-state (Redis) operation latency.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25), registry=r,
+        )
+        self.redis_errors = Counter(
+            "gateway_redis_errors_total", "Shared-state (Redis) operations that failed.", registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being processed.", registry=r,
         )
@@ -97,6 +108,18 @@ class Metrics:
         self.detector_score.labels(detector=detector, model=model).observe(score)
         if fired:
             self.detector_fired.labels(detector=detector, model=model).inc()
+
+    def limit_decision(self, limit: str, outcome: str) -> None:
+        """The rate limiter's metrics hook (limit names come from policy: bounded)."""
+        self.ratelimit_decisions.labels(limit=limit, decision=outcome).inc()
+
+    def state_op(self, backend: str, op: str, seconds: float, error: str | None) -> None:
+        """The shared-state layer's observer; only the Redis backend is a network hop."""
+        if backend == "memory":
+            return
+        self.redis_duration.observe(seconds)
+        if error is not None:
+            self.redis_errors.inc()
 
     def set_revision(self, revision: str) -> None:
         """Keep exactly one ``gateway_policy_info`` series: the active revision's."""

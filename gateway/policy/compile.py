@@ -28,7 +28,10 @@ from gateway.stages.dp_noise import build_dp_stage
 from gateway.stages.feature_flags import FlagsRuntime, build_flags_stage
 from gateway.stages.model_exposure import ModelExposure
 from gateway.stages.pii_mask import build_pii_stage
+from gateway.stages.ratelimit import RateLimitMetrics, build_preauth_limiter, build_ratelimit_stage
 from gateway.stages.sanitize import build_sanitize_stage
+from gateway.state.base import SharedState
+from gateway.state.memory import MemoryState
 from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger
 
 # Builds (or reuses across revisions) a fetching key source for a JWKS/discovery issuer.
@@ -103,6 +106,10 @@ class CompileEnv:
     pii_token_key: bytes = b""
     # Canary statistics and rollback overrides outlive revisions.
     flags_runtime: FlagsRuntime = field(default_factory=FlagsRuntime.create)
+    # Shared state for limits (Redis with --redis, else this process) and the local fallback.
+    state: SharedState = field(default_factory=MemoryState)
+    local_state: MemoryState = field(default_factory=MemoryState)
+    limit_metrics: RateLimitMetrics | None = None
     # Privacy budgets: one ledger and one clock for every revision (in memory by default).
     dp_ledger: BudgetLedger = field(default_factory=InMemoryBudgetLedger)
 
@@ -147,6 +154,11 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         dp = build_dp_stage(policy.privacy, env.dp_ledger)
     except ValueError as exc:
         raise PolicyError([PolicyIssue("privacy.yaml", 1, 1, str(exc))]) from exc
+    try:
+        limiter = build_ratelimit_stage(policy.limits, env.state, env.limit_metrics, local_state=env.local_state)
+        preauth = build_preauth_limiter(policy.limits, env.state, env.limit_metrics, local_state=env.local_state)
+    except ValueError as exc:
+        raise PolicyError([PolicyIssue("limits.yaml", 1, 1, str(exc))]) from exc
     flags = build_flags_stage(policy.flags_raw or b'{"flags": {}}', policy, env.flags_runtime)
     stages = (
         # SECURITY: authentication and authorization are always enforced; no policy switch.
@@ -157,6 +169,8 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         BoundStage(ModelExposure(models=policy.gateway.models), policy.gateway.stages.model_exposure.mode),
         BoundStage(RoleAuthorizer(grants=grants, role_actions=role_actions,
                                   non_enumeration=policy.access.non_enumeration), Mode.ENFORCE),
+        # Limits count only callers the policy admits, per tenant/subject/role/model.
+        BoundStage(limiter, Mode.ENFORCE),
         # Sanitizing runs before anything reads text (PII masking needs normalized input).
         BoundStage(sanitizer, policy.inputs.sanitize.mode),
         BoundStage(adversarial, Mode.ENFORCE),  # per-model modes live inside the stage
@@ -167,4 +181,4 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         # in (it charges only requests every other stage admitted), first on the way out.
         BoundStage(dp, Mode.ENFORCE),
     )
-    return Pipeline(revision=policy.revision, stages=stages, metrics=metrics)
+    return Pipeline(revision=policy.revision, stages=stages, metrics=metrics, preauth=preauth)

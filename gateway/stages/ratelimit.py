@@ -58,7 +58,7 @@ from gateway.state.memory import MemoryState
 log = structlog.get_logger("gateway.ratelimit")
 
 # The context note under which a call's leases and header values travel to the front.
-NOTE_KEY: Final = "rate_limit"
+NOTE_KEY: Final = "_rate_limit"  # live state (leases, headers): never audited
 BACKEND_RETRY_AFTER_S: Final = 1.0
 
 # -- policy (policies/limits.yaml) --------------------------------------------------------

@@ -28,6 +28,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
+from gateway.fronts.client_addr import client_address
 from gateway.fronts.http.body import check_content_type, read_body
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
 from gateway.fronts.http.routes import Route, resolve
@@ -35,6 +36,8 @@ from gateway.policy.store import Snapshot
 from gateway.service import InferenceService
 from gateway.stages.dp_noise import HEADER_REMAINING, NOTE_REMAINING
 from gateway.stages.feature_flags import variant_headers
+from gateway.stages.ratelimit import LimitExceeded
+from gateway.stages.ratelimit import response_headers as limit_headers
 from privacy.pii.redact import redact_text
 
 log = structlog.get_logger("gateway.http")
@@ -65,6 +68,8 @@ def error_response(exc: GatewayError, request_id: str) -> web.Response:
         )
     if isinstance(exc, MethodNotAllowed) and exc.detail and exc.detail.startswith("use "):
         extra["Allow"] = exc.detail[4:]
+    if isinstance(exc, LimitExceeded):
+        extra.update(exc.headers())
     if exc.retry_after_s is not None:
         extra["Retry-After"] = str(max(1, int(exc.retry_after_s + 0.999)))
     elif exc.http_status == 503:
@@ -132,7 +137,8 @@ class HttpFront:
             revision=snap.policy.revision,
             action=route.action,
             transport="http",
-            client_addr=request.remote or "",
+            client_addr=client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                       self.service.trusted_proxies),
             model=route.model,
             version=route.version,
             traceparent=traceparent_for(request.headers.get("traceparent")),
@@ -150,6 +156,8 @@ class HttpFront:
         if remaining is not None:
             response.headers[HEADER_REMAINING] = str(remaining)
         response.headers.update(variant_headers(ctx))
+        if response.status < 400:
+            response.headers.update(limit_headers(ctx))
         self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
         return response
 
