@@ -36,9 +36,10 @@ from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
 from gateway.stages.feature_flags import FlagsRuntime
 from gateway.state import open_state
+from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.tls import server_ssl_context
 from gateway.upstream.base import Upstream
-from privacy.dp.ledger import InMemoryBudgetLedger
+from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger
 
 log = structlog.get_logger("gateway.app")
 
@@ -124,9 +125,10 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         """Feature squeezing's second upstream call: the upstream only, never the pipeline."""
         return await upstream.infer(req, timeout_s=timeouts["infer"])
 
-    dp_ledger = InMemoryBudgetLedger()
     # No I/O here: the gateway starts while Redis is down and refuses (fail closed) meanwhile.
     state = open_state(settings.redis_url, observer=metrics)
+    # SECURITY: with a shared store every replica spends the same privacy budget.
+    dp_ledger: BudgetLedger = StateBudgetLedger(state) if settings.redis_url else InMemoryBudgetLedger()
     flag_hooks = _FlagHooks(metrics)
     env = CompileEnv(dp_ledger=dp_ledger, flags_runtime=FlagsRuntime.create(flag_hooks), state=state,
                      limit_metrics=metrics,

@@ -31,6 +31,7 @@ from gateway.stages.pii_mask import build_pii_stage
 from gateway.stages.ratelimit import RateLimitMetrics, build_preauth_limiter, build_ratelimit_stage
 from gateway.stages.sanitize import build_sanitize_stage
 from gateway.state.base import SharedState
+from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.state.memory import MemoryState
 from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger
 
@@ -150,6 +151,12 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
                               unmask_roles=unmask_roles)
     except ValueError as exc:
         raise PolicyError([PolicyIssue("pii.yaml", 1, 1, str(exc))]) from exc
+    if isinstance(env.dp_ledger, StateBudgetLedger):
+        gaussian = [f"{m}.{o}" for m, mp in policy.privacy.models.items()
+                    for o, op in mp.outputs.items() if op.mechanism == "gaussian"]
+        if gaussian:
+            raise PolicyError([PolicyIssue("privacy.yaml", 1, 1, f"{gaussian}: Gaussian (RDP) budgets are vectors "
+                                           "and cannot be shared through --redis yet; use laplace")])
     try:
         dp = build_dp_stage(policy.privacy, env.dp_ledger)
     except ValueError as exc:
