@@ -4,17 +4,14 @@ allows, under 200 concurrent requests; and the ledger adapter keeps the ledger c
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import shutil
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.state.memory import MemoryState
 from privacy.dp.ledger import PeriodScheme, Refused, Reservation
-from tests.support.gateway_proc import start_gateway
+from tests.support.gateway_proc import post_json, start_gateway
 from tests.support.redis_server import RedisServer
 
 from ..conftest import POLICIES, TRITON_REPO
@@ -23,14 +20,7 @@ from ..conftest import POLICIES, TRITON_REPO
 def _post(url: str, token: str, i: int) -> int:
     # every request differs, so none is answered free from the repeat cache
     body = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [1.0 + i] * 30}]}
-    req = urllib.request.Request(  # noqa: S310 - loopback test server
-        f"{url}/v2/models/risk/infer", data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=20) as resp:  # noqa: S310
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+    return post_json(url, "/v2/models/risk/infer", body, token)
 
 
 def test_two_replicas_never_overspend(tmp_path: Path) -> None:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from tests.support.gateway_proc import start_gateway
+from tests.support.gateway_proc import post_json, start_gateway
 from tests.support.redis_server import RedisServer
 
 from ..conftest import DIGITS_BODY, POLICIES, TRITON_REPO
@@ -18,14 +15,7 @@ BURST = 10
 
 
 def _post(url: str, token: str) -> int:
-    req = urllib.request.Request(  # noqa: S310 - loopback test server
-        f"{url}/v2/models/digits/infer", data=json.dumps(DIGITS_BODY).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+    return post_json(url, "/v2/models/digits/infer", DIGITS_BODY, token)
 
 
 def test_two_gateways_share_one_limit(tmp_path: Path) -> None:

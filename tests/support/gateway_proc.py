@@ -115,3 +115,17 @@ def start_gateway(
         time.sleep(0.2)
     gw.stop()
     raise RuntimeError(f"gateway not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+
+
+def post_json(url: str, path: str, body: object, token: str, *, timeout_s: float = 20.0) -> int:
+    """POST a JSON body with a bearer token from a plain thread; the HTTP status, never an exception."""
+    import json
+
+    req = urllib.request.Request(  # noqa: S310 - loopback test servers only
+        f"{url}{path}", data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
