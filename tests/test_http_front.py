@@ -380,3 +380,29 @@ class TestLimits:
         assert record["upstream_called"] is False
         metrics = await (await client.get("/metrics")).text()
         assert 'gateway_ratelimit_decisions_total{decision="limited",limit="subject_rate"}' in metrics
+
+
+class TestKillSwitch:
+    async def test_a_kill_switched_stage_is_skipped_and_recorded(
+        self, client: Client, auth: dict[str, str], policy_dir: Path, settings: Settings
+    ) -> None:
+        constant = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [7.0] * 64}]}
+        assert (await client.post("/v2/models/digits/infer", json=constant, headers=auth)).status == 422
+        flags = json.loads((policy_dir / "flags.json").read_text())
+        flags["flags"]["stage.adversarial.enabled"] = {
+            "state": "ENABLED", "variants": {"on": True, "off": False}, "defaultVariant": "off"}
+        (policy_dir / "flags.json").write_text(json.dumps(flags))
+        assert await client.app[SERVICE_KEY].store.reload("test")
+        resp = await client.post("/v2/models/digits/infer", json=constant, headers=auth)
+        assert resp.status == 200
+        assert audit_records(settings)[-1]["notes"]["skipped_stages"] == ["adversarial"]
+
+    async def test_protected_stages_cannot_be_switched_off(self, client: Client, policy_dir: Path) -> None:
+        flags = json.loads((policy_dir / "flags.json").read_text())
+        flags["flags"]["stage.pii_mask.enabled"] = {
+            "state": "ENABLED", "variants": {"on": True, "off": False}, "defaultVariant": "off"}
+        (policy_dir / "flags.json").write_text(json.dumps(flags))
+        store = client.app[SERVICE_KEY].store
+        assert not await store.reload("test")
+        assert store.last_error is not None
+        assert "pii_mask" in store.last_error
