@@ -113,9 +113,20 @@ class RedisServer:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
                      "--cluster-require-full-coverage", "yes"]
-        server = cls(port or free_port(with_bus=cluster), directory, (*args, *extra))
-        server.launch()
-        return server
+        # A free port can be taken between the probe and the bind (another process on the
+        # machine): pick a fresh one and try again rather than failing the suite.
+        for attempt in range(4):
+            server = cls(port or free_port(with_bus=cluster), directory, (*args, *extra))
+            try:
+                server.launch()
+            except RuntimeError:
+                server.stop()
+                if port is not None or attempt == 3:
+                    raise
+                (directory / "nodes.conf").unlink(missing_ok=True)  # a half-born cluster identity
+                continue
+            return server
+        raise AssertionError("unreachable")
 
     @classmethod
     def start_sentinel(cls, directory: Path, master_port: int, *, service: str = "mymaster",
