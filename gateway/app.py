@@ -26,6 +26,7 @@ from gateway.flags.rollback import RollbackTrip
 from gateway.fronts.client_addr import TrustedProxies
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.identity.registry import KeySourceRegistry
+from gateway.keyfiles import read_or_create
 from gateway.kserve import InferRequest, InferResponse
 from gateway.observability.metrics import Metrics
 from gateway.policy.compile import CompileEnv
@@ -94,22 +95,6 @@ class _FlagHooks:
         log.warning("flag_evaluation_failed", flag=flag, error=error)
 
 
-def load_or_create_secret(path: Path, size: int = 32) -> bytes:
-    """A process key kept in the state directory, created once with mode 0600."""
-    if path.exists():
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = os.urandom(size)
-    # SECURITY: created 0600 atomically; O_EXCL so two workers never race to different keys.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secret)
-    return secret
-
-
 def build_service(settings: Settings, *, upstream: Upstream | None = None) -> InferenceService:
     """Load policy (fatal if invalid) and assemble the transport-neutral service."""
     metrics = Metrics()
@@ -135,8 +120,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
                      extra_issuers=extra, key_sources=key_sources,
                      repo_dir=settings.profiles_dir(),
                      reinfer=reinfer, detector_metrics=metrics,
-                     pii_hmac_key=load_or_create_secret(settings.state_dir / "pii-hmac.key"),
-                     pii_token_key=load_or_create_secret(settings.state_dir / "pii-token.key"))
+                     pii_hmac_key=read_or_create(settings.state_dir / "pii-hmac.key", lambda: os.urandom(32)),
+                     pii_token_key=read_or_create(settings.state_dir / "pii-token.key", lambda: os.urandom(32)))
 
     def on_change(snapshot: Snapshot) -> None:
         timeouts["infer"] = float(snapshot.policy.gateway.upstream.infer_timeout_s)

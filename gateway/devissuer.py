@@ -7,7 +7,6 @@ exist, so a leaked dev key is worthless against a production gateway.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.keyfiles import read_or_create
 from gateway.stages.authn import StaticKeys, TrustedIssuer
 
 DEV_ISSUER = "infergate-dev"
@@ -23,21 +23,16 @@ DEV_AUDIENCE = "infergate"
 KEY_FILE = "dev-issuer-ed25519.pem"
 
 
+def _new_pem() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
 def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
     path = state_dir / KEY_FILE
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 key")
-        return key
-    state_dir.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    # SECURITY: create with 0600 atomically; never world-readable, even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+    key = serialization.load_pem_private_key(read_or_create(path, _new_pem), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TypeError(f"{path} is not an Ed25519 key")
     return key
 
 

@@ -39,8 +39,6 @@ from openfeature.exception import FlagNotFoundError, GeneralError, ParseError, T
 from openfeature.flag_evaluation import FlagResolutionDetails, FlagValueType, Reason
 from openfeature.provider import AbstractProvider, Metadata
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     JsonValue,
     StrictBool,
@@ -50,6 +48,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from gateway.policy.model import StrictModel
 
 __all__ = [
     "MAX_FLAG_FILE_BYTES",
@@ -90,11 +90,7 @@ class FlagFileError(ValueError):
 # -- the flagd document ------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FlagDefinition(_Strict):
+class FlagDefinition(StrictModel):
     """One flag, in flagd's shape (``flagd.dev/schema/v0/flags.json``)."""
 
     state: Literal["ENABLED", "DISABLED"]
@@ -115,7 +111,7 @@ class FlagDefinition(_Strict):
         return self
 
 
-class FlagFile(_Strict):
+class FlagFile(StrictModel):
     """The whole document. Unknown top-level keys are refused (a typo must not be ignored)."""
 
     schema_uri: StrictStr | None = Field(None, alias="$schema")

@@ -11,8 +11,6 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
@@ -22,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.policy.model import StrictModel
 from gateway.stages.base import Mode
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
@@ -31,11 +30,9 @@ PositiveInt = Annotated[StrictInt, Field(gt=0)]
 Seconds = Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LimitsPolicy(_Strict):
+class LimitsPolicy(StrictModel):
     """Hard caps applied while parsing, before any model or stage sees the request."""
 
     max_body_bytes: PositiveInt = Field(8 * 1024 * 1024, description="Body cap, also after decompression.")
@@ -49,7 +46,7 @@ class LimitsPolicy(_Strict):
     )
 
 
-class UpstreamPolicy(_Strict):
+class UpstreamPolicy(StrictModel):
     infer_timeout_s: Seconds = Field(10.0, description="Deadline of one inference call.")
     metadata_timeout_s: Seconds = Field(2.0, description="Deadline of metadata and readiness calls.")
     metadata_cache_s: Annotated[StrictFloat | StrictInt, Field(ge=0, le=3600)] = Field(
@@ -59,23 +56,23 @@ class UpstreamPolicy(_Strict):
     breaker_cooldown_s: Seconds = Field(5.0, description="How long an open circuit fails fast before one probe.")
 
 
-class ModelPolicy(_Strict):
+class ModelPolicy(StrictModel):
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
         None, description="Versions that may be called explicitly; omitted = any the upstream serves.",
     )
 
 
-class StageSwitch(_Strict):
+class StageSwitch(StrictModel):
     mode: Mode = Mode.ENFORCE
 
 
-class StagesPolicy(_Strict):
+class StagesPolicy(StrictModel):
     """Per-stage switches. Authentication has no switch: it is always enforced."""
 
     model_exposure: StageSwitch = StageSwitch()
 
 
-class AuditPolicy(_Strict):
+class AuditPolicy(StrictModel):
     """Read at startup (the audit log belongs to the process, not to a revision)."""
 
     retention_days: Annotated[StrictInt, Field(gt=0, le=36_500)] | None = Field(
@@ -84,7 +81,7 @@ class AuditPolicy(_Strict):
     stdout: StrictBool = Field(False, description="Also write every committed record to stdout (log shippers).")
 
 
-class GatewayPolicy(_Strict):
+class GatewayPolicy(StrictModel):
     """``gateway.yaml``: limits, upstream deadlines and the models the gateway exposes."""
 
     audit: AuditPolicy = AuditPolicy()
@@ -111,13 +108,13 @@ _FAMILIES = ({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}, {"ES256"}, 
              {"HS256", "HS384", "HS512"})
 
 
-class JwksSettings(_Strict):
+class JwksSettings(StrictModel):
     refresh_cooldown_s: Seconds = Field(30, description="At most one refresh for an unknown kid per this.")
     fetch_timeout_s: Seconds = Field(2, description="Deadline of one JWKS or discovery fetch.")
     allow_http: StrictBool = Field(False, description="Allow plain http URLs (loopback tests only).")
 
 
-class IssuerKeys(_Strict):
+class IssuerKeys(StrictModel):
     """Where the issuer's keys come from: exactly one source."""
 
     pem: StrictStr | None = Field(None, description="A PEM SubjectPublicKeyInfo (asymmetric issuers).")
@@ -137,7 +134,7 @@ class IssuerKeys(_Strict):
         return self
 
 
-class IssuerPolicy(_Strict):
+class IssuerPolicy(StrictModel):
     """A trusted token issuer. One key family per issuer: the token never chooses it."""
 
     issuer: StrictStr = Field(min_length=1)
@@ -163,7 +160,7 @@ class IssuerPolicy(_Strict):
         return self
 
 
-class ApiKeyPolicy(_Strict):
+class ApiKeyPolicy(StrictModel):
     """A service account. Only the SHA-256 of the key is stored; delete the entry to revoke."""
 
     id: StrictStr = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -172,7 +169,7 @@ class ApiKeyPolicy(_Strict):
     roles: tuple[StrictStr, ...] = Field(min_length=1)
 
 
-class IdentityPolicy(_Strict):
+class IdentityPolicy(StrictModel):
     """``identity.yaml``: who may call. The dev issuer is added by ``--dev`` only."""
 
     issuers: tuple[IssuerPolicy, ...] = ()
@@ -194,7 +191,7 @@ Action = Literal["infer", "metadata", "audit:read", "audit:erase", "budget:admin
 MODEL_ACTIONS = frozenset({"infer", "metadata"})
 
 
-class Grant(_Strict):
+class Grant(StrictModel):
     actions: tuple[Action | Literal["*"], ...] = Field(min_length=1)
     models: tuple[StrictStr, ...] = Field(("*",), description="Model names, or * for every model of the tenant.")
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
@@ -202,11 +199,11 @@ class Grant(_Strict):
     )
 
 
-class TenantPolicy(_Strict):
+class TenantPolicy(StrictModel):
     models: tuple[StrictStr, ...] = Field(description="Models this tenant may see at all.")
 
 
-class AccessPolicy(_Strict):
+class AccessPolicy(StrictModel):
     """``access.yaml``: tenants, and what each role may do within its own tenant. Deny by default."""
 
     non_enumeration: StrictBool = Field(

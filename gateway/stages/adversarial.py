@@ -44,8 +44,6 @@ from typing import Annotated, ClassVar, Final, Literal, Protocol
 
 import numpy as np
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
@@ -68,6 +66,7 @@ from gateway.adversarial.profile import PROFILE_FILENAME, ModelProfile, NumericP
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, InputRejected, RateLimited
 from gateway.kserve import FLOAT_TYPES, InferRequest, InferResponse, NDArray, Tensor
+from gateway.policy.model import StrictModel
 from gateway.stages.base import Mode, Stage
 from gateway.stages.sanitize import SanitizePolicy
 
@@ -111,14 +110,12 @@ PositiveFloat = Annotated[StrictFloat | StrictInt, Field(gt=0)]
 Action = Literal["block", "flag"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------- policy
 
 
-class RangeCheck(_Strict):
+class RangeCheck(StrictModel):
     """IN-20: values outside the declared input domain, or all-constant rows. Input
     validation with no false positives on valid data; a refusal is ``input_out_of_range``."""
 
@@ -128,7 +125,7 @@ class RangeCheck(_Strict):
     refuse_constant: StrictBool = Field(True, description="Refuse rows whose features are all equal.")
 
 
-class TrainingRangeCheck(_Strict):
+class TrainingRangeCheck(StrictModel):
     """Values outside each feature's *training* min/max (widened by ``margin``): an
     out-of-distribution signal with false positives (~1.3% of clean digits), so ``flag`` by
     default; a refusal is ``input_adversarial``."""
@@ -138,7 +135,7 @@ class TrainingRangeCheck(_Strict):
         0.0, description="Allowed excess, in widths of the feature's training range.")
 
 
-class GridCheck(_Strict):
+class GridCheck(StrictModel):
     """Values must lie on ``origin + k * step`` (digits: integers). Dataset-specific."""
 
     action: Action = "flag"
@@ -147,7 +144,7 @@ class GridCheck(_Strict):
     tolerance: Annotated[StrictFloat, Field(gt=0, lt=0.5)] = Field(1e-3, description="Fraction of a step.")
 
 
-class MahalanobisCheck(_Strict):
+class MahalanobisCheck(StrictModel):
     """Distance from the training distribution; give ``fpr`` (a threshold of the profile) or
     ``threshold``."""
 
@@ -163,7 +160,7 @@ class MahalanobisCheck(_Strict):
         return self
 
 
-class SqueezingCheck(_Strict):
+class SqueezingCheck(StrictModel):
     """Feature squeezing: one more upstream call per request, on the response path."""
 
     action: Action = "flag"
@@ -178,7 +175,7 @@ class SqueezingCheck(_Strict):
         "deny", description="If the second call fails in block mode: refuse (deny) or answer unchecked.")
 
 
-class OutputHardeningPolicy(_Strict):
+class OutputHardeningPolicy(StrictModel):
     outputs: tuple[Annotated[StrictStr, Field(pattern=_NAME_PATTERN)], ...] = Field(
         (), description="Outputs to harden; empty = every floating-point output.")
     top_k: PositiveInt | None = None
@@ -190,7 +187,7 @@ class OutputHardeningPolicy(_Strict):
                               decimals=self.decimals, label_only=self.label_only)
 
 
-class QueryPatternCheck(_Strict):
+class QueryPatternCheck(StrictModel):
     """Near-duplicate query bursts (HopSkipJump, boundary walking) per caller and across."""
 
     action: Literal["flag", "slow_down", "block", "lower_precision"] = "flag"
@@ -220,7 +217,7 @@ class QueryPatternCheck(_Strict):
                                                      "omitted = secret random seed.")
 
 
-class AdversarialModelPolicy(_Strict):
+class AdversarialModelPolicy(StrictModel):
     """One model. A detector is on when its key is present (``range: {}`` = defaults)."""
 
     mode: Literal["off", "shadow", "flag", "block"] = "off"
@@ -235,7 +232,7 @@ class AdversarialModelPolicy(_Strict):
     output: OutputHardeningPolicy = OutputHardeningPolicy()
 
 
-class AdversarialPolicy(_Strict):
+class AdversarialPolicy(StrictModel):
     """Section ``adversarial`` of ``inputs.yaml``. Models not listed are not checked."""
 
     # Shadow the stage per model (``mode: shadow``): a stage-level shadow would still run
@@ -252,7 +249,7 @@ class AdversarialPolicy(_Strict):
         return value
 
 
-class InputsPolicy(_Strict):
+class InputsPolicy(StrictModel):
     """``inputs.yaml``: input sanitizing and adversarial checks."""
 
     sanitize: SanitizePolicy = SanitizePolicy()

@@ -49,7 +49,7 @@ from urllib.parse import quote
 
 import numpy as np
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from gateway.context import RequestContext
 from gateway.errors import (
@@ -62,6 +62,7 @@ from gateway.errors import (
     UpstreamBadResponse,
 )
 from gateway.kserve import DTYPES, FLOAT_TYPES, InferRequest, InferResponse, Tensor
+from gateway.policy.model import StrictModel
 from gateway.stages.base import Stage
 from privacy.dp.accounting import RDP_ORDERS, Accountant, BasicCompositionAccountant, RdpAccountant
 from privacy.dp.ledger import (
@@ -91,16 +92,12 @@ MAX_MECHANISMS_PER_OUTPUT: Final = 8  # (width, datatype) combinations kept per 
 # -- policy (policies/privacy.yaml) ----------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 Number = StrictFloat | StrictInt
 PositiveEpsilon = Annotated[Number, Field(gt=0, le=1000)]
 Delta = Annotated[StrictFloat, Field(gt=0, lt=1e-2)]
 
 
-class DpOutputPolicy(_Strict):
+class DpOutputPolicy(StrictModel):
     """How one output is released: clamp range, mechanism and cost per answered row."""
 
     mechanism: Literal["laplace", "gaussian"] = Field(
@@ -133,7 +130,7 @@ class DpOutputPolicy(_Strict):
                          self.delta)
 
 
-class DpBudgetPolicy(_Strict):
+class DpBudgetPolicy(StrictModel):
     """A tenant's budget on one model per period."""
 
     epsilon: PositiveEpsilon = Field(description="Total ε per period.")
@@ -149,7 +146,7 @@ class DpBudgetPolicy(_Strict):
         return self
 
 
-class DpModelPolicy(_Strict):
+class DpModelPolicy(StrictModel):
     """One DP-protected model: what its outputs cost and what a tenant may spend."""
 
     privacy_unit: StrictStr = Field(
@@ -189,7 +186,7 @@ class DpModelPolicy(_Strict):
         return self
 
 
-class DpPolicy(_Strict):
+class DpPolicy(StrictModel):
     """``privacy.yaml``: output differential privacy per model. Models not listed get no noise."""
 
     models: dict[StrictStr, DpModelPolicy] = Field(default_factory=dict)

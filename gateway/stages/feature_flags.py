@@ -57,7 +57,7 @@ from openfeature.evaluation_context import EvaluationContext
 from openfeature.exception import OpenFeatureError
 from openfeature.flag_evaluation import FlagValueType
 from openfeature.provider import FeatureProvider
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from gateway.context import Action, Principal, RequestContext
 from gateway.errors import GatewayError, NotFound
@@ -72,6 +72,7 @@ from gateway.flags.provider import (
 )
 from gateway.flags.rollback import CallOutcome, RollbackStore, RollbackTracker, RollbackTrip, Thresholds
 from gateway.kserve import InferRequest
+from gateway.policy.model import StrictModel
 from gateway.policy.schema import NAME_PATTERN, ModelPolicy
 from gateway.stages.base import Stage
 from gateway.stages.model_exposure import UNKNOWN_MODEL
@@ -134,21 +135,19 @@ def switchable(stage_name: str, profile: Profile) -> bool:
 # -- policy models (the gateway's part of the flagd document: flag metadata) ----------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 Rate = Annotated[StrictFloat | StrictInt, Field(ge=0, le=1)]
 
 
-class RouteTarget(_Strict):
+class RouteTarget(StrictModel):
     """Where a variant sends the call: a version of the flag's model, or another model."""
 
     model: StrictStr = Field(pattern=NAME_PATTERN)
     version: StrictStr = Field("", pattern=r"^([0-9]{1,19})?$", description="'' = the upstream's default.")
 
 
-class RouteSettings(_Strict):
+class RouteSettings(StrictModel):
     """A routing flag's ``gateway.*`` and ``rollback.*`` metadata keys (typos are errors)."""
 
     model: StrictStr = Field(alias="gateway.model", pattern=NAME_PATTERN,

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BeforeValidator, Field, StrictInt, StrictStr, model_validator
 
 from gateway.context import RequestContext
 from gateway.errors import DependencyUnavailable, GatewayError, InputRejected, UpstreamBadResponse
 from gateway.kserve import InferRequest, InferResponse, NDArray, Tensor
+from gateway.policy.model import StrictModel
 from gateway.stages.base import Mode, Stage
 from privacy.pii import AesGcmTokenizer, HmacPseudonym, Mask, Operator, PiiEngine, Redact, Replace
 
@@ -54,8 +55,6 @@ Direction = Literal["in", "out"]
 T = TypeVar("T")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _shorthand(value: Any) -> Any:
@@ -63,7 +62,7 @@ def _shorthand(value: Any) -> Any:
     return {"operator": value} if isinstance(value, str) else value
 
 
-class OperatorSpec(_Strict):
+class OperatorSpec(StrictModel):
     """What replaces one entity type. Parameters are checked here, at policy load."""
 
     operator: OperatorName = Field(description="redact | replace | mask | hash | tokenize")
@@ -89,14 +88,14 @@ def _all_replace() -> dict[EntityName, OperatorSpec]:
     return {name: OperatorSpec(operator="replace") for name in names}
 
 
-class RoleOverride(_Strict):
+class RoleOverride(StrictModel):
     """Operators that replace the defaults for principals holding ``role``."""
 
     role: StrictStr = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
     operators: dict[EntityName, Spec] = Field(min_length=1)
 
 
-class PiiPolicy(_Strict):
+class PiiPolicy(StrictModel):
     """``pii.yaml``: which entities are masked, how, for whom, and in which direction."""
 
     mode: Mode = Field(Mode.ENFORCE, description="shadow: detect and count, forward and return the original.")
@@ -211,14 +210,19 @@ class PiiMasker(Stage):
             # passed on (only chained, for the server-side trace).
             raise DependencyUnavailable(reason=FAILURE_REASON) from exc
 
-    def _mask_request(self, req: InferRequest, operators: Mapping[str, Operator]) -> tuple[InferRequest, _Masked]:
+    def _mask_tensors(self, tensors: list[Tensor], operators: Mapping[str, Operator], *, outbound: bool
+                      ) -> tuple[list[Tensor], Counter[str], int]:
         counts: Counter[str] = Counter()
         non_utf8 = 0
-        inputs: list[Tensor] = []
-        for tensor in req.inputs:
-            masked, bad = self._mask_tensor(tensor, operators, counts, outbound=False)
+        masked: list[Tensor] = []
+        for tensor in tensors:
+            result, bad = self._mask_tensor(tensor, operators, counts, outbound=outbound)
             non_utf8 += bad
-            inputs.append(masked)
+            masked.append(result)
+        return masked, counts, non_utf8
+
+    def _mask_request(self, req: InferRequest, operators: Mapping[str, Operator]) -> tuple[InferRequest, _Masked]:
+        inputs, counts, non_utf8 = self._mask_tensors(req.inputs, operators, outbound=False)
         new_id = self._mask_id(req.id, operators, counts)
         if new_id == req.id and all(a is b for a, b in zip(inputs, req.inputs, strict=True)):
             return req, _Masked(counts, non_utf8)
@@ -226,13 +230,7 @@ class PiiMasker(Stage):
 
     def _mask_response(self, resp: InferResponse, operators: Mapping[str, Operator]
                        ) -> tuple[InferResponse, _Masked]:
-        counts: Counter[str] = Counter()
-        non_utf8 = 0
-        outputs: list[Tensor] = []
-        for tensor in resp.outputs:
-            masked, bad = self._mask_tensor(tensor, operators, counts, outbound=True)
-            non_utf8 += bad
-            outputs.append(masked)
+        outputs, counts, non_utf8 = self._mask_tensors(resp.outputs, operators, outbound=True)
         new_id = self._mask_id(resp.id, operators, counts)
         if new_id == resp.id and all(a is b for a, b in zip(outputs, resp.outputs, strict=True)):
             return resp, _Masked(counts, non_utf8)

@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Final, Literal, Protocol
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictFloat, StrictInt, StrictStr, model_validator
 
 from gateway.context import Principal, RequestContext
 from gateway.errors import DependencyUnavailable, GatewayError, PayloadTooLarge, RateLimited
 from gateway.fronts.client_addr import address_bucket
 from gateway.kserve import InferRequest, Tensor, element_count
+from gateway.policy.model import StrictModel
 from gateway.stages.base import Stage
 from gateway.state.base import (
     ConcurrencyCheck,
@@ -64,8 +65,6 @@ BACKEND_RETRY_AFTER_S: Final = 1.0
 # -- policy (policies/limits.yaml) --------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 PositiveNumber = Annotated[StrictFloat | StrictInt, Field(gt=0, le=1e12)]
@@ -76,7 +75,7 @@ ActionName = Literal["infer", "metadata", "server"]
 QUOTA_PERIODS: Final = {"minute": 60, "hour": 3600, "day": 86_400}
 
 
-class _LimitBase(_Strict):
+class _LimitBase(StrictModel):
     name: StrictStr = Field(pattern=r"^[a-z][a-z0-9_]{0,47}$",
                             description="Unique; the metrics label and the key namespace of this limit.")
     per: tuple[Dimension, ...] = Field(
@@ -167,7 +166,7 @@ class CostRule(_LimitBase):
 LimitRule = Annotated[RateRule | QuotaRule | ConcurrencyRule | CostRule, Field(discriminator="kind")]
 
 
-class PreAuthRule(_Strict):
+class PreAuthRule(StrictModel):
     """Requests per client address before authentication (token-guessing floods)."""
 
     rate: PositiveNumber = 20
@@ -183,7 +182,7 @@ class PreAuthRule(_Strict):
         return self.burst or max(1, math.ceil(self.rate))
 
 
-class RateLimitPolicy(_Strict):
+class RateLimitPolicy(StrictModel):
     """``limits.yaml``: every limit that applies applies; the most restrictive one decides."""
 
     on_backend_error: FailMode = Field("deny", description="Default fail mode of every limit.")

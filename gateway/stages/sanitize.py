@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Final, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from gateway.context import RequestContext
 from gateway.errors import InputRejected, PayloadTooLarge
 from gateway.kserve import InferRequest, NDArray, Tensor
+from gateway.policy.model import StrictModel
 from gateway.stages.base import Mode, Stage
 
 __all__ = [
@@ -59,14 +60,12 @@ _NAME_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------- policy
 
 
-class TensorCaps(_Strict):
+class TensorCaps(StrictModel):
     """Resource caps for one model's requests; omitted = only the global codec limits."""
 
     max_batch: PositiveInt | None = Field(None, description="Largest first dimension of any input.")
@@ -77,7 +76,7 @@ class TensorCaps(_Strict):
     max_bytes_total: PositiveInt | None = Field(None, description="Bytes over all BYTES elements of a request.")
 
 
-class TextRules(_Strict):
+class TextRules(StrictModel):
     """How text inputs are cleaned. NUL is always refused in text: there is no switch."""
 
     normalize: Literal["NFKC", "NFC", "none"] = Field(
@@ -90,7 +89,7 @@ class TextRules(_Strict):
     allow_whitespace: StrictBool = Field(True, description="Tab, LF and CR are not control characters here.")
 
 
-class ModelSanitizePolicy(_Strict):
+class ModelSanitizePolicy(StrictModel):
     """One model's rules; an entry replaces ``defaults`` as a whole (no field merging)."""
 
     caps: TensorCaps = TensorCaps()
@@ -99,7 +98,7 @@ class ModelSanitizePolicy(_Strict):
         (), description="BYTES inputs that carry raw bytes (images, audio), exempt from text rules.")
 
 
-class SanitizePolicy(_Strict):
+class SanitizePolicy(StrictModel):
     """Section ``sanitize`` of ``inputs.yaml``."""
 
     mode: Mode = Field(Mode.ENFORCE, description="enforce, or shadow (record only, forward the original).")
