@@ -60,7 +60,8 @@ async def model_outputs(upstream: EmbeddedUpstream, model: str, name: str, x: np
     out = []
     for start in range(0, x.shape[0], 64):
         batch = np.ascontiguousarray(x[start:start + 64], dtype=np.float32)
-        resp = await upstream.infer(InferRequest(model, "", [Tensor(name, "FP32", batch.shape, batch)]), timeout_s=10)
+        # Version 1: what the gateway serves by default (the flags route unversioned calls to it).
+        resp = await upstream.infer(InferRequest(model, "1", [Tensor(name, "FP32", batch.shape, batch)]), timeout_s=10)
         out.append(np.asarray(resp.outputs[0].data, dtype=np.float64))
     return np.concatenate(out)
 

@@ -174,6 +174,22 @@ def one_kb_texts(rows: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
+def one_kb_cost(engine: PiiEngine, operators: dict[str, Replace], text: str, samples: int) -> dict[str, float]:
+    """CPU µs of one ``mask`` call: each call timed alone, so p99 shows the slow calls
+    (machine noise included) next to the median."""
+    for _ in range(200):
+        engine.mask(text, operators)
+    clock = time.process_time_ns
+    costs = []
+    for _ in range(samples):
+        start = clock()
+        engine.mask(text, operators)
+        costs.append(clock() - start)
+    costs.sort()
+    return {"median": round(costs[len(costs) // 2] / 1e3, 1), "p99": round(costs[int(len(costs) * 0.99)] / 1e3, 1),
+            "bytes": len(text.encode("utf-8"))}
+
+
 def run(repeat: int, skip_presidio: bool) -> dict[str, Any]:
     rows = load_corpus()
     texts = [row["text"] for row in rows]
@@ -195,15 +211,9 @@ def run(repeat: int, skip_presidio: bool) -> dict[str, Any]:
             "mask_mb_s": round(total_bytes / mask_s / 1e6, 2),
         },
     }
-    per_kb: dict[str, float] = {}
-    iterations = 2000
+    per_kb: dict[str, dict[str, float]] = {}
     for label, text in one_kb_texts(rows).items():
-
-        def loop(text: str = text) -> None:
-            for _ in range(iterations):
-                engine.mask(text, operators)
-
-        per_kb[label] = round(median_cpu(loop, max(repeat, 5)) / iterations * 1e6, 1)
+        per_kb[label] = one_kb_cost(engine, operators, text, samples=2000 * max(repeat, 3))
     result["ours"]["mask_1kb_cpu_us"] = per_kb
     if not skip_presidio:
         python = ensure_presidio()
@@ -230,6 +240,10 @@ def run(repeat: int, skip_presidio: bool) -> dict[str, Any]:
         }
         result["speedup_scan"] = round(result["ours"]["scan_mb_s"] / result["presidio"]["scan_mb_s"], 1)
         result["speedup_mask"] = round(result["ours"]["mask_mb_s"] / result["presidio"]["mask_mb_s"], 1)
+        # Presidio's PhoneRecognizer (phonenumbers) is most of its cost; without it, it finds
+        # no phone at all, while ours still does: the conservative comparison.
+        result["speedup_scan_vs_no_phone"] = round(
+            result["ours"]["scan_mb_s"] / result["presidio"]["scan_no_phone_mb_s"], 1)
     return result
 
 
@@ -255,8 +269,10 @@ def markdown(result: dict[str, Any]) -> str:
     if presidio:
         lines.append(f"| detect without phone recognizer, MB/s | - | {presidio['scan_no_phone_mb_s']} |")
         lines.append(f"| speed-up (detect / detect + mask) | {result['speedup_scan']}x / {result['speedup_mask']}x | |")
-    lines += ["", "| 1 KB text | CPU µs to mask (target < 50) |", "|---|---|"]
-    lines += [f"| {label} | {value} |" for label, value in ours["mask_1kb_cpu_us"].items()]
+        lines.append(f"| speed-up, detect, vs Presidio without its phone recognizer | "
+                     f"{result['speedup_scan_vs_no_phone']}x | |")
+    lines += ["", "| 1 KB text | CPU µs to mask, median | p99 (target < 50) |", "|---|---|---|"]
+    lines += [f"| {label} | {value['median']} | {value['p99']} |" for label, value in ours["mask_1kb_cpu_us"].items()]
     evasion = ", ".join(f"{k} {v:.2f}" for k, v in ours["evasion_recall"].items() if v == v)
     lines += ["", f"Recall on the evasion subset, ours: {evasion}"]
     if presidio:

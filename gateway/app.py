@@ -22,13 +22,18 @@ from aiohttp import web
 from gateway.audit import AuditAggregator, AuditConfig, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.devissuer import trusted_dev_issuer
+from gateway.drift.monitor import DriftMonitor
 from gateway.flags.rollback import RollbackTrip
+from gateway.flags.shared import StateRollbackStore
 from gateway.fronts.client_addr import TrustedProxies
+from gateway.fronts.http.protocol import GatewayRunner, set_server_header
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.identity.registry import KeySourceRegistry
 from gateway.keyfiles import read_or_create
 from gateway.kserve import InferRequest, InferResponse
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import Tracing
+from gateway.policy.bundle import BundleVerifier
 from gateway.policy.compile import CompileEnv
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers, State
@@ -115,7 +120,9 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
     # SECURITY: with a shared store every replica spends the same privacy budget.
     dp_ledger: BudgetLedger = StateBudgetLedger(state) if settings.redis_url else InMemoryBudgetLedger()
     flag_hooks = _FlagHooks(metrics)
-    env = CompileEnv(dp_ledger=dp_ledger, flags_runtime=FlagsRuntime.create(flag_hooks), state=state,
+    # SECURITY: with a shared store a canary rolled back on one replica is rolled back on all.
+    rollbacks = StateRollbackStore(state) if settings.redis_url else None
+    env = CompileEnv(dp_ledger=dp_ledger, flags_runtime=FlagsRuntime.create(flag_hooks, store=rollbacks), state=state,
                      limit_metrics=metrics,
                      extra_issuers=extra, key_sources=key_sources,
                      repo_dir=settings.profiles_dir(),
@@ -123,10 +130,14 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
                      pii_hmac_key=read_or_create(settings.state_dir / "pii-hmac.key", lambda: os.urandom(32)),
                      pii_token_key=read_or_create(settings.state_dir / "pii-token.key", lambda: os.urandom(32)))
 
+    drift = DriftMonitor(metrics, settings.profiles_dir())
+
     def on_change(snapshot: Snapshot) -> None:
         timeouts["infer"] = float(snapshot.policy.gateway.upstream.infer_timeout_s)
+        drift.configure({model: p.drift for model, p in snapshot.policy.gateway.models.items()})
 
-    store = PolicyStore(settings.policies, metrics, env, on_change=on_change)
+    verifier = BundleVerifier.from_files(settings.policy_trusted_keys) if settings.policy_trusted_keys else None
+    store = PolicyStore(settings.policies, metrics, env, on_change=on_change, verifier=verifier)
     store.load_initial()
     audit_policy = store.current.policy.gateway.audit
     overrides: dict[str, Any] = {"stdout": audit_policy.stdout}
@@ -134,7 +145,9 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         overrides["retention_s"] = audit_policy.retention_days * 86_400.0
     if settings.audit_key_dir is not None:
         overrides["key_dir"] = settings.audit_key_dir
-    audit_log = AuditLog(AuditConfig.for_dir(settings.audit_dir, **overrides))
+    audit_log = AuditLog(AuditConfig.for_dir(settings.audit_dir, **overrides),
+                         on_fsync=metrics.audit_fsync_duration.observe)
+    metrics.audit_queue_depth.set_function(lambda: float(audit_log.stats.queue_depth))
 
     def circuit_changed(model: str, state: State) -> None:
         metrics.circuit_state.labels(model=model).set(int(state))
@@ -152,8 +165,11 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         dp_ledger=dp_ledger,
         state=state,
         trusted_proxies=TrustedProxies.parse(settings.trusted_proxies),
+        tracing=Tracing.from_env(),
+        drift=drift,
     )
     flag_hooks.audit_log = audit_log
+    drift.audit = audit_log
     return service
 
 
@@ -166,6 +182,7 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
     front = HttpFront(service)
     # Every path, even one holding CR/LF after decoding, reaches the front (routes.py decides).
     app.router.add_route("*", "/{tail:(?s:.*)}", front.handle, expect_handler=no_automatic_continue)
+    app.on_response_prepare.append(set_server_header)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         # An audit trail behind its signed anchors (truncated, rolled back) stops startup.
@@ -173,6 +190,8 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         service.audit_aggregator.start()
         await service.upstream.start()
         await service.state.start()
+        if service.drift is not None:
+            service.drift.start()
         watcher = asyncio.create_task(service.store.watch(settings.policy_poll_s))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -184,12 +203,16 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if service.drift is not None:
+            await service.drift.stop()
         await service.upstream.close()
+        await service.store.env.flags_runtime.close()
         await service.state.close()
         await service.key_sources.close()
         # Last: every answered request's record is flushed and a final checkpoint signed.
         await service.audit_aggregator.close()
         await service.audit_log.close()
+        service.tracing.shutdown()
 
     app.cleanup_ctx.append(lifecycle)
 
@@ -216,7 +239,8 @@ def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
     # A refused body is drained for at most a second, not aiohttp's default ten.
     # SECURITY: keepalive_timeout also bounds how long a connection may take to deliver
     # its request headers (aiohttp arms it at connect time): slowloris gets 10 s.
-    return web.AppRunner(app, auto_decompress=False, access_log=None, max_line_size=MAX_LINE_SIZE,
+    # Parser refusals quote no input, in the answer or the log (fronts/http/protocol.py).
+    return GatewayRunner(app, auto_decompress=False, access_log=None, max_line_size=MAX_LINE_SIZE,
                          max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, lingering_time=1.0,
                          keepalive_timeout=HEADER_TIMEOUT_S, **extra)
 

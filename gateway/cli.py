@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=host, port=port, policies=Path(args.policies), backend=args.backend,
         redis_url=args.redis, audit_dir=Path(args.audit_dir), state_dir=Path(args.state_dir), dev=args.dev,
         profiles=Path(args.profiles) if args.profiles else None,
+        policy_trusted_keys=tuple(Path(k) for k in args.policy_trusted_key),
     )
     configure_logging(args.log_level)
     base = f"{'https' if tls else 'http'}://{host}:{port}"
@@ -49,13 +50,16 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         if args.workers > 1:
             # Validate once in the parent so a bad policy fails fast, not N times.
-            from gateway.policy.loader import load_policy_dir
+            from gateway.policy.bundle import BundleVerifier, load_bundle
 
-            load_policy_dir(settings.policies)
+            keys = settings.policy_trusted_keys
+            load_bundle(settings.policies, BundleVerifier.from_files(keys) if keys else None)
             return serve_workers(settings, args.workers, log_level=args.log_level, ready_message="\n".join(lines))
         asyncio.run(serve(settings, ready_message="\n".join(lines)))
     except PolicyError as exc:
-        print("infergate: the policy is invalid, not starting:", file=sys.stderr)
+        from gateway.policy.bundle import refusal_summary
+
+        print(f"infergate: {refusal_summary(exc)}, not starting:", file=sys.stderr)
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return 2
@@ -134,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="processes sharing the port (limits and budgets are exact across them with --redis)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--policy-trusted-key", action="append", default=[], metavar="PUB.pem",
+                       help="load only policy bundles signed by this Ed25519 key (repeatable, for rotation)")
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="print a token from the local dev issuer (for --dev)")
@@ -158,10 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dir")
     check.add_argument("--profiles", default="triton_repo", help="model profiles to check detectors against")
     check.set_defaults(func=_policy_check)
+    from gateway.policy.workflow_cli import add_workflow_commands
+
+    add_workflow_commands(policy_sub)  # schema, test, diff
+    from gateway.policy.bundle_cli import add_bundle_commands
+
+    add_bundle_commands(policy_sub)
 
     from gateway.audit.cli import add_audit_parser
 
     add_audit_parser(sub)
+    from gateway.drift.report import add_drift_parser
+
+    add_drift_parser(sub)
     return parser
 
 

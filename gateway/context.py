@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import enum
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import InternalError
+from gateway.ids import random_hex
 
 # SECURITY: a client-supplied request id is echoed in headers, logs and audit records,
 # so only a short, header-safe token is accepted; anything else is replaced.
@@ -28,15 +28,15 @@ _TRACEPARENT_RE = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0
 def traceparent_for(offered: str | None) -> str:
     """Continue the client's trace when its header is valid, else start one."""
     valid = offered is not None and _TRACEPARENT_RE.fullmatch(offered)
-    trace_id = offered[3:35] if valid and offered else secrets.token_hex(16)
-    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
+    trace_id = offered[3:35] if valid and offered else random_hex(16)
+    return f"00-{trace_id}-{random_hex(8)}-01"
 
 
 def new_request_id(offered: str | None = None) -> str:
     """Accept the client's ``X-Request-ID`` only when it is well-formed."""
     if offered is not None and _REQUEST_ID_RE.fullmatch(offered):
         return offered
-    return secrets.token_hex(16)
+    return random_hex(16)
 
 
 class Action(enum.StrEnum):
@@ -56,6 +56,7 @@ class Principal:
     roles: frozenset[str]
     issuer: str
     credential_id: str  # short hash of the credential, for correlation, never the token
+    scopes: frozenset[str] = frozenset()  # the token's `scope` claim, split on spaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,8 @@ class RequestContext:
     model: str | None = None
     version: str = ""
     traceparent: str | None = None
+    # The client's own traceparent header as received (the parent of the call's span when tracing is on).
+    traceparent_in: str | None = None
     # SECURITY: the raw bearer credential lives here only for the authentication stage;
     # it is cleared once verified and is never logged or audited.
     bearer: str | None = None

@@ -19,6 +19,7 @@ import structlog
 from gateway.context import RequestContext, StageRecord
 from gateway.errors import GatewayError
 from gateway.kserve import InferRequest, InferResponse
+from gateway.observability import tracing
 from gateway.observability.metrics import Metrics
 from gateway.stages.base import Mode, Stage
 
@@ -41,6 +42,11 @@ class BoundStage:
         return self.stage.name
 
     async def run(self, ctx: RequestContext, metrics: Metrics, call: Awaitable[T], passthrough: T) -> T:
+        if tracing.active():
+            return await tracing.stage(self.name, lambda: self._run(ctx, metrics, call, passthrough), ctx.records)
+        return await self._run(ctx, metrics, call, passthrough)
+
+    async def _run(self, ctx: RequestContext, metrics: Metrics, call: Awaitable[T], passthrough: T) -> T:
         """Await one hook; in shadow mode a refusal is recorded and the input passes on."""
         start = time.perf_counter()
         try:
@@ -101,7 +107,7 @@ class Pipeline:
                 await bound.run(ctx, self.metrics, bound.stage.on_call(ctx), None)
             switches = getattr(bound.stage, "kill_switched_stages", None)
             if switches is not None:
-                ctx.skipped = frozenset(switches(b.name for b in self.stages))
+                ctx.skipped = frozenset(switches(ctx, [b.name for b in self.stages]))
                 if ctx.skipped:
                     ctx.note("skipped_stages", sorted(ctx.skipped))
 

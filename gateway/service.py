@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -20,11 +20,22 @@ from gateway.audit import AuditAggregator, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request
 from gateway.context import RequestContext
-from gateway.errors import DependencyUnavailable, GatewayError, InternalError, NotFound, UpstreamUnavailable
+from gateway.drift.monitor import DriftMonitor
+from gateway.errors import (
+    DependencyUnavailable,
+    GatewayError,
+    InternalError,
+    NotFound,
+    PermissionDenied,
+    UpstreamUnavailable,
+)
 from gateway.fronts.client_addr import NO_PROXIES, TrustedProxies
 from gateway.identity.registry import KeySourceRegistry
 from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata
+from gateway.observability import tracing
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import Tracing
+from gateway.policy.status import policy_status
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers
 from gateway.stages.dp_noise import budget_report
@@ -53,8 +64,16 @@ class InferenceService:
     state: SharedState
     trusted_proxies: TrustedProxies = NO_PROXIES
     in_flight: int = 0
+    tracing: Tracing = field(default_factory=Tracing)
+    drift: DriftMonitor | None = None
 
     async def call(self, ctx: RequestContext, snap: Snapshot, route: str, work: Callable[[], Awaitable[T]]) -> T:
+        """One authenticated call, for every front: shed, admit, work, audit (see :meth:`_call`)."""
+        if not self.tracing.enabled:
+            return await self._call(ctx, snap, route, work)
+        return await self.tracing.request(ctx, route, lambda: self._call(ctx, snap, route, work))
+
+    async def _call(self, ctx: RequestContext, snap: Snapshot, route: str, work: Callable[[], Awaitable[T]]) -> T:
         """One authenticated call, for every front: shed, admit, work, audit.
 
         Raises the call's :class:`GatewayError` (already audited and logged); any other
@@ -140,6 +159,26 @@ class InferenceService:
         except LedgerUnavailable as exc:
             raise DependencyUnavailable("privacy budget store unavailable", reason="dp_ledger_unavailable") from exc
 
+    def policy_status(self, ctx: RequestContext, snap: Snapshot) -> dict[str, Any]:
+        """The active revision and the reload history, for ``policy:read`` (admins)."""
+        if not snap.pipeline.allows(ctx, "policy:read"):
+            # SECURITY: refused like any admin surface, indistinguishable from an unknown route.
+            raise NotFound(reason="policy_read_denied")
+        return policy_status(self.store, snap)
+
+    def model_drift(self, ctx: RequestContext, snap: Snapshot) -> dict[str, Any]:
+        """Drift statistics of a model the caller can see, for ``drift:read`` (operators)."""
+        assert ctx.model is not None  # noqa: S101 - the front only routes here with a model
+        if not snap.pipeline.allows(ctx, "drift:read"):
+            # SECURITY: the windows aggregate every tenant's traffic; an admin surface stays
+            # hidden (404) under non_enumeration, otherwise it is refused plainly.
+            if snap.policy.access.non_enumeration:
+                raise NotFound(reason="drift_read_denied")
+            raise PermissionDenied(reason="drift_read_denied")
+        if self.drift is None:
+            return {"model": ctx.model, "status": "disabled"}
+        return self.drift.describe(ctx.model)
+
     async def model_metadata(self, ctx: RequestContext, snap: Snapshot) -> ModelMetadata:
         assert ctx.model is not None  # noqa: S101 - the front only routes here with a model
         up = snap.policy.gateway.upstream
@@ -166,12 +205,17 @@ class InferenceService:
         async def call_upstream(c: RequestContext, r: InferRequest) -> InferResponse:
             c.notes["upstream_called"] = True
             try:
+                if tracing.active():
+                    return await tracing.upstream("infer", r, lambda: self.breakers.call(
+                        r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout))))
                 return await self.breakers.call(
                     r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout)))
             except NotFound as exc:
                 raise NotFound(UNKNOWN_MODEL, reason="model_unknown") from exc
 
-        return await snap.pipeline.infer(ctx, req, call_upstream)
+        # Drift sees the request as sent upstream and the raw answer (before DP noise), sampled.
+        observed = call_upstream if self.drift is None else self.drift.observing(call_upstream)
+        return await snap.pipeline.infer(ctx, req, observed)
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         start = time.perf_counter()

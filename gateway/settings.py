@@ -24,6 +24,8 @@ class Settings:
     state_dir: Path = Path("var")
     dev: bool = False
     policy_poll_s: float = 1.0
+    # PEM Ed25519 public keys; when set, only policy bundles signed by one of them load.
+    policy_trusted_keys: tuple[Path, ...] = ()
     # Proxies whose X-Forwarded-For is believed (CIDRs); the client address is the rightmost untrusted hop.
     trusted_proxies: tuple[str, ...] = ()
     # gRPC front (Triton's GRPCInferenceService); None = HTTP only.

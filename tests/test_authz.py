@@ -124,12 +124,14 @@ class TestRbac:
         path.write_text(path.read_text().replace(grant, grant + "      versions: ['2']\n"))
         assert await gw.app[SERVICE_KEY].store.reload("test")
         headers = bearer(token())
-        # risk has no routing flag: the request's own version is what is authorized
-        assert (await gw.post("/v2/models/risk/versions/1/infer", json=RISK, headers=headers)).status == 403
+        text = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}
+        # text_echo has no routing flag: the request's own version is what is authorized
+        assert (await gw.post("/v2/models/text_echo/versions/1/infer", json=text, headers=headers)).status == 403
         # no explicit version: the server's version policy decides, the grant is on the model
-        assert (await gw.post("/v2/models/risk/infer", json=RISK, headers=headers)).status == 200
-        # digits is routed by its flag to version 1, which this grant does not cover
+        assert (await gw.post("/v2/models/text_echo/infer", json=text, headers=headers)).status == 200
+        # digits and risk are routed by their flags to version 1, which this grant does not cover
         assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=headers)).status == 403
+        assert (await gw.post("/v2/models/risk/infer", json=RISK, headers=headers)).status == 403
 
     async def test_decisions_are_audited_and_counted(self, gw: Client, token: Callable[..., str],
                                                      settings: Settings) -> None:

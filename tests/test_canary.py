@@ -1,14 +1,14 @@
 """A canary variant never skips a stage: the same security checks hold on both routes.
 
-A private model repository gets a second `digits` version; the routing flag sends every
-subject to one variant or the other, and the same refusals must come back either way.
+The shipped repository serves two `digits` versions (1 non-private, 2 DP-SGD); the routing
+flag sends every subject to one variant or the other, and the same refusals must come back
+either way.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,11 @@ from .test_http_front import audit_records
 
 
 @pytest.fixture
-def two_version_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    shutil.copytree(TRITON_REPO, repo)
-    shutil.copytree(repo / "digits" / "1", repo / "digits" / "2")
-    config = repo / "digits" / "config.pbtxt"
-    config.write_text(re.sub(r"version_policy \{.*?\n\}\n", "version_policy { all {} }\n",
-                             config.read_text(), flags=re.S))
-    return repo
+def two_version_repo() -> Path:
+    """The shipped repository: digits/1 (non-private) and digits/2 (DP-SGD), both served."""
+    assert re.search(r"version_policy \{\s*all \{", (TRITON_REPO / "digits" / "config.pbtxt").read_text())
+    assert (TRITON_REPO / "digits" / "2" / "model.onnx").is_file()
+    return TRITON_REPO
 
 
 @pytest.fixture(params=["stable", "canary"])

@@ -66,7 +66,7 @@ class TestShape:
         meta = await resp.json()
         assert meta["name"] == "digits"
         assert meta["platform"] == "onnxruntime_onnx"
-        assert meta["versions"] == ["1"]
+        assert meta["versions"] == ["1", "2"]  # 2 = the DP-SGD model
         assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
         assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
         version = await client.get("/v2/models/digits/versions/1", headers=auth)

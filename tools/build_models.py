@@ -23,9 +23,17 @@ Other code (tests, attacks, benchmarks) recreates the held-out data with
 files; load this module by path (``tools`` is not a package) with
 ``importlib.util.spec_from_file_location``.
 
-Heavy dependencies (scikit-learn, skl2onnx, onnx, onnxruntime) are imported
-inside the functions that need them so that importing this module only to read
-its constants stays cheap.
+Two versions of ``digits`` and ``risk`` are served (``version_policy: all``):
+**1** is the non-private scikit-learn model built here, **2** the DP-SGD model
+(Opacus) that ``tools/train_dp.py`` trains on the same split; both are rebuilt by one
+command (``--no-dp`` skips version 2, e.g. for a quick check of version 1). The DP
+build is seeded with the public default seed and dated with :data:`DP_BUILD_DATE`,
+so a rebuild reproduces the committed bytes; see the version-2 section of each
+``MODEL_CARD.md`` for what a public seed means for the guarantee.
+
+Heavy dependencies (scikit-learn, skl2onnx, onnx, onnxruntime; torch and opacus for
+version 2) are imported inside the functions that need them so that importing this
+module only to read its constants stays cheap.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import argparse
 import json
 import math
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +76,14 @@ PRODUCER_NAME: Final = "infergate-build-models"
 PRODUCER_VERSION: Final = "1"
 
 MODEL_NAMES: Final = ("digits", "text_echo", "risk")
+#: Models that also get a DP-SGD version, and its number (version 1 is the non-private model).
+DP_MODELS: Final = ("digits", "risk")
+BASELINE_VERSION: Final = "1"
+DP_VERSION: Final = "2"
+#: Stamped into the version-2 cards. A fixed constant, not today's date: `make models` must
+#: reproduce the committed bytes. Change it (and rebuild) when the DP models are retrained.
+DP_BUILD_DATE: Final = "2026-12-03"
+TRAIN_SCRIPT: Final = REPO_ROOT / "tools" / "train_dp.py"
 MAX_BATCH_SIZE: Final = 64
 
 DIGITS_N_FEATURES: Final = 64
@@ -358,8 +375,14 @@ def _triton_config(
     max_batch_size: int,
     inputs: Sequence[tuple[str, str, Sequence[int]]],
     outputs: Sequence[tuple[str, str, Sequence[int]]],
+    *,
+    all_versions: bool = False,
 ) -> str:
-    """Emit config.pbtxt through Triton's own protobuf schema so the syntax cannot drift."""
+    """Emit config.pbtxt through Triton's own protobuf schema so the syntax cannot drift.
+
+    ``all_versions``: serve every version directory (``version_policy { all {} }``), for the
+    models with a DP-SGD version 2 next to version 1; otherwise only the latest one.
+    """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -370,7 +393,10 @@ def _triton_config(
         config.input.add(name=io_name, data_type=model_config_pb2.DataType.Value(dtype), dims=list(dims))
     for io_name, dtype, dims in outputs:
         config.output.add(name=io_name, data_type=model_config_pb2.DataType.Value(dtype), dims=list(dims))
-    config.version_policy.latest.num_versions = 1
+    if all_versions:
+        config.version_policy.all.SetInParent()
+    else:
+        config.version_policy.latest.num_versions = 1
     # The models are tiny; pinning them to CPU lets the repository load on hosts without GPUs.
     config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU"), count=1)
     return TRITON_CONFIG_HEADER + str(text_format.MessageToString(config))
@@ -445,6 +471,7 @@ def build_digits() -> BuiltModel:
         MAX_BATCH_SIZE,
         [("pixels", "TYPE_FP32", [DIGITS_N_FEATURES])],
         [("probabilities", "TYPE_FP32", [DIGITS_N_CLASSES])],
+        all_versions=True,
     )
     return BuiltModel("digits", onnx_bytes, config, profile, _digits_card(metrics, len(onnx_bytes)), metrics)
 
@@ -535,6 +562,7 @@ def build_risk() -> BuiltModel:
         MAX_BATCH_SIZE,
         [("features", "TYPE_FP32", [RISK_N_FEATURES])],
         [("score", "TYPE_FP32", [1])],
+        all_versions=True,
     )
     return BuiltModel("risk", onnx_bytes, config, profile, _risk_card(metrics, len(onnx_bytes)), metrics)
 
@@ -581,12 +609,25 @@ def build_text_echo() -> BuiltModel:
 def _pct(x: float) -> str:
     return f"{100.0 * x:.2f}%"
 
+_VERSIONS_NOTE: Final = """
+**Versions** (`version_policy: all`, both served): **1** is the non-private model described
+in this first part; **{dp}** is the same task trained with DP-SGD (section "Version {dp}" below).
+Triton, MLServer and the embedded backend answer a request *without* a version with the
+highest version ({dp}); the gateway routes unversioned requests with the `{name}-version`
+flag in `policies/flags.json` (stable = 1), so clients keep version 1 until that flag says
+otherwise.
+"""
+
+
+def _versions_note(name: str) -> str:
+    return _VERSIONS_NOTE.format(dp=DP_VERSION, name=name)
+
 
 def _digits_card(m: dict[str, float], size: int) -> str:
     return f"""# digits
 
 Handwritten digit classifier (8x8 grey-scale images, 10 classes).
-
+{_versions_note("digits")}
 - **Data**: scikit-learn's bundled `load_digits` (1797 images, pixel values 0..16).
   Stratified train/test split, `test_size={TEST_SIZE}`, `random_state={SEED}`:
   {int(m["n_train"])} training / {int(m["n_test"])} test images.
@@ -613,7 +654,7 @@ def _risk_card(m: dict[str, float], size: int) -> str:
     return f"""# risk
 
 Breast-cancer malignancy score (Wisconsin diagnostic data set, 30 numeric features).
-
+{_versions_note("risk")}
 - **Data**: scikit-learn's bundled `load_breast_cancer` (569 samples).
   Stratified train/test split, `test_size={TEST_SIZE}`, `random_state={SEED}`:
   {int(m["n_train"])} training / {int(m["n_test"])} test samples.
@@ -701,23 +742,81 @@ def write_model(out: Path, built: BuiltModel) -> None:
     (model_dir / "MODEL_CARD.md").write_text(built.card, encoding="utf-8")
 
 
-def build_repo(out: Path) -> list[BuiltModel]:
+def _load_train_dp() -> Any:
+    """``tools/train_dp.py`` by path (tools/ is not a package); it needs torch and opacus."""
+    import importlib.util
+    import sys
+
+    name = "infergate_train_dp"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TRAIN_SCRIPT)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {TRAIN_SCRIPT}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def dp_command(date: str) -> str:
+    """The command recorded in the version-2 cards: what rebuilds them bit for bit."""
+    suffix = "" if date == DP_BUILD_DATE else f" --date {date}"
+    return f"make models (= python tools/build_models.py --out triton_repo{suffix})"
+
+
+def build_dp_versions(out: Path, *, date: str = DP_BUILD_DATE) -> list[Any]:
+    """Train the DP-SGD models on version 1's split and add them as version 2 (writes files).
+
+    Version 1 must already be in ``out``: it is the baseline the card compares against, and
+    its ``config.pbtxt`` is the contract the exported graph is checked against. Returns the
+    ``TrainingRecord`` of each model.
+    """
+    train_dp = _load_train_dp()
+    with tempfile.TemporaryDirectory(prefix="infergate-dp-unused-") as unused:
+        # --out is never written here (install_version writes into `out`); parse_args only
+        # insists that it differs from the baseline.
+        args = train_dp.parse_args(
+            ["--out", unused, "--baseline", str(out), "--models", ",".join(DP_MODELS), "--date", date]
+        )
+    versions = train_dp.toolchain_versions()
+    records = []
+    for name in DP_MODELS:
+        built = train_dp.build_model(name, args=args, seed=int(args.seed), seed_public=True, versions=versions)
+        records.append(train_dp.install_version(out, built, DP_VERSION, dp_command(date)))
+    return records
+
+
+def build_repo(out: Path, *, dp: bool = False, date: str = DP_BUILD_DATE) -> list[BuiltModel]:
+    """Write every model's version 1; with ``dp``, also train and add the DP-SGD version 2."""
     out.mkdir(parents=True, exist_ok=True)
     models = build_all()
     for built in models:
         write_model(out, built)
+    if dp:
+        build_dp_versions(out, date=date)
     return models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model repository directory")
+    parser.add_argument("--no-dp", action="store_true", help="skip the DP-SGD version 2 (no torch needed)")
+    parser.add_argument("--date", default=DP_BUILD_DATE, help="build date stamped into the version-2 cards")
     args = parser.parse_args(argv)
     out: Path = args.out
-    for built in build_repo(out):
+    for built in build_repo(out, dp=False):
         size = len(built.onnx_bytes)
         summary = ", ".join(f"{k}={v:.4f}" for k, v in built.metrics.items() if k.startswith("accuracy"))
-        print(f"{built.name}: {out / built.name} model.onnx={size} bytes {summary}".rstrip())
+        print(f"{built.name}/{BASELINE_VERSION}: {out / built.name} model.onnx={size} bytes {summary}".rstrip())
+    if not args.no_dp:
+        for r in build_dp_versions(out, date=args.date):
+            print(
+                f"{r.model}/{DP_VERSION}: eps={r.epsilon:.3f} (target {r.target_epsilon:g}, delta {r.delta:g}) "
+                f"sigma={r.noise_multiplier:.3f} clip={r.max_grad_norm:g} epochs={r.epochs} "
+                f"accuracy_dp={r.accuracy_dp:.4f} accuracy_v1={r.accuracy_baseline:.4f} "
+                f"sha256={r.onnx_sha256[:16]}"
+            )
     return 0
 
 

@@ -27,7 +27,7 @@ if [[ "${1:-}" != "--checks-only" ]]; then
 fi
 
 echo "== ruff"
-$BIN/ruff check gateway privacy tests tools
+$BIN/ruff check gateway privacy tests tools bench security_tests
 echo "== mypy --strict"
 $BIN/mypy
 echo "== bandit"

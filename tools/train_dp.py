@@ -17,8 +17,10 @@ seeded and deterministic, and no wall time, host or output path is written, so
 two runs with the same seed and library versions give byte-identical files.
 The flip side is that a public seed lets anyone regenerate the noise: use
 ``--seed-file`` with a secret random seed for anything released (the card says
-which was used).  It never writes into the baseline repository (``triton_repo/``);
-swapping the DP models in is a separate, deliberate step.
+which was used).  It never writes into the baseline repository (``triton_repo/``)
+itself: ``tools/build_models.py`` (``make models``) calls :func:`build_model` and
+:func:`install_version` to add the DP models to ``triton_repo/`` as **version 2** next
+to the non-private version 1, with the card appended as a version-2 section.
 
 Needs the training extra: ``pip install torch==2.13.0 opacus==1.6.0`` (CPU build).
 """
@@ -26,6 +28,7 @@ Needs the training extra: ``pip install torch==2.13.0 opacus==1.6.0`` (CPU build
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import platform
 import shutil
@@ -44,7 +47,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: make `priva
     sys.path.insert(0, str(REPO_ROOT))
 
 from privacy.training import dpsgd, export  # noqa: E402
-from privacy.training.cards import UNDATED, TrainingRecord, render_card  # noqa: E402
+from privacy.training.cards import (  # noqa: E402
+    UNDATED,
+    TrainingRecord,
+    render_card,
+    render_version_section,
+)
 
 BUILD_SCRIPT: Final = REPO_ROOT / "tools" / "build_models.py"
 DEFAULT_OUT: Final = REPO_ROOT / "build" / "dp_models"
@@ -228,6 +236,41 @@ def write_model(out: Path, built: Built) -> None:
     (model_dir / "profile.json").write_bytes(built.profile)
     (model_dir / "MODEL_CARD.md").write_text(built.card, encoding="utf-8")
     (model_dir / "training.json").write_text(built.record.to_json(), encoding="utf-8")
+
+
+#: What the version-2 section of a served model card names as its baseline; fixed text, so
+#: the card does not depend on where the repository was built.
+SERVED_BASELINE: Final = "version 1 of this model (`1/model.onnx`, non-private, same split, onnxruntime)"
+
+
+def toolchain_versions() -> dict[str, str]:
+    """The library versions recorded in every card (imports torch and opacus)."""
+    return _versions()
+
+
+def install_version(repo: Path, built: Built, version: str, command: str) -> TrainingRecord:
+    """Add ``built`` to a served repository as ``<model>/<version>/`` next to the non-private model.
+
+    Why a separate step from :func:`write_model`: in ``triton_repo/`` the DP model is an
+    additional version of the served model (same ``config.pbtxt`` and ``profile.json``),
+    not a replacement, and its card becomes a section of the model's existing card.  The
+    record is re-stamped with repository-independent wording (baseline, rebuild command)
+    so that building into any directory gives the same bytes.
+    """
+    record = dataclasses.replace(built.record, baseline=SERVED_BASELINE, command=command)
+    model_dir = repo / built.name
+    version_dir = model_dir / version
+    if version_dir.exists():
+        shutil.rmtree(version_dir)
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(built.onnx_bytes)
+    (version_dir / "training.json").write_text(record.to_json(), encoding="utf-8")
+    card = model_dir / "MODEL_CARD.md"
+    card.write_text(
+        card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + render_version_section(record, version),
+        encoding="utf-8",
+    )
+    return record
 
 
 def _read_seed_file(path: Path) -> int:

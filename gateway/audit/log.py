@@ -147,8 +147,11 @@ class AuditLog:
     """
 
     def __init__(self, config: AuditConfig, *, sinks: Sequence[Sink] = (),
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_fsync: Callable[[float], None] | None = None) -> None:
         self.config = config
+        # Called from the writer thread with each group commit's fsync time (must be thread-safe).
+        self._on_fsync = on_fsync
         self._clock = clock
         self.keys = KeyStore(config.key_dir)
         self.anchor_keys = AnchorKeys(config.key_dir)
@@ -506,7 +509,10 @@ class AuditLog:
         try:
             self._file.write(b"".join(lines), first_seq=self._seq + 1, count=len(lines), now=now)
             if self.config.durability == "fsync":
+                started = time.perf_counter()
                 self._file.sync()
+                if self._on_fsync is not None:
+                    self._on_fsync(time.perf_counter() - started)
         except BaseException:
             self._undo(offset, count_before)
             raise

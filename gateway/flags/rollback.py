@@ -15,13 +15,22 @@ the exact text that failed: a newer policy generation with a different definitio
 clears it) and survives edits to other flags.
 
 State lives in process memory and belongs to the app lifecycle, shared by every policy
-revision. :class:`RollbackStore` is the hook for sharing trips across replicas and
-restarts (Redis later); without it each replica trips on its own traffic and a restart
-forgets a trip (the canary is then judged afresh). Event-loop confined: no locks.
+revision. With a :class:`RollbackStore` (:class:`gateway.flags.shared.StateRollbackStore`
+over Redis) a trip is shared: the replica that trips publishes it, every other replica
+reads it at most ``store_refresh_s`` later and serves stable too, and a restart keeps it.
+Without one each replica trips on its own traffic and a restart forgets a trip.
+
+Fail closed when the store cannot answer: a flag definition whose shared state could not
+be read (store down, or not yet read since the last failure) serves its stable variant
+(:meth:`RollbackTracker.held` says ``rollback_state_unavailable``) until a read succeeds.
+Keeping the last known answer instead would let a replica go on serving a canary that
+another replica has just rolled back for leaking PII. A trip that could not be published
+is kept locally and published again on the next read. Event-loop confined: no locks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -34,6 +43,8 @@ import structlog
 __all__ = [
     "DETECTOR_RATE",
     "ERROR_RATE",
+    "HELD_ROLLED_BACK",
+    "HELD_UNAVAILABLE",
     "LATENCY_P99",
     "PII_RATE",
     "CallOutcome",
@@ -51,6 +62,10 @@ ERROR_RATE: Final = "error_rate"
 LATENCY_P99: Final = "latency_p99"
 DETECTOR_RATE: Final = "detector_rate"
 PII_RATE: Final = "pii_rate"
+
+# Why a definition serves its stable variant now (the variant ``reason`` of a call).
+HELD_ROLLED_BACK: Final = "rolled_back"
+HELD_UNAVAILABLE: Final = "rollback_state_unavailable"
 
 # More than 1% of calls slower than the limit means the 99th percentile is above it: an
 # O(1) running count instead of sorting the window on every call.
@@ -128,8 +143,9 @@ class WindowStats:
 class RollbackStore(Protocol):
     """Where trips are shared between replicas and kept across restarts (e.g. Redis).
 
-    Both calls may raise; the tracker logs and keeps its local view, so an outage of the
-    store never un-does a local rollback and never blocks a request.
+    Both calls may raise. A failed ``load`` holds the definition on stable until a read
+    succeeds; a failed ``save`` keeps the trip locally and retries it on the next read.
+    An outage never un-does a rollback and never fails a request.
     """
 
     async def load(self, flag: str, definition_hash: str) -> RollbackTrip | None: ...
@@ -215,6 +231,9 @@ class RollbackTracker:
         self._overrides: dict[tuple[str, str], RollbackTrip] = {}
         self._latest: dict[str, tuple[int, str]] = {}
         self._refreshed: dict[tuple[str, str], float] = {}
+        self._confirmed: dict[tuple[str, str], bool] = {}  # last read of the store succeeded
+        self._unpublished: dict[tuple[str, str], RollbackTrip] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # -- definitions -------------------------------------------------------------------
 
@@ -236,11 +255,25 @@ class RollbackTracker:
                 del self._windows[wkey]
             for rkey in [k for k in self._refreshed if k[0] == flag and k[1] != definition_hash]:
                 del self._refreshed[rkey]
+            for ckey in [k for k in self._confirmed if k[0] == flag and k[1] != definition_hash]:
+                del self._confirmed[ckey]
         self._latest[flag] = (generation, definition_hash)
 
     def override(self, flag: str, definition_hash: str) -> RollbackTrip | None:
         """The trip that holds this flag definition on its stable variant, if any."""
         return self._overrides.get((flag, definition_hash))
+
+    def held(self, flag: str, definition_hash: str) -> str | None:
+        """Why this definition must serve its stable variant now, or None when it may route.
+
+        # SECURITY: with a shared store, "not rolled back" must be confirmed by it; an
+        # unreadable store holds the flag on stable (see the module docstring).
+        """
+        if (flag, definition_hash) in self._overrides:
+            return HELD_ROLLED_BACK
+        if self.store is not None and not self._confirmed.get((flag, definition_hash), False):
+            return HELD_UNAVAILABLE
+        return None
 
     # -- statistics --------------------------------------------------------------------
 
@@ -305,27 +338,62 @@ class RollbackTracker:
     # -- sharing across replicas -------------------------------------------------------
 
     async def refresh(self, flag: str, definition_hash: str) -> None:
-        """Adopt a trip another replica published; at most once per ``store_refresh_s``."""
-        if self.store is None or (flag, definition_hash) in self._overrides:
+        """Read the shared state of this definition, at most once per ``store_refresh_s``.
+
+        Concurrent calls share one read (none serves stable merely because another call's
+        read is still in flight); a failed read marks the definition unconfirmed.
+        """
+        key = (flag, definition_hash)
+        if self.store is None or (key in self._overrides and not self._unpublished):
             return
-        now = self.clock()
-        last = self._refreshed.get((flag, definition_hash))
-        if last is not None and now - last < self.store_refresh_s:
-            return
-        self._refreshed[(flag, definition_hash)] = now
+        task = self._inflight.get(key)
+        if task is None:
+            now = self.clock()
+            last = self._refreshed.get(key)
+            if last is not None and now - last < self.store_refresh_s:
+                return
+            self._refreshed[key] = now
+            task = asyncio.ensure_future(self._read(key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))  # type: ignore[misc]
+        await asyncio.shield(task)
+
+    async def _read(self, key: tuple[str, str]) -> None:
+        assert self.store is not None  # noqa: S101 - refresh() checked it
+        await self._publish_pending()
+        if key in self._overrides:
+            return  # held here already; the read was only to publish
         try:
-            trip = await self.store.load(flag, definition_hash)
-        except Exception:  # noqa: BLE001 - a store outage keeps the local view, never blocks a call
-            log.warning("canary_rollback_store_unavailable", op="load", flag=flag)
+            trip = await self.store.load(*key)
+        except Exception as exc:  # noqa: BLE001 - any store failure holds the flag on stable
+            if self._confirmed.get(key, True):
+                log.warning("canary_rollback_store_unavailable", op="load", flag=key[0],
+                            error=type(exc).__name__, fallback="stable_variant")
+            self._confirmed[key] = False
             return
-        if trip is not None and (flag, definition_hash) not in self._overrides:
+        if self._confirmed.get(key) is False:
+            log.info("canary_rollback_store_recovered", flag=key[0])
+        self._confirmed[key] = True
+        if trip is not None and key not in self._overrides:
             self._trip(trip, local=False)
 
     async def publish(self, trip: RollbackTrip) -> None:
+        """Share a local trip; on failure it is kept and retried by the next read."""
         if self.store is None:
             return
         try:
             await self.store.save(trip)
-        except Exception:  # noqa: BLE001 - the local rollback already holds; sharing is best effort
-            log.warning("canary_rollback_store_unavailable", op="save", flag=trip.flag)
+        except Exception as exc:  # noqa: BLE001 - the local rollback already holds; sharing retries
+            self._unpublished[(trip.flag, trip.definition_hash)] = trip
+            log.warning("canary_rollback_store_unavailable", op="save", flag=trip.flag, error=type(exc).__name__)
 
+    async def _publish_pending(self) -> None:
+        if self.store is None:
+            return
+        for key, trip in list(self._unpublished.items()):
+            try:
+                await self.store.save(trip)
+            except Exception:  # noqa: BLE001 - still down: keep it for the next read
+                return
+            self._unpublished.pop(key, None)
+            log.info("canary_rollback_published_late", flag=trip.flag)

@@ -8,6 +8,9 @@ Each app owns its registry so tests can build several apps in one process.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -47,6 +50,11 @@ class Metrics:
         self.policy_reloads = Counter(
             "gateway_policy_reloads_total", "Policy reload attempts, by result (applied|rejected|unchanged).",
             ["result"], registry=r,
+        )
+        self.policy_reload_failures = Counter(
+            "gateway_policy_reload_failures_total",
+            "Refused policy reloads, by reason (invalid|unsigned|untrusted|tampered).",
+            ["reason"], registry=r,
         )
         self.policy_info = Gauge(
             "gateway_policy_info", "The active policy revision (value 1).", ["revision"], registry=r,
@@ -102,6 +110,47 @@ class Metrics:
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being processed.", registry=r,
         )
+        # Drift (gateway/drift): features are only the top-k per model plus the output.
+        self.drift_psi = Gauge(
+            "gateway_drift_psi", "Population stability index vs the training profile, top drifting features.",
+            ["model", "feature"], registry=r,
+        )
+        self.drift_state = Gauge(
+            "gateway_drift_state", "Drift state per model: 0 ok (or too few samples), 1 warning, 2 critical.",
+            ["model"], registry=r,
+        )
+        self.drift_samples = Gauge(
+            "gateway_drift_samples", "Input rows in the model's drift window at the last evaluation.", ["model"],
+            registry=r,
+        )
+        self.drift_dropped = Counter(
+            "gateway_drift_dropped_total", "Sampled inferences dropped because the drift queue was full.", ["model"],
+            registry=r,
+        )
+        self.response_write_aborts = Counter(
+            "gateway_response_write_aborts_total",
+            "Responses not delivered: the client stopped reading (write_timeout) or went away (client_gone).",
+            ["route", "reason"], registry=r,
+        )
+        self.dp_epsilon_spent = Counter(
+            "gateway_dp_epsilon_spent_total", "Privacy budget (epsilon) charged for released answers, by model.",
+            ["model"], registry=r,
+        )
+        # SECURITY: by model only; a tenant label would be unbounded (tenants come from
+        # tokens) and would disclose which tenant queries what, and how much.
+        self.dp_budget_remaining = Gauge(
+            "gateway_dp_budget_remaining",
+            "Smallest epsilon left in the current period among the tenants seen spending on a model "
+            "(the full default budget while none has).", ["model"], registry=r,
+        )
+        self.audit_queue_depth = Gauge(
+            "gateway_audit_queue_depth", "Audit records waiting for the writer.", registry=r,
+        )
+        self.audit_fsync_duration = Histogram(
+            "gateway_audit_fsync_duration_seconds", "Time of one audit group-commit fsync.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r,
+        )
+        self.dp_budgets = DpBudgetFloor()
 
     def observe(self, detector: str, model: str, score: float, fired: bool) -> None:
         """The adversarial stage's DetectorMetrics hook."""
@@ -126,5 +175,62 @@ class Metrics:
         self.policy_info.clear()
         self.policy_info.labels(revision=revision).set(1)
 
+    def dp_spent(self, model: str, epsilon: float) -> None:
+        """The DP stage's hook: epsilon charged for one released answer."""
+        if epsilon > 0:
+            self.dp_epsilon_spent.labels(model=model).inc(epsilon)
+
+    def dp_remaining(self, model: str, tenant: str, remaining: float, period_end_s: float) -> None:
+        """The DP stage's hook: a tenant's balance after a charge or a refusal (tenant stays in memory)."""
+        self.dp_budgets.update(model, tenant, remaining, period_end_s)
+
+    def dp_budgets_configured(self, full_epsilon: Mapping[str, float]) -> None:
+        """The DP stage's hook at compile time: the models with a budget, and what the gauge
+        shows for each while nobody has spent (a model dropped from policy disappears)."""
+        self.dp_budgets.configure(full_epsilon)
+
     def render(self) -> bytes:
+        floors = self.dp_budgets.floors(time.time())
+        self.dp_budget_remaining.clear()
+        for model, value in floors.items():
+            self.dp_budget_remaining.labels(model=model).set(value)
         return generate_latest(self.registry)
+
+
+class DpBudgetFloor:
+    """Per model, the lowest balance among tenants in their current period.
+
+    Balances only fall within a period (refunds aside), so the floor is what an operator
+    alerts on: the first tenant to run out. Expired periods are dropped at scrape time,
+    so a new day shows the full budget again. Tenants are keys in memory, never labels;
+    at most ``max_tenants`` per model are kept, the lowest balances first.
+    """
+
+    def __init__(self, max_tenants: int = 10_000) -> None:
+        self.max_tenants = max_tenants
+        self._full: dict[str, float] = {}
+        self._balances: dict[str, dict[str, tuple[float, float]]] = {}
+
+    def configure(self, full_epsilon: Mapping[str, float]) -> None:
+        self._full = dict(full_epsilon)
+        self._balances = {m: b for m, b in self._balances.items() if m in self._full}
+
+    def update(self, model: str, tenant: str, remaining: float, period_end_s: float) -> None:
+        balances = self._balances.setdefault(model, {})
+        if tenant not in balances and len(balances) >= self.max_tenants:
+            highest = max(balances, key=lambda t: balances[t][0])
+            if balances[highest][0] <= remaining:
+                return
+            del balances[highest]
+        balances[tenant] = (remaining, period_end_s)
+
+    def floors(self, now: float) -> dict[str, float]:
+        out = dict(self._full)
+        for model, balances in self._balances.items():
+            if model not in out:
+                continue
+            for tenant in [t for t, (_, end) in balances.items() if end <= now]:
+                del balances[tenant]
+            if balances:
+                out[model] = min(value for value, _ in balances.values())
+        return out

@@ -31,7 +31,6 @@ from gateway.stages.pii_mask import build_pii_stage
 from gateway.stages.ratelimit import RateLimitMetrics, build_preauth_limiter, build_ratelimit_stage
 from gateway.stages.sanitize import build_sanitize_stage
 from gateway.state.base import SharedState
-from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.state.memory import MemoryState
 from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger
 
@@ -87,6 +86,9 @@ def build_issuers(policy: PolicySet, key_sources: KeySourceFactory | None) -> di
             issuer=cfg.issuer, audiences=cfg.audiences, algorithms=cfg.algorithms, keys=resolver,
             subject_claim=cfg.subject_claim, tenant_claim=cfg.tenant_claim, roles_claim=cfg.roles_claim,
             required_claims=cfg.required_claims, leeway_s=cfg.leeway_s, max_lifetime_s=cfg.max_lifetime_s,
+            token_types=tuple(t.lower() for t in cfg.token_types) if cfg.token_types is not None else None,
+            required_scope=cfg.required_scope,
+            allowed_roles=frozenset(cfg.allowed_roles) if cfg.allowed_roles is not None else None,
         )
     return issuers
 
@@ -151,14 +153,8 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
                               unmask_roles=unmask_roles)
     except ValueError as exc:
         raise PolicyError([PolicyIssue("pii.yaml", 1, 1, str(exc))]) from exc
-    if isinstance(env.dp_ledger, StateBudgetLedger):
-        gaussian = [f"{m}.{o}" for m, mp in policy.privacy.models.items()
-                    for o, op in mp.outputs.items() if op.mechanism == "gaussian"]
-        if gaussian:
-            raise PolicyError([PolicyIssue("privacy.yaml", 1, 1, f"{gaussian}: Gaussian (RDP) budgets are vectors "
-                                           "and cannot be shared through --redis yet; use laplace")])
     try:
-        dp = build_dp_stage(policy.privacy, env.dp_ledger)
+        dp = build_dp_stage(policy.privacy, env.dp_ledger, metrics=metrics)
     except ValueError as exc:
         raise PolicyError([PolicyIssue("privacy.yaml", 1, 1, str(exc))]) from exc
     try:

@@ -7,11 +7,14 @@ Each file in ``policies/`` maps to one top-level model (see :data:`POLICY_FILES`
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
+    JsonValue,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -20,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.drift.policy import DriftPolicy
 from gateway.policy.model import StrictModel
 from gateway.stages.base import Mode
 
@@ -44,6 +48,10 @@ class LimitsPolicy(StrictModel):
         256, description="Requests processed at once by one gateway process; beyond it 503 + Retry-After "
                          "(load shedding instead of unbounded queues).",
     )
+    write_timeout_s: Seconds = Field(
+        30.0, description="Time a client has to read a whole response; a slower reader's connection is closed "
+                          "(counted, logged and audited).",
+    )
 
 
 class UpstreamPolicy(StrictModel):
@@ -59,6 +67,9 @@ class UpstreamPolicy(StrictModel):
 class ModelPolicy(StrictModel):
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
         None, description="Versions that may be called explicitly; omitted = any the upstream serves.",
+    )
+    drift: DriftPolicy | None = Field(
+        None, description="Data and prediction drift monitoring against the training profile; omitted = off.",
     )
 
 
@@ -81,6 +92,76 @@ class AuditPolicy(StrictModel):
     stdout: StrictBool = Field(False, description="Also write every committed record to stdout (log shippers).")
 
 
+EnvName = Annotated[StrictStr, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")]
+_PY_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+class FileFlagProvider(StrictModel):
+    """Evaluate ``policies/flags.json`` in this process (the default): no I/O per request."""
+
+    kind: Literal["file"] = "file"
+
+
+class _RemoteFlagProvider(StrictModel):
+    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10)] = Field(
+        0.5, description="Deadline of one evaluation; later = the flag's stable variant.")
+    cooldown_s: Annotated[StrictFloat | StrictInt, Field(ge=0, le=300)] = Field(
+        5.0, description="After the provider failed, serve stable without asking it for this long.")
+
+
+class OfrepFlagProvider(_RemoteFlagProvider):
+    """A remote OFREP service (OpenFeature Remote Evaluation Protocol), e.g. flagd on port 8016."""
+
+    kind: Literal["ofrep"]
+    url: StrictStr = Field(pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+                           description="Base URL; evaluations go to <url>/ofrep/v1/evaluate/flags/<key>.")
+    auth_header: StrictStr = Field("Authorization", pattern=r"^[A-Za-z0-9\-]{1,64}$")
+    auth_env: EnvName | None = Field(
+        None, description="Environment variable holding the header's value; the secret never goes in policy.")
+    allow_http: StrictBool = Field(False, description="Plain http to a host other than loopback.")
+
+    @model_validator(mode="after")
+    def _transport(self) -> OfrepFlagProvider:
+        host = urlsplit(self.url).hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        # SECURITY: the answers choose which model serves a call and whether a stage runs;
+        # on a plain-http path anyone in between could choose for us.
+        if self.url.startswith("http://") and not loopback and not self.allow_http:
+            raise ValueError("an ofrep url must be https (or http to loopback, or set allow_http: true)")
+        return self
+
+
+class PythonFlagProvider(_RemoteFlagProvider):
+    """Any OpenFeature provider installed in the environment, built as ``Class(**config, **secrets)``."""
+
+    kind: Literal["python"]
+    factory: StrictStr = Field(pattern=rf"^{_PY_NAME}(\.{_PY_NAME})*:{_PY_NAME}(\.{_PY_NAME})*$",
+                               description="package.module:ProviderClass (a subclass of AbstractProvider).")
+    config: dict[StrictStr, JsonValue] = Field(default_factory=dict, description="Constructor keyword arguments.")
+    secret_env: dict[StrictStr, EnvName] = Field(
+        default_factory=dict, description="Constructor argument -> environment variable holding its value.")
+    threaded: StrictBool = Field(True, description="Evaluate in worker threads (the provider blocks on I/O); "
+                                                   "false = await its async methods on the event loop.")
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> PythonFlagProvider:
+        both = sorted(set(self.config) & set(self.secret_env))
+        if both:
+            raise ValueError(f"{both} are set in both config and secret_env")
+        return self
+
+
+class FlagsPolicy(StrictModel):
+    """Where flag values come from. ``flags.json`` stays the allow-list and the fallback:
+    routes, variants, kill switches and thresholds are always the reviewed file's."""
+
+    provider: Annotated[FileFlagProvider | OfrepFlagProvider | PythonFlagProvider,
+                        Field(discriminator="kind")] = FileFlagProvider()
+
+
 class GatewayPolicy(StrictModel):
     """``gateway.yaml``: limits, upstream deadlines and the models the gateway exposes."""
 
@@ -88,6 +169,7 @@ class GatewayPolicy(StrictModel):
     limits: LimitsPolicy = LimitsPolicy()
     upstream: UpstreamPolicy = UpstreamPolicy()
     stages: StagesPolicy = StagesPolicy()
+    flags: FlagsPolicy = FlagsPolicy()
     models: dict[StrictStr, ModelPolicy] = Field(
         default_factory=dict,
         description="Models the gateway exposes; any other name is answered like an unknown model.",
@@ -148,6 +230,16 @@ class IssuerPolicy(StrictModel):
     required_claims: tuple[StrictStr, ...] = ("exp", "iat", "sub")
     leeway_s: Annotated[StrictInt, Field(ge=0, le=300)] = 30
     max_lifetime_s: Annotated[StrictInt, Field(gt=0, le=86_400 * 7)] = 86_400
+    token_types: tuple[StrictStr, ...] | None = Field(
+        None, description="Accepted JOSE `typ` values (e.g. [at+jwt], RFC 9068); omitted = any. Stops ID and "
+                          "refresh tokens of the same issuer being replayed as access tokens.",
+    )
+    required_scope: StrictStr | None = Field(
+        None, description="A scope the token's `scope` claim must hold for inference (403 otherwise).",
+    )
+    allowed_roles: tuple[StrictStr, ...] | None = Field(
+        None, description="Roles this issuer may grant; others in its tokens are dropped. Omitted = any.",
+    )
 
     @model_validator(mode="after")
     def _one_family(self) -> IssuerPolicy:
@@ -187,7 +279,8 @@ class IdentityPolicy(StrictModel):
         return self
 
 
-Action = Literal["infer", "metadata", "audit:read", "audit:erase", "budget:admin", "pii:unmask", "policy:read"]
+Action = Literal["infer", "metadata", "audit:read", "audit:erase", "budget:admin", "pii:unmask", "policy:read",
+                 "drift:read"]
 MODEL_ACTIONS = frozenset({"infer", "metadata"})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -19,8 +20,9 @@ import structlog
 
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.policy.bundle import BundleInfo, BundleVerifier, load_bundle
 from gateway.policy.compile import CompileEnv, compile_pipeline
-from gateway.policy.loader import PolicyError, PolicySet, load_policy_dir
+from gateway.policy.loader import PolicyError, PolicySet
 
 log = structlog.get_logger("gateway.policy")
 
@@ -30,16 +32,32 @@ class Snapshot:
     policy: PolicySet
     pipeline: Pipeline
     applied_at: float
+    # Who signed this revision (None when signatures are not required).
+    bundle: BundleInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadFailure:
+    """The last refused reload, kept after later successes for ``GET /v2/policy``."""
+
+    reason: str  # invalid | unsigned | untrusted | tampered
+    error: str
+    at: float
 
 
 class PolicyStore:
     def __init__(self, directory: Path, metrics: Metrics, env: CompileEnv | None = None, *,
-                 on_change: Callable[[Snapshot], None] | None = None) -> None:
+                 on_change: Callable[[Snapshot], None] | None = None,
+                 verifier: BundleVerifier | None = None) -> None:
         self.directory = directory
         self.metrics = metrics
         self.env = env or CompileEnv()
         self.on_change = on_change
+        # SECURITY: with a verifier every load (startup, poll, SIGHUP) needs a trusted signature.
+        self.verifier = verifier
         self.last_error: str | None = None
+        self.last_failure: ReloadFailure | None = None
+        self.reload_counts: dict[str, int] = {"applied": 0, "rejected": 0, "unchanged": 0}
         self._current: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._fingerprint = ""
@@ -51,10 +69,10 @@ class PolicyStore:
         return self._current
 
     def build(self) -> Snapshot:
-        policy = load_policy_dir(self.directory)
+        policy, bundle = load_bundle(self.directory, self.verifier)
         previous = self._current.pipeline if self._current is not None else None
         pipeline = compile_pipeline(policy, self.metrics, self.env, previous=previous)
-        return Snapshot(policy=policy, pipeline=pipeline, applied_at=time.time())
+        return Snapshot(policy=policy, pipeline=pipeline, applied_at=time.time(), bundle=bundle)
 
     def load_initial(self) -> Snapshot:
         """First load: an invalid policy at startup is fatal (raise), never a default."""
@@ -70,20 +88,31 @@ class PolicyStore:
                 candidate = self.build()
             except PolicyError as exc:
                 self.last_error = str(exc)
-                self.metrics.policy_reloads.labels(result="rejected").inc()
-                self.metrics.policy_last_failure.set(time.time())
+                self.last_failure = ReloadFailure(reason=exc.reason, error=str(exc), at=time.time())
+                self._count("rejected")
+                self.metrics.policy_reload_failures.labels(reason=exc.reason).inc()
+                self.metrics.policy_last_failure.set(self.last_failure.at)
                 log.error(  # noqa: TRY400 - a refused edit, not a crash: no traceback
-                    "policy_reload_rejected", reason=reason, error=str(exc),
+                    "policy_reload_rejected", reason=reason, failure=exc.reason, error=str(exc),
                     active_revision=self._current.policy.revision if self._current else None,
                 )
                 return False
             if self._current is not None and candidate.policy.revision == self._current.policy.revision:
-                self.metrics.policy_reloads.labels(result="unchanged").inc()
+                self.last_error = None  # the directory is good again (e.g. a tampered file restored)
+                if candidate.bundle != self._current.bundle:
+                    # Same bytes re-signed (key rotation): keep the pipeline, show the new signer.
+                    self._current = dataclasses.replace(self._current, bundle=candidate.bundle)
+                self._count("unchanged")
                 return False
             self._activate(candidate)
-            self.metrics.policy_reloads.labels(result="applied").inc()
-            log.info("policy_reloaded", reason=reason, revision=candidate.policy.revision)
+            self._count("applied")
+            log.info("policy_reloaded", reason=reason, revision=candidate.policy.revision,
+                     signer=candidate.bundle.key_id if candidate.bundle else None)
             return True
+
+    def _count(self, result: str) -> None:
+        self.reload_counts[result] += 1
+        self.metrics.policy_reloads.labels(result=result).inc()
 
     def _activate(self, snapshot: Snapshot) -> None:
         self._current = snapshot

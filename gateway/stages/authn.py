@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.context import Principal, RequestContext
-from gateway.errors import AuthenticationFailed
+from gateway.context import Action, Principal, RequestContext
+from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.stages.base import Stage
 
 MAX_TOKEN_BYTES = 8192
@@ -83,6 +83,9 @@ class TrustedIssuer:
     required_claims: tuple[str, ...] = ("exp", "iat", "sub")
     leeway_s: int = 30
     max_lifetime_s: int = 86_400
+    token_types: tuple[str, ...] | None = None  # accepted `typ` header values (lower case); None = any
+    required_scope: str | None = None  # a scope inference calls need
+    allowed_roles: frozenset[str] | None = None  # roles this issuer may grant; None = any
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +104,9 @@ def _unverified_header(token: str) -> dict[str, Any]:
     segment = token.split(".", 1)[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error) as exc:
+    except (ValueError, binascii.Error, RecursionError) as exc:
+        # SECURITY: a header of nested brackets ("[[[[...") makes json.loads recurse past the
+        # interpreter's limit; that is a malformed token (401), not a 500.
         raise _fail("authn_malformed_token") from exc
     if not isinstance(header, dict):
         raise _fail("authn_malformed_token")
@@ -125,7 +130,13 @@ class JwtAuthenticator(Stage):
         ctx.bearer = None
         if not token:
             raise _fail("authn_missing_token", "missing bearer token")
-        ctx.principal = await self.authenticate(token)
+        principal = await self.authenticate(token)
+        ctx.principal = principal
+        issuer = self.issuers.get(principal.issuer)
+        # SECURITY: a token the IdP issued for reading (scope) does not let its holder infer.
+        if (issuer is not None and issuer.required_scope is not None and ctx.action is Action.INFER
+                and issuer.required_scope not in principal.scopes):
+            raise PermissionDenied("token scope does not allow inference", reason="authz_scope")
 
     async def authenticate(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():
@@ -172,6 +183,12 @@ class JwtAuthenticator(Stage):
         issuer = self.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
             raise _fail("authn_unknown_issuer")
+        # SECURITY: RFC 8725 §3.11/RFC 9068: an ID or refresh token of the same issuer is
+        # not an access token; only the configured `typ` values are accepted.
+        if issuer.token_types is not None:
+            typ = header.get("typ")
+            if not isinstance(typ, str) or typ.lower() not in issuer.token_types:
+                raise _fail("authn_wrong_token_type")
         alg = header.get("alg")
         # SECURITY: algorithms come from policy, never from the token (RFC 8725 §2.1).
         if not isinstance(alg, str) or alg not in issuer.algorithms:
@@ -216,7 +233,14 @@ class JwtAuthenticator(Stage):
             raise _fail("authn_missing_claims")
         if not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
             raise _fail("authn_missing_claims")
-        principal = Principal(subject=sub, tenant=tenant, roles=frozenset(roles), issuer=issuer.issuer,
-                              credential_id=digest.hex()[:16])
+        granted = frozenset(roles)
+        if issuer.allowed_roles is not None:
+            # SECURITY: an issuer grants only the roles policy lets it grant (no escalation
+            # by a service issuer minting "admin").
+            granted &= issuer.allowed_roles
+        scope = claims.get("scope", "")
+        scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
+        principal = Principal(subject=sub, tenant=tenant, roles=granted, issuer=issuer.issuer,
+                              credential_id=digest.hex()[:16], scopes=scopes)
         # Cache no longer than the token lives (with its leeway), nor past a short horizon.
         return principal, min(float(exp) + leeway, now + _CACHE_HORIZON_S)

@@ -43,7 +43,7 @@ def compile_grants(policy: AccessPolicy) -> tuple[GrantTable, dict[str, frozense
                 actions = frozenset(grant.actions)
                 if "*" in actions:
                     actions = frozenset({"infer", "metadata", "audit:read", "audit:erase", "budget:admin",
-                                         "pii:unmask", "policy:read"})
+                                         "pii:unmask", "policy:read", "drift:read"})
                 global_actions.setdefault(role, set()).update(a for a in actions if a not in MODEL_ACTIONS)
                 if not actions & MODEL_ACTIONS:
                     continue  # a gateway-level grant (audit:read, ...) makes no model visible

@@ -44,7 +44,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal, Protocol
 from urllib.parse import quote
 
 import numpy as np
@@ -325,8 +325,17 @@ def _compile_budget(model: DpModelPolicy, budget: DpBudgetPolicy) -> _Budget:
     return _Budget(PeriodScheme(budget.period_s), float(budget.epsilon), budget.delta, accountant.limit())
 
 
+class DpMetrics(Protocol):
+    """Where spending is counted (``gateway.observability.metrics.Metrics``); tenants never become labels."""
+
+    def dp_spent(self, model: str, epsilon: float) -> None: ...
+    def dp_remaining(self, model: str, tenant: str, remaining: float, period_end_s: float) -> None: ...
+    def dp_budgets_configured(self, full_epsilon: Mapping[str, float]) -> None: ...
+
+
 def build_dp_stage(
-    policy: DpPolicy, ledger: BudgetLedger, clock: Clock = time.time, *, fast_ffi: bool = True
+    policy: DpPolicy, ledger: BudgetLedger, clock: Clock = time.time, *, fast_ffi: bool = True,
+    metrics: DpMetrics | None = None,
 ) -> DpNoiser:
     """Compile ``privacy.yaml`` into the stage. ``clock`` must be the ledger's clock
     (periods come from one clock). Raises ValueError for a policy that cannot be served."""
@@ -350,7 +359,9 @@ def build_dp_stage(
             cache=RepeatCache(model.repeat_cache_entries) if model.repeat_cache_entries else None,
             jitter_s=float(model.timing_jitter_ms) / 1000.0,
         )
-    return DpNoiser(models=models, ledger=ledger, clock=clock)
+    if metrics is not None:
+        metrics.dp_budgets_configured({name: float(model.budget.epsilon) for name, model in policy.models.items()})
+    return DpNoiser(models=models, ledger=ledger, clock=clock, metrics=metrics)
 
 
 # -- the stage --------------------------------------------------------------------------
@@ -364,6 +375,7 @@ class DpNoiser(Stage):
     models: Mapping[str, _Model]
     ledger: BudgetLedger
     clock: Clock
+    metrics: DpMetrics | None = None
 
     async def on_request(self, ctx: RequestContext, req: InferRequest) -> InferRequest:
         model = self.models.get(req.model)
@@ -421,6 +433,8 @@ class DpNoiser(Stage):
                 raise DependencyUnavailable("privacy budget ledger unavailable", reason="dp_ledger_unavailable",
                                             retry_after_s=LEDGER_RETRY_AFTER_S) from exc
         state.committed = True
+        if reservation is not None and self.metrics is not None:
+            self.metrics.dp_spent(model.name, state.accountant.request_epsilon(state.rows))
         if model.jitter_s > 0:
             # SECURITY: OpenDP's exact sampler loops longer for larger noise, so the response
             # time would hint at |noise| and with it at the true value; a random delay far
@@ -540,6 +554,8 @@ class DpNoiser(Stage):
         budget = state.model.budget(state.tenant)[1]
         remaining = max(0.0, budget.epsilon - state.accountant.epsilon(used))
         ctx.note(NOTE_REMAINING, f"{remaining:.6g}")
+        if self.metrics is not None:
+            self.metrics.dp_remaining(state.model.name, state.tenant, remaining, budget.scheme.at(self.clock()).end_s)
 
     async def _note_remaining_from_ledger(self, ctx: RequestContext, state: _DpState) -> None:
         budget = state.model.budget(state.tenant)[1]

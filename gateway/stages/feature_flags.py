@@ -37,11 +37,18 @@ Routing flag (any key; the metadata makes it one)::
 Kill switch: a boolean flag named ``stage.<stage>.enabled`` without targeting; variant
 ``false`` skips that stage (:meth:`FeatureFlags.kill_switched`). ``authn`` and ``authz``
 cannot be switched off in any profile; ``model_exposure``, ``pii_mask`` and ``dp_noise``
-not in ``production``. Only stages with such a flag in the reviewed file can be switched.
+not in ``production``. Only stages with such a flag (and a ``false`` variant) in the
+reviewed file can be switched.
+
+Provider: ``gateway.yaml`` ``flags.provider`` picks who evaluates (:mod:`gateway.flags.remote`):
+the file itself (default), an OFREP service such as a flagd daemon, or another installed
+OpenFeature provider. The file stays the allow-list and the fallback: a remote answer
+only chooses among its variants, and any failure serves the stable variant.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -64,13 +71,20 @@ from gateway.errors import GatewayError, NotFound
 from gateway.flags.provider import (
     VARIANT_PATTERN,
     CompiledFlag,
-    FlagdFileProvider,
     FlagFileError,
     FlagSet,
     Json,
     parse_flag_file,
 )
-from gateway.flags.rollback import CallOutcome, RollbackStore, RollbackTracker, RollbackTrip, Thresholds
+from gateway.flags.remote import ProviderRegistry
+from gateway.flags.rollback import (
+    HELD_UNAVAILABLE,
+    CallOutcome,
+    RollbackStore,
+    RollbackTracker,
+    RollbackTrip,
+    Thresholds,
+)
 from gateway.kserve import InferRequest
 from gateway.policy.model import StrictModel
 from gateway.policy.schema import NAME_PATTERN, ModelPolicy
@@ -106,6 +120,8 @@ log = structlog.get_logger("gateway.flags")
 
 FLAGS_FILE: Final = "flags.json"
 NOTE_KEY: Final = "flags"
+# Stages kill-switched for this call, decided in on_call ("_": kept out of the audit notes).
+SKIP_NOTE: Final = "_flags_kill_switched"
 VARIANT_HEADER: Final = "X-Model-Variant"
 
 Profile = Literal["production", "staging", "development"]
@@ -357,10 +373,15 @@ class FlagsRuntime:
     hooks: FlagsHooks = field(default_factory=NullFlagsHooks)
     tracker: RollbackTracker = field(default_factory=RollbackTracker)
     subject_key: bytes | None = None
+    providers: ProviderRegistry = field(default_factory=ProviderRegistry)
 
     def __post_init__(self) -> None:
         if self.tracker.on_trip is None:
             self.tracker.on_trip = self.hooks.rollback
+
+    async def close(self) -> None:
+        """Close remote providers (connection pools, worker threads); at process shutdown."""
+        await self.providers.close()
 
     @classmethod
     def create(cls, hooks: FlagsHooks | None = None, *, store: RollbackStore | None = None,
@@ -399,8 +420,12 @@ class FeatureFlags(Stage):
     revision: str
     generation: int
     by_flag: Mapping[str, Route] = field(default_factory=dict)
+    # Stages whose switch in the reviewed file has a ``false`` variant at all.
+    may_switch_off: frozenset[str] = frozenset()
 
     async def on_call(self, ctx: RequestContext) -> None:
+        if self.kill_switches:
+            ctx.notes[SKIP_NOTE] = await self._decide_kill_switches()
         model = ctx.model
         if model is None:
             return
@@ -415,7 +440,7 @@ class FeatureFlags(Stage):
         tracker = self.runtime.tracker
         tracker.observe_definition(route.flag, route.definition_hash, self.generation)
         await tracker.refresh(route.flag, route.definition_hash)
-        variant, reason = self._decide(route, principal, model)
+        variant, reason = await self._decide(route, principal, model)
         if ctx.version:
             pinned = route.by_target.get((model, ctx.version))
             if pinned is None:
@@ -459,15 +484,17 @@ class FeatureFlags(Stage):
         if trip is not None:
             await self.runtime.tracker.publish(trip)
 
-    def kill_switched(self, stage_name: str) -> bool:
+    async def kill_switched(self, stage_name: str) -> bool:
         """True when the policy's kill switch for ``stage_name`` is off. Fails safe: any
-        doubt (no switch, protected stage, evaluation error) keeps the stage running."""
+        doubt (no switch, protected stage, no ``false`` variant in the file, evaluation
+        error, a remote provider down) keeps the stage running."""
         flag = self.kill_switches.get(stage_name)
-        # SECURITY: checked again here, so a remote provider cannot switch a protected stage off.
-        if flag is None or not switchable(stage_name, self.profile):
+        # SECURITY: checked again here, so a remote provider cannot switch a protected stage off,
+        # nor one whose reviewed flag offers no "off" variant.
+        if flag is None or not switchable(stage_name, self.profile) or stage_name not in self.may_switch_off:
             return False
         try:
-            details = self.provider.resolve_boolean_details(flag, True, EvaluationContext())
+            details = await self.provider.resolve_boolean_details_async(flag, True, EvaluationContext())
         except Exception as exc:  # noqa: BLE001 - any provider failure keeps the stage on
             self._failed(flag, exc)
             return False
@@ -476,15 +503,26 @@ class FeatureFlags(Stage):
             return False
         return details.value is False
 
-    def kill_switched_stages(self, names: Iterable[str]) -> frozenset[str]:
-        """The stages to skip for one call, decided once at admission: every hook of a call
-        must agree (a stage whose ``on_call`` took a lease must also get ``on_complete``)."""
-        return frozenset(name for name in names if self.kill_switched(name))
+    async def _decide_kill_switches(self) -> frozenset[str]:
+        names = list(self.kill_switches)
+        results = await asyncio.gather(*(self.kill_switched(name) for name in names))
+        return frozenset(name for name, off in zip(names, results, strict=True) if off)
 
-    def _decide(self, route: Route, principal: Principal, model: str) -> tuple[str, str]:
+    def kill_switched_stages(self, ctx: RequestContext, names: Iterable[str]) -> frozenset[str]:
+        """The stages to skip for this call, decided once in :meth:`on_call`: every hook of a
+        call must agree (a stage whose ``on_call`` took a lease must also get ``on_complete``)."""
+        decided = ctx.notes.get(SKIP_NOTE)
+        if not isinstance(decided, frozenset):
+            return frozenset()
+        return frozenset(name for name in names if name in decided)
+
+    async def _decide(self, route: Route, principal: Principal, model: str) -> tuple[str, str]:
         """(variant, reason). Every doubt resolves to the stable variant."""
-        if self.runtime.tracker.override(route.flag, route.definition_hash) is not None:
-            return route.stable, "rolled_back"
+        held = self.runtime.tracker.held(route.flag, route.definition_hash)
+        if held is not None:
+            if held == HELD_UNAVAILABLE:
+                self.runtime.hooks.evaluation_failed(route.flag, "ROLLBACK_STATE_UNAVAILABLE")
+            return route.stable, held
         key = targeting_key(principal.tenant, principal.subject, self.runtime.subject_key)
         # SECURITY: only verified identity goes in; no header, cookie or query parameter can
         # choose a variant (AUTHZ-17).
@@ -494,11 +532,11 @@ class FeatureFlags(Stage):
         stable_value = route.values[route.stable]
         try:
             if route.value_type == "string" and isinstance(stable_value, str):
-                details: Any = self.provider.resolve_string_details(route.flag, stable_value, context)
+                details: Any = await self.provider.resolve_string_details_async(route.flag, stable_value, context)
             elif isinstance(stable_value, dict):
                 # RouteTarget allows only string fields, so this keeps the whole value.
                 default: dict[str, FlagValueType] = {k: v for k, v in stable_value.items() if isinstance(v, str)}
-                details = self.provider.resolve_object_details(route.flag, default, context)
+                details = await self.provider.resolve_object_details_async(route.flag, default, context)
             else:  # pragma: no cover - compile_flags keeps value types uniform
                 return route.stable, "error"
         except Exception as exc:  # noqa: BLE001 - any evaluation failure serves the stable variant
@@ -508,6 +546,9 @@ class FeatureFlags(Stage):
             self.runtime.hooks.evaluation_failed(route.flag, str(details.error_code))
             return route.stable, "error"
         variant = details.variant
+        if variant is None and details.reason not in {"DEFAULT", "DISABLED", "ERROR"}:
+            # A provider that answers with a value only: the file's variants have distinct values.
+            variant = next((name for name, value in route.values.items() if value == details.value), None)
         if variant is None:
             return route.stable, str(details.reason or "default").lower()
         # SECURITY: a provider may only pick a variant of the pinned file, with its value.
@@ -584,8 +625,16 @@ def build_flags_stage(raw: bytes, policy: PolicySet, runtime: FlagsRuntime, *, p
         compiled = compile_flags(raw, policy.gateway.models, profile, name=name)
     except FlagFileError as exc:
         raise PolicyError([PolicyIssue(name, 1, 1, issue.removeprefix(f"{name}: ")) for issue in exc.issues]) from exc
+    if provider is None:
+        try:
+            provider = runtime.providers.provider_for(policy.gateway.flags.provider, compiled.flag_set)
+        except ValueError as exc:
+            raise PolicyError([PolicyIssue("gateway.yaml", 1, 1, f"flags.provider: {exc}")]) from exc
+    may_switch_off = frozenset(stage for stage, key in compiled.kill_switches.items()
+                               if any(v is False for v in compiled.flag_set.flags[key].variants.values()))
     return FeatureFlags(
-        provider=provider or FlagdFileProvider(compiled.flag_set),
+        provider=provider,
+        may_switch_off=may_switch_off,
         routes=compiled.routes, route_only=compiled.route_only, kill_switches=compiled.kill_switches,
         profile=profile, runtime=runtime, revision=policy.revision, generation=next(_GENERATIONS),
         by_flag={route.flag: route for route in compiled.routes.values()},

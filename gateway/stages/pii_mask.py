@@ -171,7 +171,11 @@ class PiiMasker(Stage):
         return masked
 
     def operators_for(self, ctx: RequestContext) -> Mapping[str, Operator]:
-        """Defaults, overridden per entity by the first listed role the principal holds."""
+        """Defaults, overridden per entity by the first listed role the principal holds.
+
+        SECURITY: reversible tokens are bound to the principal's tenant (in the AES-GCM
+        associated data), so only that tenant can have them unmasked.
+        """
         principal = ctx.principal
         if principal is None or not self.role_operators:
             return self.default_operators
@@ -181,18 +185,24 @@ class PiiMasker(Stage):
             if role in principal.roles:
                 for entity, operator in operators.items():
                     if entity not in decided:
+                        if isinstance(operator, AesGcmTokenizer):
+                            operator = operator.for_tenant(principal.tenant)
                         merged[entity] = operator
                         decided.add(entity)
         return merged
 
-    def unmask(self, text: str) -> str:
-        """Turn this policy's tokens in ``text`` back into values (for a ``pii:unmask`` API).
+    def token_opener(self, tenant: str) -> AesGcmTokenizer:
+        """The tokenizer that opens ``tenant``'s tokens (for the ``pii:unmask`` API).
 
         The caller checks the permission; without a token key nothing is reversible.
         """
         if self.tokenizer is None:
             raise DependencyUnavailable("no PII token key configured", reason="pii_unmask_unavailable")
-        return self.tokenizer.unmask(text)
+        return self.tokenizer.for_tenant(tenant)
+
+    def unmask(self, text: str, *, tenant: str) -> str:
+        """Turn ``tenant``'s tokens in ``text`` back into values; other text stays as it is."""
+        return self.token_opener(tenant).unmask(text)
 
     # --- internals --------------------------------------------------------------------
 

@@ -6,21 +6,43 @@ vector per key and period); this adapter backs it with :class:`SharedState`'s at
 replicas can never spend more than the budget. Periods are the state layer's calendar
 periods (epoch-aligned, the same UTC days as ``PeriodScheme``), timed by the store.
 
-Only scalar budgets travel through the store: basic composition (Laplace). An RDP
-(Gaussian) budget is a vector; with a shared store it is refused at policy load rather
-than approximated.
+Scalar budgets (basic composition, Laplace) use the store's generic budget operations.
+Vector budgets (RDP, Gaussian: the RDP curve at fixed orders) use the vector scripts of
+:mod:`gateway.state.dp_vector` on the same account key, so one (tenant, model) account is
+one Redis hash whatever the mechanism, and the check-and-add is one atomic script too.
+On a store without scripts (the in-process :class:`MemoryState`) vectors are kept by an
+:class:`InMemoryBudgetLedger` in this process, which is what that store shares anyway.
+
+Epoch marker (catalogue DP-08): the first use writes a random marker document to the
+store and remembers it; every later reserve/usage first checks that the marker is still
+there and the same. ``FLUSHALL``, a Redis restart without persistence or a failover to an
+empty replica lose the marker with the budgets, and the ledger then raises
+:class:`LedgerUnavailable` (503) instead of granting a fresh full budget. Re-arming needs
+a restart of the gateway (an operator decision). Limits: the check is one extra round
+trip before the reserve script, not inside it (a loss between the two can grant one
+request), and a gateway *started* after the loss cannot tell it from a new deployment.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 
 from gateway.state.base import Reservation as StateReservation
-from gateway.state.base import SharedState, StateKey, StateUnavailable
-from privacy.dp.ledger import LedgerUnavailable, Period, Refused, Reservation
+from gateway.state.base import DocumentConflict, SharedState, StateKey, StateUnavailable
+from gateway.state.dp_vector import RedisVectorBudgets, ScriptRunner, VectorHold
+from privacy.dp.ledger import (
+    InMemoryBudgetLedger,
+    LedgerMismatch,
+    LedgerUnavailable,
+    Period,
+    Refused,
+    Reservation,
+)
 
 _KIND = "dp.budget"
+_EPOCH_KEY = StateKey("dp:epoch", "dp.epoch", ("epoch",))
 
 
 class StateBudgetLedger:
@@ -28,6 +50,34 @@ class StateBudgetLedger:
         self.state = state
         # Reservations live for one request; the store holds the money, this only the handle.
         self._open: dict[str, StateReservation] = {}
+        self._open_vectors: dict[str, VectorHold] = {}
+        self._vectors = RedisVectorBudgets(state) if isinstance(state, ScriptRunner) else None
+        self._local_vectors = InMemoryBudgetLedger(time.time) if self._vectors is None else None
+        self._epoch: bytes | None = None
+
+    async def _check_epoch(self) -> None:
+        """Fail closed when the store lost the budgets (see the module docstring)."""
+        try:
+            doc = await self.state.get_document(_EPOCH_KEY)
+            if self._epoch is None:
+                if doc is None:
+                    marker = secrets.token_hex(16).encode()
+                    try:
+                        await self.state.put_document(_EPOCH_KEY, marker, expected_version=None)
+                    except DocumentConflict:
+                        doc = await self.state.get_document(_EPOCH_KEY)
+                    else:
+                        self._epoch = marker
+                        return
+                if doc is None:
+                    raise LedgerUnavailable("budget epoch marker vanished while being created")
+                self._epoch = doc.value
+                return
+        except StateUnavailable as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+        if doc is None or doc.value != self._epoch:
+            # SECURITY: the budgets were lost with the marker; never grant a fresh budget.
+            raise LedgerUnavailable("budget epoch marker missing or changed: budget state lost, failing closed")
 
     @staticmethod
     def _key(key: str) -> StateKey:
@@ -46,6 +96,11 @@ class StateBudgetLedger:
 
     async def reserve(self, key: str, period: Period, amount: Sequence[float],
                       limit: Sequence[float]) -> Reservation | Refused:
+        if len(amount) != len(limit) or not amount:
+            raise ValueError("amount and limit must be non-empty vectors of the same size")
+        await self._check_epoch()
+        if len(amount) > 1:
+            return await self._reserve_vector(key, period, amount, limit)
         cost, capacity = self._scalar(amount), self._scalar(limit)
         try:
             decision = await self.state.reserve(self._key(key), cost, capacity=capacity,
@@ -58,7 +113,46 @@ class StateBudgetLedger:
         self._open[token] = decision.reservation
         return Reservation(key=key, period=period, amount=(cost,), token=token, used_after=(decision.spent,))
 
+    async def _reserve_vector(self, key: str, period: Period, amount: Sequence[float],
+                              limit: Sequence[float]) -> Reservation | Refused:
+        if self._local_vectors is not None:
+            return await self._local_vectors.reserve(key, period, amount, limit)
+        assert self._vectors is not None  # noqa: S101 - one of the two is always set
+        if any(not a >= 0.0 or a == float("inf") for a in amount):
+            raise ValueError("budget amounts must be finite and >= 0")
+        try:
+            decision = await self._vectors.reserve(self._key(key), amount, limit, self._period_s(period))
+        except StateUnavailable as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+        if decision.status < 0:
+            # SECURITY: fail closed rather than start a fresh budget under another accounting.
+            raise LedgerMismatch("budget account holds another kind of budget this period")
+        if decision.hold is None:
+            return Refused(retry_after_s=max(decision.reset_s, 1.0), used=decision.used)
+        token = secrets.token_hex(16)
+        self._open_vectors[token] = decision.hold
+        return Reservation(key=key, period=period, amount=tuple(float(a) for a in amount), token=token,
+                           used_after=decision.used)
+
+    async def _settle_vector(self, reservation: Reservation, *, refund: bool) -> bool:
+        """True when the reservation was a vector one (handled here, whatever the outcome)."""
+        if self._local_vectors is not None and len(reservation.amount) > 1:
+            await (self._local_vectors.refund if refund else self._local_vectors.commit)(reservation)
+            return True
+        hold = self._open_vectors.pop(reservation.token, None)
+        if hold is None:
+            return len(reservation.amount) > 1  # idempotent
+        assert self._vectors is not None  # noqa: S101 - holds exist only with the Redis store
+        try:
+            await (self._vectors.refund if refund else self._vectors.commit)(hold)
+        except StateUnavailable as exc:
+            # Unsettled stays spent in the store until the period ends: under-use, never overspend.
+            raise LedgerUnavailable(str(exc)) from exc
+        return True
+
     async def commit(self, reservation: Reservation) -> None:
+        if await self._settle_vector(reservation, refund=False):
+            return
         held = self._open.pop(reservation.token, None)
         if held is None:
             return  # idempotent
@@ -69,6 +163,8 @@ class StateBudgetLedger:
             raise LedgerUnavailable(str(exc)) from exc
 
     async def refund(self, reservation: Reservation) -> None:
+        if await self._settle_vector(reservation, refund=True):
+            return
         held = self._open.pop(reservation.token, None)
         if held is None:
             return
@@ -78,8 +174,20 @@ class StateBudgetLedger:
             raise LedgerUnavailable(str(exc)) from exc
 
     async def usage(self, key: str, period: Period, size: int) -> tuple[float, ...]:
+        await self._check_epoch()
+        if size > 1:
+            if self._local_vectors is not None:
+                return await self._local_vectors.usage(key, period, size)
+            assert self._vectors is not None  # noqa: S101 - one of the two is always set
+            try:
+                status, used = await self._vectors.usage(self._key(key), size, self._period_s(period))
+            except StateUnavailable as exc:
+                raise LedgerUnavailable(str(exc)) from exc
+            if status < 0:
+                raise LedgerMismatch("budget account holds another kind of budget this period")
+            return used
         if size != 1:
-            raise LedgerUnavailable("a shared budget store holds scalar (basic composition) budgets only")
+            raise LedgerUnavailable("a budget vector needs at least one coordinate")
         probe = f"usage-{secrets.token_hex(8)}"
         try:
             # A zero-cost reservation reads the period's spend atomically; settling it changes nothing.

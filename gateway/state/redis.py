@@ -306,6 +306,9 @@ SCRIPTS: Final = (
     Script("put_document", PUT_DOC_LUA),
 )
 _LIMITS, _RESERVE, _SETTLE, _PUT_DOC = SCRIPTS
+#: The preamble every script starts with (``now``, ``fmt17``, ``period_of``...), for scripts
+#: other modules run through :meth:`RedisState.run_script` (one clock, one period rule).
+SCRIPT_PREAMBLE: Final = _NOW
 
 
 @lru_cache(maxsize=16384)
@@ -640,6 +643,12 @@ class RedisState:
                 return await self._client.eval(script.source, len(keys), *keys, now, *args)
 
         return await self._call(op, run)
+
+    async def run_script(self, op: str, script: Script, keys: Sequence[StateKey],
+                         args: Sequence[str | int | bytes]) -> Any:
+        """A script of another module (it starts with :data:`SCRIPT_PREAMBLE`) through this
+        boundary: same key encoding, server time, deadline, breaker and error conversion."""
+        return await self._script(op, script, [self.key(k) for k in keys], args)
 
     def _observe(self, op: str, elapsed: float, error: str | None) -> None:
         if self._observer is not None:

@@ -24,10 +24,11 @@ Periods come from one clock: the stage picks the period with the clock it was bu
 with, and the ledger measures ``retry_after_s`` with the same clock object. A shared
 (Redis) ledger should use one time source for both, e.g. Redis ``TIME``.
 
-Redis mapping (for the shared implementation): one hash per account,
-``dp:{key}:{period.id}``, fields ``u:0..u:n-1`` (used) and ``r:{token}`` (open
-reservations as JSON), ``EXPIREAT period.end_s + grace``; reserve/commit/refund are
-each one Lua script (the check-and-add above is a loop over ≤ 69 fields). A missing
+Redis mapping (the shared implementation, ``gateway/state/dp_ledger.py`` and
+``gateway/state/dp_vector.py``): one hash per (key), the period index in a field, ``used``
+as one scalar (basic composition) or one packed vector (RDP, ≤ 69 doubles), one field per
+open reservation, expiring a grace minute after the period; reserve/commit/refund are each
+one Lua script (the check-and-add above is a loop over the vector). A missing
 epoch marker (state lost by ``FLUSHALL`` or a restart without persistence) must raise
 :class:`LedgerUnavailable` so the stage fails closed instead of granting a fresh
 budget. Abandoned reservations (a replica died mid-request) stay counted until the

@@ -13,18 +13,16 @@ and two offsets, and counts are per type. Values exist only inside :meth:`mask`.
 from __future__ import annotations
 
 import bisect
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import numpy as np
-import numpy.typing as npt
-
 from privacy.pii.normalize import Normalized, normalize
 from privacy.pii.operators import Operator, Replace
 from privacy.pii.recognizers import DEFAULT_ENTITIES, ENTITIES, PHONE, PRIORITY, RULES, Rule, _calling_codes
-from privacy.pii.regex import MAX_SET_PROGRAM_SIZE, Found, Pattern, PatternSet
+from privacy.pii.regex import MAX_SET_PROGRAM_SIZE, Pattern, PatternSet
 
 _RANK: Final = {entity: rank for rank, entity in enumerate(PRIORITY)}
 # Separator that keeps tensor elements apart in the per-element scan: no recognizer
@@ -55,7 +53,7 @@ class _Piece:
 class PiiEngine:
     """Recognizers for a set of entity types, compiled once and shared (thread-safe)."""
 
-    __slots__ = ("_patterns", "_rules", "_set", "entities")
+    __slots__ = ("_patterns", "_rank", "_rules", "_set", "entities")
 
     def __init__(self, entities: Iterable[str] = DEFAULT_ENTITIES) -> None:
         chosen = frozenset(entities)
@@ -66,6 +64,7 @@ class PiiEngine:
         self._rules: tuple[Rule, ...] = tuple(rule for rule in RULES if rule.entity in chosen)
         self._patterns: tuple[Pattern, ...] = tuple(Pattern(rule.source) for rule in self._rules)
         self._set = PatternSet(rule.source for rule in self._rules) if self._rules else None
+        self._rank: tuple[int, ...] = tuple(_RANK[rule.entity] for rule in self._rules)
         if PHONE in chosen:
             _calling_codes()  # load libphonenumber's table now, not on the first request
         if sum(p.program_size for p in self._patterns) > MAX_SET_PROGRAM_SIZE:
@@ -92,46 +91,50 @@ class PiiEngine:
         hits = self._set.matching(data)
         if not hits:
             return []
-        char_of: npt.NDArray[np.int64] | None = None
-        if len(data) != len(normalized.text):
-            starts = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80
-            char_of = np.zeros(len(data) + 1, dtype=np.int64)
-            np.cumsum(starts, out=char_of[1:])
-        out: list[Detection] = []
         size = len(data)
+        accepted: list[tuple[str, int, int]] = []  # entity and byte span
         # Stronger types first. A candidate lying wholly inside what they already found
         # cannot change the merged result (a union typed by priority), so its check is
         # skipped: a card's digits need no phone parsing.
-        found: list[tuple[int, int]] = []
-        covered = _Covered([])
-        for index in sorted(hits, key=lambda i: _RANK[self._rules[i].entity]):
-            rule, pattern = self._rules[index], self._patterns[index]
+        covered: _Covered | None = None
+        for index in sorted(hits, key=self._rank.__getitem__):
+            rule = self._rules[index]
+            search, check, group, entity = self._patterns[index].spans, rule.check, rule.group, rule.entity
+            before = len(accepted)
             position = 0
             while position <= size:
-                match = pattern.search(data, position)
-                if match is None:
+                spans = search(data, position, size)
+                match_start = spans[0][0]
+                if match_start < 0:
                     break
-                group_start, group_end = _entity_group(match, rule.group)
-                if group_start < 0 or covered.contains((group_start, group_end)):
-                    position = max(group_end, match.start + 1)
+                if group >= 0:
+                    group_start, group_end = spans[group]
+                else:
+                    group_start, group_end = next((span for span in spans[1:] if span[0] >= 0), (-1, -1))
+                if group_start < 0 or (covered is not None and covered.contains((group_start, group_end))):
+                    position = max(group_end, match_start + 1)
                     continue
-                span = rule.check(data, group_start, group_end)
+                span = check(data, group_start, group_end)
                 if span is not None and span[1] > span[0]:
-                    found.append(span)
-                    start, end = span
-                    if char_of is not None:
-                        start, end = int(char_of[start]), int(char_of[end])
-                    start, end = normalized.to_original(start, end)
-                    out.append(Detection(rule.entity, start, end))
+                    accepted.append((entity, span[0], span[1]))
                     # Resume after the accepted span; a check only narrows a match of a
                     # bounded pattern, so at most a pattern's length is scanned again.
-                    position = max(span[1], match.start + 1)
+                    position = max(span[1], match_start + 1)
                 else:
                     # Resume at the end of the entity group, not of the match: a boundary
                     # character the match consumed may start the next entity.
-                    position = max(group_end, match.start + 1)
-            if found:
-                covered = _Covered.union(found)
+                    position = max(group_end, match_start + 1)
+            if len(accepted) > before:
+                covered = _Covered.union([(a[1], a[2]) for a in accepted])
+        if not accepted:
+            return []
+        to_char = _char_offsets(data, accepted) if size != len(normalized.text) else None
+        out: list[Detection] = []
+        for entity, start, end in accepted:
+            if to_char is not None:
+                start, end = to_char[start], to_char[end]
+            start, end = normalized.to_original(start, end)
+            out.append(Detection(entity, start, end))
         return out
 
     # --- masking ----------------------------------------------------------------------
@@ -193,10 +196,25 @@ class PiiEngine:
         return masked, dict(counts)
 
 
-def _entity_group(match: Found, group: int) -> tuple[int, int]:
-    if group >= 0:
-        return match.group(group)
-    return next((span for span in match.groups if span[0] >= 0), (-1, -1))
+def _char_offsets(data: bytes, spans: list[tuple[str, int, int]]) -> dict[int, int]:
+    """UTF-8 byte offset -> character offset, for the offsets of ``spans`` only.
+
+    A character offset is the byte offset less the continuation bytes before it. Texts
+    here are mostly ASCII, so the runs of continuation bytes are few: one linear pass
+    finds them, then each offset costs a binary search, not an array over the text.
+    """
+    ends: list[int] = []
+    skipped: list[int] = [0]  # continuation bytes in the first k runs
+    for run in _CONTINUATION_RUN.finditer(data):
+        ends.append(run.end())
+        skipped.append(skipped[-1] + run.end() - run.start())
+    # Offsets are character boundaries, never inside a run.
+    return {offset: offset - skipped[bisect.bisect_right(ends, offset)]
+            for _, start, end in spans for offset in (start, end)}
+
+
+# SECURITY: stdlib ``re`` with one character class: a single linear pass on any input.
+_CONTINUATION_RUN: Final = re.compile(rb"[\x80-\xbf]+")
 
 
 def merge(detections: Iterable[Detection]) -> list[Detection]:
@@ -284,14 +302,16 @@ class _Covered:
 
     @classmethod
     def union(cls, spans: list[tuple[int, int]]) -> _Covered:
-        merged: list[_Piece] = []
+        covered = cls([])
+        starts, ends = covered._starts, covered._ends
         for start, end in sorted(spans):
-            if merged and start < merged[-1].end:
-                if end > merged[-1].end:
-                    merged[-1] = _Piece(merged[-1].start, end, "", False)
+            if ends and start < ends[-1]:
+                if end > ends[-1]:
+                    ends[-1] = end
             else:
-                merged.append(_Piece(start, end, "", False))
-        return cls(merged)
+                starts.append(start)
+                ends.append(end)
+        return covered
 
     def overlaps(self, span: tuple[int, int]) -> bool:
         index = bisect.bisect_left(self._starts, span[1]) - 1

@@ -33,7 +33,9 @@ _FROM_LETTERS: Final = str.maketrans("abcdefghijklmnop", "0123456789abcdef")
 MIN_HMAC_KEY_BYTES: Final = 32
 TOKEN_KEY_SIZES: Final = (16, 24, 32)
 _PSEUDONYM_CONTEXT: Final = b"infergate/pii-pseudonym/v1\x00"
-_TOKEN_CONTEXT: Final = b"infergate/pii-token/v1\x00"
+# v2: the tenant is part of the associated data (v1 tokens, bound to the type only, no
+# longer authenticate).
+_TOKEN_CONTEXT: Final = b"infergate/pii-token/v2\x00"
 _NONCE_BYTES: Final = 12
 # SECURITY: a token is parsed by a pattern without nested quantifiers over a bounded tag.
 TOKEN_RE: Final = re.compile(r"\[([A-Z][A-Z_]{0,15}):tok:([a-p]{2,})\]")
@@ -159,15 +161,20 @@ class HmacPseudonym:
 
 @dataclass(frozen=True, slots=True)
 class AesGcmTokenizer:
-    """Reversible tokens: AES-GCM with a random 96-bit nonce, the entity type as AAD.
+    """Reversible tokens: AES-GCM with a random 96-bit nonce; tenant and type as AAD.
 
     Only a holder of the key can turn a token back into the value (:meth:`reveal`);
     the gateway gives tokens to roles holding ``pii:unmask``. A random nonce keeps equal
     values unlinkable; rotate the key well before 2**32 tokens (NIST SP 800-38D 8.3).
+
+    SECURITY: the tenant the token was minted for is authenticated with it, so one key
+    serves every tenant and a token of tenant A does not open under tenant B
+    (:meth:`for_tenant`); likewise a token's type tag cannot be edited.
     """
 
     name: ClassVar[str] = "tokenize"
     key: bytes = field(repr=False)
+    tenant: str = ""
     _aead: AESGCM = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,9 +182,18 @@ class AesGcmTokenizer:
             raise ValueError("the token key must be 16, 24 or 32 bytes (AES-128/192/256)")
         object.__setattr__(self, "_aead", AESGCM(self.key))
 
+    def for_tenant(self, tenant: str) -> AesGcmTokenizer:
+        """The same key, minting and opening tokens bound to ``tenant``."""
+        return self if tenant == self.tenant else AesGcmTokenizer(self.key, tenant)
+
+    def _aad(self, entity: str) -> bytes:
+        # Length-prefixed tenant: no two (tenant, type) pairs give the same bytes.
+        tenant = self.tenant.encode("utf-8", "surrogateescape")
+        return _TOKEN_CONTEXT + len(tenant).to_bytes(4, "big") + tenant + entity.encode()
+
     def apply(self, entity: str, value: str, *, partial: bool = False) -> str:
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, value.encode("utf-8", "surrogateescape"), _TOKEN_CONTEXT + entity.encode())
+        sealed = self._aead.encrypt(nonce, value.encode("utf-8", "surrogateescape"), self._aad(entity))
         return f"[{entity}:tok:{to_letters(nonce + sealed)}]"
 
     def reveal(self, token: str) -> tuple[str, str]:
@@ -189,9 +205,9 @@ class AesGcmTokenizer:
         if len(blob) < _NONCE_BYTES + 16:
             raise ValueError("not a PII token")
         try:
-            plain = self._aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], _TOKEN_CONTEXT + entity.encode())
+            plain = self._aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], self._aad(entity))
         except InvalidTag as exc:
-            raise ValueError("token does not authenticate under this key") from exc
+            raise ValueError("token does not authenticate under this key and tenant") from exc
         return entity, plain.decode("utf-8", "surrogateescape")
 
     def unmask(self, text: str) -> str:

@@ -84,6 +84,7 @@ _LETTERS: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 _ALNUM: Final = _DIGITS | _LETTERS
 _WORD: Final = _ALNUM | {ord("_")}
 _NOT_DIGITS: Final = bytes(b for b in range(256) if b not in _DIGITS)
+_NOT_LETTERS: Final = bytes(b for b in range(256) if b not in _LETTERS)
 # SECURITY: stdlib ``re`` only on bounded slices (a candidate, a context window) and with
 # no nested quantifiers: linear, and never run over a whole untrusted text.
 _DIGIT_RUN: Final = re.compile(rb"[0-9]+")
@@ -123,15 +124,17 @@ _NOT_AFTER_DIGIT = r"^|[^0-9]"
 _NOT_BEFORE_DIGIT = r"$|[^0-9]"
 _NOT_AFTER_ALNUM = r"^|[^0-9A-Za-z]"
 
-_LUHN_DOUBLE: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+# Each ASCII digit -> the ASCII digit of its doubled digit sum (Luhn's doubled positions).
+_LUHN_DOUBLE: Final = bytes.maketrans(b"0123456789", b"0246813579")
 
 
 def luhn_valid(digits: bytes) -> bool:
-    """The Luhn (mod 10) check of ISO/IEC 7812-1 over ASCII digits."""
-    total = 0
-    for position, byte in enumerate(reversed(digits)):
-        value = byte - 48
-        total += _LUHN_DOUBLE[value] if position & 1 else value
+    """The Luhn (mod 10) check of ISO/IEC 7812-1 over ASCII digits.
+
+    Slices and ``translate`` instead of a loop per digit: it runs on every card-shaped
+    candidate, which number-dense text has many of.
+    """
+    total = sum(digits[-1::-2]) + sum(digits[-2::-2].translate(_LUHN_DOUBLE)) - 48 * len(digits)
     return total % 10 == 0
 
 
@@ -224,14 +227,18 @@ def phone_valid(chunk: bytes, keyword: bool = False, *, inner: bool = False) -> 
     is not an international prefix ("... 3704 0044 0532" is no call to +44).
     """
     chunk = chunk.strip()
-    if not 7 <= len(_digits_only(chunk)) <= 15:
-        return False
-    groups = _DIGIT_RUN.findall(chunk)
+    return _phone_ok(chunk, _DIGIT_RUN.findall(chunk), keyword, inner)
+
+
+def _phone_ok(chunk: bytes, groups: list[bytes], keyword: bool, inner: bool) -> bool:
+    """:func:`phone_valid` with the digit runs of ``chunk`` already split out."""
     digits = b"".join(groups)
     count = len(digits)
-    if chunk.startswith(b"+"):
+    if not 7 <= count <= 15:
+        return False
+    if chunk[:1] == b"+":
         return count >= 8 and _international_ok(digits)
-    if chunk.startswith(b"00") and count >= 10 and not inner:
+    if chunk[:2] == b"00" and count >= 10 and not inner:
         return _international_ok(digits[2:])
     sizes = [len(g) for g in groups]
     if _looks_like_date(sizes, groups, chunk):
@@ -259,42 +266,59 @@ def phone_valid(chunk: bytes, keyword: bool = False, *, inner: bool = False) -> 
 
 def _check_phone(data: bytes, start: int, end: int) -> Span | None:
     chunk = data[start:end]
-    if len(_digits_only(chunk)) < 7:
+    if len(chunk.translate(None, _NOT_DIGITS)) < 7:
         return None  # most candidates in prose ("pages 12 - 20"): cheapest test first
     extension = _PH_EXT_RE.search(chunk) if b"x" in chunk or b"#" in chunk else None  # x, ext, extension, #
     body = chunk[:len(chunk) - len(extension.group())] if extension else chunk
-    windows: list[tuple[int, int]] | None = None
+    # Every digit run of the body is one token (a run, or a run in parentheses): the
+    # runs are split out once and every reading below reuses them.
+    tokens = [t.span() for t in _PH_TOKEN.finditer(body)]
+    if not tokens:
+        return None
+    runs = [body[s:e].strip(b"() \t") for s, e in tokens]
+    readings = [(body.strip(), runs, False, start, end)]
+    readings += [(body[s:e].strip(), runs[first:last + 1], s > 0, start + s, start + e)
+                 for s, e, first, last in _phone_windows(tokens, runs)]
     # Layout and country-code evidence first; a nearby keyword ("call", "tel") only
     # admits weaker forms when no strong reading exists.
-    for keyword in (False, True):
-        if keyword and not _has_keyword(_before(data, start), _PHONE_KEYWORDS):
-            break
-        if phone_valid(body, keyword):
-            return start, end
-        if windows is None:
-            windows = _phone_windows(body)
-        for sub_start, sub_end in windows:
-            if phone_valid(body[sub_start:sub_end], keyword, inner=sub_start > 0):
-                return start + sub_start, start + sub_end
+    weak = False
+    for text, groups, inner, begin, stop in readings:
+        # Without a keyword only these shapes can pass (+cc, 00cc, trunk 0, "(", NANP
+        # layouts; see _phone_ok): the rest skip the full test.
+        if text[:1] in (b"+", b"(") or groups[0][:1] == b"0" or tuple(map(len, groups)) in _NANP_LAYOUTS:
+            if _phone_ok(text, groups, False, inner):
+                return begin, stop
+            weak = True
+        elif len(groups) >= 2:
+            weak = True
+    if not weak or not _has_keyword(_before(data, start), _PHONE_KEYWORDS):
+        return None  # a keyword admits only the shapes above or two or more groups
+    for text, groups, inner, begin, stop in readings:
+        if _phone_ok(text, groups, True, inner):
+            return begin, stop
     return None
 
 
-def _phone_windows(body: bytes) -> list[tuple[int, int]]:
+def _phone_windows(tokens: list[tuple[int, int]], runs: list[bytes]) -> list[tuple[int, int, int, int]]:
     """The candidate without its first and/or last digit group, if 7-15 digits remain.
 
     A candidate may have run into one neighbouring number ("Room 12 415-555-0132",
     "415-555-0132 24 hours"); trimming more would find phone-shaped pieces in any long
-    run of digits (an IBAN, an order number).
+    run of digits (an IBAN, an order number). Each window: byte span, first and last token.
     """
-    tokens = [(t.start(), t.end(), len(_digits_only(t.group()))) for t in _PH_TOKEN.finditer(body)]
     count = len(tokens)
-    windows: list[tuple[int, int]] = []
-    for first, last in ((0, count - 2), (1, count - 1), (1, count - 2)):
+    if count < 3:
+        return []  # every window needs two groups and leaves one out
+    total = len(b"".join(runs))
+    head, tail = len(runs[0]), len(runs[-1])
+    windows: list[tuple[int, int, int, int]] = []
+    for first, last, digits in ((0, count - 2, total - tail), (1, count - 1, total - head),
+                                (1, count - 2, total - head - tail)):
         if last - first < 1:
             continue
-        digits = sum(t[2] for t in tokens[first:last + 1])
         if 7 <= digits <= 15:
-            windows.append((0 if first == 0 else tokens[first][0], tokens[last][1]))  # a leading "+" stays
+            # A leading "+" stays.
+            windows.append((0 if first == 0 else tokens[first][0], tokens[last][1], first, last))
     return windows
 
 
@@ -327,29 +351,42 @@ def card_number_ok(digits: bytes, keyword: bool = False) -> bool:
 
     With a card keyword nearby, 12-digit numbers (short Maestro) and other prefixes count.
     """
+    verdict = _card_verdict(digits)
+    return keyword if verdict is None else verdict
+
+
+def _card_verdict(digits: bytes) -> bool | None:
+    """:func:`card_number_ok` without the keyword: None when only a keyword would decide."""
     if not 12 <= len(digits) <= 19 or not luhn_valid(digits):
         return False
     if len(digits) >= 13 and digits[0] in b"123456":
         return True
-    return keyword
+    return None
+
+
+def _card_keyword(data: bytes, start: int) -> bool:
+    return _has_keyword(_before(data, start), _CARD_KEYWORDS)
 
 
 def _check_card(data: bytes, start: int, end: int) -> Span | None:
     chunk = data[start:end]
-    keyword = _has_keyword(_before(data, start), _CARD_KEYWORDS)
-    if card_number_ok(_digits_only(chunk), keyword):
+    digits = chunk.translate(None, _NOT_DIGITS)
+    verdict = _card_verdict(digits)
+    if verdict or (verdict is None and _card_keyword(data, start)):
         return start, end
+    if len(digits) < 14:
+        return None  # a window leaves out one group at least, and needs 13 digits
+    found = [(r.start(), r.end(), r.group()) for r in _DIGIT_RUN.finditer(chunk)]
     # A neighbouring group may have been taken in ("... 0132 4111 1111 1111 1111"): try
     # the windows of whole groups, longest first (at most 5 groups here).
-    runs = [(r.start(), r.end()) for r in _DIGIT_RUN.finditer(chunk)]
     best: Span | None = None
-    for first in range(len(runs)):
-        for last in range(len(runs) - 1, first - 1, -1):
-            window = _digits_only(chunk[runs[first][0]:runs[last][1]])
+    for first in range(len(found)):
+        for last in range(len(found) - 1, first - 1, -1):
+            window = b"".join(run for _, _, run in found[first:last + 1])
             if len(window) < 13:
                 break
-            if card_number_ok(window):
-                span = (start + runs[first][0], start + runs[last][1])
+            if _card_verdict(window):
+                span = (start + found[first][0], start + found[last][1])
                 if best is None or span[1] - span[0] > best[1] - best[0]:
                     best = span
                 break
@@ -361,8 +398,8 @@ def _check_card_spread(data: bytes, start: int, end: int) -> Span | None:
     size = len(groups[0])
     if any(len(g) != size for g in groups[:-1]) or len(groups[-1]) > size:
         return None
-    digits = b"".join(groups)
-    return (start, end) if card_number_ok(digits, _has_keyword(_before(data, start), _CARD_KEYWORDS)) else None
+    verdict = _card_verdict(b"".join(groups))
+    return (start, end) if verdict or (verdict is None and _card_keyword(data, start)) else None
 
 
 # --- SSN ------------------------------------------------------------------------------
@@ -408,27 +445,40 @@ IBAN_LENGTHS: Final[dict[bytes, int]] = {
 }
 
 
+# Letter -> its ISO 7064 value as decimal digits (A = 10 ... Z = 35), for ``str.translate``.
+_IBAN_VALUES: Final = {ord(c): str(int(c, 36)) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"}
+_NOT_ALNUM: Final = bytes(b for b in range(256) if b not in _ALNUM)
+
+
 def iban_valid(compact: bytes) -> bool:
-    """ISO 7064 mod 97-10 over an upper-case IBAN without separators."""
-    rearranged = compact[4:] + compact[:4]
-    number = "".join(str(int(chr(c), 36)) for c in rearranged)
-    return int(number) % 97 == 1
+    """ISO 7064 mod 97-10 over an IBAN without separators (letters of either case)."""
+    if not compact.isalnum() or not compact.isascii():
+        return False
+    rearranged = (compact[4:] + compact[:4]).decode("ascii")
+    return int(rearranged.translate(_IBAN_VALUES)) % 97 == 1
 
 
 def _check_iban(data: bytes, start: int, end: int) -> Span | None:
     expected = IBAN_LENGTHS.get(data[start:start + 2].upper())
     if expected is None:
         return None
-    compact = bytearray()
-    position = start
-    while position < end and len(compact) < expected:
-        byte = data[position]
-        if byte in _ALNUM:
-            compact.append(byte)
-        position += 1
-    if len(compact) != expected or not iban_valid(bytes(compact).upper()):
+    chunk = data[start:end]
+    compact = chunk.translate(None, _NOT_ALNUM)
+    if len(compact) < expected:
         return None
-    return start, position
+    # The span ends at the byte that completes the country's length.
+    stop = end
+    if len(compact) > expected or chunk[-1] not in _ALNUM:
+        seen = 0
+        for offset, byte in enumerate(chunk):
+            if byte in _ALNUM:
+                seen += 1
+                if seen == expected:
+                    stop = start + offset + 1
+                    break
+    if not iban_valid(compact[:expected]):
+        return None
+    return start, stop
 
 
 # --- IP -------------------------------------------------------------------------------
@@ -513,7 +563,7 @@ def _check_prefixed_secret(data: bytes, start: int, end: int) -> Span | None:
         body = chunk[3:]
         # Precision: "sk-learn-compatible-estimators" is prose; a key is random, so it has
         # letters and digits.
-        if not any(b in _DIGITS for b in body) or not any(b in _LETTERS for b in body):
+        if len(body.translate(None, _NOT_DIGITS)) == 0 or len(body.translate(None, _NOT_LETTERS)) == 0:
             return None
     return start, end
 

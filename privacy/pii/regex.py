@@ -13,8 +13,9 @@ Cloudflare's 2019 outage). Two rules keep the *whole* scan linear, not only each
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
@@ -55,7 +56,7 @@ class Found:
 class Pattern:
     """One compiled RE2 pattern, searched over bytes."""
 
-    __slots__ = ("_anchor", "_regexp", "program_size", "source")
+    __slots__ = ("_anchor", "_regexp", "program_size", "source", "spans")
 
     def __init__(self, source: str) -> None:
         try:
@@ -68,6 +69,12 @@ class Pattern:
         self.program_size: int = compiled.programsize
         self._regexp = compiled._regexp  # the RE2 object itself: Match(anchor, bytes, pos, endpos)
         self._anchor = re2._Anchor.UNANCHORED
+        # The hot path of a scan: ``spans(data, pos, endpos)`` is RE2's own call, the raw
+        # spans of the leftmost match at or after ``pos`` (whole match, then each group;
+        # ``(-1, -1)`` when unset or no match), with no Python frame or object per match: on
+        # a short candidate those cost more than RE2's search itself.
+        self.spans: Callable[[bytes, int, int], list[tuple[int, int]]] = partial(self._regexp.Match, self._anchor)
+
 
     def search(self, data: bytes, pos: int = 0) -> Found | None:
         """Leftmost-first match starting at or after ``pos`` (context before ``pos`` still counts)."""

@@ -203,3 +203,16 @@ confident, so output-drift checks calibrated on that section will flag this mode
 A small demonstration model. It is not a medical device, is not robust to adversarial
 perturbations, and says nothing useful about inputs outside the training distribution.
 """
+
+
+def render_version_section(r: TrainingRecord, version: str) -> str:
+    """The card of a DP model served as one more version of an existing model.
+
+    Same text and numbers as :func:`render_card` (one renderer, so the section cannot
+    drift from a standalone card), with every heading one level down under a title that
+    names the version: it is appended to the served model's ``MODEL_CARD.md``.
+    """
+    lines = render_card(r).splitlines()
+    title = f"## Version {version}: {r.model}, differentially private (DP-SGD)"
+    body = ["#" + line if line.startswith("#") else line for line in lines[1:]]
+    return "\n".join([title, *body]) + "\n"

@@ -103,7 +103,8 @@ class Victim:
             model="risk", principal=Principal(subject="mallory", tenant="alpha", roles=frozenset({"predictor"}),
                                               issuer="test", credential_id="c"),
         )
-        req = InferRequest(model="risk", version="", inputs=[Tensor("features", "FP32", x.shape, x)])
+        # Version 1, the non-private model the shipped flags serve (the DP-SGD version 2 would only help).
+        req = InferRequest(model="risk", version="1", inputs=[Tensor("features", "FP32", x.shape, x)])
         ok = False
         try:
             req = await self.stage.on_request(ctx, req)
@@ -146,7 +147,7 @@ async def true_scores(upstream: EmbeddedUpstream, features: npt.NDArray[Any]) ->
     out = []
     for start in range(0, features.shape[0], 64):
         x = np.ascontiguousarray(features[start:start + 64], dtype=np.float32)
-        resp = await upstream.infer(InferRequest("risk", "", [Tensor("features", "FP32", x.shape, x)]), timeout_s=10)
+        resp = await upstream.infer(InferRequest("risk", "1", [Tensor("features", "FP32", x.shape, x)]), timeout_s=10)
         out.append(np.asarray(resp.outputs[0].data, dtype=np.float64).reshape(-1))
     return np.concatenate(out)
 

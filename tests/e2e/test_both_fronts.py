@@ -548,7 +548,9 @@ def test_infer_digits_matches_onnxruntime(front: FrontClient, http: FrontClient,
     call = Infer("digits", (("pixels", x, "FP32"),), outputs=("probabilities",), request_id="e2e-digits")
     outputs, response_id = front.infer(call, tokens["analyst"])
     front_id = front.last_request_id
-    session = ort.InferenceSession(str(TRITON_REPO / "digits" / "1" / "model.onnx"),
+    # No flags.json in this policy set: an unversioned call gets the upstream's highest version,
+    # 2 (DP-SGD), as from Triton; the shipped flags would route it to 1.
+    session = ort.InferenceSession(str(TRITON_REPO / "digits" / "2" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     (want,) = session.run(["probabilities"], {"pixels": x})
     assert set(outputs) == {"probabilities"}

@@ -239,28 +239,39 @@ class TestKillSwitches:
         raw = doc({"stage.sanitize.enabled": kill_switch(False), "stage.adversarial.enabled": kill_switch(True),
                    "digits-version": route_flag()})
         flags = build_flags_stage(raw, policy(), FlagsRuntime())
-        assert flags.kill_switched("sanitize") is True
-        assert flags.kill_switched("adversarial") is False
-        assert flags.kill_switched("rate_limit") is False  # no switch in the policy
-        assert flags.kill_switched("authn") is False
+        assert await flags.kill_switched("sanitize") is True
+        assert await flags.kill_switched("adversarial") is False
+        assert await flags.kill_switched("rate_limit") is False  # no switch in the policy
+        assert await flags.kill_switched("authn") is False
+        ctx = context()
+        await flags.on_call(ctx)
         names = ("authn", "sanitize", "adversarial", "rate_limit")
-        assert flags.kill_switched_stages(names) == frozenset({"sanitize"})
+        assert flags.kill_switched_stages(ctx, names) == frozenset({"sanitize"})
+        assert flags.kill_switched_stages(context(), names) == frozenset()  # not decided for that call
 
     @pytest.mark.parametrize("behaviour", ["raise", "crash", "error_code"])
-    def test_provider_failure_keeps_the_stage_on(self, behaviour: str) -> None:
+    async def test_provider_failure_keeps_the_stage_on(self, behaviour: str) -> None:
         raw = doc({"stage.sanitize.enabled": kill_switch(False)})
         flags = build_flags_stage(raw, policy(), FlagsRuntime(), provider=_Provider(behaviour))
-        assert flags.kill_switched("sanitize") is False
+        assert await flags.kill_switched("sanitize") is False
 
-    def test_a_remote_provider_cannot_switch_a_protected_stage_off(self) -> None:
+    async def test_a_remote_provider_cannot_switch_a_protected_stage_off(self) -> None:
         """Defence in depth: even a switch that got into the table is checked against the profile."""
         flags = build_flags_stage(doc({"stage.sanitize.enabled": kill_switch()}), policy(), FlagsRuntime(),
                                   provider=_Provider("off"))
         forged = FeatureFlags(provider=flags.provider, routes={}, route_only=frozenset(),
                               kill_switches={"pii_mask": "stage.sanitize.enabled"}, profile="production",
-                              runtime=flags.runtime, revision="r", generation=0)
-        assert forged.kill_switched("pii_mask") is False
-        assert flags.kill_switched("sanitize") is True
+                              runtime=flags.runtime, revision="r", generation=0,
+                              may_switch_off=frozenset({"pii_mask"}))
+        assert await forged.kill_switched("pii_mask") is False
+        assert await flags.kill_switched("sanitize") is True
+
+    async def test_a_switch_without_an_off_variant_cannot_be_turned_off(self) -> None:
+        """A remote provider answering ``false`` for a switch the file only lets be ``true``."""
+        only_on = {"state": "ENABLED", "variants": {"on": True}, "defaultVariant": "on"}
+        flags = build_flags_stage(doc({"stage.sanitize.enabled": only_on}), policy(), FlagsRuntime(),
+                                  provider=_Provider("off"))
+        assert await flags.kill_switched("sanitize") is False
 
 
 D1 = {"model": "digits", "version": "1"}

@@ -93,7 +93,8 @@ def test_same_refusal_of_non_utf8_text(gateways: dict[str, GatewayProcess]) -> N
     ("model", "version", "shape", "status"),
     [
         ("digits", "", (1, 63), "422"),  # wrong shape: refused by the gateway, not the upstream
-        ("digits", "2", (1, 64), "404"),  # absent version
+        ("digits", "3", (1, 64), "404"),  # absent version
+        ("digits", "2", (1, 64), "404"),  # the canary's version, named without a canary assignment
         ("nope", "", (1, 64), "404"),  # unknown model
     ],
 )

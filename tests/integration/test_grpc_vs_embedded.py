@@ -117,7 +117,8 @@ async def test_same_readiness(pair: Pair) -> None:
     for model, version, ready in [
         ("digits", "", True),
         ("digits", "1", True),
-        ("digits", "2", False),
+        ("digits", "2", True),  # the DP-SGD version
+        ("digits", "3", False),
         ("nope", "", False),
     ]:
         for upstream in pair:
@@ -185,11 +186,11 @@ async def test_same_not_found(pair: Pair, model: str) -> None:
     unknown_model.model = "no_such_model"
     assert await error_classes(pair, unknown_model) == (NotFound, NotFound)
     unknown_version = valid_request(meta, 0)
-    unknown_version.version = "2"
+    unknown_version.version = "3"  # digits and risk serve 1 and 2 (DP-SGD), text_echo 1
     assert await error_classes(pair, unknown_version) == (NotFound, NotFound)
     for upstream in pair:
         with pytest.raises(NotFound):
-            await upstream.model_metadata(model, "2", timeout_s=TIMEOUT_S)
+            await upstream.model_metadata(model, "3", timeout_s=TIMEOUT_S)
 
 
 def _reshaped(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:

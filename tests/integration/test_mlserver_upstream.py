@@ -40,9 +40,15 @@ def _kserve_type(data_type: int) -> str:
     return "BYTES" if name == "STRING" else name
 
 
-def _local(repo: Path, model: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
-    """What onnxruntime itself computes from the same model file."""
-    session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+# version_policy all for the models with a DP-SGD version 2; MLServer serves one model per version.
+SERVED_VERSIONS = {"digits": ["1", "2"], "risk": ["1", "2"], "text_echo": ["1"]}
+
+
+def _local(repo: Path, model: str, feeds: dict[str, np.ndarray], output: str, version: str | None = None) -> np.ndarray:
+    """What onnxruntime itself computes from the same model file (default: the highest version,
+    which is what a request without a version gets, as in Triton)."""
+    version = version or SERVED_VERSIONS[model][-1]
+    session = ort.InferenceSession(str(repo / model / version / "model.onnx"), providers=["CPUExecutionProvider"])
     return np.asarray(session.run([output], feeds)[0])
 
 
@@ -89,7 +95,7 @@ def test_metadata_matches_config(
 
     metadata = client.get_model_metadata(model)
     assert metadata.name == model
-    assert list(metadata.versions) == ["1"]
+    assert list(metadata.versions) == SERVED_VERSIONS[model]
     assert metadata.platform == "onnxruntime_onnx"
     assert served(metadata.inputs) == expected(config.input)
     assert served(metadata.outputs) == expected(config.output)
@@ -114,7 +120,7 @@ def test_fp32_infer_matches_local_onnxruntime(
     assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
     response = result.get_response()
     assert response.id == f"req-{model}"
-    assert response.model_version == "1"
+    assert response.model_version == SERVED_VERSIONS[model][-1]  # no version: the highest, as in Triton
 
 
 def test_text_echo_bytes_round_trip(client: grpcclient.InferenceServerClient, triton_repo: Path) -> None:
@@ -159,12 +165,18 @@ def test_unknown_model_is_not_found(client: grpcclient.InferenceServerClient, tr
 
 
 def test_model_versions_are_honoured(client: grpcclient.InferenceServerClient, triton_repo: Path) -> None:
-    x = np.zeros((1, 64), dtype=np.float32)
-    result = client.infer("digits", [_fp32_input(triton_repo, "digits", x)], model_version="1")
-    assert result.get_response().model_version == "1"
-    assert client.is_model_ready("digits", "1")
+    x = (np.random.default_rng(3).random((2, 64)) * 16).astype(np.float32)
+    outputs = {}
+    for version in ("1", "2"):  # 2 = the DP-SGD model
+        result = client.infer("digits", [_fp32_input(triton_repo, "digits", x)], model_version=version)
+        assert result.get_response().model_version == version
+        assert client.is_model_ready("digits", version)
+        outputs[version] = result.as_numpy("probabilities")
+        want = _local(triton_repo, "digits", {"pixels": x}, "probabilities", version)
+        assert np.allclose(outputs[version], want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(outputs["1"], outputs["2"], atol=1e-3)
     with pytest.raises(InferenceServerException) as exc:
-        client.infer("digits", [_fp32_input(triton_repo, "digits", x)], model_version="2")
+        client.infer("digits", [_fp32_input(triton_repo, "digits", x)], model_version="3")
     assert _status(exc) == str(grpc.StatusCode.NOT_FOUND)
 
 

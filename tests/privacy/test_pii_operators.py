@@ -97,6 +97,13 @@ class TestAesGcmTokenizer:
         with pytest.raises(ValueError, match="does not authenticate"):
             AesGcmTokenizer(KEY_A).reveal(flipped)
 
+    def test_token_bound_to_its_tenant(self) -> None:
+        token = AesGcmTokenizer(KEY_A).for_tenant("acme").apply("EMAIL", "john.doe@example.com")
+        assert AesGcmTokenizer(KEY_A).for_tenant("acme").reveal(token) == ("EMAIL", "john.doe@example.com")
+        for other in ("globex", "", "acme\x01"):
+            with pytest.raises(ValueError, match="does not authenticate"):
+                AesGcmTokenizer(KEY_A).for_tenant(other).reveal(token)
+
     def test_random_nonce_unlinkable(self) -> None:
         op = AesGcmTokenizer(KEY_A)
         assert op.apply("SSN", "078-05-1120") != op.apply("SSN", "078-05-1120")

@@ -195,7 +195,8 @@ class TestRoles:
         masked = await stage.on_response(ctx("admin"), response(text_tensor("O", PII_01)))
         text = decoded(masked.outputs[0])[0]
         assert "[EMAIL:tok:" in text and "[SSN:" in text and "[PHONE]" in text
-        assert stage.unmask(text).startswith("Contact john.doe@example.com, [PHONE], SSN [SSN:")
+        assert stage.unmask(text, tenant="alpha").startswith("Contact john.doe@example.com, [PHONE], SSN [SSN:")
+        assert stage.unmask(text, tenant="beta") == text  # SECURITY: bound to the tenant it was minted for
 
     async def test_other_roles_get_the_defaults(self, stage: PiiMasker) -> None:
         masked = await stage.on_response(ctx("predictor"), response(text_tensor("O", PII_01)))
@@ -214,7 +215,7 @@ class TestRoles:
     def test_unmask_without_token_key_unavailable(self) -> None:
         plain = build_pii_stage(policy(), hmac_key=b"", token_key=b"")
         with pytest.raises(DependencyUnavailable):
-            plain.unmask("x")
+            plain.unmask("x", tenant="alpha")
 
 
 class TestPolicy:

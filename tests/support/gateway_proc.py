@@ -75,14 +75,17 @@ def start_gateway(
     policies: Path | None = None,
     extra: list[str] | None = None,
     timeout_s: float = 60.0,
+    module: str = "gateway",
+    env: dict[str, str] | None = None,
 ) -> GatewayProcess:
+    """``module``: a test launcher wrapping ``gateway`` (e.g. one with a simulated clock)."""
     port = free_port()
     state, audit = workdir / "state", workdir / "audit"
     log_path = workdir / "gateway.log"
     cmd = [
         sys.executable,
         "-m",
-        "gateway",
+        module,
         "serve",
         "--dev",
         "--listen",
@@ -99,7 +102,7 @@ def start_gateway(
     ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         )
     gw = GatewayProcess(proc, port, state, audit, log_path)
     deadline = time.monotonic() + timeout_s

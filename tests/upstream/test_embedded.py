@@ -168,9 +168,9 @@ def digits_request(rows: Any, **kw: Any) -> InferRequest:
     return InferRequest(model="digits", version=kw.pop("version", ""), inputs=[fp32("pixels", rows)], **kw)
 
 
-def direct_session(model: str) -> Any:
+def direct_session(model: str, version: str = "1") -> Any:
     return ort.InferenceSession(
-        str(TRITON_REPO / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(TRITON_REPO / model / version / "model.onnx"), providers=["CPUExecutionProvider"]
     )
 
 
@@ -186,7 +186,7 @@ async def test_metadata_and_health(real: EmbeddedUpstream) -> None:
     assert server.extensions == ()
     digits = await real.model_metadata("digits", "", timeout_s=1)
     assert digits == await real.model_metadata("digits", "1", timeout_s=1)
-    assert digits.versions == ("1",)
+    assert digits.versions == ("1", "2")  # 2 = the DP-SGD model
     assert digits.platform == "onnxruntime_onnx"
     assert digits.inputs == (TensorSpec("pixels", "FP32", (-1, 64)),)
     assert digits.outputs == (TensorSpec("probabilities", "FP32", (-1, 10)),)
@@ -196,7 +196,8 @@ async def test_metadata_and_health(real: EmbeddedUpstream) -> None:
     assert [s.datatype for s in echo.inputs + echo.outputs] == ["BYTES", "BYTES"]
     assert await real.model_ready("digits", "", timeout_s=1)
     assert await real.model_ready("digits", "1", timeout_s=1)
-    assert not await real.model_ready("digits", "2", timeout_s=1)
+    assert await real.model_ready("digits", "2", timeout_s=1)
+    assert not await real.model_ready("digits", "3", timeout_s=1)
     assert not await real.model_ready("nope", "", timeout_s=1)
 
 
@@ -204,12 +205,13 @@ async def test_digits_matches_onnxruntime(real: EmbeddedUpstream) -> None:
     rows = np.random.default_rng(1).random((5, 64), dtype=np.float32) * 16
     response = await real.infer(digits_request(rows, id="req-7"), timeout_s=5)
     assert isinstance(response, InferResponse)
-    assert (response.model_name, response.model_version, response.id) == ("digits", "1", "req-7")
+    # No version: the highest served one, as in Triton (the DP-SGD version 2).
+    assert (response.model_name, response.model_version, response.id) == ("digits", "2", "req-7")
     [out] = response.outputs
     assert (out.name, out.datatype, out.shape) == ("probabilities", "FP32", (5, 10))
     assert out.data.dtype == np.float32 and out.data.shape == (5, 10)
     assert out.data.flags.writeable
-    expected = direct_session("digits").run(["probabilities"], {"pixels": rows})[0]
+    expected = direct_session("digits", "2").run(["probabilities"], {"pixels": rows})[0]
     np.testing.assert_allclose(out.data, expected, rtol=1e-6)
     np.testing.assert_allclose(out.data.sum(axis=1), 1.0, rtol=1e-5)
 
@@ -263,7 +265,7 @@ def test_onnxruntime_python_api_is_not_byte_transparent() -> None:
 
 async def test_unknown_model_and_version_look_the_same(real: EmbeddedUpstream) -> None:
     errors = []
-    for model, version in [("nope", ""), ("digits", "2"), ("digits", "01"), ("text_echo", "999")]:
+    for model, version in [("nope", ""), ("digits", "3"), ("digits", "01"), ("text_echo", "999")]:
         with pytest.raises(NotFound) as info:
             await real.infer(InferRequest(model, version, [fp32("pixels", np.zeros((1, 64)))]), timeout_s=1)
         errors.append(info.value)
@@ -315,7 +317,7 @@ async def test_concurrent_requests(real: EmbeddedUpstream) -> None:
     responses = await asyncio.gather(
         *(real.infer(digits_request(b, id=str(i)), timeout_s=30) for i, b in enumerate(batches))
     )
-    session = direct_session("digits")
+    session = direct_session("digits", "2")  # unversioned = the highest version
     for i, (batch, response) in enumerate(zip(batches, responses, strict=True)):
         assert response.id == str(i)
         np.testing.assert_allclose(

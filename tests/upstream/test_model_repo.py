@@ -75,7 +75,8 @@ def test_real_repository_metadata() -> None:
     assert digits.metadata.max_batch_size == 64
     assert digits.metadata.inputs == (TensorSpec("pixels", "FP32", (-1, 64)),)
     assert digits.metadata.outputs == (TensorSpec("probabilities", "FP32", (-1, 10)),)
-    assert digits.metadata.versions == ("1",)
+    assert digits.metadata.versions == ("1", "2")  # 2 = the DP-SGD model, version_policy all
+    assert digits.latest_version == "2"
     text = repo.get("text_echo")
     assert text is not None
     assert text.metadata.max_batch_size == 0

@@ -445,6 +445,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             model=route.model,
             version=route.version,
             traceparent=traceparent_for(_first(metadata, "traceparent")),
+            traceparent_in=_first(metadata, "traceparent"),
         )
         try:
             ctx.bearer = bearer_from_metadata(metadata)

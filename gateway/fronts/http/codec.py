@@ -475,6 +475,12 @@ def _check_count(spec: _InputSpec, provided: int, limits: CodecLimits, mismatch:
     if provided != spec.count:
         raise mismatch(f"{spec.label}: data has a different number of elements than the shape",
                        reason="input_wrong_shape")
+    # SECURITY: an empty tensor ([0, 10**30]) matches zero elements, but numpy cannot even
+    # describe it (ValueError from reshape/empty: a 500). Its other dimensions are held to
+    # the element limit too (found by security_tests/fuzz).
+    if not provided and math.prod(dim for dim in spec.shape if dim) > limits.max_elements_per_tensor:
+        raise mismatch(f"{spec.label}: shape dimensions larger than the element limit",
+                       reason="input_wrong_shape")
 
 
 def _json_tensor(spec: _InputSpec, limits: CodecLimits) -> NDArray:

@@ -36,11 +36,15 @@ _FIXED: dict[str, Route] = {
     "/healthz": Route("live", "/healthz", Action.SERVER, False),
     "/readyz": Route("ready", "/readyz", Action.SERVER, False),
     "/metrics": Route("metrics", "/metrics", Action.SERVER, False),
+    # The OpenAPI document (gateway/fronts/http/openapi.py): static, no policy or tenant data.
+    "/openapi.json": Route("openapi", "/openapi.json", Action.SERVER, False),
     "/v2": Route("server", "/v2", Action.SERVER, True),
     "/v2/privacy/budget": Route("privacy_budget", "/v2/privacy/budget", Action.SERVER, True),
+    "/v2/policy": Route("policy", "/v2/policy", Action.SERVER, True),
+    "/v2/pii/unmask": Route("pii_unmask", "/v2/pii/unmask", Action.SERVER, True),
 }
 
-_METHODS = {"infer": "POST"}
+_METHODS = {"infer": "POST", "pii_unmask": "POST"}
 
 
 def resolve(method: str, raw_path: str) -> Route:
@@ -81,4 +85,7 @@ def _model_route(segments: list[str]) -> Route | None:
         return Route("model_ready", template + "/ready", Action.METADATA, True, model, version)
     if rest == ["infer"]:
         return Route("infer", template + "/infer", Action.INFER, True, model, version)
+    if rest == ["drift"] and not version:
+        # Drift statistics: the model must be visible (metadata), plus drift:read in the service.
+        return Route("model_drift", template + "/drift", Action.METADATA, True, model, version)
     return None

@@ -31,7 +31,11 @@ from gateway.errors import (
 from gateway.fronts.client_addr import client_address
 from gateway.fronts.http.body import check_content_type, read_body
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
+from gateway.fronts.http.openapi import openapi_bytes
+from gateway.fronts.http.protocol import check_framing
 from gateway.fronts.http.routes import Route, resolve
+from gateway.pii_unmask import MAX_BODY_BYTES as UNMASK_MAX_BYTES
+from gateway.pii_unmask import unmask as pii_unmask
 from gateway.policy.store import Snapshot
 from gateway.service import InferenceService
 from gateway.stages.dp_noise import HEADER_REMAINING, NOTE_REMAINING
@@ -84,7 +88,8 @@ def _bearer(request: web.Request) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise AuthenticationFailed("more than one Authorization header", reason="authn_malformed_header")
+        # Two credentials is a malformed request (RFC 9110 §5.3: Authorization is a singleton).
+        raise MalformedRequest("more than one Authorization header", reason="authn_malformed_header")
     scheme, _, token = values[0].partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationFailed("expected a Bearer token", reason="authn_malformed_header")
@@ -102,26 +107,71 @@ class HttpFront:
         request_id = new_request_id(request.headers.get("X-Request-ID"))
         structlog.contextvars.bind_contextvars(request_id=request_id)
         route_label = "unmatched"
+        route: Route | None = None
+        answered: float | None = None
+        response: web.StreamResponse
         self.metrics.in_flight.inc()
         try:
             try:
+                check_framing(request)
                 route = resolve(request.method, request.raw_path)
             except GatewayError as exc:
-                return await self._refuse_early(request, exc, request_id, route_label)
-            route_label = route.template
-            if not route.authenticated:
-                return await self._open_route(route, request_id)
-            return await self._authenticated(request, route, request_id)
+                response = await self._refuse_early(request, exc, request_id, route_label)
+            else:
+                route_label = route.template
+                if not route.authenticated:
+                    response = await self._open_route(route, request_id)
+                else:
+                    response = await self._authenticated(request, route, request_id)
+            answered = time.perf_counter()
+            await self._deliver(request, response, route_label, request_id,
+                                audited=route is not None and route.authenticated)
+            return response
         finally:
             self.metrics.in_flight.dec()
-            elapsed = time.perf_counter() - started
+            elapsed = (answered or time.perf_counter()) - started
             self.metrics.request_duration.labels(route=route_label).observe(elapsed)
             structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _deliver(self, request: web.Request, response: web.StreamResponse, route_label: str,
+                       request_id: str, *, audited: bool) -> None:
+        """Write the response here, not in aiohttp, so a client that stops reading is cut off.
+
+        aiohttp waits for the transport to drain without a deadline: a client that never
+        reads would hold the connection, the handler and the response body for ever.
+        """
+        timeout_s = float(self.service.pin().policy.gateway.limits.write_timeout_s)
+        try:
+            # SECURITY: slow readers get write_timeout_s for the whole response, then the
+            # connection is dropped (the response is already audited as answered).
+            async with asyncio.timeout(timeout_s):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+            await self._not_delivered(route_label, request_id, "write_timeout", audited=audited)
+        except ConnectionError:
+            await self._not_delivered(route_label, request_id, "client_gone", audited=audited)
+
+    async def _not_delivered(self, route_label: str, request_id: str, reason: str, *, audited: bool) -> None:
+        self.metrics.response_write_aborts.labels(route=route_label, reason=reason).inc()
+        log.warning("response_not_delivered", route=route_label, reason=reason)
+        if not audited:
+            return  # unauthenticated calls: the metric and the log line, no audit fsync to amplify
+        try:
+            await self.service.audit_log.append({"event": "response_not_delivered", "request_id": request_id,
+                                                 "route": route_label, "reason": reason})
+        except GatewayError as exc:
+            self.metrics.audit_failures.inc()
+            log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
 
     async def _open_route(self, route: Route, request_id: str) -> web.StreamResponse:
         if route.kind == "metrics":
             response = web.Response(body=self.metrics.render(),
                                     headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        elif route.kind == "openapi":
+            response = web.Response(body=openapi_bytes(), content_type=_JSON, headers={"X-Request-ID": request_id})
         elif route.kind == "live":
             response = _json_response(200, {"live": True}, request_id)
         else:
@@ -142,6 +192,7 @@ class HttpFront:
             model=route.model,
             version=route.version,
             traceparent=traceparent_for(request.headers.get("traceparent")),
+            traceparent_in=request.headers.get("traceparent"),
         )
         try:
             ctx.bearer = _bearer(request)
@@ -171,6 +222,15 @@ class HttpFront:
         if route.kind == "privacy_budget":
             tenant = request.query.get("tenant")
             return _json_response(200, await self.service.privacy_budget(ctx, snap, tenant), rid)
+        if route.kind == "policy":
+            return _json_response(200, self.service.policy_status(ctx, snap), rid)
+        if route.kind == "pii_unmask":
+            cap = min(snap.policy.gateway.limits.max_body_bytes, UNMASK_MAX_BYTES)
+            answer = await pii_unmask(ctx, snap, lambda: check_content_type(request),
+                                      lambda: read_body(request, max_bytes=cap))
+            return _json_response(200, answer, rid)
+        if route.kind == "model_drift":
+            return _json_response(200, self.service.model_drift(ctx, snap), rid)
         if route.kind == "model_ready":
             ready = await self.service.model_ready(ctx, snap)
             return _json_response(200 if ready else 400, {"ready": ready}, rid)

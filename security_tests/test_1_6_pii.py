@@ -1,0 +1,152 @@
+"""CATALOGUE §1.6 PII leakage: masking both ways, Unicode evasion, side channels, masker failure.
+
+The canaries (§0.6 I3) are checked by the invariants in every log line, audit record,
+response, /metrics scrape and upstream request; here each case asserts its own rule too.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+
+from security_tests.conftest import Tokens, internal_fault
+from security_tests.support.world import Client, World, text_body
+from tests.support.fake_triton import echo, ok
+
+PII_01 = "Contact john.doe@example.com, 415-555-0132, SSN 078-05-1120, card 4111 1111 1111 1111"
+FORBIDDEN = ("john.doe", "078-05-1120", "4111 1111 1111 1111", "4111111111111111", "415-555-0132", "example.com")
+
+
+def upstream_texts(world: World) -> list[str]:
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    out: list[str] = []
+    for req in world.fake.requests:
+        for raw in req.raw_input_contents:
+            out += [bytes(v).decode("utf-8", "replace") for v in deserialize_bytes_tensor(bytes(raw))]
+    return out
+
+
+def assert_masked(texts: list[str]) -> None:
+    for text in texts:
+        folded = text.replace("\u200b", "").replace("\u200d", "").replace("\u00ad", "")
+        for needle in FORBIDDEN:
+            assert needle not in folded, (needle, text)
+
+
+async def test_pii_01_masked_both_ways(gw: Client, world: World, tokens: Tokens) -> None:
+    world.fake.set(echo())
+    r = await gw.infer("txt_echo", text_body(PII_01), token=tokens.u1())
+    assert r.status == 200
+    sent = upstream_texts(world)
+    assert sent and "[EMAIL]" in sent[0] and "[SSN]" in sent[0]
+    assert_masked(sent)
+    assert_masked(r.json()["outputs"][0]["data"])
+    rec = world.audit_for(r)[0]
+    assert "pii" in rec["notes"] and not any(n in json.dumps(rec) for n in FORBIDDEN)
+
+
+@pytest.mark.parametrize("text", [
+    "john\u200b.doe@exa\u200dmple.com", "john\u00ad.doe@example.com", "john.doe\uff20example.com",
+    "\u0458ohn.doe@example.com", "\u0660\u0667\u0668-\u0660\u0665-\u0661\u0661\u0662\u0660",
+    "\uff10\uff17\uff18-\uff10\uff15-\uff11\uff11\uff12\uff10", "4\u0300111 1111 1111 1111",
+], ids=["zwsp", "soft_hyphen", "fullwidth_at", "cyrillic_j", "arabic_digits", "fullwidth_digits", "combining"])
+async def test_pii_02_unicode_evasion(gw: Client, world: World, tokens: Tokens, text: str) -> None:
+    world.fake.set(echo())
+    r = await gw.infer("txt_echo", text_body(f"reach {text} now"), token=tokens.u1())
+    assert r.status in (200, 422)
+    sent = upstream_texts(world)
+    if r.status == 200:
+        import unicodedata
+
+        for t in sent + r.json()["outputs"][0]["data"]:
+            folded = unicodedata.normalize("NFKC", t)
+            assert "doe@example" not in folded.replace("\u0458", "j") and "078-05-1120" not in folded
+            assert "4111 1111 1111 1111" not in unicodedata.normalize("NFKD", folded).replace("\u0300", "")
+            assert "\u0667\u0668-" not in t
+
+
+@pytest.mark.parametrize("text", ["john.doe%40example.com", "john.doe&#64;example.com"])
+async def test_pii_03_encodings(gw: Client, world: World, tokens: Tokens, text: str) -> None:
+    world.fake.set(echo())
+    r = await gw.infer("txt_echo", text_body(f"mail {text}"), token=tokens.u1())
+    assert r.status == 200
+    for t in upstream_texts(world) + r.json()["outputs"][0]["data"]:
+        assert "john.doe" not in t
+
+
+async def test_pii_04_outside_tensors(gw: Client, world: World, tokens: Tokens) -> None:
+    body: dict[str, Any] = {**text_body("hello"), "id": "john.doe@example.com",
+                            "parameters": {"note": "SSN 078-05-1120"}}
+    r = await gw.request("POST", "/v2/models/txt_echo/infer?who=john.doe@example.com", json_body=body,
+                         token=tokens.u1(), headers={"User-Agent": "john.doe@example.com"})
+    assert r.status in (200, 400)
+    for req in world.fake.requests:
+        assert "john.doe" not in req.id and "078-05-1120" not in str(req.parameters)
+    # The canaries in logs/audit/metrics are checked by the invariants (I3).
+
+
+async def test_pii_05_model_produced_pii(gw: Client, world: World, tokens: Tokens) -> None:
+    world.fake.set(ok(lambda _inputs: {"text": np.array([b"reach me at jane@corp.example"], dtype=np.object_)}))
+    r = await gw.infer("txt_echo", text_body("hello"), token=tokens.u1())
+    assert r.status == 200
+    out = r.json()["outputs"][0]["data"]
+    assert all("jane@corp.example" not in t for t in out)
+
+
+async def test_pii_06_error_paths(gw: Client, world: World, tokens: Tokens) -> None:
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "FP99", "data": [PII_01]}]}
+    r = await gw.infer("txt_echo", body, token=tokens.u1())
+    assert r.status in (400, 422)
+    assert not any(n.encode() in r.body for n in FORBIDDEN)
+    raw = await gw.raw(b"POST /v2/models/txt_echo/infer HTTP/1.1\r\nHost: gw\r\nX-Bad: "
+                       + b"john.doe@example.com 078-05-1120 " * 400 + b"\r\n\r\n")
+    assert b"john.doe" not in raw and b"078-05" not in raw
+
+
+async def test_pii_07_binary_bytes_tensor(gw: Client, world: World, tokens: Tokens) -> None:
+    world.fake.set(echo())
+    value = PII_01.encode()
+    payload = struct.pack("<I", len(value)) + value
+    head = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(payload)}}]})
+    r = await gw.request("POST", "/v2/models/txt_echo/infer", data=head.encode() + payload, token=tokens.u1(),
+                         headers={"Content-Type": "application/octet-stream",
+                                  "Inference-Header-Content-Length": str(len(head))})
+    assert r.status == 200
+    sent = upstream_texts(world)
+    assert sent and "[EMAIL]" in sent[0]
+    assert_masked(sent)
+
+
+@pytest.mark.parametrize("text", ["a" * 61440 + "@", "1-" * 30720], ids=["a_at", "dash_digits"])
+async def test_pii_08_masker_linear(gw: Client, world: World, tokens: Tokens, text: str) -> None:
+    world.fake.set(echo())
+    r = await gw.infer("txt_echo", text_body(text), token=tokens.u1())
+    assert r.status in (200, 413, 422)  # answered at all: no catastrophic backtracking hang
+
+
+async def test_pii_09_masker_failure_fails_closed(gw: Client, world: World, tokens: Tokens,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.stages.pii_mask import PiiMasker
+
+    def boom(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("masker fault flag")
+
+    assert world.service is not None
+    stage = next(b.stage for b in world.service.store.current.pipeline.stages if isinstance(b.stage, PiiMasker))
+    for name in ("on_request", "on_call_request", "before"):
+        if hasattr(type(stage), name):
+            monkeypatch.setattr(type(stage), name, boom)
+            break
+    else:
+        pytest.fail("masker hook not found")
+    internal_fault(world.ledger)
+    r = await gw.infer("txt_echo", text_body(PII_01), token=tokens.u1())
+    assert r.status in (500, 503)
+    assert world.upstream_calls() == 0
+    assert not any(n.encode() in r.body for n in FORBIDDEN)

@@ -1,0 +1,115 @@
+"""``POST /v2/pii/unmask`` over HTTP: the way back from reversible tokens, for pii:unmask only."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from gateway.settings import Settings
+
+from .conftest import Client
+from .test_http_front import audit_records, audit_text
+
+EMAIL = "john.doe@example.com"
+SSN = "078-05-1120"
+SENT = f"Contact {EMAIL}, SSN {SSN}."
+TOKEN = re.compile(r"\[[A-Z]+:tok:[a-p]+\]")
+UNMASK = "/v2/pii/unmask"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def echo_body(*texts: str) -> dict[str, Any]:
+    return {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": list(texts)}]}
+
+
+async def tokenized(client: Client, headers: dict[str, str]) -> str:
+    """What an admin (tokenize operators in the shipped pii.yaml) gets back from text_echo."""
+    resp = await client.post("/v2/models/text_echo/infer", json=echo_body(SENT), headers=headers)
+    assert resp.status == 200, await resp.text()
+    [text] = (await resp.json())["outputs"][0]["data"]
+    assert EMAIL not in text and SSN not in text
+    assert len(TOKEN.findall(text)) == 2
+    return str(text)
+
+
+async def test_tokens_and_text_unmasked_for_their_tenant(client: Client, token: Callable[..., str]) -> None:
+    admin = bearer(token(sub="root", roles=("admin",)))
+    text = await tokenized(client, admin)
+    tokens = TOKEN.findall(text)
+    resp = await client.post(UNMASK, json={"tokens": tokens}, headers=admin)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json()) == {"values": [{"entity": "EMAIL", "value": EMAIL}, {"entity": "SSN", "value": SSN}]}
+    resp = await client.post(UNMASK, json={"text": f"model said: {text}"}, headers=admin)
+    assert resp.status == 200
+    assert (await resp.json()) == {"text": f"model said: {SENT}"}
+    resp = await client.post(UNMASK, json={"text": "no tokens here"}, headers=admin)
+    assert (await resp.json()) == {"text": "no tokens here"}
+
+
+async def test_audited_with_count_and_types_never_values(client: Client, token: Callable[..., str],
+                                                         settings: Settings) -> None:
+    admin = bearer(token(sub="root", roles=("admin",)))
+    tokens = TOKEN.findall(await tokenized(client, admin))
+    assert (await client.post(UNMASK, json={"tokens": tokens + tokens[:1]}, headers=admin)).status == 200
+    [record] = [r for r in audit_records(settings) if r["route"] == UNMASK]
+    assert record["status"] == 200
+    assert record["notes"]["pii_unmask"] == {"count": 3, "entities": {"EMAIL": 2, "SSN": 1}}
+    trail = audit_text(settings)
+    assert EMAIL not in trail and SSN not in trail
+    assert not any(t in trail for t in tokens)
+
+
+async def test_token_of_another_tenant_refused(client: Client, token: Callable[..., str]) -> None:
+    tokens = TOKEN.findall(await tokenized(client, bearer(token(sub="root", roles=("admin",)))))
+    globex_admin = bearer(token(sub="boss", tenant="globex", roles=("admin",)))
+    for body in ({"tokens": tokens}, {"text": f"x {tokens[0]} y"}):
+        resp = await client.post(UNMASK, json=body, headers=globex_admin)
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert "not a valid PII token for this tenant" in error
+        assert EMAIL not in error and tokens[0] not in error
+
+
+async def test_forged_or_edited_tokens_are_400(client: Client, token: Callable[..., str]) -> None:
+    admin = bearer(token(sub="root", roles=("admin",)))
+    [email_token, ssn_token] = TOKEN.findall(await tokenized(client, admin))
+    edited = email_token[:-3] + ("a" if email_token[-3] != "a" else "b") + email_token[-2:]
+    retyped = email_token.replace("[EMAIL:", "[PHONE:")
+    forged = "[EMAIL:tok:" + "ab" * 40 + "]"
+    for bad in (edited, retyped, forged, "[EMAIL:tok:abc]", "john.doe@example.com"):
+        resp = await client.post(UNMASK, json={"tokens": [ssn_token, bad]}, headers=admin)
+        assert resp.status == 400, bad
+        assert "tokens[1] is not a valid PII token for this tenant" in (await resp.json())["error"]
+        assert SSN not in await resp.text()  # nothing revealed from a request holding a bad token
+
+
+async def test_malformed_bodies(client: Client, token: Callable[..., str]) -> None:
+    admin = bearer(token(sub="root", roles=("admin",)))
+    bodies: list[Any] = [{}, {"tokens": []}, {"tokens": "x"}, {"tokens": [1]}, {"text": 3},
+                         {"text": "a", "tokens": ["b"]}, ["x"]]
+    for body in bodies:
+        resp = await client.post(UNMASK, json=body, headers=admin)
+        assert resp.status == 400, body
+    resp = await client.post(UNMASK, data=b"{not json", headers={**admin, "Content-Type": "application/json"})
+    assert resp.status == 400
+    resp = await client.post(UNMASK, data=b"{}", headers={**admin, "Content-Type": "application/octet-stream"})
+    assert resp.status == 415
+    resp = await client.post(UNMASK, json={"tokens": ["x"] * 1001}, headers=admin)
+    assert resp.status == 400
+    assert "at most 1000" in (await resp.json())["error"]
+
+
+async def test_only_pii_unmask_holders(client: Client, token: Callable[..., str]) -> None:
+    tokens = TOKEN.findall(await tokenized(client, bearer(token(sub="root", roles=("admin",)))))
+    # analysts get type tags, not tokens, and may not unmask: hidden like an unknown route
+    resp = await client.post("/v2/models/text_echo/infer", json=echo_body(SENT), headers=bearer(token()))
+    assert (await resp.json())["outputs"][0]["data"] == ["Contact [EMAIL], SSN [SSN]."]
+    denied = await client.post(UNMASK, json={"tokens": tokens}, headers=bearer(token()))
+    unknown = await client.post("/v2/pii/nothing", json={"tokens": tokens}, headers=bearer(token()))
+    assert denied.status == unknown.status == 404
+    assert (await client.post(UNMASK, json={"tokens": tokens})).status == 401
+    assert (await client.get(UNMASK, headers=bearer(token(sub="root", roles=("admin",))))).status == 405
