@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +256,30 @@ async def _paced(url: str, mix: list[tuple[str, bytes]], token: str, rate: float
 # --------------------------------------------------------------------------- in-process upstream runs
 
 
+async def _closed_loop(name: str, items: list[Any], call: Callable[[Any], Awaitable[Any]], concurrency: int,
+                       duration: float, pids: dict[str, int]) -> Row:
+    """``concurrency`` callers back to back for ``duration`` s; CPU of this process and of ``pids``."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + duration
+
+    async def worker(offset: int) -> None:
+        i = offset
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            await call(items[i % len(items)])
+            latencies.append(time.perf_counter() - t0)
+            i += concurrency
+
+    before, cpu0, t0 = {k: tree_cpu(p) for k, p in pids.items()}, time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    done = len(latencies)
+    per_req = {k: (tree_cpu(p) - before[k]) * 1e6 / done for k, p in pids.items()}
+    latencies.sort()
+    return Row(name, concurrency, done / wall, 1000 * latencies[done // 2], 1000 * latencies[int(done * 0.99)],
+               done, 0, {**per_req, "this process": cpu * 1e6 / done})
+
+
 async def _embedded_alone(mix: list[tuple[str, bytes]], concurrency: int, duration: float) -> Row:
     from gateway.fronts.http.codec import CodecLimits, decode_infer_request
     from gateway.upstream.embedded import EmbeddedUpstream
@@ -264,27 +288,11 @@ async def _embedded_alone(mix: list[tuple[str, bytes]], concurrency: int, durati
     await upstream.start()
     requests = [decode_infer_request(p.split("/")[3], "", b, header_length=None, limits=CodecLimits())
                 for p, b in mix]
-    latencies: list[float] = []
-    done = 0
-    deadline = time.perf_counter() + duration
-
-    async def worker(offset: int) -> None:
-        nonlocal done
-        i = offset
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            await upstream.infer(requests[i % len(requests)], timeout_s=10.0)
-            latencies.append(time.perf_counter() - t0)
-            done += 1
-            i += concurrency
-
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    await upstream.close()
-    latencies.sort()
-    return Row("embedded", concurrency, done / wall, 1000 * latencies[len(latencies) // 2],
-               1000 * latencies[int(len(latencies) * 0.99)], done, 0, {"gateway process": cpu * 1e6 / done})
+    try:
+        return await _closed_loop("embedded", requests, lambda r: upstream.infer(r, timeout_s=10.0), concurrency,
+                                  duration, {})
+    finally:
+        await upstream.close()
 
 
 async def _mlserver_grpc_alone(grpc_url: str, mix: list[tuple[str, bytes]], concurrency: int, duration: float,
@@ -302,31 +310,13 @@ async def _mlserver_grpc_alone(grpc_url: str, mix: list[tuple[str, bytes]], conc
         tensor.set_data_from_numpy(arr)
         return model, [tensor]
 
-    prepared = [inputs(p, b) for p, b in mix]
     client = grpcclient.InferenceServerClient(grpc_url)
-    latencies: list[float] = []
-    done = 0
-    deadline = time.perf_counter() + duration
-
-    async def worker(offset: int) -> None:
-        nonlocal done
-        i = offset
-        while time.perf_counter() < deadline:
-            model, tensors = prepared[i % len(prepared)]
-            t0 = time.perf_counter()
-            await client.infer(model, tensors)
-            latencies.append(time.perf_counter() - t0)
-            done += 1
-            i += concurrency
-
-    server0, cpu0, t0 = tree_cpu(server_pid), time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    wall, cpu, server = time.perf_counter() - t0, time.process_time() - cpu0, tree_cpu(server_pid) - server0
-    await client.close()
-    latencies.sort()
-    return Row("mlserver-grpc", concurrency, done / wall, 1000 * latencies[len(latencies) // 2],
-               1000 * latencies[int(len(latencies) * 0.99)], done, 0,
-               {"mlserver": server * 1e6 / done, "client (tritonclient)": cpu * 1e6 / done})
+    try:
+        return await _closed_loop("mlserver-grpc", [inputs(p, b) for p, b in mix],
+                                  lambda item: client.infer(item[0], item[1]), concurrency, duration,
+                                  {"mlserver": server_pid})
+    finally:
+        await client.close()
 
 
 # --------------------------------------------------------------------------- processes under test
@@ -476,10 +466,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
     parser.add_argument("--quick", action="store_true", help="1 s runs at 16 connections only (a smoke run)")
     parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--connections", default="", help="comma-separated wrk connection counts (default 1,16,64)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     duration = 1.0 if args.quick else args.duration
     connections = (16,) if args.quick else CONNECTIONS
+    if args.connections:
+        connections = tuple(int(c) for c in args.connections.split(","))
     only = {s for s in args.only.split(",") if s}
 
     def wanted(name: str) -> bool:
@@ -508,13 +501,14 @@ def main() -> int:
                     row = asyncio.run(_embedded_alone(mix, c, duration))
                     rows.append(row)
                     print(f"  embedded                 c={c:<3d} {row.req_per_s:8.0f} calls/s p50 {row.p50_ms:.2f} ms "
-                          f"CPU µs/call {row.cpu_us_per_req['gateway process']:.0f}", flush=True)
+                          f"CPU µs/call {row.cpu_us_per_req['this process']:.0f}", flush=True)
             if wanted("mlserver-grpc"):
                 for c in connections:
                     row = asyncio.run(_mlserver_grpc_alone(ml.grpc_url, mix, c, duration, ml_pid))
                     rows.append(row)
                     print(f"  mlserver-grpc            c={c:<3d} {row.req_per_s:8.0f} req/s  p50 {row.p50_ms:.2f} ms "
-                          f"CPU µs/req mlserver {row.cpu_us_per_req['mlserver']:.0f}", flush=True)
+                          f"CPU µs/req mlserver {row.cpu_us_per_req['mlserver']:.0f}, "
+                          f"client {row.cpu_us_per_req['this process']:.0f}", flush=True)
 
             # The token of the full gateway is reused by every HTTP scenario (ignored upstream).
             with gateway(tmp / "gw-full", f"grpc://{ml.grpc_url}", full_policies,

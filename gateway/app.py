@@ -41,6 +41,7 @@ from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
 from gateway.stages.feature_flags import FlagsRuntime
+from gateway.startup_checks import report_startup_findings
 from gateway.state import open_state
 from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.tls import server_ssl_context
@@ -103,10 +104,13 @@ class _FlagHooks:
 def build_service(settings: Settings, *, upstream: Upstream | None = None) -> InferenceService:
     """Load policy (fatal if invalid) and assemble the transport-neutral service."""
     metrics = Metrics()
+    # SECURITY: unsafe process configuration refuses start-up before any key is read
+    # (StartupRefused; overrides only warn): SEC-04 secret files, SEC-07 upstream channel.
+    report_startup_findings(settings, metrics, injected_upstream=upstream is not None)
     extra: tuple[TrustedIssuer, ...] = ()
     if settings.dev:
         # SECURITY: the dev issuer exists only under --dev; production never trusts it.
-        extra = (trusted_dev_issuer(settings.state_dir),)
+        extra = (trusted_dev_issuer(settings.state_dir, allow_insecure=settings.allow_insecure_secret_files),)
     key_sources = KeySourceRegistry()
     upstream = upstream or make_upstream(settings.backend, threads=settings.embedded_threads, settings=settings)
     timeouts: dict[str, float] = {"infer": 10.0}
@@ -127,8 +131,10 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
                      extra_issuers=extra, key_sources=key_sources,
                      repo_dir=settings.profiles_dir(),
                      reinfer=reinfer, detector_metrics=metrics,
-                     pii_hmac_key=read_or_create(settings.state_dir / "pii-hmac.key", lambda: os.urandom(32)),
-                     pii_token_key=read_or_create(settings.state_dir / "pii-token.key", lambda: os.urandom(32)))
+                     pii_hmac_key=read_or_create(settings.state_dir / "pii-hmac.key", lambda: os.urandom(32),
+                                                 allow_insecure=settings.allow_insecure_secret_files),
+                     pii_token_key=read_or_create(settings.state_dir / "pii-token.key", lambda: os.urandom(32),
+                                                  allow_insecure=settings.allow_insecure_secret_files))
 
     drift = DriftMonitor(metrics, settings.profiles_dir())
 
@@ -240,9 +246,10 @@ def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
     # SECURITY: keepalive_timeout also bounds how long a connection may take to deliver
     # its request headers (aiohttp arms it at connect time): slowloris gets 10 s.
     # Parser refusals quote no input, in the answer or the log (fronts/http/protocol.py).
+    # ``extra`` may override keepalive_timeout (the security suite's short header timeout).
+    options: dict[str, Any] = {"keepalive_timeout": HEADER_TIMEOUT_S, **extra}
     return GatewayRunner(app, auto_decompress=False, access_log=None, max_line_size=MAX_LINE_SIZE,
-                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, lingering_time=1.0,
-                         keepalive_timeout=HEADER_TIMEOUT_S, **extra)
+                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, lingering_time=1.0, **options)
 
 
 async def serve(settings: Settings, *, ready_message: str | None = None, reuse_port: bool = False) -> None:
@@ -252,6 +259,15 @@ async def serve(settings: Settings, *, ready_message: str | None = None, reuse_p
     ssl_context = server_ssl_context(settings.tls) if settings.tls is not None else None
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None, ssl_context=ssl_context)
     await site.start()
+    metrics_runner: web.AppRunner | None = None
+    if settings.metrics_host is not None:
+        from gateway.fronts.metrics_access import start_metrics_site
+
+        # SEC-09: a metrics-only listener (loopback unless told otherwise); with workers,
+        # the first to bind serves (per-process metrics: scrape each pod/process directly).
+        with contextlib.suppress(OSError) if reuse_port else contextlib.nullcontext():
+            metrics_runner, _port = await start_metrics_site(app[SERVICE_KEY].metrics, settings.metrics_host,
+                                                             settings.metrics_port)
     if ready_message:
         print(ready_message, flush=True)
     stop = asyncio.Event()
@@ -263,6 +279,8 @@ async def serve(settings: Settings, *, ready_message: str | None = None, reuse_p
         await stop.wait()
     finally:
         log.info("gateway_stopping")
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
 
 

@@ -12,8 +12,10 @@ from gateway.settings import Settings
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.app import serve, serve_workers
+    from gateway.keyfiles import InsecureSecretFile
     from gateway.observability.logging import configure_logging
     from gateway.policy.loader import PolicyError
+    from gateway.startup_checks import StartupRefused
     from gateway.tls import TlsSettings
 
     host, port = Settings.parse_listen(args.listen)
@@ -24,7 +26,10 @@ def _serve(args: argparse.Namespace) -> int:
                           client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
                           require_client_cert=args.tls_require_client_cert)
     upstream_tls = bool(args.upstream_tls or args.upstream_tls_ca or args.upstream_tls_cert)
+    metrics_host, metrics_port = Settings.parse_listen(args.metrics_listen) if args.metrics_listen else (None, 9464)
     settings = Settings(
+        upstream_insecure=args.upstream_insecure, allow_insecure_secret_files=args.allow_insecure_secret_files,
+        metrics_host=metrics_host, metrics_port=metrics_port,
         grpc_host=grpc_host, grpc_port=grpc_port, tls=tls, upstream_tls=upstream_tls,
         trusted_proxies=tuple(args.trusted_proxy),
         upstream_ca=Path(args.upstream_tls_ca) if args.upstream_tls_ca else None,
@@ -40,6 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
     lines = [f"infergate listening on {base} (backend {settings.backend}, policies {settings.policies})"]
     if grpc_host:
         lines.append(f"gRPC front (tritonclient.grpc) on {grpc_host}:{grpc_port}")
+    if metrics_host:
+        lines.append(f"metrics on http://{metrics_host}:{metrics_port}/metrics")
     if settings.dev:
         lines += [
             "Dev mode: a local token issuer is trusted. Get a token and send a first request:",
@@ -48,6 +55,13 @@ def _serve(args: argparse.Namespace) -> int:
             f"-d @examples/digits-request.json {base}/v2/models/digits/infer",
         ]
     try:
+        from gateway.startup_checks import check_secret_files, check_upstream_transport, state_secret_files
+
+        # SECURITY: refused here, once, before any worker starts (SEC-04, SEC-07).
+        insecure = check_upstream_transport(settings)
+        if insecure is not None:
+            print(f"infergate: WARNING: {insecure}", file=sys.stderr)
+        check_secret_files(settings, state_files=state_secret_files(settings))
         if args.workers > 1:
             # Validate once in the parent so a bad policy fails fast, not N times.
             from gateway.policy.bundle import BundleVerifier, load_bundle
@@ -63,6 +77,9 @@ def _serve(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return 2
+    except (StartupRefused, InsecureSecretFile) as exc:
+        print(f"infergate: refusing to start: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0
@@ -70,9 +87,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from gateway.devissuer import issue_token
+    from gateway.keyfiles import InsecureSecretFile
 
     roles = [r for r in args.roles.split(",") if r]
-    print(issue_token(Path(args.state_dir), sub=args.sub, tenant=args.tenant, roles=roles, ttl_s=args.ttl))
+    try:
+        print(issue_token(Path(args.state_dir), sub=args.sub, tenant=args.tenant, roles=roles, ttl_s=args.ttl))
+    except InsecureSecretFile as exc:
+        print(f"infergate: refusing the dev key: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -129,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-tls-ca", default=None)
     serve.add_argument("--upstream-tls-cert", default=None, help="client certificate for mTLS to Triton")
     serve.add_argument("--upstream-tls-key", default=None)
+    serve.add_argument("--upstream-insecure", action="store_true",
+                       help="allow plaintext gRPC to a non-loopback upstream (refused otherwise; logged as a warning)")
+    serve.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
+                       help="a separate listener serving only /metrics (host defaults to 127.0.0.1: ':9464')")
+    serve.add_argument("--allow-insecure-secret-files", action="store_true",
+                       help="warn (and count) instead of refusing secret files other users can read or own")
     serve.add_argument("--profiles", default=None,
                        help="directory of model profiles (profile.json); default: the local backend's repository")
     serve.add_argument("--redis", default=None, help="redis://... for shared state (default: in memory)")

@@ -28,16 +28,17 @@ def _new_pem() -> bytes:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
+def load_or_create_key(state_dir: Path, *, allow_insecure: bool = False) -> Ed25519PrivateKey:
     path = state_dir / KEY_FILE
-    key = serialization.load_pem_private_key(read_or_create(path, _new_pem), password=None)
+    key = serialization.load_pem_private_key(read_or_create(path, _new_pem, allow_insecure=allow_insecure),
+                                             password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise TypeError(f"{path} is not an Ed25519 key")
     return key
 
 
-def trusted_dev_issuer(state_dir: Path) -> TrustedIssuer:
-    key = load_or_create_key(state_dir)
+def trusted_dev_issuer(state_dir: Path, *, allow_insecure: bool = False) -> TrustedIssuer:
+    key = load_or_create_key(state_dir, allow_insecure=allow_insecure)
     return TrustedIssuer(
         issuer=DEV_ISSUER,
         audiences=(DEV_AUDIENCE,),

@@ -70,8 +70,8 @@ class BoundStage:
     def _record(self, ctx: RequestContext, metrics: Metrics, outcome: str, reason: str | None,
                 elapsed: float) -> None:
         ctx.records.append(StageRecord(self.name, outcome, reason, elapsed))
-        metrics.stage_decisions.labels(stage=self.name, outcome=outcome).inc()
-        metrics.stage_duration.labels(stage=self.name).observe(elapsed)
+        metrics.child(metrics.stage_decisions, self.name, outcome).inc()
+        metrics.child(metrics.stage_duration, self.name).observe(elapsed)
 
 
 class PreAuthentication(Protocol):

@@ -230,8 +230,9 @@ class InferenceService:
             log.exception("upstream_unexpected_error", operation=operation)
             raise UpstreamUnavailable(reason="upstream_unexpected_error") from exc
         finally:
-            self.metrics.upstream_requests.labels(operation=operation, outcome=outcome).inc()
-            self.metrics.upstream_duration.labels(operation=operation).observe(time.perf_counter() - start)
+            m = self.metrics
+            m.child(m.upstream_requests, operation, outcome).inc()
+            m.child(m.upstream_duration, operation).observe(time.perf_counter() - start)
 
     async def audit(self, ctx: RequestContext, *, route: str, status: int, error: GatewayError | None) -> None:
         """Write the call's one audit record. Raises DependencyUnavailable if it cannot:
@@ -275,7 +276,7 @@ class InferenceService:
             self.metrics.audit_failures.inc()
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
             raise
-        self.metrics.audit_records.labels(decision=decision).inc()
+        self.metrics.child(self.metrics.audit_records, decision).inc()
 
 
 def _epsilon(ctx: RequestContext) -> float:

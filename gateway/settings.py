@@ -37,6 +37,16 @@ class Settings:
     upstream_ca: Path | None = None
     upstream_cert: Path | None = None
     upstream_key: Path | None = None
+    # SECURITY: plaintext gRPC to a non-loopback upstream is refused unless this is set
+    # (gateway/startup_checks.py); then it is logged as a warning at every start.
+    upstream_insecure: bool = False
+    # Secret files with loose modes or a foreign owner refuse start-up unless this is set
+    # (then: a warning per file and gateway_insecure_files{kind="secret_file"}).
+    allow_insecure_secret_files: bool = False
+    # A second listener serving only /metrics (None: /metrics only on the main listener,
+    # for the addresses of gateway.yaml metrics.allow_from).
+    metrics_host: str | None = None
+    metrics_port: int = 9464
     # Where model profiles (profile.json) live; default: the local backend's repository.
     profiles: Path | None = None
     embedded_threads: int = 2

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from security_tests.support.jwtforge import TokenFactory
+from security_tests.support.side import RedisSide
 from security_tests.support.world import CANARIES, UPSTREAM_MODELS, CaseLedger, Client, World
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,6 +54,14 @@ def _write_lag(w: World) -> None:
            "worst_cases_ms": {k: round(v * 1000, 1) for k, v in
                               sorted(w.lag_by_case.items(), key=lambda kv: -kv[1])[:8]}}
     (RESULTS / "loop_lag.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def redis_side(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSide]:
+    """A second gateway on real Redis behind a FaultProxy (RL-10/11/12, AV-07/08)."""
+    side = RedisSide(world, tmp_path_factory.mktemp("sectest-redis")).start()
+    yield side
+    side.stop()
 
 
 @dataclass

@@ -50,9 +50,22 @@ BUGS: dict[str, list[tuple[str, str]]] = {
         ("fixed", "AUTHZ-08: no per-issuer role mapping (IssuerPolicy.allowed_roles)"),
         ("fixed", "AUTHZ-15: `!!python/...` tag raised a raw yaml ConstructorError instead of PolicyError: a hot "
                   "reload would kill the policy watcher (policy/loader.py)"),
+        ("open", "AUTHZ-10: no per-role output allowlist (BOPLA); a role cannot be restricted to some outputs"),
     ],
     "1.5 HTTP protocol": [
         ("fixed", "HTTP-02: `Transfer-Encoding: chunked` accepted on HTTP/1.0 (fronts/http/protocol.py)"),
+        ("fixed", "HTTP-13: body read timeout was a hard-coded 30 s constant; now limits.body_timeout_s "
+                  "(policy/schema.py, fronts/http/server.py); runner_for lets keepalive_timeout (header "
+                  "timeout) be overridden (app.py)"),
+    ],
+    "1.3 Rate-limit evasion": [
+        ("open", "RL-08 harness: the gateway offers no way to inject a clock into its memory limiter "
+                 "(MemoryState(clock=) exists, build_service does not pass one); the suite sets it on the live store"),
+    ],
+    "1.10 Availability / faults": [
+        ("open", "AV-09: no connection cap on the HTTP listener (only max_in_flight for requests)"),
+        ("open", "world config: tab_dp privacy policy says width 1, model metadata [1,10] -> every tab_dp "
+                 "answer through the world gateway is 502 (AV-07 fixes it in the side gateway's copy)"),
     ],
     "1.11 Secrets / config": [
         ("fixed", "SEC-06: `Server: Python/3.11 aiohttp/3.x` on every answer (now `infergate`)"),

@@ -5,13 +5,25 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from security_tests.conftest import Tokens
+from security_tests.support.side import RedisSide
 from security_tests.support.world import DIGITS_BODY, PUB_BODY, Client, World
-from tests.support.fake_triton import bad_size, error, extra_output, hang, nan_out, wrong_datatype, wrong_shape
+from tests.support.fake_triton import (
+    bad_size,
+    error,
+    extra_output,
+    hang,
+    nan_out,
+    ok,
+    wrong_datatype,
+    wrong_shape,
+)
 
 
 @pytest.fixture
@@ -120,3 +132,79 @@ async def test_av_05_upstream_down_at_start(world: World, tmp_path: object) -> N
             await runner.cleanup()
 
     assert world.loop.run(run()) == (200, 503)
+
+
+# -- AV-07/08: Redis faults on the side gateway (real Redis behind a FaultProxy) ---------------
+
+DP_BODY = {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32",
+                       "data": [round(0.05 * i, 2) for i in range(20)]}]}
+
+
+@pytest.fixture
+def redis_gw(redis_side: RedisSide) -> Iterator[RedisSide]:
+    redis_side.heal()
+    yield redis_side
+    redis_side.heal()
+    redis_side.gateway.restore_policies()
+    redis_side.gateway.check_nl()
+
+
+async def test_av_07_redis_lost_between_limit_and_budget(redis_gw: RedisSide, world: World,
+                                                         tokens: Tokens) -> None:
+    side = redis_gw
+    assert side.gateway.service is not None
+    ledger = side.gateway.service.dp_ledger
+    real_reserve = ledger.reserve
+
+    async def cut_then_reserve(*args: Any, **kwargs: Any) -> Any:
+        side.proxy.reset()  # the rate-limit check has passed; Redis dies before the budget charge
+        return await real_reserve(*args, **kwargs)
+
+    gw = side.gateway.client()
+    token = tokens.u2(sub=tokens.sub("av07"))
+    # tab_dp answers [1, 10] probabilities (§0.2); the side's privacy policy says so.
+    side.gateway.edit_policy("privacy.yaml", "width: 1", "width: 10")
+    world.fake.set(ok(lambda _inputs: {"probs": np.full((1, 10), 0.1, dtype=np.float32)}))
+    ledger.reserve = cut_then_reserve  # type: ignore[method-assign]
+    try:
+        r = await gw.infer("tab_dp", DP_BODY, token=token)
+    finally:
+        ledger.reserve = real_reserve  # type: ignore[method-assign]
+    assert r.status == 503 and b"outputs" not in r.body  # fail closed, nothing released
+    assert world.upstream_calls() == 0
+    side.heal()
+    good = await gw.infer("tab_dp", DP_BODY, token=token)
+    assert good.status == 200, good.body
+    # One query's ε charged after Redis came back: the failed attempt charged nothing.
+    assert float(good.headers["X-Privacy-Budget-Remaining"]) == pytest.approx(4.5)
+
+
+def _redis_errors(text: bytes) -> float:
+    m = re.search(rb"^gateway_redis_errors_total (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.parametrize("fault", ["oom", "readonly"])
+async def test_av_08_redis_error_replies(redis_gw: RedisSide, world: World, tokens: Tokens, fault: str) -> None:
+    side = redis_gw
+    gw = side.gateway.client()
+    before = _redis_errors((await gw.request("GET", "/metrics")).body)
+    if fault == "oom":
+        side.server.cli("CONFIG", "SET", "maxmemory", "1")
+    else:
+        side.server.cli("REPLICAOF", "127.0.0.1", "1")  # a replica of nothing: READONLY on writes
+    try:
+        got = [await gw.infer("pub_clf", PUB_BODY, token=tokens.u1()) for _ in range(2)]
+        dp = await gw.infer("tab_dp", DP_BODY, token=tokens.u2())
+    finally:
+        if fault == "oom":
+            side.server.cli("CONFIG", "SET", "maxmemory", "0")
+        else:
+            side.server.cli("REPLICAOF", "NO", "ONE")
+    for r in [*got, dp]:
+        assert r.status == 503  # classified as a backend failure (same as RL-11), never a 500
+        assert side.gateway.audit_for(r)[0]["decision"] == "deny"
+    assert world.upstream_calls() == 0
+    assert _redis_errors((await gw.request("GET", "/metrics")).body) > before  # the alert metric moved
+    side.heal()
+    assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub("ok")))).status == 200

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
+import aiohttp
 import pytest
+import yaml
 
+from gateway.app import build_service
+from gateway.fronts.client_addr import NO_PROXIES, TrustedProxies
+from gateway.fronts.metrics_access import metrics_allowed, start_metrics_site
+from gateway.keyfiles import InsecureSecretFile, read_or_create, secret_file_problem
 from gateway.observability.metrics import Metrics
 from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import PolicyError, load_policy_dir
-from security_tests.support.world import WORLD_DIR, Client, World
+from gateway.policy.schema import MetricsPolicy
+from gateway.settings import Settings
+from gateway.startup_checks import StartupRefused, check_upstream_transport, writable_policy_files
+from gateway.tls import TlsSettings
+from security_tests.support.side import SideGateway
+from security_tests.support.world import ROOT, WORLD_DIR, Client, World
+from tests.support.gateway_proc import free_port, start_gateway
 
 HS_ISSUER = """issuers:
   - issuer: svc
@@ -86,3 +106,459 @@ def test_sec_world_policies_are_strict() -> None:
     """The world's own policy files load only through the strict loader (no anchors, no tags)."""
     text = "".join(p.read_text() for p in (WORLD_DIR / "policies").glob("*.yaml"))
     assert "&" not in text.replace("&&", "") and "!!" not in text
+
+
+# ------------------------------------------------------------------ SEC-09: /metrics exposure
+
+NARROW_METRICS = 'metrics:\n  allow_from: ["127.0.0.1/32", "::1/128"]\naudit:\n'
+PROXY = "127.0.0.9"
+
+
+@pytest.fixture
+def metrics_side(world: World, tmp_path: Path) -> Iterator[SideGateway]:
+    """A side gateway trusting one loopback proxy (X-Forwarded-For believed only from it)."""
+    side = SideGateway(world, tmp_path / "side", overrides={"trusted_proxies": (f"{PROXY}/32",)}).start()
+    yield side
+    side.stop()
+
+
+def _scrape_allowed(side: SideGateway) -> str:
+    with urllib.request.urlopen(f"{side.base}/metrics", timeout=30) as resp:  # noqa: S310 - loopback
+        assert resp.status == 200
+        return str(resp.read().decode())
+
+
+def _denied_total(text: str) -> float:
+    match = re.search(r"^gateway_metrics_denied_total (\S+)$", text, re.M)
+    assert match, "gateway_metrics_denied_total not exported"
+    return float(match.group(1))
+
+
+async def test_sec_09_metrics_only_for_allowlisted_addresses(metrics_side: SideGateway) -> None:
+    side = metrics_side
+    outsider = side.client()  # 127.x.y.z, never 127.0.0.1
+    # Protection off (every loopback address allowed, the default): the outsider reads metrics.
+    opened = await outsider.request("GET", "/metrics")
+    assert opened.status == 200 and b"gateway_requests_total" in opened.body
+    side.edit_policy("gateway.yaml", "audit:\n", NARROW_METRICS)
+    before = _denied_total(_scrape_allowed(side))
+
+    refused = await outsider.request("GET", "/metrics")
+    assert refused.status == 403
+    assert b"gateway_" not in refused.body and refused.headers["Content-Type"].startswith("application/json")
+    head = await outsider.request("HEAD", "/metrics")
+    assert head.status == 403
+    # X-Forwarded-For from an untrusted peer is the client's own claim: ignored.
+    for forged in ("127.0.0.1", "127.0.0.1, 127.0.0.1", "::1"):
+        spoofed = await outsider.request("GET", "/metrics", headers={"X-Forwarded-For": forged})
+        assert spoofed.status == 403, forged
+    # Through the trusted proxy the forwarded client counts, both ways.
+    proxy = Client(cast(World, side), PROXY)
+    remote = await proxy.request("GET", "/metrics", headers={"X-Forwarded-For": "203.0.113.7"})
+    assert remote.status == 403
+    chained = await proxy.request("GET", "/metrics", headers={"X-Forwarded-For": "127.0.0.1, 203.0.113.7"})
+    assert chained.status == 403
+    local = await proxy.request("GET", "/metrics", headers={"X-Forwarded-For": "127.0.0.1"})
+    assert local.status == 200 and b"gateway_metrics_denied_total" in local.body
+
+    after = _scrape_allowed(side)
+    assert _denied_total(after) - before == 7
+    assert 'gateway_requests_total{code="403",route="/metrics"}' in after
+    assert side.world.logs.text().count('"metrics_denied"') >= 7
+    side.check_nl()
+
+
+def test_sec_09_default_allowlist_is_loopback() -> None:
+    allow = MetricsPolicy().allow_from
+    for addr, expected in [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
+                           ("192.0.2.2", False), ("10.0.0.1", False), ("fd00::2", False), ("::ffff:10.0.0.1", False),
+                           (None, False), ("", False)]:
+        assert metrics_allowed(addr, [], NO_PROXIES, allow)[0] is expected, addr
+    # A remote peer naming loopback in X-Forwarded-For stays remote without a trusted proxy.
+    assert metrics_allowed("192.0.2.2", ["127.0.0.1"], NO_PROXIES, allow) == (False, "192.0.2.2")
+    trusted = TrustedProxies.parse(["192.0.2.0/24"])
+    assert metrics_allowed("192.0.2.2", ["127.0.0.1"], trusted, allow)[0] is True
+    assert metrics_allowed("192.0.2.2", ["198.51.100.4"], trusted, allow)[0] is False
+    assert metrics_allowed("127.0.0.1", [], NO_PROXIES, ())[0] is False  # []: main listener serves no one
+
+
+@pytest.mark.parametrize("entry", ["0.0.0.0/0", "::/0", "10.0.0.1/8", "everyone", "127.0.0.1/33"])
+def test_sec_09_allowlist_validation(world: World, tmp_path: Path, entry: str) -> None:
+    target = world.render_policies(tmp_path / "p")
+    gateway = target / "gateway.yaml"
+    gateway.write_text(f'metrics:\n  allow_from: ["{entry}"]\n' + gateway.read_text())
+    with pytest.raises(PolicyError, match="allow_from"):
+        load_policy_dir(target)
+
+
+async def test_sec_09_metrics_listener_serves_metrics_only() -> None:
+    metrics = Metrics()
+    runner, port = await start_metrics_site(metrics, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert resp.status == 200 and "gateway_metrics_denied_total" in await resp.text()
+                assert not re.search(r"\d", resp.headers.get("Server", ""))
+            for method, path, status in [("GET", "/v2/models/pub_clf/infer", 404), ("POST", "/v2/models/x/infer", 404),
+                                         ("GET", "/v2/health/live", 404), ("POST", "/metrics", 405),
+                                         ("GET", "/metrics/../v2", 404)]:
+                async with session.request(method, f"http://127.0.0.1:{port}{path}") as resp:
+                    assert resp.status == status, (method, path)
+    finally:
+        await runner.cleanup()
+    assert Settings.parse_listen(":9464") == ("127.0.0.1", 9464)  # loopback unless a host is named
+
+
+def test_sec_09_cli_metrics_listener(tmp_path: Path) -> None:
+    """``--metrics-listen`` end to end: metrics on their own loopback port, the main port still 200 locally."""
+    port = free_port()
+    gw = start_gateway(tmp_path, backend=f"local:{ROOT / 'triton_repo'}",
+                       extra=["--metrics-listen", f"127.0.0.1:{port}"])
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            assert resp.status == 200 and b"gateway_requests_total" in resp.read()
+        with urllib.request.urlopen(f"http://{gw.url}/metrics", timeout=30) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=30)
+        assert err.value.code == 404
+        err.value.close()
+    finally:
+        gw.stop()
+
+
+# ------------------------------------------------------------------ SEC-07: upstream channel
+
+
+@pytest.mark.parametrize("backend", ["grpc://triton:8001", "grpc://10.0.0.5:8001", "grpc://[fd00::2]:8001",
+                                     "grpc://127.0.0.1.nip.io:8001", "grpc://localhost.evil.test:8001",
+                                     "grpc://192.0.2.2:8001"])
+def test_sec_07_plaintext_remote_upstream_refused(backend: str) -> None:
+    with pytest.raises(StartupRefused, match="--upstream-insecure"):
+        check_upstream_transport(Settings(backend=backend))
+    warning = check_upstream_transport(Settings(backend=backend, upstream_insecure=True))
+    assert warning is not None and "INSECURE" in warning
+    assert check_upstream_transport(Settings(backend=backend, upstream_tls=True)) is None
+
+
+@pytest.mark.parametrize("backend", ["grpc://127.0.0.1:8001", "grpc://127.3.2.1:8001", "grpc://[::1]:8001",
+                                     "grpc://localhost:8001", "grpc://LOCALHOST.:8001", "local:triton_repo"])
+def test_sec_07_loopback_or_embedded_needs_no_tls(backend: str) -> None:
+    assert check_upstream_transport(Settings(backend=backend)) is None
+
+
+def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{free_port()}",
+           "--policies", str(ROOT / "policies"), "--state-dir", str(tmp_path / "state"),
+           "--audit-dir", str(tmp_path / "audit"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_sec_07_cli_refuses_plaintext_remote_upstream(tmp_path: Path) -> None:
+    result = _serve(tmp_path, "--backend", "grpc://triton.invalid:8001")
+    assert result.returncode == 2
+    assert "refusing to start" in result.stderr and "--upstream-insecure" in result.stderr
+    assert "listening" not in result.stdout
+    assert not (tmp_path / "audit").exists(), "nothing may be created before the refusal"
+
+
+def test_sec_07_override_is_logged_loudly(world: World, tmp_path: Path) -> None:
+    assert world.settings is not None
+    settings = dataclasses.replace(world.settings, backend="grpc://192.0.2.1:8001", upstream_insecure=True,
+                                   audit_dir=tmp_path / "audit", state_dir=tmp_path / "state")
+    start = len(world.logs.text())
+    service = build_service(settings)
+    logged = [json.loads(line) for line in world.logs.text()[start:].splitlines()
+              if '"upstream_insecure"' in line]
+    assert len(logged) == 1 and logged[0]["level"] == "warning"
+    assert "INSECURE" in logged[0]["message"] and "--upstream-insecure" in logged[0]["message"]
+    assert service.upstream is not None
+    with pytest.raises(StartupRefused):
+        build_service(dataclasses.replace(settings, upstream_insecure=False))
+
+
+# ------------------------------------------------------------------ SEC-04: secret file permissions
+
+
+def _foreign(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``path`` belong to another user: chown as root, else pretend to be someone else."""
+    if os.geteuid() == 0:
+        os.chown(path, 4242, -1)
+    else:
+        real = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: real + 1)
+
+
+def _key(path: Path, mode: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(32))
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o666, 0o660, 0o620, 0o640])
+def test_sec_04_loose_secret_file_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int) -> None:
+    path = _key(tmp_path / "pii-hmac.key", mode)
+    if mode == 0o640:  # group-readable is fine only for the gateway's own group: make it another one
+        if os.geteuid() == 0:
+            os.chown(path, -1, 4242)
+        else:
+            monkeypatch.setattr(os, "getegid", lambda: path.stat().st_gid + 1)
+    problem = secret_file_problem(path)
+    assert problem is not None and f"mode {mode:04o}" in problem
+    with pytest.raises(InsecureSecretFile):
+        read_or_create(path, lambda: b"x" * 32)
+    assert read_or_create(path, lambda: b"x" * 32, allow_insecure=True) == path.read_bytes()
+
+
+def test_sec_04_foreign_owner_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _key(tmp_path / "dev-issuer-ed25519.pem", 0o600)
+    assert secret_file_problem(path) is None
+    _foreign(path, monkeypatch)
+    problem = secret_file_problem(path)
+    assert problem is not None and "owned by uid" in problem
+
+
+def test_sec_04_strict_files_pass(tmp_path: Path) -> None:
+    for mode in (0o600, 0o400):
+        assert secret_file_problem(_key(tmp_path / f"k{mode:o}", mode)) is None
+    # Kubernetes Secret volume: a symlink to a group-readable file of the pod's own fsGroup.
+    data = tmp_path / "..2026_01_01" / "tls.key"
+    _key(data, 0o440)
+    os.chown(data, -1, os.getegid())
+    (tmp_path / "tls.key").symlink_to(data)
+    assert secret_file_problem(tmp_path / "tls.key") is None
+    made = read_or_create(tmp_path / "new" / "pii-token.key", lambda: b"k" * 32)
+    assert made == b"k" * 32 and ((tmp_path / "new" / "pii-token.key").stat().st_mode & 0o777) == 0o600
+
+
+def _side_settings(world: World, tmp_path: Path, **over: Any) -> Settings:
+    assert world.settings is not None
+    return dataclasses.replace(world.settings, audit_dir=tmp_path / "audit", state_dir=tmp_path / "state", **over)
+
+
+@pytest.mark.parametrize("where", ["pii-hmac.key", "pii-token.key", "tls", "upstream_key", "audit_key", "dev"])
+def test_sec_04_gateway_refuses_to_start(world: World, tmp_path: Path, where: str) -> None:
+    over: dict[str, Any] = {}
+    if where.startswith("pii"):
+        _key(tmp_path / "state" / where, 0o644)
+    elif where == "tls":
+        over["tls"] = TlsSettings(cert=tmp_path / "cert.pem", key=_key(tmp_path / "tls-key.pem", 0o644))
+    elif where == "upstream_key":
+        over.update(upstream_tls=True, upstream_key=_key(tmp_path / "client-key.pem", 0o644),
+                    upstream_cert=tmp_path / "client.pem")
+    elif where == "audit_key":
+        _key(tmp_path / "audit-keys" / "anchor" / "a-0123456789abcdef.key", 0o604)
+    else:
+        _key(tmp_path / "state" / "dev-issuer-ed25519.pem", 0o644)
+        over["dev"] = True
+    settings = _side_settings(world, tmp_path, **over)
+    with pytest.raises(StartupRefused, match="--allow-insecure-secret-files"):
+        build_service(settings)
+
+
+def test_sec_04_override_warns_and_counts(world: World, tmp_path: Path) -> None:
+    _key(tmp_path / "state" / "pii-hmac.key", 0o644)
+    start = len(world.logs.text())
+    service = build_service(_side_settings(world, tmp_path, allow_insecure_secret_files=True))
+    text = service.metrics.render().decode()
+    assert 'gateway_insecure_files{kind="secret_file"} 1.0' in text
+    assert world.logs.text()[start:].count('"insecure_secret_file"') == 1
+
+
+def test_sec_04_cli_refuses_loose_dev_key(tmp_path: Path) -> None:
+    _key(tmp_path / "state" / "dev-issuer-ed25519.pem", 0o644)
+    result = _serve(tmp_path, "--dev", "--backend", f"local:{ROOT / 'triton_repo'}")
+    assert result.returncode == 2 and "refusing to start" in result.stderr
+    assert "dev-issuer-ed25519.pem" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sec_04_token_cli_refuses_loose_dev_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    key = _key(tmp_path / "dev-issuer-ed25519.pem", 0o600)
+    key.unlink()
+    assert main(["token", "--sub", "a", "--tenant", "t", "--state-dir", str(tmp_path)]) == 0  # creates it 0600
+    assert capsys.readouterr().out.startswith("eyJ")
+    key.chmod(0o644)
+    assert main(["token", "--sub", "a", "--tenant", "t", "--state-dir", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "refusing the dev key" in captured.err
+
+
+def test_sec_04_writable_policy_files_warn_and_count(world: World, tmp_path: Path) -> None:
+    policies = world.render_policies(tmp_path / "p")
+    writable = [p for p in policies.iterdir() if p.is_file() and os.access(p, os.W_OK)]
+    assert writable, "the copied policy files are writable by this user"
+    start = len(world.logs.text())
+    service = build_service(_side_settings(world, tmp_path, policies=policies))
+    rendered = service.metrics.render().decode()
+    assert f'gateway_insecure_files{{kind="policy_writable"}} {float(len(writable))}' in rendered
+    assert world.logs.text()[start:].count('"policy_file_writable"') == len(writable)
+    assert {f.path for f in writable_policy_files(policies)} == set(writable)
+
+
+# ------------------------------------------------------------------ SEC-10: policy path safety
+
+
+def _copy_world_policies(world: World, tmp_path: Path) -> Path:
+    return world.render_policies(tmp_path / "p")
+
+
+def test_sec_10_symlink_to_world_writable_file_refused(world: World, tmp_path: Path) -> None:
+    policies = _copy_world_policies(world, tmp_path)
+    assert load_policy_dir(policies).revision
+    elsewhere = tmp_path / "safe"
+    elsewhere.mkdir(mode=0o755)
+    target = elsewhere / "access.yaml"
+    shutil.move(policies / "access.yaml", target)
+    (policies / "access.yaml").symlink_to(target)
+    assert load_policy_dir(policies).revision  # a symlink to a safe file is fine
+    target.chmod(0o666)
+    with pytest.raises(PolicyError, match="world-writable") as err:
+        load_policy_dir(policies)
+    assert err.value.issues[0].file == "access.yaml"
+    target.chmod(0o644)
+    elsewhere.chmod(0o777)  # the file is fine, but anyone can swap it
+    with pytest.raises(PolicyError, match=r"directory .*safe is world-writable"):
+        load_policy_dir(policies)
+
+
+def test_sec_10_world_writable_file_or_directory_refused(world: World, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    policies = _copy_world_policies(world, tmp_path)
+    (policies / "limits.yaml").chmod(0o646)
+    with pytest.raises(PolicyError, match="world-writable"):
+        load_policy_dir(policies)
+    (policies / "limits.yaml").chmod(0o644)
+    policies.chmod(0o777)
+    with pytest.raises(PolicyError, match="unsafe policy directory"):
+        load_policy_dir(policies)
+    policies.chmod(0o775)  # group-writable: fine only for root's or the gateway's own group
+    if os.geteuid() == 0:
+        os.chown(policies, -1, 4242)
+    else:
+        monkeypatch.setattr(os, "getegid", lambda: policies.stat().st_gid + 1)
+    with pytest.raises(PolicyError, match="writable by group"):
+        load_policy_dir(policies)
+
+
+def test_sec_10_configmap_layout_loads(world: World, tmp_path: Path) -> None:
+    """Kubernetes ConfigMap volume: name -> ..data/name, ..data -> ..<timestamp>/, files 0444."""
+    rendered = _copy_world_policies(world, tmp_path)
+    mount = tmp_path / "mount"
+    stamp = mount / "..2026_01_01_00_00_00.123"
+    stamp.mkdir(parents=True)
+    for path in rendered.iterdir():
+        shutil.copy(path, stamp / path.name)
+        (stamp / path.name).chmod(0o444)
+        (mount / path.name).symlink_to(Path("..data") / path.name)
+    (mount / "..data").symlink_to(stamp.name)
+    assert load_policy_dir(mount).revision == load_policy_dir(rendered).revision
+    # Through a symlinked policy directory too.
+    (tmp_path / "link").symlink_to(mount)
+    assert load_policy_dir(tmp_path / "link").revision == load_policy_dir(rendered).revision
+
+
+def test_sec_10_reload_refuses_and_keeps_the_active_policy(metrics_side: SideGateway) -> None:
+    side = metrics_side
+    assert side.settings is not None and side.service is not None
+    active = side.service.store.current.policy.revision
+    path = side.settings.policies / "access.yaml"
+    path.write_text(path.read_text() + "\n# edited\n")
+    path.chmod(0o666)
+    assert side.world.loop.run(side.service.store.reload("test")) is False
+    assert side.service.store.current.policy.revision == active
+    path.chmod(0o644)
+    assert side.world.loop.run(side.service.store.reload("test")) is True
+
+
+# ------------------------------------------------------------------ SEC-08: Triton deployment lint
+
+RESTRICTED = {"model-repository", "shared-memory", "trace", "logging"}
+
+
+def _flags(args: list[str]) -> dict[str, list[str]]:
+    """``--flag=value`` and ``--flag value`` forms; every value of a repeated flag."""
+    out: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args):
+        arg = str(args[i])
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if not eq and i + 1 < len(args) and not str(args[i + 1]).startswith("--"):
+                value = str(args[i + 1])
+                i += 1
+            out.setdefault(name, []).append(value)
+        i += 1
+    return out
+
+
+def triton_problems(args: list[str], user: str | int | None) -> list[str]:
+    """What a Triton command line lacks against its secure deployment guide (CATALOGUE SEC-08)."""
+    flags = _flags(args)
+    problems: list[str] = []
+
+    def one(name: str) -> str | None:
+        values = flags.get(name, [])
+        return values[-1].lower() if values else None
+
+    if one("--model-control-mode") != "none":
+        problems.append("--model-control-mode=none missing")
+    for name, setting in (("--http-restricted-api", "http"), ("--grpc-restricted-protocol", "grpc")):
+        restricted: set[str] = set()
+        for value in flags.get(name, []):
+            apis, sep, header = value.partition(":")
+            if sep and "=" in header and header.split("=", 1)[1].strip():
+                restricted |= {a.strip() for a in apis.split(",")}
+        if not restricted >= RESTRICTED:
+            problems.append(f"{setting}: not restricted: {sorted(RESTRICTED - restricted)}")
+    for name in ("--allow-sagemaker", "--allow-vertex-ai", "--allow-metrics"):
+        if one(name) not in {"false", "0", "off"}:
+            problems.append(f"{name}=false missing")
+    if not any(v.replace(" ", "").lower() in {"level=off"} for v in flags.get("--trace-config", [])):
+        problems.append("--trace-config level=OFF missing")
+    if flags.get("--trace-file") or flags.get("--trace-level"):
+        problems.append("tracing configured")
+    pool = one("--grpc-max-response-pool-size")
+    if pool is None or not pool.isdigit() or not 0 < int(pool) <= 1024:
+        problems.append("--grpc-max-response-pool-size not bounded")
+    if str(user).split(":")[0] != "1000":
+        problems.append(f"runs as {user}, not uid 1000")
+    return problems
+
+
+def _compose_triton() -> tuple[list[str], str | int | None]:
+    triton = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["triton"]
+    assert "ports" not in triton, "Triton publishes no port (metrics and admin APIs stay private)"
+    return [str(a) for a in triton["command"][1:]], triton.get("user")
+
+
+def _k8s_triton() -> tuple[list[str], str | int | None]:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "triton.yaml").read_text()))
+    deployment = next(d for d in docs if d and d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "triton")
+    service = next(d for d in docs if d and d["kind"] == "Service")
+    assert [p["port"] for p in service["spec"]["ports"]] == [8001], "the Service exposes gRPC only (no metrics)"
+    uid = {**pod.get("securityContext", {}), **container.get("securityContext", {})}.get("runAsUser")
+    return [str(a) for a in container["args"]], uid
+
+
+@pytest.mark.parametrize("source", [_compose_triton, _k8s_triton], ids=["compose", "k8s"])
+def test_sec_08_triton_deployment_lint(source: Callable[[], tuple[list[str], str | int | None]]) -> None:
+    args, user = source()
+    assert triton_problems(args, user) == []
+
+
+def test_sec_08_lint_catches_each_missing_protection() -> None:
+    args, user = _k8s_triton()
+    assert triton_problems(args, user) == []
+    for drop in ("--model-control-mode", "--http-restricted-api", "--grpc-restricted-protocol", "--allow-sagemaker",
+                 "--allow-vertex-ai", "--trace-config", "--allow-metrics"):
+        weaker = [a for a in args if not a.startswith(drop)]
+        assert triton_problems(weaker, user), drop
+    assert triton_problems([*args, "--model-control-mode=explicit"], user)
+    assert triton_problems([a.replace("shared-memory,", "") for a in args], user)
+    assert triton_problems([a for a in args if a != "64"] + ["--grpc-max-response-pool-size=0"], user)
+    assert triton_problems(args, 0) and triton_problems(args, "root")

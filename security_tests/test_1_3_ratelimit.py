@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from security_tests.conftest import Tokens
-from security_tests.support.world import PUB_BODY, Client, World
+from security_tests.support.side import RedisSide
+from security_tests.support.world import PUB_BODY, Client, World, gather_limited
 
 BURST = 10
 INVALID = "invalid.token.x"
@@ -85,3 +88,150 @@ async def test_rl_09_key_injection(gw: Client, world: World, tokens: Tokens) -> 
                                                            roles=("predictor",)))
         assert r.status in (200, 401, 431)  # a 10 KB subject makes the header too large
     assert json.dumps(world.ledger.responses[-1][2].headers)
+
+
+# -- RL-08: window boundary, on the injectable clock (§0.1 ``clock``) -------------------------
+
+@pytest.fixture
+def limiter_clock(world: World) -> Iterator[None]:
+    """The world's memory store on the case clock; the shared per-tenant cost limit is
+    scoped away from alpha meanwhile, so a jump in time leaves no debt for later cases."""
+    from gateway.state.memory import MemoryState
+
+    assert world.service is not None and world.settings is not None
+    state = world.service.state
+    assert isinstance(state, MemoryState)
+    path = world.settings.policies / "limits.yaml"
+    old = path.read_text()
+    path.write_text(old.replace("    per: [tenant]\n", "    per: [tenant]\n    exclude_tenants: [alpha]\n"))
+    assert world.reload() is True
+    state._clock = world.clock  # the constructor's clock parameter, set on the live store
+    try:
+        yield
+    finally:
+        state._clock = time.time
+        path.write_text(old)
+        world.reload()
+
+
+async def test_rl_08_window_boundary_burst(gw: Client, world: World, tokens: Tokens, limiter_clock: None) -> None:
+    t0 = time.time()
+    world.frozen = t0
+    token = tokens.u1()
+    # Eight source addresses: the pre-auth limit (20 per address at one instant) stays out of the way.
+    clients = [Client(world, world.next_addr()) for _ in range(8)]
+    admitted: list[float] = []
+
+    async def at(t: float, n: int) -> None:
+        world.frozen = t0 + t
+        for i in range(n):
+            if (await clients[i % 8].infer("pub_clf", PUB_BODY, token=token)).status == 200:
+                admitted.append(t)
+
+    for second in range(60):  # one request per second, the sustained rate: all admitted
+        await at(float(second), 1)
+    await at(59.9, 60)  # the attacker's burst just before a fixed window would roll over
+    await at(60.1, 60)  # ... and just after it
+    in_span = [t for t in admitted if 0.1 <= t <= 60.1]
+    assert len(in_span) <= 60 + BURST  # sliding (GCRA), not a fixed window (which admits 120 here)
+    assert sum(1 for t in admitted if t == 60.1) <= 1  # no fresh allowance at the "boundary"
+    assert sum(1 for t in admitted if t < 59.9) == 60
+    assert world.upstream_calls() == len(admitted)
+
+
+# -- RL-10/11/12: the gateway on real Redis behind a FaultProxy (side gateway) ----------------
+
+DP_BODY: dict[str, Any] = {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32",
+                                       "data": [round(0.05 * i, 2) for i in range(20)]}]}
+
+
+@pytest.fixture
+def redis_gw(redis_side: RedisSide) -> Iterator[RedisSide]:
+    redis_side.heal()
+    yield redis_side
+    redis_side.heal()
+    redis_side.gateway.restore_policies()
+    redis_side.gateway.check_nl()
+
+
+def _rate_keys(side: RedisSide) -> list[str]:
+    keys = side.server.cli("--scan", "--pattern", "ig:*").split()
+    return [k for k in keys if ":rl." in k]
+
+
+async def test_rl_10_ttl_survives_connection_reset(redis_gw: RedisSide, world: World, tokens: Tokens) -> None:
+    side = redis_gw
+    gw = side.gateway.client()
+    token = tokens.u1()
+    assert (await gw.infer("pub_clf", PUB_BODY, token=token)).status == 200
+
+    async def cut() -> None:
+        await asyncio.sleep(0.01)
+        side.proxy.reset()  # RST on every connection, mid-burst, between writes
+
+    results = await asyncio.gather(*(gw.infer("pub_clf", PUB_BODY, token=token) for _ in range(15)), cut())
+    side.heal()
+    got = [r.status for r in results if r is not None]
+    assert set(got) <= {200, 429, 503}
+    keys = _rate_keys(side)
+    assert keys
+    for key in keys:
+        ttl = int(side.server.cli("PTTL", key))
+        # Every limiter key carries its expiry (one script writes value and TTL together):
+        # nobody is blocked forever. -1 would be a key without expiry (-2: already expired).
+        assert ttl != -1 and ttl <= 120_000, (key, ttl)
+
+
+async def test_rl_11_redis_down_fails_closed(redis_gw: RedisSide, world: World, tokens: Tokens) -> None:
+    side = redis_gw
+    gw = side.gateway.client()
+    side.proxy.blackhole()
+    pub = [await gw.infer("pub_clf", PUB_BODY, token=tokens.u1()) for _ in range(3)]
+    dp = [await gw.infer("tab_dp", DP_BODY, token=tokens.u2()) for _ in range(3)]
+    for r in pub + dp:
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        rec = side.gateway.audit_for(r)
+        assert len(rec) == 1 and rec[0]["decision"] == "deny"
+        assert "unavailable" in rec[0]["reason"]
+    assert world.upstream_calls() == 0  # never unlimited: nothing reached the model
+
+    # Policy says ``local`` for the non-DP limits: local in-process limits, still never unlimited.
+    side.heal()
+    side.gateway.edit_policy("limits.yaml", "on_backend_error: deny\npre_auth:", "on_backend_error: local\npre_auth:")
+    side.proxy.blackhole()
+    token = tokens.u1(sub=tokens.sub("local"))
+    local = [(await gw.infer("pub_clf", PUB_BODY, token=token)).status for _ in range(BURST + 5)]
+    assert local.count(200) == BURST and local[BURST:] == [429] * 5
+    # The DP budget has no local stand-in: the DP route stays closed.
+    assert (await gw.infer("tab_dp", DP_BODY, token=tokens.u2())).status == 503
+    assert world.upstream_calls() == BURST
+
+
+async def test_rl_12_redis_slow_times_out_to_fail_mode(redis_gw: RedisSide, world: World, tokens: Tokens) -> None:
+    side = redis_gw
+    gw = side.gateway.client()
+    side.proxy.latency(2000)
+    got = [await gw.infer("pub_clf", PUB_BODY, token=tokens.u1()) for _ in range(3)]
+    assert [r.status for r in got] == [503, 503, 503]  # 100 ms op timeout → the deny fail mode
+    assert world.upstream_calls() == 0
+    side.heal()
+    assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub("after")))).status == 200
+
+
+# -- RL-13: invalid-token flood from one address -----------------------------------------------
+
+async def test_rl_13_invalid_token_flood(gw: Client, world: World, tokens: Tokens) -> None:
+    """Scaled to 600 requests (one address, one keep-alive connection at a time): the
+    pre-auth limit trips before any signature check, and the audit aggregates the flood."""
+    assert world.service is not None
+    bad = world.tokens.rs(sub=tokens.sub("x"), header={"kid": "rs-1"}) + "A"  # valid shape, bad signature
+    counters_before = world.service.key_sources.counters()["hits"]
+    audit_before = len(world.audit_records())
+    got = await gather_limited(600, lambda _i: gw.infer("pub_clf", PUB_BODY, token=bad), limit=20)
+    statuses = [r.status for r in got]
+    assert set(statuses) <= {401, 429}
+    assert statuses.count(429) >= 500  # 20/s per address: the flood is refused before authentication
+    key_lookups = world.service.key_sources.counters()["hits"] - counters_before
+    assert key_lookups == statuses.count(401)  # every RSA verification belongs to an admitted request
+    assert len(world.audit_records()) - audit_before < 100  # denials aggregated, not 600 lines
+    assert world.upstream_calls() == 0

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from security_tests.conftest import Tokens
-from security_tests.support.world import PUB_BODY, Client, World, statuses
+from security_tests.support.side import SideGateway
+from security_tests.support.world import PUB_BODY, Client, Response, World, statuses
 
 BODY = json.dumps(PUB_BODY)
 INFER = "POST /v2/models/pub_clf/infer HTTP/1.1\r\nHost: gw\r\n"
@@ -178,3 +185,128 @@ async def test_http_20_cors(gw: Client, world: World, tokens: Tokens) -> None:
         "Access-Control-Request-Headers": "authorization"})
     assert r.headers.get("Access-Control-Allow-Origin") in (None, "")
     assert world.upstream_calls() == 0
+
+
+async def test_http_11_64k_header_in_one_byte_segments(gw: Client, world: World) -> None:
+    """HTTP-11 (1-byte TCP segments): the parser refuses once the field passes its cap,
+    without waiting for (or buffering) the rest of the 64 KiB line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.gateway_port, local_addr=(gw.addr, 0))
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    writer.write((INFER + "X-Big: ").encode())
+    sent = 0
+    answer = b""
+    try:
+        while sent < 65536:
+            writer.write(b"a")
+            await writer.drain()
+            sent += 1
+            if sent % 256 == 0:
+                with contextlib.suppress(TimeoutError):
+                    answer += await asyncio.wait_for(reader.read(4096), 0.001)
+                if answer:
+                    break
+    except ConnectionError:
+        pass
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        answer += await asyncio.wait_for(reader.read(4096), 3)
+    writer.close()
+    world.ledger.responses.append(("RAW", "", Response(first_status(answer), {}, answer)))
+    assert first_status(answer) == 431
+    assert sent < 65536  # refused at the field cap (8 KiB), not after buffering the whole line
+    assert b"aaaaaaaaaa" not in answer
+
+
+# -- HTTP-12/13: slow clients, against a side gateway with short header/body timeouts ----------
+
+@pytest.fixture(scope="module")
+def slow_gw(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SideGateway]:
+    """Header timeout 1 s (runner setting) and body timeout 1 s (limits.body_timeout_s)."""
+    side = SideGateway(world, tmp_path_factory.mktemp("sectest-slow"), runner_kwargs={"keepalive_timeout": 1.0})
+    side.start()
+    side.edit_policy("gateway.yaml", "  max_inputs: 64\n", "  max_inputs: 64\n  body_timeout_s: 1\n")
+    yield side
+    side.stop()
+
+
+async def _drip(port: int, addr: str, head: bytes, *, every_s: float, max_s: float) -> tuple[bytes, bool]:
+    """Send ``head``, then one byte every ``every_s``; (what came back, closed by the gateway?)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(addr, 0))
+    writer.write(head)
+    received = b""
+    closed = False
+    for _ in range(int(max_s / every_s)):
+        try:
+            chunk = await asyncio.wait_for(reader.read(4096), every_s)
+        except TimeoutError:
+            try:
+                writer.write(b"x")
+                await writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            continue
+        except ConnectionError:
+            closed = True
+            break
+        received += chunk
+        if not chunk:
+            closed = True
+            break
+    writer.close()
+    return received, closed
+
+
+async def test_http_12_slowloris_headers(slow_gw: SideGateway, world: World, tokens: Tokens) -> None:
+    head = b"POST /v2/models/pub_clf/infer HTTP/1.1\r\nHost: gw\r\nX-Slow: "
+    addrs = [world.next_addr() for _ in range(40)]
+    legit = slow_gw.client()
+
+    async def legit_call() -> int:
+        await asyncio.sleep(0.3)
+        return (await legit.infer("pub_clf", PUB_BODY, token=tokens.u1())).status
+
+    legit_task = asyncio.ensure_future(legit_call())  # served while the drips hold their connections
+    drips = await asyncio.gather(*(_drip(slow_gw.gateway_port, a, head, every_s=0.25, max_s=6.0) for a in addrs))
+    status = await legit_task
+    assert all(closed for _raw, closed in drips)  # every dripping connection closed by the header timeout
+    assert status == 200  # legitimate traffic served meanwhile
+    slow_gw.check_nl()
+
+
+async def test_http_13_slow_body(slow_gw: SideGateway, world: World, tokens: Tokens) -> None:
+    token = tokens.u1()
+    head = (INFER + f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1048576\r\n\r\n").encode()
+    raw, closed = await _drip(slow_gw.gateway_port, world.next_addr(), head, every_s=0.2, max_s=6.0)
+    assert first_status(raw) == 408
+    assert world.upstream_calls() == 0
+    rid = re.search(rb"X-Request-ID: (\w+)", raw)
+    assert rid is not None
+    recs = [r for r in slow_gw.audit_records() if r.get("request_id") == rid.group(1).decode()]
+    assert len(recs) == 1 and recs[0]["decision"] == "deny"
+    assert closed or raw
+
+
+async def test_http_14_pipelining(gw: Client, world: World) -> None:
+    """10,000 pipelined requests (invalid token) on one connection: answered in order,
+    bounded, the pre-auth limit refusing the flood; nothing reaches the upstream."""
+    one = (INFER + "Authorization: Bearer x.y.z\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(BODY)}\r\n\r\n{BODY}").encode()
+    last = (INFER + "Connection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(BODY)}\r\n\r\n{BODY}").encode()
+    rss_before = _rss_kib()
+    raw = await gw.raw(one * 9_999 + last, timeout_s=60.0)
+    got = statuses(raw)
+    assert got and set(got) <= {401, 429, 503}
+    assert len(got) == 10_000  # each request answered once, in order (no desync)
+    assert got.count(429) >= 9_000  # the pre-auth limit (20/s per address) refuses the flood
+    assert world.upstream_calls() == 0
+    assert _rss_kib() - rss_before < 200_000  # bounded: no per-request buffering of the whole pipeline
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gateway.policy.pathsafety import unsafe_directory, unsafe_policy_file
 from gateway.policy.registry import POLICY_FILES
 from gateway.policy.schema import AccessPolicy, GatewayPolicy, IdentityPolicy
 from gateway.stages.adversarial import InputsPolicy
@@ -232,6 +234,11 @@ def read_policy_dir(directory: Path) -> dict[str, bytes]:
     """
     if not directory.is_dir():
         raise PolicyError([PolicyIssue(str(directory), 1, 1, "policy directory not found")])
+    # SECURITY (SEC-10): policy others could have written is refused (policy/pathsafety.py).
+    unsafe = unsafe_directory(directory)
+    if unsafe is not None:
+        raise PolicyError([PolicyIssue(str(directory), 1, 1, f"unsafe policy directory: {unsafe}",
+                                       "chmod o-w (and g-w) the directories leading to the policies")])
     raw: dict[str, bytes] = {}
     issues: list[PolicyIssue] = []
     for path in sorted(directory.iterdir()):
@@ -244,6 +251,11 @@ def read_policy_dir(directory: Path) -> dict[str, bytes]:
             continue
         # SECURITY: read once, bounded; callers verify and parse these same bytes (no TOCTOU).
         with path.open("rb") as handle:
+            unsafe = unsafe_policy_file(path, os.fstat(handle.fileno()))
+            if unsafe is not None:
+                issues.append(PolicyIssue(path.name, 1, 1, f"unsafe policy file: {unsafe}",
+                                          "chmod go-w the file (or the target of the link)"))
+                continue
             content = handle.read(MAX_POLICY_FILE_BYTES + 1)
         if len(content) > MAX_POLICY_FILE_BYTES:
             issues.append(PolicyIssue(path.name, 1, 1, "policy file larger than 1 MiB"))

@@ -52,6 +52,9 @@ class LimitsPolicy(StrictModel):
         30.0, description="Time a client has to read a whole response; a slower reader's connection is closed "
                           "(counted, logged and audited).",
     )
+    body_timeout_s: Seconds = Field(
+        30.0, description="Time a client has to send a whole request body; a slower sender gets 408.",
+    )
 
 
 class UpstreamPolicy(StrictModel):
@@ -162,10 +165,35 @@ class FlagsPolicy(StrictModel):
                         Field(discriminator="kind")] = FileFlagProvider()
 
 
+class MetricsPolicy(StrictModel):
+    """Who may scrape ``/metrics`` on the main listener (CATALOGUE SEC-09)."""
+
+    allow_from: tuple[StrictStr, ...] = Field(
+        ("127.0.0.0/8", "::1/128"),
+        description="Client networks (CIDR) allowed to read /metrics on the main listener; others get 403. "
+                    "The client address is the socket peer, or X-Forwarded-For only through --trusted-proxy. "
+                    "[] serves /metrics on --metrics-listen only.",
+    )
+
+    @field_validator("allow_from")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                net = ipaddress.ip_network(entry, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not a network in CIDR form: {exc}") from exc
+            if net.prefixlen == 0:
+                # SECURITY: 0.0.0.0/0 would serve metrics to the whole internet.
+                raise ValueError(f"{entry!r} allows every address; name the scraper's networks")
+        return value
+
+
 class GatewayPolicy(StrictModel):
     """``gateway.yaml``: limits, upstream deadlines and the models the gateway exposes."""
 
     audit: AuditPolicy = AuditPolicy()
+    metrics: MetricsPolicy = MetricsPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     upstream: UpstreamPolicy = UpstreamPolicy()
     stages: StagesPolicy = StagesPolicy()

@@ -29,8 +29,8 @@ import secrets
 import time
 from collections.abc import Sequence
 
-from gateway.state.base import Reservation as StateReservation
 from gateway.state.base import DocumentConflict, SharedState, StateKey, StateUnavailable
+from gateway.state.base import Reservation as StateReservation
 from gateway.state.dp_vector import RedisVectorBudgets, ScriptRunner, VectorHold
 from privacy.dp.ledger import (
     InMemoryBudgetLedger,

@@ -12,6 +12,12 @@ max_queue`` requests in flight the next one is refused (``UpstreamUnavailable``)
 queueing memory without limit, and a timed-out run is told to stop (onnxruntime's
 ``RunOptions.terminate``) so abandoned work does not keep a worker busy.
 
+Why some runs are inline anyway: for the tiny models of a typical repository a run costs
+20-60 µs of CPU, while handing it to a thread and back (queue put, wake-ups, GIL churn)
+costs several times that. So a model whose recent runs were measured tiny (see
+:class:`_RunCost`) and a small request run on the event loop directly; everything else,
+including the first runs of every model, goes to the pool.
+
 BYTES and onnxruntime: Triton's onnxruntime backend hands string elements to onnxruntime as
 NUL-terminated C strings, so an element is cut at its first NUL and any other byte reaches
 the model unchanged. onnxruntime's Python API instead only takes ``str`` (a ``bytes``
@@ -30,6 +36,7 @@ import asyncio
 import concurrent.futures
 import importlib.metadata
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +69,27 @@ from gateway.upstream.model_repo import (
 log = structlog.get_logger("gateway.upstream.embedded")
 
 SERVER_NAME: Final = "infergate-embedded"
+
+# Inline runs on the event loop (see the module docstring). SECURITY: conservative on
+# purpose, the loop serves every other request while an inline run holds it.
+INLINE_WARMUP_RUNS: Final = 16  # a model's first runs always go to the pool, to measure it
+INLINE_MAX_CPU_S: Final = 200e-6  # average CPU of the model's recent runs must be below this
+INLINE_MAX_ELEMENTS: Final = 4096  # and the request small: elements over all inputs
+INLINE_MAX_BYTES: Final = 16 * 1024  # and bytes over all inputs (BYTES elements included)
+INLINE_DEMOTE_WALL_S: Final = 2e-3  # an inline run slower than this sends the model back to the pool
+_EWMA_WEIGHT: Final = 0.2
+# SECURITY: operators whose work a request's values (not just its size) can make large:
+# control flow (trip counts, branches) and outputs shaped by data. A model using any of
+# them is never run inline, since a small request could then hold the loop for long.
+# Matched as the protobuf encoding of NodeProto.op_type (field 4, length-delimited:
+# tag 0x22, length, name), which every node and model-local function carries verbatim,
+# so a match can be spurious (the model just stays in the pool) but never missed.
+_DATA_DEPENDENT_OPS: Final = (
+    "Loop", "Scan", "If", "SequenceMap", "Range", "ConstantOfShape", "Expand", "Tile", "Resize",
+    "Upsample", "Pad", "OneHot", "TopK", "NonMaxSuppression", "NonZero", "Unique", "Compress",
+    "StringSplit", "RegexFullMatch", "StringConcat", "Tokenizer", "TfIdfVectorizer", "Col2Im",
+)
+_DATA_DEPENDENT_MARKERS: Final = tuple(b"\x22" + bytes([len(op)]) + op.encode() for op in _DATA_DEPENDENT_OPS)
 
 # onnxruntime's type strings -> KServe datatypes, to refuse a config that lies about a model.
 ORT_DATATYPES: Final[dict[str, str]] = {
@@ -102,6 +130,58 @@ def session_options() -> Any:
     return options
 
 
+class _RunCost:
+    """Recent CPU cost of one model version's runs: decides whether a run may be inline.
+
+    Measured as the running thread's CPU time (``time.thread_time``), so runs in the pool
+    are not charged for time spent waiting for the GIL; a run has one onnxruntime thread,
+    the caller's, so that is the CPU it takes. Updated from pool threads and the loop
+    without a lock: a lost update only delays a decision.
+    """
+
+    __slots__ = ("allowed", "ewma_s", "runs")
+
+    def __init__(self, *, allowed: bool) -> None:
+        self.allowed = allowed  # False: the model's graph may cost what a request makes it
+        self.runs = 0
+        self.ewma_s = 0.0
+
+    def add(self, cpu_s: float) -> None:
+        self.ewma_s = cpu_s if self.runs == 0 else self.ewma_s + _EWMA_WEIGHT * (cpu_s - self.ewma_s)
+        self.runs += 1
+
+    def demote(self) -> None:
+        """Back to the pool for a fresh warm-up: an inline run took too long."""
+        self.runs = 0
+        self.ewma_s = 0.0
+
+    def inline_ok(self) -> bool:
+        return self.allowed and self.runs >= INLINE_WARMUP_RUNS and self.ewma_s < INLINE_MAX_CPU_S
+
+
+def inline_candidate(model_bytes: bytes) -> bool:
+    """Whether a model's cost can only depend on the size of its inputs (see _DATA_DEPENDENT_OPS)."""
+    return not any(marker in model_bytes for marker in _DATA_DEPENDENT_MARKERS)
+
+
+def _small(request: InferRequest) -> bool:
+    """Whether a request is small enough to be run inline (its model being tiny too)."""
+    elements = 0
+    size = 0
+    for tensor in request.inputs:
+        data = tensor.data
+        elements += data.size
+        if elements > INLINE_MAX_ELEMENTS:
+            return False
+        if tensor.datatype == "BYTES":
+            size += sum(len(v) for v in data.flat)
+        else:
+            size += data.nbytes
+        if size > INLINE_MAX_BYTES:
+            return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class _Served:
     """A loaded model: repository entry, one session per served version, codec helpers."""
@@ -110,6 +190,7 @@ class _Served:
     sessions: Mapping[str, Any]  # version -> onnxruntime.InferenceSession
     input_reshape: Mapping[str, tuple[int, ...]]
     output_reshape: Mapping[str, tuple[int, ...]]
+    costs: Mapping[str, _RunCost]  # version -> recent run cost
 
 
 class EmbeddedUpstream:
@@ -117,17 +198,24 @@ class EmbeddedUpstream:
 
     ``repository`` is the Triton repository directory (or one already read). ``workers``
     threads run inferences; at most ``max_queue`` more wait for one, further requests get
-    ``UpstreamUnavailable`` (reason ``upstream_overloaded``).
+    ``UpstreamUnavailable`` (reason ``upstream_overloaded``). ``inline`` allows tiny runs
+    on the event loop (see :class:`_RunCost`); off, every run goes to the pool.
     """
 
     def __init__(
-        self, repository: Path | str | ModelRepository, *, workers: int = 2, max_queue: int = 64
+        self,
+        repository: Path | str | ModelRepository,
+        *,
+        workers: int = 2,
+        max_queue: int = 64,
+        inline: bool = True,
     ) -> None:
         if workers < 1 or max_queue < 0:
             raise ValueError("workers must be >= 1 and max_queue >= 0")
         self._source = repository
         self._workers = workers
         self._max_queue = max_queue
+        self._inline = inline
         self._models: dict[str, _Served] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         # Released by the worker's future when the work really ends (or is cancelled while
@@ -226,6 +314,22 @@ class EmbeddedUpstream:
         run_options = ort.RunOptions()
         # Fatal only: a failed run is logged once, structured, by _ort_error().
         run_options.log_severity_level = 4
+        cost = served.costs[version]
+        if self._inline and cost.inline_ok() and _small(request):
+            # SECURITY: only a model measured tiny over its recent runs and a small request;
+            # a run that still takes long sends the model back to the pool.
+            began = time.perf_counter()
+            try:
+                outputs = self._run(served, version, request, output_names, run_options)
+            finally:
+                self._slots.release()
+                took = time.perf_counter() - began
+                if took > INLINE_DEMOTE_WALL_S:  # failed runs count too
+                    cost.demote()
+                    log.warning("embedded_inline_run_slow", model=request.model, version=version, seconds=took)
+            if took > timeout_s:  # as if offloaded: an answer later than the deadline is a timeout
+                raise UpstreamTimeout()
+            return InferResponse(model_name=request.model, model_version=version, outputs=outputs, id=request.id)
         try:
             # executor.submit + wrap_future rather than loop.run_in_executor: the slot must
             # be released by the concurrent future itself, which also fires when a queued
@@ -266,8 +370,10 @@ class EmbeddedUpstream:
                 raise UpstreamUnavailable(reason="upstream_run_stopped")
             self._active_runs.add(run_options)
         try:
+            cpu_began = time.thread_time()
             feed, codec = _feed(served, request)
             results = served.sessions[version].run(output_names, feed, run_options)
+            served.costs[version].add(time.thread_time() - cpu_began)
             return [
                 _output(served, version, name, value, codec)
                 for name, value in zip(output_names, results, strict=True)
@@ -307,23 +413,27 @@ class EmbeddedUpstream:
 
 def _load_model(model: RepoModel) -> _Served:
     sessions: dict[str, Any] = {}
+    costs: dict[str, _RunCost] = {}
     for version, path in model.version_files:
         # SECURITY: hand onnxruntime the bytes, not the path: the file checked by the
         # repository reader (inside the repo) is the file loaded, and a model cannot pull
         # external-data files from elsewhere by relative path.
+        model_bytes = path.read_bytes()
         try:
             session = ort.InferenceSession(
-                path.read_bytes(), sess_options=session_options(), providers=["CPUExecutionProvider"]
+                model_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime's errors share no base class
             raise ModelRepoError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
         _check_session(model, version, session)
         sessions[version] = session
+        costs[version] = _RunCost(allowed=inline_candidate(model_bytes))
     return _Served(
         model=model,
         sessions=sessions,
         input_reshape=dict(model.input_reshape),
         output_reshape=dict(model.output_reshape),
+        costs=costs,
     )
 
 

@@ -156,7 +156,7 @@ def normalize(text: str, *, display_order: bool = True) -> Normalized:
     """
     if text.isascii() and not text.encode("ascii").translate(None, _PLAIN_ASCII):
         return Normalized(text, text)
-    distinct = set(_SPECIAL.findall(text))
+    distinct = set(_specials(text))
     folds = {ch: _FOLD[ord(ch)] for ch in distinct}
     if len(distinct) <= SPARSE_LIMIT and all(len(f) == 1 for f in folds.values()):
         copy = text
@@ -170,6 +170,13 @@ def normalize(text: str, *, display_order: bool = True) -> Normalized:
     if len(positions) > SPARSE_LIMIT:
         return _normalize_vectorized(text, display_order)
     return _normalize_sparse(text, positions, folds)
+
+
+def _specials(text: str) -> str:
+    """What ``_SPECIAL.findall(text)`` finds, joined, at a third of its cost: the UTF-8
+    bytes less the plain ASCII ones are exactly the encodings of the other characters (a
+    multi-byte sequence holds no ASCII byte). surrogatepass: lone surrogates included."""
+    return text.encode("utf-8", "surrogatepass").translate(None, _PLAIN_ASCII).decode("utf-8", "surrogatepass")
 
 
 def _normalize_sparse(text: str, positions: list[int], folds: dict[str, str]) -> Normalized:

@@ -161,13 +161,20 @@ _PH_PAREN = r"\([ \t]?[0-9]{1,5}[ \t]?\)[ \t\-.]?"
 _PH_SEP = r"(?:[ \t]?[.\-/][ \t]?|[ \t]{1,2})"
 _PH_EXT = r"(?:[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6})?"
 # Separated groups (the first one followed by a separator or in parentheses, so a lone
-# number is no candidate) or one run of 7-15 digits; never inside a longer number.
+# number is no candidate) or one run of 7-15 digits; never inside a longer number. The
+# first group may be a whole run: "+14155550132 12 times" is a candidate whose window
+# finds the number (otherwise a run followed by any number was never masked).
 PHONE_SOURCE: Final = _bounded(
     r"^|[^0-9A-Za-z_+]",
     rf"(?:\+[ \t]?|00[ \t]?)?"
-    rf"(?:(?:{_PH_PAREN}|[0-9]{{1,6}}(?:{_PH_SEP}|[ \t]?{_PH_PAREN}))(?:{_PH_PAREN}|[0-9]{{1,6}}{_PH_SEP}?){{0,6}}"
+    rf"(?:(?:{_PH_PAREN}|[0-9]{{1,15}}(?:{_PH_SEP}|[ \t]?{_PH_PAREN}))(?:{_PH_PAREN}|[0-9]{{1,6}}{_PH_SEP}?){{0,6}}"
     rf"[0-9]{{1,6}}|[0-9]{{7,15}}){_PH_EXT}",
-    r"$|[^0-9A-Za-z_.\-/ \t]|[.\-/ \t](?:$|[^0-9])",
+    # Any separator ends a candidate, also one before more digits: what follows may be a
+    # word ("... 0958 2nd floor"), a long run ("... 0958 00000000") or another entity, and
+    # requiring a non-digit there left such phones unmasked (found by security_tests/fuzz).
+    # Digits that can continue the number as groups still do (the match is greedy), and the
+    # windows of _check_phone trim them.
+    r"$|[^0-9A-Za-z_.\-/ \t]|[.\-/ \t]",
 )
 _PH_EXT_RE: Final = re.compile(rb"[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6}$")
 _PH_TOKEN: Final = re.compile(rb"\([ \t]?[0-9]+[ \t]?\)|[0-9]+")
@@ -231,7 +238,12 @@ def phone_valid(chunk: bytes, keyword: bool = False, *, inner: bool = False) -> 
 
 
 def _phone_ok(chunk: bytes, groups: list[bytes], keyword: bool, inner: bool) -> bool:
-    """:func:`phone_valid` with the digit runs of ``chunk`` already split out."""
+    """:func:`phone_valid` with the digit runs of ``chunk`` already split out.
+
+    SECURITY: a shape accepted here without ``keyword`` must also be one that
+    :func:`_maybe_strong` admits, or :func:`_check_phone` never gets to test it
+    (tests/privacy/test_pii_equivalence.py checks the two agree on its sample).
+    """
     digits = b"".join(groups)
     count = len(digits)
     if not 7 <= count <= 15:
@@ -268,6 +280,14 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
     chunk = data[start:end]
     if len(chunk.translate(None, _NOT_DIGITS)) < 7:
         return None  # most candidates in prose ("pages 12 - 20"): cheapest test first
+    keyword: bool | None = None  # a phone keyword before the candidate; looked up once, if needed
+    if not _maybe_strong(chunk):
+        keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
+        if not keyword:
+            # No reading can have a shape that passes without a keyword, and there is none:
+            # every reading below would fail. Most number-dense text (ISBNs, order, card-like
+            # and version numbers) ends here, before the candidate is split into readings.
+            return None
     extension = _PH_EXT_RE.search(chunk) if b"x" in chunk or b"#" in chunk else None  # x, ext, extension, #
     body = chunk[:len(chunk) - len(extension.group())] if extension else chunk
     # Every digit run of the body is one token (a run, or a run in parentheses): the
@@ -276,13 +296,18 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
     if not tokens:
         return None
     runs = [body[s:e].strip(b"() \t") for s, e in tokens]
-    readings = [(body.strip(), runs, False, start, end)]
-    readings += [(body[s:e].strip(), runs[first:last + 1], s > 0, start + s, start + e)
-                 for s, e, first, last in _phone_windows(tokens, runs)]
     # Layout and country-code evidence first; a nearby keyword ("call", "tel") only
-    # admits weaker forms when no strong reading exists.
-    weak = False
-    for text, groups, inner, begin, stop in readings:
+    # admits weaker forms when no strong reading exists. The whole candidate is read
+    # first, and its windows only when it fails (the usual phone needs none).
+    whole = body.strip()
+    weak = len(runs) >= 2
+    if whole[:1] in (b"+", b"(") or runs[0][:1] == b"0" or tuple(map(len, runs)) in _NANP_LAYOUTS:
+        if _phone_ok(whole, runs, False, False):
+            return start, end
+        weak = True
+    windows = [(body[s:e].strip(), runs[first:last + 1], s > 0, start + s, start + e)
+               for s, e, first, last in _phone_windows(body, tokens, runs)]
+    for text, groups, inner, begin, stop in windows:
         # Without a keyword only these shapes can pass (+cc, 00cc, trunk 0, "(", NANP
         # layouts; see _phone_ok): the rest skip the full test.
         if text[:1] in (b"+", b"(") or groups[0][:1] == b"0" or tuple(map(len, groups)) in _NANP_LAYOUTS:
@@ -291,35 +316,86 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
             weak = True
         elif len(groups) >= 2:
             weak = True
-    if not weak or not _has_keyword(_before(data, start), _PHONE_KEYWORDS):
+    if not weak:
+        return None
+    if keyword is None:
+        keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
+    if not keyword:
         return None  # a keyword admits only the shapes above or two or more groups
-    for text, groups, inner, begin, stop in readings:
+    for text, groups, inner, begin, stop in ((whole, runs, False, start, end), *windows):
         if _phone_ok(text, groups, True, inner):
             return begin, stop
     return None
 
 
-def _phone_windows(tokens: list[tuple[int, int]], runs: list[bytes]) -> list[tuple[int, int, int, int]]:
-    """The candidate without its first and/or last digit group, if 7-15 digits remain.
+# A digit run starting with 0, and the NANP layouts as consecutive group sizes (one byte
+# per group) for :func:`_maybe_strong`. SECURITY: stdlib ``re`` on a bounded candidate.
+_ZERO_LED: Final = re.compile(rb"(?<![0-9])0")
+_NANP_SIZES: Final = re.compile(b"|".join(re.escape(bytes(layout)) for layout in _NANP_LAYOUTS))
 
-    A candidate may have run into one neighbouring number ("Room 12 415-555-0132",
-    "415-555-0132 24 hours"); trimming more would find phone-shaped pieces in any long
-    run of digits (an IBAN, an order number). Each window: byte span, first and last token.
+
+def _maybe_strong(chunk: bytes) -> bool:
+    """Can any reading of this phone candidate have a shape that :func:`_phone_ok`
+    accepts without a keyword: a "+" or "(" start, a first group with a leading 0, or
+    group sizes of a NANP layout?
+
+    A necessary condition only, so False proves that no reading passes without a
+    keyword. Every reading is a run of consecutive digit groups of the candidate (the
+    extension cut off is whole groups too), so its first character, first group and
+    group sizes are found in the candidate's.
+    """
+    if b"+" in chunk or b"(" in chunk or len(chunk) > 255 or _ZERO_LED.search(chunk):
+        return True  # (a run of 256+ digits would not fit a size byte: the full test decides)
+    return _NANP_SIZES.search(bytes(map(len, _DIGIT_RUN.findall(chunk)))) is not None
+
+
+def _phone_windows(body: bytes, tokens: list[tuple[int, int]],
+                   runs: list[bytes]) -> list[tuple[int, int, int, int]]:
+    """Every run of consecutive digit groups of the candidate with 7-15 digits, leftmost
+    first and longest first: byte span, first and last token.
+
+    A candidate may have run into neighbouring numbers ("Room 12 415-555-0132", "0/0 020
+    7946 0958", "415-555-0132/415-555-0199", "+14155550132 12 times"). The leftmost reading
+    that passes is masked and the scan resumes after it, so a second number in the same
+    candidate gets its own reading. (Trimming only the first or last group left a number
+    behind a "0/0" or next to another number in clear: found by security_tests/fuzz.)
+    What a window leaves out before it must pass :func:`_leftover_ok`; what follows it is
+    searched again anyway.
     """
     count = len(tokens)
-    if count < 3:
-        return []  # every window needs two groups and leaves one out
-    total = len(b"".join(runs))
-    head, tail = len(runs[0]), len(runs[-1])
     windows: list[tuple[int, int, int, int]] = []
-    for first, last, digits in ((0, count - 2, total - tail), (1, count - 1, total - head),
-                                (1, count - 2, total - head - tail)):
-        if last - first < 1:
+    for first in range(count):
+        if not _leftover_ok(body, tokens, runs, 0, first):
             continue
-        if 7 <= digits <= 15:
-            # A leading "+" stays.
-            windows.append((0 if first == 0 else tokens[first][0], tokens[last][1], first, last))
+        digits = 0
+        spans: list[tuple[int, int, int, int]] = []
+        for last in range(first, count):
+            digits += len(runs[last])
+            if digits > 15:
+                break
+            if digits < 7 or (first == 0 and last == count - 1):
+                continue  # too short, or the whole candidate (already the first reading)
+            spans.append((_group_start(body, tokens, first), tokens[last][1], first, last))
+        windows += reversed(spans)
     return windows
+
+
+def _group_start(body: bytes, tokens: list[tuple[int, int]], index: int) -> int:
+    """Where group ``index`` starts, a "+" (or "+ ") right before it included."""
+    if index == 0:
+        return 0
+    begin = tokens[index][0]
+    return begin - (1 if body[begin - 1:begin] == b"+" else 2 if body[begin - 2:begin] == b"+ " else 0)
+
+
+def _leftover_ok(body: bytes, tokens: list[tuple[int, int]], runs: list[bytes], first: int, stop: int) -> bool:
+    """May groups ``first:stop`` be left outside a window? One group ("Room 12", any
+    size), small numbers only ("0/0", "1 12"), or a phone number of its own; anything
+    else means the window is a phone-shaped piece of a longer number (an IBAN)."""
+    if stop - first <= 1 or all(len(run) <= 3 for run in runs[first:stop]):
+        return True
+    text = body[_group_start(body, tokens, first):tokens[stop - 1][1]].strip()
+    return _phone_ok(text, runs[first:stop], False, first > 0)
 
 
 # --- CARD -----------------------------------------------------------------------------
@@ -376,6 +452,10 @@ def _check_card(data: bytes, start: int, end: int) -> Span | None:
         return start, end
     if len(digits) < 14:
         return None  # a window leaves out one group at least, and needs 13 digits
+    first_run = len(chunk) - len(chunk.lstrip(b"0123456789"))
+    last_run = len(chunk) - len(chunk.rstrip(b"0123456789"))
+    if len(digits) - min(first_run, last_run) < 13:
+        return None  # every window leaves out the first or the last group: none has 13 digits
     found = [(r.start(), r.end(), r.group()) for r in _DIGIT_RUN.finditer(chunk)]
     # A neighbouring group may have been taken in ("... 0132 4111 1111 1111 1111"): try
     # the windows of whole groups, longest first (at most 5 groups here).

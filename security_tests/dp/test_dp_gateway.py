@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -48,7 +49,7 @@ def exhaust(gw: AttackGateway, token: str, x: np.ndarray) -> None:
     assert reply.status == 200, reply.body
 
 
-def audit_since(gw: AttackGateway, start: int) -> list[dict[str, object]]:
+def audit_since(gw: AttackGateway, start: int) -> list[dict[str, Any]]:
     return gw.audit()[start:]
 
 
@@ -257,13 +258,14 @@ def noise_samples(attack_gw: AttackGateway, attack_world: World) -> tuple[np.nda
         assert reply.status == 200
         out.append(reply.output())
     values = np.concatenate(out)
-    return values, np.broadcast_to(truth, values.shape)
+    return values, np.asarray(np.broadcast_to(truth, values.shape), dtype=np.float64)
 
 
 def fires_low_bit_test(y: np.ndarray) -> np.ndarray:
     """Mironov's distinguisher: 0 < y < 0.5 and y·2^53 not an integer."""
     scaled = y * float(2**53)
-    return (y > 0) & (y < 0.5) & (scaled != np.floor(scaled))
+    fired: np.ndarray = (y > 0) & (y < 0.5) & (scaled != np.floor(scaled))
+    return fired
 
 
 @pytest.mark.parametrize("case", ["DP-06"])
@@ -306,7 +308,8 @@ def test_dp09_no_un_noised_side_door(side_door: str, attack_gw: AttackGateway, a
     x = attack_world.tab.x_members[5]
     raw = raw_probs(attack_world, "tab_dp", x[None, :])[0].astype(np.float32)
     token = gw.token("u1", "alpha")
-    body = {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32", "data": [float(v) for v in x]}]}
+    body: dict[str, Any] = {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32",
+                                        "data": [float(v) for v in x]}]}
     if side_door == "binary_data":
         body["outputs"] = [{"name": "probs", "parameters": {"binary_data": True}}]
     elif side_door == "classification":
@@ -314,7 +317,7 @@ def test_dp09_no_un_noised_side_door(side_door: str, attack_gw: AttackGateway, a
     elif side_door == "raw_logits":
         body["outputs"] = [{"name": "logits"}]
     else:
-        body["inputs"][0]["shape"] = [1, 19]  # type: ignore[index]
+        body["inputs"][0]["shape"] = [1, 19]
     payload = json.dumps(body).encode()
     conn = gw._connection()
     conn.request("POST", "/v2/models/tab_dp/infer", body=payload,

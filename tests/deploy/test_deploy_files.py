@@ -550,7 +550,9 @@ def test_prometheus_config_loads_the_rules_and_scrapes_the_gateway() -> None:
     assert [(PROMETHEUS.parent / f).resolve() for f in config["rule_files"]] == [ALERTS.resolve()]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = [t for sc in jobs["infergate"]["static_configs"] for t in sc["targets"]]
-    assert targets == ["gateway:8080"]
+    assert targets == ["gateway:9464"]  # the metrics-only listener (--metrics-listen), SEC-09
+    gateway_args = load_yaml(COMPOSE)["services"]["gateway"]["command"]
+    assert "--metrics-listen=0.0.0.0:9464" in gateway_args
     assert jobs["infergate"].get("metrics_path", "/metrics") == "/metrics"
     compose = load_yaml(COMPOSE)
     am_targets = [t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
@@ -844,7 +846,7 @@ def test_k8s_gateway_deployment() -> None:
     container = _container(deployment, "gateway")
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert [p["containerPort"] for p in container["ports"]] == [8080]
+    assert [p["containerPort"] for p in container["ports"]] == [8080, 9464]  # API, metrics-only listener
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
     assert "emptyDir" in mounts["/tmp"]  # noqa: S108 - the container's /tmp, not a file of ours
@@ -930,16 +932,19 @@ def test_k8s_only_the_gateway_reaches_triton() -> None:
 
 
 def test_k8s_redis_and_gateway_paths() -> None:
-    """Redis admits only the gateway; the gateway admits only the ingress (and Prometheus) on 8080."""
+    """Redis admits only the gateway; the gateway admits the ingress on 8080 and Prometheus on 9464."""
     for rule in (r for np in _policies_for(REDIS_LABELS, "Ingress") for r in np["spec"].get("ingress", [])):
         assert all(set(p) == {"podSelector"} and _selects(p["podSelector"], GATEWAY_LABELS) for p in rule["from"])
         assert [p["port"] for p in rule["ports"]] == [6379]
     gateway_in = [r for np in _policies_for(GATEWAY_LABELS, "Ingress") for r in np["spec"].get("ingress", [])]
     assert gateway_in
     for rule in gateway_in:
-        assert [p["port"] for p in rule["ports"]] == [8080]
+        ports = [p["port"] for p in rule["ports"]]
+        assert ports in ([8080], [9464])
         for peer in rule["from"]:
             assert "ipBlock" not in peer and "namespaceSelector" in peer, peer
+            if ports == [9464]:  # metrics: the monitoring namespace's Prometheus only
+                assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     gateway_out = [r for np in _policies_for(GATEWAY_LABELS, "Egress") for r in np["spec"].get("egress", [])]
 
     def reaches(labels: dict[str, str], port: int) -> bool:

@@ -102,7 +102,8 @@ def start_gateway(
     ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
     gw = GatewayProcess(proc, port, state, audit, log_path)
     deadline = time.monotonic() + timeout_s

@@ -122,8 +122,8 @@ def _model_paths() -> dict[str, Any]:
                         _AUTHENTICATED_ERRORS, params=params)
         ready = _get("model_ready", "Model readiness (KServe V2)",
                      {"200": _json_body(_ref("Ready"), "The model is ready."),
-                      **{"400": _json_body({"oneOf": [_ref("Ready"), _ref("Error")]},
-                                           "Not ready (KServe V2), or a malformed request.")}},
+                      "400": _json_body({"oneOf": [_ref("Ready"), _ref("Error")]},
+                                        "Not ready (KServe V2), or a malformed request.")},
                      tuple(c for c in _AUTHENTICATED_ERRORS if c != 400), params=params)
         infer = _infer_operation(params)
         for op in (metadata, ready, infer):

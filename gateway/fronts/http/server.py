@@ -26,6 +26,7 @@ from gateway.errors import (
     MalformedRequest,
     MethodNotAllowed,
     PayloadTooLarge,
+    PermissionDenied,
     RequestTimeout,
 )
 from gateway.fronts.client_addr import client_address
@@ -34,6 +35,8 @@ from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_
 from gateway.fronts.http.openapi import openapi_bytes
 from gateway.fronts.http.protocol import check_framing
 from gateway.fronts.http.routes import Route, resolve
+from gateway.fronts.metrics_access import metrics_allowed
+from gateway.fronts.metrics_access import render as render_metrics
 from gateway.pii_unmask import MAX_BODY_BYTES as UNMASK_MAX_BYTES
 from gateway.pii_unmask import unmask as pii_unmask
 from gateway.policy.store import Snapshot
@@ -120,7 +123,7 @@ class HttpFront:
             else:
                 route_label = route.template
                 if not route.authenticated:
-                    response = await self._open_route(route, request_id)
+                    response = await self._open_route(request, route, request_id)
                 else:
                     response = await self._authenticated(request, route, request_id)
             answered = time.perf_counter()
@@ -130,7 +133,7 @@ class HttpFront:
         finally:
             self.metrics.in_flight.dec()
             elapsed = (answered or time.perf_counter()) - started
-            self.metrics.request_duration.labels(route=route_label).observe(elapsed)
+            self.metrics.child(self.metrics.request_duration, route_label).observe(elapsed)
             structlog.contextvars.unbind_contextvars("request_id")
 
     async def _deliver(self, request: web.Request, response: web.StreamResponse, route_label: str,
@@ -166,10 +169,9 @@ class HttpFront:
             self.metrics.audit_failures.inc()
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
 
-    async def _open_route(self, route: Route, request_id: str) -> web.StreamResponse:
+    async def _open_route(self, request: web.Request, route: Route, request_id: str) -> web.StreamResponse:
         if route.kind == "metrics":
-            response = web.Response(body=self.metrics.render(),
-                                    headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+            response = self._metrics(request, request_id)
         elif route.kind == "openapi":
             response = web.Response(body=openapi_bytes(), content_type=_JSON, headers={"X-Request-ID": request_id})
         elif route.kind == "live":
@@ -179,6 +181,19 @@ class HttpFront:
             response = _json_response(200 if ready else 503, {"ready": ready}, request_id)
         self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
         return response
+
+    def _metrics(self, request: web.Request, request_id: str) -> web.Response:
+        # SECURITY (SEC-09): /metrics only for gateway.yaml metrics.allow_from; X-Forwarded-For
+        # is believed only from --trusted-proxy peers (fronts/metrics_access.py).
+        allow_from = self.service.pin().policy.gateway.metrics.allow_from
+        allowed, addr = metrics_allowed(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                        self.service.trusted_proxies, allow_from)
+        if allowed:
+            return render_metrics(self.metrics)
+        self.metrics.metrics_denied.inc()
+        log.warning("metrics_denied", client_addr=addr, request_id=request_id)
+        return error_response(PermissionDenied("metrics are not served to this address",
+                                               reason="metrics_forbidden"), request_id)
 
     async def _authenticated(self, request: web.Request, route: Route, request_id: str) -> web.StreamResponse:
         snap = self.service.pin()
@@ -209,7 +224,7 @@ class HttpFront:
         response.headers.update(variant_headers(ctx))
         if response.status < 400:
             response.headers.update(limit_headers(ctx))
-        self.metrics.requests.labels(route=route.template, code=str(response.status)).inc()
+        self.metrics.child(self.metrics.requests, route.template, str(response.status)).inc()
         return response
 
     async def _dispatch(self, request: web.Request, route: Route, ctx: RequestContext,
@@ -240,7 +255,8 @@ class HttpFront:
         check_content_type(request)
         await _continue_if_expected(request, limits.max_body_bytes)
         try:
-            async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            # SECURITY: slow-body clients (HTTP-13) hold a connection for body_timeout_s at most.
+            async with asyncio.timeout(float(limits.body_timeout_s)):
                 body = await read_body(request, max_bytes=limits.max_body_bytes)
         except TimeoutError as exc:
             raise RequestTimeout("request body not received in time", reason="body_timeout") from exc

@@ -128,18 +128,14 @@ class AttackGateway:
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
-        for attempt in (0, 1):
-            conn = self._connection()
-            try:
-                conn.request(method, path, body=payload, headers=hdrs)
-                resp = conn.getresponse()
-                raw = resp.read()
-                break
-            except (http.client.HTTPException, ConnectionError):
-                conn.close()
-                self._conn = None
-                if attempt:
-                    raise
+        try:
+            resp, raw = self._send(method, path, payload, hdrs)
+        except (http.client.HTTPException, ConnectionError):
+            # A kept-alive connection the server closed: one retry on a fresh one.
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            resp, raw = self._send(method, path, payload, hdrs)
         text = raw.decode() if raw else "{}"
         try:
             parsed = json.loads(text)
@@ -147,6 +143,13 @@ class AttackGateway:
             parsed = {"raw": text}
         self.calls[path] = self.calls.get(path, 0) + 1
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed)
+
+    def _send(self, method: str, path: str, payload: bytes | None,
+              hdrs: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
+        conn = self._connection()
+        conn.request(method, path, body=payload, headers=hdrs)
+        resp = conn.getresponse()
+        return resp, resp.read()
 
     def infer(self, model: str, token: str, x: npt.ArrayLike, *, input_name: str = "x",
               extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Reply:

@@ -1,0 +1,6 @@
+"""atheris harness of the ``jwt`` target (see atheris_common.py for usage)."""
+
+from security_tests.fuzz.atheris_common import run
+
+if __name__ == "__main__":
+    run("jwt")
