@@ -86,18 +86,19 @@ async def test_aud_02_06_tamper(gw: Client, world: World, tokens: Tokens, tmp_pa
 
 @pytest.mark.parametrize("where", ["user_agent", "model", "id"])
 async def test_aud_07_log_injection(gw: Client, world: World, tokens: Tokens, where: str) -> None:
-    evil = 'x\n{"seq":999,"decision":"allow"}'
+    # A seq no real record can have (a long session's trail does reach 999).
+    evil = 'x\n{"seq":-7,"decision":"allow"}'
     before = len(world.audit_records())
     if where == "user_agent":
         await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"User-Agent": evil.replace("\n", " ")})
     elif where == "model":
-        await gw.request("POST", "/v2/models/x%0a%7B%22seq%22%3A999%7D/infer", json_body=PUB_BODY,
+        await gw.request("POST", "/v2/models/x%0a%7B%22seq%22%3A-7%7D/infer", json_body=PUB_BODY,
                          token=tokens.u1())
     else:
         await gw.infer("pub_clf", {**PUB_BODY, "id": evil}, token=tokens.u1())
     after = world.audit_records()
     assert len(after) == before + 1
-    assert all(r["seq"] != 999 for r in after)
+    assert all(isinstance(r["seq"], int) and r["seq"] > 0 for r in after)
 
 
 async def test_aud_10_minimisation(gw: Client, world: World, tokens: Tokens) -> None:

@@ -40,9 +40,20 @@ def test_two_replicas_never_overspend(tmp_path: Path) -> None:
         urls = [f"http://{gw.url}" for gw in gateways] * 100
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             statuses = list(pool.map(lambda a: _post(a[1], token, a[0]), enumerate(urls)))
+        refused_unavailable = statuses.count(503)
+        # A 503 is the fail-closed answer when Redis misses its 100 ms deadline on a loaded
+        # machine; ask those again one by one so every request ends in 200 or 429.
+        for i in range(len(statuses)):
+            for _ in range(5):
+                if statuses[i] != 503:
+                    break
+                statuses[i] = _post(urls[i], token, i)
+        assert set(statuses) <= {200, 429}, statuses
         # the shipped policy: ε 0.5 per row, 5 per tenant per UTC day -> exactly 10 answers in total
-        assert statuses.count(200) == 10, statuses
-        assert statuses.count(429) == 190
+        # SECURITY: never more than the budget; a 503 may strand a reservation until it
+        # expires (fail closed: under-use), so exactness holds only without 503s.
+        assert 10 - refused_unavailable <= statuses.count(200) <= 10, statuses
+        assert statuses.count(200) + statuses.count(429) == 200
     finally:
         for gw in gateways:
             gw.stop()
