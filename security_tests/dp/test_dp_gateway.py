@@ -135,7 +135,15 @@ async def test_dp02_concurrent_requests_never_overspend(case: str, redis_gw: tup
     assert statuses.count(200) <= 2
     assert set(statuses) <= {200, 429, 503}
     assert all(float(rem) >= 0.0 for s, rem in results if s == 200 and rem is not None)
-    later = [gw.infer("tab_dp", token, x[300 + i]).status for i in range(3)]
+    def settled(i: int) -> int:
+        # After the burst, a store deadline missed on a loaded host is still a fail-closed 503.
+        for _ in range(5):
+            status = gw.infer("tab_dp", token, x[300 + i]).status
+            if status != 503:
+                return status
+        return status
+
+    later = [settled(i) for i in range(3)]
     answered = statuses.count(200) + later.count(200)
     assert answered <= 2  # never more than the budget, whatever failed in the burst
     assert later[-1] == 429
