@@ -192,6 +192,12 @@ async def _drive(gw: Gateway, session: aiohttp.ClientSession, auth: dict[str, st
                                      {"route": "/v2/models/{model}/infer", "reason": "client_gone"}):
             break
         await asyncio.sleep(0.05)
+    # The abort is counted inside the handler; the in-flight gauge drops only when the
+    # request's middleware unwinds, a moment later.
+    for _ in range(200):
+        if not registry.get_sample_value("gateway_requests_in_flight"):
+            break
+        await asyncio.sleep(0.05)
 
 
 async def _status(session: aiohttp.ClientSession, url: str, auth: dict[str, str]) -> int:
