@@ -21,10 +21,8 @@ a verdict every ``evaluate_every`` rows), with predictions from the real ONNX mo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,6 +37,7 @@ from gateway.drift.monitor import DriftMonitor
 from gateway.drift.policy import DriftPolicy
 from gateway.observability.metrics import Metrics
 from gateway.policy.loader import load_policy_dir
+from privacy.training.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = ROOT / "triton_repo"
@@ -46,12 +45,7 @@ Array = npt.NDArray[np.float32]
 
 
 def build_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("infergate_build_models", ROOT / "tools" / "build_models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("infergate_build_models", ROOT / "tools" / "build_models.py")
 
 
 class Model:

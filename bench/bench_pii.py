@@ -34,8 +34,8 @@ from faker import Faker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.pii_corpus import ADJACENT, SEED, generate  # noqa: E402
 from bench.pii_corpus import DEFAULT_OUT as CORPUS  # noqa: E402
-from bench.pii_corpus import SEED, generate  # noqa: E402
 from privacy.pii import ENTITIES, PiiEngine, Replace  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "pii.json"
@@ -109,14 +109,15 @@ def load_corpus() -> list[dict[str, Any]]:
     if not CORPUS.exists():
         CORPUS.parent.mkdir(parents=True, exist_ok=True)
         with CORPUS.open("w", encoding="utf-8") as handle:
-            for row in generate(2400, SEED):
+            for row in generate(2400, SEED, ADJACENT):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     with CORPUS.open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
 
 
 def score(rows: list[dict[str, Any]], predictions: list[list[tuple[str, int, int]]],
-          variants: tuple[str, ...] = ("plain", "negative", "evasion")) -> dict[str, dict[str, float | int]]:
+          variants: tuple[str, ...] = ("plain", "negative", "evasion", "adjacent"),
+          ) -> dict[str, dict[str, float | int]]:
     """Lenient overlap matching per type: precision over predictions, recall over gold."""
     gold_total: Counter[str] = Counter()
     gold_hit: Counter[str] = Counter()
@@ -207,6 +208,7 @@ def run(repeat: int, skip_presidio: bool) -> dict[str, Any]:
         "ours": {
             "quality": score(rows, ours),
             "evasion_recall": {k: v["recall"] for k, v in score(rows, ours, ("evasion",)).items()},
+            "adjacent_recall": {k: v["recall"] for k, v in score(rows, ours, ("adjacent",)).items()},
             "scan_mb_s": round(total_bytes / scan_s / 1e6, 2),
             "mask_mb_s": round(total_bytes / mask_s / 1e6, 2),
         },
@@ -234,6 +236,7 @@ def run(repeat: int, skip_presidio: bool) -> dict[str, Any]:
             "quality": score(rows, mapped(0.0)),
             "quality_score_0.5": score(rows, mapped(0.5)),
             "evasion_recall": {k: v["recall"] for k, v in score(rows, mapped(0.0), ("evasion",)).items()},
+            "adjacent_recall": {k: v["recall"] for k, v in score(rows, mapped(0.0), ("adjacent",)).items()},
             "scan_mb_s": round(total_bytes / presidio["analyze_cpu_s"] / 1e6, 3),
             "mask_mb_s": round(total_bytes / presidio["analyze_anonymize_cpu_s"] / 1e6, 3),
             "scan_no_phone_mb_s": round(total_bytes / presidio["analyze_no_phone_cpu_s"] / 1e6, 3),
@@ -278,6 +281,11 @@ def markdown(result: dict[str, Any]) -> str:
     if presidio:
         evasion_p = ", ".join(f"{k} {v:.2f}" for k, v in presidio["evasion_recall"].items() if v == v)
         lines.append(f"Recall on the evasion subset, Presidio: {evasion_p}")
+    adjacent = ", ".join(f"{k} {v:.2f}" for k, v in ours["adjacent_recall"].items() if v == v)
+    lines.append(f"Recall on the adjacent subset (entities in a row), ours: {adjacent}")
+    if presidio:
+        adjacent_p = ", ".join(f"{k} {v:.2f}" for k, v in presidio["adjacent_recall"].items() if v == v)
+        lines.append(f"Recall on the adjacent subset, Presidio: {adjacent_p}")
     return "\n".join(lines)
 
 

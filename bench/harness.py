@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -56,6 +55,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from privacy.training.scripts import load_script  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, start_gateway  # noqa: E402
 from tests.support.mlserver import MLServerProcess, start_mlserver  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -70,12 +70,7 @@ BIG = 10**9
 
 
 def _build_models() -> Any:
-    spec = importlib.util.spec_from_file_location("infergate_build_models_bench", ROOT / "tools" / "build_models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("infergate_build_models_bench", ROOT / "tools" / "build_models.py")
 
 
 def _texts(count: int, size: int = 1024) -> list[str]:
@@ -394,12 +389,8 @@ http {{
 """)
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(port)
-        yield f"http://127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with _serving(proc, port) as served:
+        yield served
 
 
 @contextlib.contextmanager
@@ -407,6 +398,13 @@ def passthrough(upstream_http: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "passthrough.py"), "--listen", f"127.0.0.1:{port}",
                              "--upstream", upstream_http], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with _serving(proc, port) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def _serving(proc: subprocess.Popen[bytes], port: int) -> Iterator[tuple[str, int]]:
+    """A started server process: its URL and pid once the port answers, stopped on exit."""
     try:
         _wait_port(port)
         yield f"http://127.0.0.1:{port}", proc.pid

@@ -10,9 +10,13 @@ Variants:
 - ``negative``: hard negatives only (Luhn failures, bad IBAN checksums, version strings
   shaped like IPs, invalid SSNs, dates without a birth keyword, UUIDs, hashes, ISBNs...);
 - ``evasion``: a plain entity hidden with zero-width characters, fullwidth digits,
-  Cyrillic/Greek homoglyphs or percent/HTML encodings.
+  Cyrillic/Greek homoglyphs or percent/HTML encodings;
+- ``adjacent``: two or three cards, phones, SSNs and IBANs in a row, joined by a space, a
+  slash, a comma... (issue 5: a card right after a phone was left in clear). Appended
+  after the others from their own seed, so the first ``--n`` rows do not change.
 
-    .venv/bin/python bench/pii_corpus.py [--n 2400] [--seed 20261202] [--out bench/data/pii_corpus.jsonl]
+    .venv/bin/python bench/pii_corpus.py [--n 2400] [--adjacent 200] [--seed 20261202] \
+        [--out bench/data/pii_corpus.jsonl]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from faker import Faker
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "data" / "pii_corpus.jsonl"
 SEED = 20261202
+ADJACENT = 200  # rows of the adjacent variant, after the others
 
 PHONE_LOCALES = ("en_US", "en_US", "en_US", "en_GB", "de_DE", "fr_FR", "it_IT", "es_ES", "nl_NL", "en_IN",
                  "pt_BR", "en_CA", "en_AU", "ja_JP")
@@ -253,6 +258,28 @@ class Generator:
         b.add(self.filler())
         return b
 
+    def adjacent(self) -> Builder:
+        r = self.rng
+        b = Builder()
+        b.add(r.choice(["Call ", "Paid with ", "ids: ", "ref ", "Details: ", ""]))
+        for index in range(r.choice([2, 2, 2, 3])):
+            if index:
+                b.add(r.choice([" ", "  ", ", ", "/", " / ", " - ", "; ", "\n", " and ", " | "]))
+            kind = r.choice(["CARD", "PHONE", "SSN", "IBAN"])
+            if kind == "CARD":
+                b.add(self.card(), "CARD")
+            elif kind == "PHONE":
+                b.add(self.phone(), "PHONE")
+            elif kind == "SSN":
+                value, bare = self.ssn()
+                if bare:  # nine bare digits are an SSN only after "SSN": not what this variant tests
+                    value = f"{value[:3]}-{value[3:5]}-{value[5:]}"
+                b.add(value.replace(" ", "-"), "SSN")
+            else:
+                b.add(self.iban(), "IBAN")
+        b.add(r.choice([" now.", ".", "", " thanks."]))
+        return b
+
     def _bad_card(self) -> str:
         number = self.en.credit_card_number()
         last = str((int(number[-1]) + self.rng.randrange(1, 10)) % 10)
@@ -316,7 +343,7 @@ class Generator:
         return b
 
 
-def generate(n: int, seed: int) -> list[dict[str, object]]:
+def generate(n: int, seed: int, adjacent: int = 0) -> list[dict[str, object]]:
     gen = Generator(seed)
     rows: list[dict[str, object]] = []
     for index in range(n):
@@ -324,16 +351,21 @@ def generate(n: int, seed: int) -> list[dict[str, object]]:
         variant = "plain" if roll < 0.75 else "negative" if roll < 0.93 else "evasion"
         builder = {"plain": gen.plain, "negative": gen.negative, "evasion": gen.evasion}[variant]()
         rows.append({"id": index, "variant": variant, "text": builder.text(), "entities": builder.spans})
+    neighbours = Generator(seed + 1)
+    for index in range(n, n + adjacent):
+        builder = neighbours.adjacent()
+        rows.append({"id": index, "variant": "adjacent", "text": builder.text(), "entities": builder.spans})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2400)
+    parser.add_argument("--adjacent", type=int, default=ADJACENT)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    rows = generate(args.n, args.seed)
+    rows = generate(args.n, args.seed, args.adjacent)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as handle:
         for row in rows:

@@ -26,6 +26,7 @@ from gateway.drift.monitor import DriftMonitor
 from gateway.flags.rollback import RollbackTrip
 from gateway.flags.shared import StateRollbackStore
 from gateway.fronts.client_addr import TrustedProxies
+from gateway.fronts.http.connection_cap import CappedRunner
 from gateway.fronts.http.protocol import GatewayRunner, set_server_header
 from gateway.fronts.http.server import HttpFront, no_automatic_continue
 from gateway.identity.registry import KeySourceRegistry
@@ -37,6 +38,7 @@ from gateway.policy.bundle import BundleVerifier
 from gateway.policy.compile import CompileEnv
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers, State
+from gateway.resilience.connection_gate import ConnectionGate
 from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
@@ -146,7 +148,8 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
     store = PolicyStore(settings.policies, metrics, env, on_change=on_change, verifier=verifier)
     store.load_initial()
     audit_policy = store.current.policy.gateway.audit
-    overrides: dict[str, Any] = {"stdout": audit_policy.stdout}
+    overrides: dict[str, Any] = {"stdout": audit_policy.stdout,
+                                 "append_timeout_s": float(audit_policy.append_timeout_s)}
     if audit_policy.retention_days is not None:
         overrides["retention_s"] = audit_policy.retention_days * 86_400.0
     if settings.audit_key_dir is not None:
@@ -211,6 +214,7 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
             await watcher
         if service.drift is not None:
             await service.drift.stop()
+        await front.decode_pool.aclose()
         await service.upstream.close()
         await service.store.env.flags_runtime.close()
         await service.state.close()
@@ -248,8 +252,14 @@ def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
     # Parser refusals quote no input, in the answer or the log (fronts/http/protocol.py).
     # ``extra`` may override keepalive_timeout (the security suite's short header timeout).
     options: dict[str, Any] = {"keepalive_timeout": HEADER_TIMEOUT_S, **extra}
-    return GatewayRunner(app, auto_decompress=False, access_log=None, max_line_size=MAX_LINE_SIZE,
-                         max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS, lingering_time=1.0, **options)
+    common: dict[str, Any] = {"auto_decompress": False, "access_log": None, "max_line_size": MAX_LINE_SIZE,
+                              "max_field_size": MAX_FIELD_SIZE, "max_headers": MAX_HEADERS, "lingering_time": 1.0}
+    service = app.get(SERVICE_KEY)
+    if service is None:
+        return GatewayRunner(app, **common, **options)
+    # SECURITY (AV-09): limits.max_connections / max_connections_per_ip, refused at accept time.
+    gate = ConnectionGate(limits=lambda: service.pin().policy.gateway.limits, metrics=service.metrics)
+    return CappedRunner(app, gate=gate, **common, **options)
 
 
 async def serve(settings: Settings, *, ready_message: str | None = None, reuse_port: bool = False) -> None:

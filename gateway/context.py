@@ -89,6 +89,9 @@ class RequestContext:
     records: list[StageRecord] = field(default_factory=list)
     skipped: frozenset[str] = frozenset()  # stages kill-switched for this call
     notes: dict[str, Any] = field(default_factory=dict)
+    # The model's declared outputs (from its metadata), set before the request stages run;
+    # lets authorization narrow an inference that names no outputs. None = not known.
+    declared_outputs: tuple[str, ...] | None = None
 
     def require_principal(self) -> Principal:
         """For stages that run after authentication; a missing principal is a wiring bug."""

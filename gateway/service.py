@@ -19,7 +19,7 @@ from gateway import __version__
 from gateway.audit import AuditAggregator, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request
-from gateway.context import RequestContext
+from gateway.context import Action, RequestContext
 from gateway.drift.monitor import DriftMonitor
 from gateway.errors import (
     DependencyUnavailable,
@@ -38,6 +38,7 @@ from gateway.observability.tracing import Tracing
 from gateway.policy.status import policy_status
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers
+from gateway.resilience.model_slots import ModelSlots
 from gateway.stages.dp_noise import budget_report
 from gateway.stages.feature_flags import flags_audit_fields
 from gateway.stages.model_exposure import UNKNOWN_MODEL
@@ -66,6 +67,13 @@ class InferenceService:
     in_flight: int = 0
     tracing: Tracing = field(default_factory=Tracing)
     drift: DriftMonitor | None = None
+    model_slots: ModelSlots = field(default_factory=ModelSlots)
+    # The revision whose breaker thresholds are in force: they are set once per revision.
+    _breakers_for: Snapshot | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.model_slots.on_shed is None:
+            self.model_slots.on_shed = self.metrics.shed.inc
 
     async def call(self, ctx: RequestContext, snap: Snapshot, route: str, work: Callable[[], Awaitable[T]]) -> T:
         """One authenticated call, for every front: shed, admit, work, audit (see :meth:`_call`)."""
@@ -89,7 +97,9 @@ class InferenceService:
             self.in_flight += 1
             try:
                 await snap.pipeline.admit(ctx)
-                result = await work()
+                # After admission: only a caller allowed to use the model learns it is busy.
+                with self.model_slots.hold(ctx.model or "", self._model_cap(ctx, snap)):
+                    result = await work()
             finally:
                 self.in_flight -= 1
         except GatewayError as exc:
@@ -113,6 +123,14 @@ class InferenceService:
             # SECURITY: shed load before any work; a bounded queue, not unbounded memory.
             self.metrics.shed.inc()
             raise DependencyUnavailable("too many requests in flight", reason="load_shed", retry_after_s=1)
+
+    @staticmethod
+    def _model_cap(ctx: RequestContext, snap: Snapshot) -> int | None:
+        """``models.<name>.max_in_flight`` for inference calls (AV-11); None = no per-model cap."""
+        if ctx.action is not Action.INFER or ctx.model is None:
+            return None
+        model = snap.policy.gateway.models.get(ctx.model)
+        return model.max_in_flight if model is not None else None
 
     def log_refusal(self, ctx: RequestContext, exc: GatewayError, route: str) -> None:
         self.metrics.refusals.labels(reason=exc.reason).inc()
@@ -197,10 +215,13 @@ class InferenceService:
     async def infer(self, ctx: RequestContext, snap: Snapshot, req: InferRequest) -> InferResponse:
         meta = await self.model_metadata(ctx, snap)
         check_request(req, meta)
+        ctx.declared_outputs = tuple(spec.name for spec in meta.outputs)
         timeout = float(snap.policy.gateway.upstream.infer_timeout_s)
 
-        up = snap.policy.gateway.upstream
-        self.breakers.failure_threshold, self.breakers.cooldown_s = up.breaker_failures, float(up.breaker_cooldown_s)
+        if snap is not self._breakers_for:
+            up = snap.policy.gateway.upstream
+            self.breakers.configure(up.breaker_failures, float(up.breaker_cooldown_s))
+            self._breakers_for = snap
 
         async def call_upstream(c: RequestContext, r: InferRequest) -> InferResponse:
             c.notes["upstream_called"] = True

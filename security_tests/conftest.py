@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from security_tests.support.jwtforge import TokenFactory
-from security_tests.support.side import RedisSide
+from security_tests.support.side import RedisSide, SideGateway
 from security_tests.support.world import CANARIES, UPSTREAM_MODELS, CaseLedger, Client, World
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,6 +62,35 @@ def redis_side(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     side = RedisSide(world, tmp_path_factory.mktemp("sectest-redis")).start()
     yield side
     side.stop()
+
+
+@pytest.fixture
+def fresh_breakers(world: World) -> Iterator[None]:
+    """Upstream breakers closed before and after a case that makes the upstream fail on purpose."""
+    assert world.service is not None
+    world.service.breakers._by_model.clear()
+    yield
+    world.service.breakers._by_model.clear()
+
+
+@pytest.fixture
+def side_gateways(world: World, tmp_path: Path) -> Iterator[Callable[..., SideGateway]]:
+    """``make(name, **settings_overrides)``: side gateways of this case (own policy copy and audit),
+    stopped after it; their nothing-lost check runs first (HTTP-17/18, AV-12)."""
+    started: list[SideGateway] = []
+
+    def make(name: str, **overrides: Any) -> SideGateway:
+        side = SideGateway(world, tmp_path / name, overrides=overrides).start()
+        started.append(side)
+        return side
+
+    yield make
+    try:
+        for side in started:
+            side.check_nl()
+    finally:
+        for side in started:
+            side.stop()
 
 
 @dataclass

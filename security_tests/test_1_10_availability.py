@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -21,6 +24,7 @@ from tests.support.fake_triton import (
     hang,
     nan_out,
     ok,
+    slow,
     wrong_datatype,
     wrong_shape,
 )
@@ -162,8 +166,7 @@ async def test_av_07_redis_lost_between_limit_and_budget(redis_gw: RedisSide, wo
 
     gw = side.gateway.client()
     token = tokens.u2(sub=tokens.sub("av07"))
-    # tab_dp answers [1, 10] probabilities (§0.2); the side's privacy policy says so.
-    side.gateway.edit_policy("privacy.yaml", "width: 1", "width: 10")
+    # tab_dp answers [1, 10] probabilities (§0.2), as the world's privacy policy says (width 10).
     world.fake.set(ok(lambda _inputs: {"probs": np.full((1, 10), 0.1, dtype=np.float32)}))
     ledger.reserve = cut_then_reserve  # type: ignore[method-assign]
     try:
@@ -208,3 +211,304 @@ async def test_av_08_redis_error_replies(redis_gw: RedisSide, world: World, toke
     assert _redis_errors((await gw.request("GET", "/metrics")).body) > before  # the alert metric moved
     side.heal()
     assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub("ok")))).status == 200
+
+
+# -- AV-09: connection cap ------------------------------------------------------------------------
+
+FLOOD = 10_000
+
+
+def _raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (10,000 sockets need it); the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _gauge(world: World, name: str, **labels: str) -> float:
+    assert world.service is not None
+    return world.service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _open_idle(port: int, sources: list[str], n: int, seen: Callable[[], float] | None = None) -> list[socket.socket]:
+    """``n`` connections that send nothing, opened one after the other (plain sockets in a
+    thread: cheaper than asyncio streams, so the flood is over long before the idle timeout).
+
+    ``seen`` (connections the gateway has accepted so far) paces the flood to the gateway's
+    accept loop: 128 connections ahead of it fill the listen backlog, the kernel drops SYNs
+    and each dropped one costs the client a 1 s retransmit (a slow flood, not a bigger one).
+    """
+    socks: list[socket.socket] = []
+    for i in range(n):
+        if seen is not None and i % 32 == 0:
+            for _ in range(2000):
+                if seen() >= i - 64:
+                    break
+                time.sleep(0.001)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((sources[i % len(sources)], 0))
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    return socks
+
+
+def _state(sock: socket.socket) -> bytes | None:
+    """What the gateway sent before closing (b"..." / b"" for a silent close); None: still open."""
+    sock.setblocking(False)
+    data = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except BlockingIOError:
+        return None
+    except ConnectionError:
+        pass
+    return bytes(data)
+
+
+def _wait_states(socks: list[socket.socket], timeout_s: float) -> list[bytes | None]:
+    """Each socket's :func:`_state` once it has closed, or after ``timeout_s`` (None = still open)."""
+    import selectors
+
+    states: list[bytes | None] = [None] * len(socks)
+    pending = dict(enumerate(socks))
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        for i, s in pending.items():
+            sel.register(s, selectors.EVENT_READ, i)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for key, _ev in sel.select(min(left, 0.5)):
+                i = key.data
+                got = _state(socks[i])
+                if got is not None:
+                    states[i] = got
+                    sel.unregister(socks[i])
+                    pending.pop(i)
+    return states
+
+
+async def test_av_09_connection_flood_is_capped(world: World, tokens: Tokens) -> None:
+    """10,000 idle connections: at most limits.max_connections are held, the rest get an
+    immediate 503 and are closed; a request in flight completes; idle ones are reaped."""
+    assert world.service is not None
+    cap = world.service.pin().policy.gateway.limits.max_connections
+    # Client and gateway share this process: one descriptor per client socket plus one per
+    # admitted gateway-side socket, plus what the session already holds.
+    flood = min(FLOOD, _raise_fd_limit() - cap - 1_500)
+    assert flood > cap, f"only {flood} descriptors for a cap of {cap}"
+    world.fake.set(slow(3.0), model="pub_clf")
+    in_flight = asyncio.ensure_future(Client(world, world.next_addr()).infer("pub_clf", PUB_BODY,
+                                                                             token=tokens.u1()))
+    for _ in range(500):
+        if world.upstream_calls() >= 1:
+            break
+        await asyncio.sleep(0.01)
+    assert world.upstream_calls() == 1  # the request is in flight before the flood starts
+    sources = [world.next_addr() for _ in range(20)]
+    refused_before = _gauge(world, "gateway_connections_refused_total", reason="max_connections")
+    peak = 0.0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _gauge(world, "gateway_connections_open"))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.ensure_future(watch())
+    socks: list[socket.socket] = []
+    try:
+        base = _gauge(world, "gateway_connections_open") + refused_before
+
+        def seen() -> float:
+            return _gauge(world, "gateway_connections_open") + _gauge(
+                world, "gateway_connections_refused_total", reason="max_connections") - base
+
+        socks = await asyncio.to_thread(_open_idle, world.gateway_port, sources, flood, seen)
+        # Refused connections are answered at once, though they sent nothing.
+        firsts = await asyncio.to_thread(_wait_states, socks, 1.0)
+        # A request over the cap is refused before its body is read.
+        over = await asyncio.to_thread(_open_idle, world.gateway_port, [world.next_addr()], 1)
+        over[0].sendall(b"POST /v2/models/pub_clf/infer HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n"
+                        b"Content-Type: application/json\r\n\r\n" + b"[" * 1000)
+        over_answer = (await asyncio.to_thread(_wait_states, over, 5.0))[0]
+        socks += over
+        answer = await in_flight
+        done.set()
+        await watcher
+        # Idle connections are reaped by the keep-alive (header) timeout: every held one closes.
+        held = [s for s, f in zip(socks, firsts, strict=False) if f is None]
+        reaped = await asyncio.to_thread(_wait_states, held, 30.0)
+    finally:
+        done.set()
+        world.fake.reset()
+        for s in socks:
+            s.close()
+    refused = [f for f in firsts if f]
+    reaped_early = [f for f in firsts if f == b""]  # admitted and already idle for the whole timeout
+    assert len(socks) - 1 >= flood - 10, f"only {len(socks) - 1} of {flood} connections were established"
+    assert len(held) <= cap and peak <= cap, (len(held), peak, cap)
+    assert len(refused) >= flood - cap - len(reaped_early) - 10  # everything over the cap
+    assert all(f.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in f for f in refused)
+    assert over_answer is not None and over_answer.startswith(b"HTTP/1.1 503 ")
+    assert _gauge(world, "gateway_connections_refused_total", reason="max_connections") - refused_before \
+        >= len(refused) + 1
+    assert answer.status == 200, answer.body  # the request in flight was not disturbed
+    assert reaped == [b""] * len(held)  # closed by the gateway without an answer
+    for _ in range(500):
+        if _gauge(world, "gateway_connections_open") <= 1:
+            break
+        await asyncio.sleep(0.02)
+    assert _gauge(world, "gateway_connections_open") <= 1
+    assert '"connections_refused"' in world.logs.text()
+    after = await Client(world, world.next_addr()).infer("pub_clf", PUB_BODY, token=tokens.u1())
+    assert after.status == 200  # room again
+
+
+# -- AV-11: per-model in-flight cap ---------------------------------------------------------------
+
+MODEL_CAP = 4
+
+
+async def test_av_11_latency_spike_is_shed_per_model(world: World, tokens: Tokens, fresh_breakers: None) -> None:
+    """pub_clf answers 5 s late: at most its cap waits on it, the excess gets a quick 503 and
+    other models keep answering."""
+    assert world.settings is not None
+    path = world.settings.policies / "gateway.yaml"
+    old = path.read_text()
+    path.write_text(old.replace("  pub_clf: {}\n", f"  pub_clf:\n    max_in_flight: {MODEL_CAP}\n"))
+    try:
+        assert world.reload() is True
+        world.fake.set(slow(5.0), model="pub_clf")
+        slow_calls = [asyncio.ensure_future(Client(world, world.next_addr()).infer(
+            "pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub(f"s{i}")))) for i in range(MODEL_CAP)]
+        for _ in range(1000):
+            if world.upstream_calls() >= MODEL_CAP:
+                break
+            await asyncio.sleep(0.01)
+        assert world.upstream_calls() == MODEL_CAP  # every slot is waiting on the slow upstream
+        excess = await asyncio.gather(*(Client(world, world.next_addr()).infer(
+            "pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub(f"x{i}")), ) for i in range(3 * MODEL_CAP)))
+        # Shed while the slow calls are still waiting: nothing queued behind them.
+        assert not any(t.done() for t in slow_calls)
+        other = await Client(world, world.next_addr()).infer("digits_clf", DIGITS_BODY, token=tokens.u1())
+        other_done_first = not any(t.done() for t in slow_calls)
+        slow_answers = await asyncio.gather(*slow_calls)
+        upstream_calls = world.upstream_calls()
+    finally:
+        world.fake.reset()
+        path.write_text(old)
+        world.reload()
+    for r in excess:
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1 and set(r.json()) == {"error"}
+        rec = world.audit_for(r)[0]
+        assert rec["decision"] == "deny" and rec["reason"] == "model_load_shed"
+    assert other.status == 200, other.body  # another model is unaffected by pub_clf's spike
+    assert other_done_first
+    assert [r.status for r in slow_answers] == [200] * MODEL_CAP
+    assert upstream_calls == MODEL_CAP + 1  # the cap's calls and the other model's: no queue
+    metrics = (await Client(world, world.next_addr()).request("GET", "/metrics")).body
+    m = re.search(rb'^gateway_refusals_total\{reason="model_load_shed"\} (\S+)$', metrics, re.M)
+    assert m and float(m.group(1)) >= 3 * MODEL_CAP
+
+
+# -- AV-14: CPU-heavy mix, event-loop lag ---------------------------------------------------------
+
+RATE = 50  # requests per second
+SECONDS = 4
+LAG_P99_S = 0.100  # CATALOGUE §0.6 I5
+
+
+def _pii_text(max_bytes: int, seed: int) -> str:
+    """Customer notes in Russian with PII every ~150 characters (not the suite's canaries),
+    at most ``max_bytes`` in UTF-8. Non-ASCII text is 2-3x larger as JSON (``\\uXXXX``, what
+    ``json.dumps`` sends by default), which is how 64 BYTES elements make an 8 MB body."""
+    parts: list[str] = []
+    n = 0
+    i = seed
+    while True:
+        piece = (f"клиент {i} написал с адреса jane.roe{i}@example.org, телефон +1 415 555 {i % 10000:04d}, "
+                 f"заказ {i * 7} отправлен; ")
+        size = len(piece.encode())
+        if n + size > max_bytes:
+            return "".join(parts)
+        parts.append(piece)
+        n += size
+        i += 1
+
+
+def _echo_body(texts: list[str]) -> bytes:
+    import json
+
+    return json.dumps({"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
+                                   "data": texts}]}).encode()
+
+
+def _big_numeric_body(max_bytes: int) -> bytes:
+    """One FP32 tensor of ~1M numbers as JSON, just under ``max_bytes``: the whole body must
+    be parsed before the batch cap (64) can refuse it (413)."""
+    import json
+
+    rng = np.random.default_rng(14)
+    rows = 15_625  # x 64 = 1,000,000 elements, under max_elements_per_tensor
+    data = np.round(rng.uniform(0, 16, rows * 64), 4).tolist()
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": [rows, 64], "datatype": "FP32",
+                                   "data": data}]}).encode()
+    assert 7_500_000 < len(body) <= max_bytes  # the test profile's body cap, nearly reached
+    return body
+
+
+async def test_av_14_cpu_heavy_mix_keeps_loop_lag_low(world: World, tokens: Tokens) -> None:
+    """50 rps, every one with a fresh RS256 token; per second one ~8 MB JSON body and nine
+    long PII-laden texts (masked in and out), the rest small: the event loop stays responsive (I5)."""
+    from tests.support.fake_triton import echo
+
+    big = _big_numeric_body(8 * 1024 * 1024)
+    long_text = _echo_body([_pii_text(61_000, 7)])
+    total = RATE * SECONDS
+    # Minted before the clock starts: signing is the client's cost, verifying the gateway's.
+    toks = [tokens.u1(sub=tokens.sub(f"m{i}")) for i in range(total)]
+    clients = [Client(world, world.next_addr()) for _ in range(total // 10 + 1)]
+    world.fake.set(echo(), model="txt_echo")
+    kinds: dict[int, str] = {}
+
+    async def one(i: int) -> int:
+        await asyncio.sleep(i / RATE)
+        client = clients[i // 10]  # 10 requests per source address (pre-auth limit: 20/s)
+        headers = {"Content-Type": "application/json"}
+        if i % RATE == 0:
+            kinds[i] = "big"
+            r = await client.request("POST", "/v2/models/digits_clf/infer", data=big, token=toks[i], headers=headers)
+        elif i % 5 == 0:
+            kinds[i] = "pii"
+            r = await client.request("POST", "/v2/models/txt_echo/infer", data=long_text, token=toks[i],
+                                     headers=headers)
+            assert b"@example.org" not in r.body  # masked on the way back
+        else:
+            kinds[i] = "small"
+            r = await client.infer("pub_clf", PUB_BODY, token=toks[i])
+        return r.status
+
+    lag_start = len(world.lag_samples)
+    try:
+        statuses = await asyncio.gather(*(one(i) for i in range(total)))
+    finally:
+        world.fake.reset()
+    lag = sorted(world.lag_samples[lag_start:])
+    p99 = lag[int(len(lag) * 0.99)]
+    print(f"AV14 samples={len(lag)} p50_ms={lag[len(lag) // 2] * 1000:.1f} p99_ms={p99 * 1000:.1f} "
+          f"max_ms={lag[-1] * 1000:.1f}")
+    by_kind = {k: sorted({s for i, s in enumerate(statuses) if kinds[i] == k}) for k in ("big", "pii", "small")}
+    # The big body was parsed in full (batch and element cost are known only then) and refused
+    # (413 batch cap, or 429 once the tenant's element budget is spent); the rest were served.
+    assert set(by_kind["big"]) <= {413, 429} and by_kind["pii"] == by_kind["small"] == [200], by_kind
+    assert len(lag) >= 10 * SECONDS  # the sampler ran throughout
+    assert p99 < LAG_P99_S, f"event-loop lag p99 {p99 * 1000:.0f} ms under the CPU-heavy mix"

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
+import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from security_tests.conftest import Tokens
 from security_tests.support.jwtforge import SVC_ISSUER
-from security_tests.support.world import PUB_BODY, Client, World
+from security_tests.support.world import PUB_BODY, WORLD_DIR, Client, Response, World
+from tests.support.fake_triton import ok
 
 DENIED = (403, 404)
 
@@ -150,16 +159,365 @@ async def test_authz_11_shared_memory_params(gw: Client, world: World, tokens: T
     assert world.upstream_calls() == 0
 
 
-@pytest.mark.parametrize("param", [("sequence_id", 42), ("sequence_start", True), ("sequence_end", True),
+# ---------------------------------------------------------------------------------------
+# AUTHZ-10 (BOPLA): role `labeler` may receive only `label` of `scorer`, on every front.
+# ---------------------------------------------------------------------------------------
+
+# Distinctive values, so a withheld output would be recognisable in any encoding.
+LOGITS, EMBEDDING = 7.25, 9.5
+WITHHELD = ("logits", "embedding")
+WITHHELD_BYTES = (np.float32(LOGITS).tobytes(), np.float32(EMBEDDING).tobytes())
+X = [0.1, 0.2, 0.3, 0.4]
+
+
+def _scorer_values(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"label": np.full((1, 1), 2, dtype=np.int32), "logits": np.full((1, 3), LOGITS, dtype=np.float32),
+            "embedding": np.full((1, 8), EMBEDDING, dtype=np.float32)}
+
+
+def _scorer_body(*outputs: str, binary: bool | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": X}]}
+    if outputs:
+        body["outputs"] = [{"name": n} if binary is None else {"name": n, "parameters": {"binary_data": binary}}
+                           for n in outputs]
+    return body
+
+
+def _binary_request(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """The same request in Triton's binary-tensor form: the input's bytes after the JSON header."""
+    doc = json.loads(json.dumps(body))
+    doc["inputs"][0].pop("data")
+    doc["inputs"][0]["parameters"] = {"binary_data_size": 16}
+    header = json.dumps(doc).encode()
+    return header + np.asarray(X, dtype="<f4").tobytes(), {
+        "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+
+
+def _assert_only_label(r: Response) -> None:
+    """Field by field: the answer names `label` only and carries no byte of a withheld output."""
+    assert r.status == 200, r.body[:300]
+    hlen = r.headers.get("Inference-Header-Content-Length")
+    header = r.body[:int(hlen)] if hlen else r.body
+    doc = json.loads(header)
+    assert set(doc) <= {"model_name", "model_version", "id", "outputs", "parameters"}
+    assert [o["name"] for o in doc["outputs"]] == ["label"]
+    (label,) = doc["outputs"]
+    assert label["datatype"] == "INT32" and label["shape"] == [1, 1]
+    if hlen:
+        assert label["parameters"] == {"binary_data_size": 4}
+        assert len(r.body) == int(hlen) + 4 and np.frombuffer(r.body[int(hlen):], "<i4").tolist() == [2]
+    else:
+        assert label["data"] == [2]
+    for name in WITHHELD:
+        assert name.encode() not in r.body
+    for value in (*WITHHELD_BYTES, b"7.25", b"9.5"):
+        assert value not in r.body
+
+
+def _assert_refused(world: World, r: Response, *names: str) -> None:
+    assert r.status == 403, r.body[:300]
+    message = r.json()["error"]
+    assert all(f"'{n}'" in message for n in names) and "allowed: 'label'" in message
+    assert world.upstream_calls() == 0
+    (record,) = world.audit_for(r)
+    assert record["decision"] == "deny" and record["reason"] == "authz_output_denied"
+
+
+async def test_authz_10_named_withheld_outputs_json(gw: Client, world: World, tokens: Tokens) -> None:
+    world.fake.set(ok(_scorer_values), model="scorer")
+    token = tokens.u1(roles=("labeler",))
+    r = await gw.infer("scorer", _scorer_body("logits", "embedding"), token=token)
+    _assert_refused(world, r, "logits", "embedding")
+    r = await gw.infer("scorer", _scorer_body("label", "embedding"), token=token)  # one withheld among allowed
+    _assert_refused(world, r, "embedding")
+    _assert_only_label(await gw.infer("scorer", _scorer_body("label"), token=token))
+
+
+async def test_authz_10_unnamed_outputs_only_label_json(gw: Client, world: World, tokens: Tokens) -> None:
+    world.fake.set(ok(_scorer_values), model="scorer")
+    r = await gw.infer("scorer", _scorer_body(), token=tokens.u1(roles=("labeler",)))
+    _assert_only_label(r)
+    # The upstream was asked for the label only: it never computed the withheld outputs.
+    assert [[o.name for o in req.outputs] for req in world.fake.requests] == [["label"]]
+    assert world.audit_for(r)[0]["decision"] == "allow"
+
+
+@pytest.mark.parametrize("outputs", [(), ("label",)], ids=["unnamed", "named_label"])
+async def test_authz_10_binary_tensor_form(gw: Client, world: World, tokens: Tokens,
+                                           outputs: tuple[str, ...]) -> None:
+    world.fake.set(ok(_scorer_values), model="scorer")
+    token = tokens.u1(roles=("labeler",))
+    body = _scorer_body(*outputs, binary=True if outputs else None)
+    body["parameters"] = {"binary_data_output": True}
+    data, headers = _binary_request(body)
+    r = await gw.request("POST", "/v2/models/scorer/infer", data=data, headers=headers, token=token)
+    _assert_only_label(r)
+    refused_body = _scorer_body("logits", "embedding", binary=True)
+    data, headers = _binary_request(refused_body)
+    before = world.upstream_calls()
+    r = await gw.request("POST", "/v2/models/scorer/infer", data=data, headers=headers, token=token)
+    assert r.status == 403 and world.upstream_calls() == before
+    assert world.audit_for(r)[0]["reason"] == "authz_output_denied"
+
+
+async def test_authz_10_admin_positive_control(gw: Client, world: World, tokens: Tokens) -> None:
+    """Without the restriction every output is served: the labeler's answer is the grant's doing."""
+    world.fake.set(ok(_scorer_values), model="scorer")
+    r = await gw.infer("scorer", _scorer_body(), token=tokens.ops())
+    assert r.status == 200
+    assert [o["name"] for o in r.json()["outputs"]] == ["label", "logits", "embedding"]
+
+
+async def test_authz_10_protection_off_leaks(gw: Client, world: World, tokens: Tokens) -> None:
+    """The case detects a missing protection: without `outputs:` the labeler gets logits."""
+    world.fake.set(ok(_scorer_values), model="scorer")
+    old = _edit(world, "access.yaml", (WORLD_DIR / "policies" / "access.yaml").read_text()
+                .replace("      outputs: [label]\n", ""))
+    try:
+        assert world.reload() is True
+        r = await gw.infer("scorer", _scorer_body("logits"), token=tokens.u1(roles=("labeler",)))
+        assert r.status == 200 and b"logits" in r.body
+    finally:
+        _edit(world, "access.yaml", old)
+        world.reload()
+    r = await gw.infer("scorer", _scorer_body("logits"), token=tokens.u1(roles=("labeler",)))
+    assert r.status == 403
+
+
+# ---------------------------------------------------------------------------------------
+# The gRPC front, started on the world's gateway service for this module's cases.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_port(world: World) -> Iterator[int]:
+    from gateway.fronts.grpc.server import start_grpc_front
+
+    assert world.service is not None
+    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
+    yield running.port
+    world.loop.run(running.stop(0.5))
+
+
+@dataclass
+class GrpcAnswer:
+    code: grpc.StatusCode
+    details: str
+    response: Any
+
+
+@contextlib.asynccontextmanager
+async def _from_own_address(world: World, port: int) -> AsyncIterator[int]:
+    """A loopback relay whose upstream leg leaves from a fresh 127.x.y.z address: gRPC clients
+    cannot pick their source address, and every case from 127.0.0.1 would share the per-address
+    pre-auth bucket (20/s) that the HTTP cases keep apart with their own addresses."""
+    addr = world.next_addr()
+    tasks: list[asyncio.Task[None]] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(addr, 0))
+        writers.append(up_writer)
+        tasks.extend((asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.transport.abort()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def _grpc_infer(world: World, port: int, request: Any, token: str) -> GrpcAnswer:
+    """One ModelInfer on the gRPC front; recorded in the case ledger for the invariants (I1-I3)."""
+    async with _from_own_address(world, port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelInfer(request, metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+        try:
+            response = await call
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.aio.AioRpcError as exc:
+            response, code, details = None, exc.code(), exc.details() or ""
+        trailers = await call.trailing_metadata()
+    rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+    status = {grpc.StatusCode.OK: 200, grpc.StatusCode.PERMISSION_DENIED: 403,
+              grpc.StatusCode.INVALID_ARGUMENT: 400}.get(code, 599)
+    body = (response.SerializeToString() if response is not None else b"") + details.encode()
+    world.ledger.responses.append(("GRPC", f"/v2/models/{request.model_name}/infer",
+                                   Response(status, {"X-Request-ID": rid}, body)))
+    return GrpcAnswer(code, details, response)
+
+
+def _grpc_request(model: str = "scorer", outputs: tuple[str, ...] = ()) -> Any:
+    contents = service_pb2.InferTensorContents(fp32_contents=X)
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4],
+                                                            contents=contents)
+    request = service_pb2.ModelInferRequest(model_name=model, inputs=[tensor])
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+async def test_authz_10_grpc_front(world: World, tokens: Tokens, grpc_port: int) -> None:
+    world.fake.set(ok(_scorer_values), model="scorer")
+    token = tokens.u1(roles=("labeler",))
+    refused = await _grpc_infer(world, grpc_port, _grpc_request(outputs=("logits", "embedding")), token)
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED and "'logits'" in refused.details
+    assert world.upstream_calls() == 0
+    answer = await _grpc_infer(world, grpc_port, _grpc_request(), token)
+    assert answer.code == grpc.StatusCode.OK
+    assert [o.name for o in answer.response.outputs] == ["label"]
+    assert len(answer.response.raw_output_contents) == 1
+    assert np.frombuffer(answer.response.raw_output_contents[0], "<i4").tolist() == [2]
+    wire = answer.response.SerializeToString()
+    assert not any(v in wire for v in (*WITHHELD_BYTES, b"logits", b"embedding"))
+    assert [[o.name for o in req.outputs] for req in world.fake.requests] == [["label"]]
+
+
+# ---------------------------------------------------------------------------------------
+# AUTHZ-12: reserved Triton parameters, every level, both fronts; refused, never forwarded.
+# ---------------------------------------------------------------------------------------
+
+RESERVED: list[tuple[str, Any]] = [("sequence_id", 42), ("sequence_start", True), ("sequence_end", True),
                                    ("priority", 1), ("timeout", 1), ("headers", {"x": "y"}),
-                                   ("triton_enable_empty_final_response", True)])
+                                   ("triton_enable_empty_final_response", True)]
+RESERVED_NAMES = frozenset(name for name, _ in RESERVED)
+
+
+def _upstream_params(world: World) -> set[str]:
+    """Every parameter name the fake upstream received, at any level, lower-cased."""
+    names: set[str] = set()
+    for req in world.fake.requests:
+        names |= {k.lower() for k in req.parameters}
+        names |= {k.lower() for t in req.inputs for k in t.parameters}
+        names |= {k.lower() for t in req.outputs for k in t.parameters}
+    return names
+
+
+def _assert_refused_400(world: World, r: Response) -> None:
+    assert r.status == 400, (r.status, r.body[:200])
+    assert world.audit_for(r)[0]["decision"] == "deny"
+
+
+@pytest.mark.parametrize("param", RESERVED, ids=[p[0] for p in RESERVED])
 async def test_authz_12_reserved_parameters(gw: Client, world: World, tokens: Tokens, param: tuple[str, Any]) -> None:
+    name, value = param
+    token = tokens.u1()
+    for where in ("request", "input", "output", "binary_header"):
+        body: dict[str, Any] = json.loads(json.dumps(PUB_BODY))
+        if where in ("request", "binary_header"):
+            body["parameters"] = {name: value}
+        elif where == "input":
+            body["inputs"][0]["parameters"] = {name: value}
+        else:
+            body["outputs"] = [{"name": "probs", "parameters": {name: value}}]
+        if where == "binary_header":
+            data, headers = _binary_request(body)
+            r = await gw.request("POST", "/v2/models/pub_clf/infer", data=data, headers=headers, token=token)
+        else:
+            r = await gw.infer("pub_clf", body, token=token)
+        _assert_refused_400(world, r)
+    assert world.upstream_calls() == 0 and not _upstream_params(world) & RESERVED_NAMES
+
+
+@pytest.mark.parametrize("params", [
+    {"Sequence_ID": 42}, {"SEQUENCE_ID": 42}, {"sequence_id ": 42}, {"sequence\u200bid": 42},
+    {"ſequence_id": 42},  # long s: folds to "sequence_id" under case-insensitive matching
+    {"binary_data_output": False, "sequence_id": 42},  # hidden behind an allowed one
+    {"binary_data_output": {"sequence_id": 42}},  # nested in an allowed name
+    {"x": {"sequence_id": 42, "priority": 1}},  # nested in an unknown name
+    {"Priority": 1}, {"TIMEOUT": 1}, {"Headers": {"x": "y"}},
+], ids=["Sequence_ID", "SEQUENCE_ID", "trailing_space", "zero_width", "long_s", "behind_allowed",
+        "nested_allowed", "nested_unknown", "Priority", "TIMEOUT", "Headers"])
+async def test_authz_12_reserved_parameter_variants(gw: Client, world: World, tokens: Tokens,
+                                                    params: dict[str, Any]) -> None:
     body: dict[str, Any] = json.loads(json.dumps(PUB_BODY))
-    body["parameters"] = {param[0]: param[1]}
-    r = await gw.infer("pub_clf", body, token=tokens.u1())
+    body["parameters"] = params
+    _assert_refused_400(world, await gw.infer("pub_clf", body, token=tokens.u1()))
+    assert world.upstream_calls() == 0
+
+
+async def test_authz_12_reserved_outside_parameters(gw: Client, world: World, tokens: Tokens) -> None:
+    """Top-level keys, query strings and headers are no side door to the same parameters."""
+    body: dict[str, Any] = json.loads(json.dumps(PUB_BODY))
+    body["sequence_id"] = 42
+    _assert_refused_400(world, await gw.infer("pub_clf", body, token=tokens.u1()))
+    r = await gw.request("POST", "/v2/models/pub_clf/infer?sequence_id=42&priority=1", json_body=PUB_BODY,
+                         token=tokens.u1(), headers={"sequence_id": "42", "priority": "1", "timeout": "1"})
     assert r.status in (200, 400)
-    for req in world.fake.requests:  # stripped if forwarded (also checked by I4)
-        assert param[0] not in req.parameters
+    assert not _upstream_params(world) & RESERVED_NAMES
+    forwarded = {key.lower() for call in world.fake.calls for key, _ in call.metadata}
+    assert not forwarded & {"sequence_id", "priority", "timeout"}
+
+
+async def test_authz_12_cannot_join_another_tenants_sequence(gw: Client, world: World, tokens: Tokens) -> None:
+    """Sequences are refused outright: beta cannot open sequence 42, and alpha cannot join it."""
+    start: dict[str, Any] = json.loads(json.dumps(PUB_BODY))
+    start["parameters"] = {"sequence_id": 42, "sequence_start": True}
+    _assert_refused_400(world, await gw.infer("pub_clf", start, token=tokens.u2()))
+    join: dict[str, Any] = json.loads(json.dumps(PUB_BODY))
+    join["parameters"] = {"sequence_id": 42}
+    _assert_refused_400(world, await gw.infer("pub_clf", join, token=tokens.u1()))
+    join["parameters"] = {"sequence_id": "42", "sequence_end": True}  # string ids (Triton accepts both)
+    _assert_refused_400(world, await gw.infer("pub_clf", join, token=tokens.u1()))
+    assert world.upstream_calls() == 0 and not _upstream_params(world)
+
+
+def _grpc_param(target: Any, name: str, value: Any) -> None:
+    slot = target[name]
+    if isinstance(value, bool):
+        slot.bool_param = value
+    elif isinstance(value, int):
+        slot.int64_param = value
+    else:
+        slot.string_param = json.dumps(value)  # gRPC parameters are scalars: headers travel as text
+
+
+@pytest.mark.parametrize("param", RESERVED, ids=[p[0] for p in RESERVED])
+async def test_authz_12_reserved_parameters_grpc(world: World, tokens: Tokens, grpc_port: int,
+                                                 param: tuple[str, Any]) -> None:
+    name, value = param
+    token = tokens.u1()
+    for where in ("request", "input", "output"):
+        request = _grpc_request("pub_clf", ("probs",) if where == "output" else ())
+        target = {"request": request.parameters, "input": request.inputs[0].parameters,
+                  "output": request.outputs[0].parameters if where == "output" else None}[where]
+        _grpc_param(target, name, value)
+        answer = await _grpc_infer(world, grpc_port, request, token)
+        assert answer.code == grpc.StatusCode.INVALID_ARGUMENT, (where, answer.code)
+    assert world.upstream_calls() == 0 and not _upstream_params(world) & RESERVED_NAMES
+
+
+async def test_authz_12_grpc_cross_tenant_sequence_and_variants(world: World, tokens: Tokens,
+                                                                grpc_port: int) -> None:
+    attempts: list[tuple[str, dict[str, Any]]] = [(tokens.u2(), {"sequence_id": 42, "sequence_start": True}),
+                (tokens.u1(), {"sequence_id": 42}), (tokens.u1(), {"Sequence_ID": 42}),
+                (tokens.u1(), {"SEQUENCE_ID": "42"})]
+    for token, params in attempts:
+        request = _grpc_request("pub_clf")
+        for name, value in params.items():
+            _grpc_param(request.parameters, name, value)
+        answer = await _grpc_infer(world, grpc_port, request, token)
+        assert answer.code == grpc.StatusCode.INVALID_ARGUMENT
+    request = _grpc_request("pub_clf")
+    request.parameters["sequence_id"].uint64_param = 42
+    assert (await _grpc_infer(world, grpc_port, request, tokens.u1())).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert world.upstream_calls() == 0 and not _upstream_params(world)
 
 
 def _edit(world: World, name: str, text: str) -> str:

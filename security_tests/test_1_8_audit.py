@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import errno
 import json
+import os
 import shutil
+import subprocess  # nosec B404 - mount/umount of a test tmpfs, fixed argv
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway.audit import AuditLog
 from gateway.audit.verify import verify_audit
 from security_tests.conftest import Tokens
-from security_tests.support.world import PUB_BODY, Client, World, gather_limited
+from security_tests.support.side import SideGateway
+from security_tests.support.world import PUB_BODY, Client, Response, World, gather_limited
 
 
 def trail_copy(world: World, tmp: Path) -> tuple[Path, Path, Path]:
@@ -118,3 +129,263 @@ async def test_aud_12_concurrency_no_forks(gw: Client, world: World, tokens: Tok
     assert verify_audit(log_dir, anchors, keys) == (True, None)
     seqs = [r["seq"] for r in world.audit_records()]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+# -- AUD-08: audit sink failure; AUD-11: wall clock steps (side gateways with their own trail) -------
+
+
+class SinkFaults:
+    """A FileSink fault hook (the side's writer thread): raise an errno on one operation, or stall fsync."""
+
+    def __init__(self) -> None:
+        self.fail: dict[str, int] = {}
+        self.stall_s = 0.0
+        self.stalling = threading.Event()
+        self.stall_over = threading.Event()
+        self.cancel = threading.Event()
+
+    def __call__(self, op: str) -> None:
+        if op == "fsync" and self.stall_s and not self.stall_over.is_set():
+            self.stalling.set()
+            self.cancel.wait(self.stall_s)  # the disk does not answer for stall_s
+            self.stall_over.set()
+        code = self.fail.get(op)
+        if code is not None:
+            raise OSError(code, os.strerror(code))
+
+
+@dataclasses.dataclass
+class AuditSide:
+    gw: SideGateway
+    faults: SinkFaults
+    tmpfs: Path | None  # the side's log directory is a tiny tmpfs (else faults come from the hook)
+
+    @property
+    def log(self) -> AuditLog:
+        assert self.gw.service is not None
+        return self.gw.service.audit_log
+
+    def client(self) -> Client:
+        return self.gw.client()
+
+    def token(self, world: World, tokens: Tokens, name: str) -> str:
+        return world.tokens.rs(sub=f"{name}.{tokens.suffix}")
+
+    def fill_disk(self) -> None:
+        """Disk full: a real full filesystem when we could mount one, else ENOSPC on write."""
+        if self.tmpfs is None:
+            self.faults.fail["write"] = errno.ENOSPC
+            return
+        fd = os.open(self.tmpfs / "filler", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for _ in range(1024):  # at most 4 MiB into a 256 KiB filesystem
+                try:
+                    os.write(fd, b"\0" * 4096)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    return
+        finally:
+            os.close(fd)
+        raise AssertionError("the tmpfs never filled up")
+
+    def heal_disk(self) -> None:
+        self.faults.fail.pop("write", None)
+        if self.tmpfs is not None:
+            (self.tmpfs / "filler").unlink(missing_ok=True)
+
+
+def _mount_tmpfs(target: Path) -> bool:
+    """A 256 KiB tmpfs on ``target`` (root with mount permission only); False where not possible."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(target)],
+                          capture_output=True, check=False, timeout=10)
+    return proc.returncode == 0
+
+
+@pytest.fixture
+def audit_side(world: World, tmp_path: Path) -> Iterator[AuditSide]:
+    log_dir = tmp_path / "side" / "audit"
+    log_dir.mkdir(parents=True)
+    mounted = _mount_tmpfs(log_dir)
+    faults = SinkFaults()
+    gw = SideGateway(world, tmp_path / "side")
+    try:
+        gw.start()
+        assert gw.service is not None
+        gw.service.audit_log.file_sink.fault_hook = faults
+        yield AuditSide(gw, faults, log_dir if mounted else None)
+        gw.check_nl()
+    finally:
+        faults.cancel.set()
+        faults.fail.clear()
+        gw.stop()
+        if mounted:
+            subprocess.run(["umount", str(log_dir)], check=False, timeout=10)
+
+
+def _verify_after_stop(side: AuditSide, tmp: Path) -> None:
+    """Stop the side (drain, final checkpoint) and verify a copy of its trail with anchors and keys."""
+    cfg = side.log.config
+    side.gw.stop()
+    dirs = []
+    for name, src in (("log", cfg.log_dir), ("anchors", cfg.anchor_dir), ("keys", cfg.key_dir)):
+        dst = tmp / f"verify-{name}"
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", "filler"))
+        dirs.append(dst)
+    assert verify_audit(dirs[0], dirs[1], dirs[2]) == (True, None)
+
+
+def _records_of(recs: list[dict[str, Any]], rid: str | None) -> list[dict[str, Any]]:
+    return [r for r in recs if rid is not None and r.get("request_id") == rid and r.get("type") == "request"]
+
+
+def _strict_nl(side: AuditSide, answered: list[Response], refused: list[Response]) -> None:
+    """NL: allow records not followed by an ``abandoned`` marker == the 2xx answers; each audit
+    503 has exactly one truthful record (deny / 503 / audit_unavailable) and no unmarked allow."""
+    recs = side.gw.audit_records()
+    abandoned = {r["ref_seq"]: r for r in recs if r.get("type") == "abandoned"}
+    allow = [r["request_id"] for r in recs if r.get("decision") == "allow" and r["seq"] not in abandoned]
+    assert sorted(allow) == sorted(r.headers["X-Request-ID"] for r in answered)
+    for resp in refused:
+        mine = _records_of(recs, resp.headers["X-Request-ID"])
+        denies = [r for r in mine if r["decision"] == "deny"]
+        allows = [r for r in mine if r["decision"] == "allow"]
+        if allows:  # written after its 503: the marker says what the client got
+            [rec] = allows
+            assert (abandoned[rec["seq"]]["status"], abandoned[rec["seq"]]["reason"]) == (503, "audit_unavailable")
+            assert not denies
+        else:
+            [rec] = denies
+            assert (rec["status"], rec["reason"], rec["deferred"]["decision"]) == (503, "audit_unavailable", "allow")
+    seqs = [r["seq"] for r in recs]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def _wait_records(side: AuditSide, refused: list[Response]) -> None:
+    """Refusals are recorded by the writer once the sink heals (its next tick): bounded wait."""
+    for _ in range(100):
+        recs = side.gw.audit_records()
+        if all(_records_of(recs, r.headers["X-Request-ID"]) for r in refused) and not side.log.stats.queue_depth:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("refused requests were never recorded after the sink healed")
+
+
+def _audit_503(resp: Response) -> bool:
+    return resp.status == 503 and "audit trail unavailable" in resp.json()["error"] and "Retry-After" in resp.headers
+
+
+async def test_aud_08_disk_full(audit_side: AuditSide, world: World, tokens: Tokens, tmp_path: Path) -> None:
+    side, gw = audit_side, audit_side.client()
+    answered = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, f"a{i}")) for i in range(3)]
+    assert [r.status for r in answered] == [200] * 3
+    side.fill_disk()
+    refused: list[Response] = []
+    full = side.client()
+    for i in range(8):  # what still fits in the last page of the segment is written and answered
+        r = await full.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, f"f{i}"))
+        if r.status == 200:
+            answered.append(r)
+            continue
+        assert _audit_503(r), (r.status, r.body)
+        refused.append(r)
+        if len(refused) == 3:
+            break
+    assert len(refused) == 3, "the full disk never refused a request"
+    side.heal_disk()  # space again: no restart
+    healed = side.client()
+    after = [await healed.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, f"h{i}")) for i in range(2)]
+    assert [r.status for r in after] == [200, 200]
+    answered += after
+    await _wait_records(side, refused)
+    _strict_nl(side, answered, refused)
+    _verify_after_stop(side, tmp_path)
+
+
+async def test_aud_08_fsync_error_then_eacces(audit_side: AuditSide, world: World, tokens: Tokens,
+                                              tmp_path: Path) -> None:
+    side, gw = audit_side, audit_side.client()
+    answered = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, f"a{i}")) for i in range(2)]
+    segments_before = len(list(side.log.config.log_dir.glob("seg-*.jsonl")))
+    side.faults.fail["fsync"] = errno.EIO  # the device reports a write-back error
+    refused = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "eio"))]
+    del side.faults.fail["fsync"]
+    # The failed segment is retired; its replacement cannot be created (directory not writable).
+    side.faults.fail["open"] = errno.EACCES
+    refused.append(await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "eacces")))
+    assert all(_audit_503(r) for r in refused), [(r.status, r.body) for r in refused]
+    del side.faults.fail["open"]
+    after = await side.client().infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "healed"))
+    assert after.status == 200
+    answered.append(after)
+    await _wait_records(side, refused)
+    _strict_nl(side, answered, refused)
+    assert len(list(side.log.config.log_dir.glob("seg-*.jsonl"))) == segments_before + 1
+    _verify_after_stop(side, tmp_path)
+
+
+async def test_aud_08_stalled_fsync_is_bounded(audit_side: AuditSide, world: World, tokens: Tokens,
+                                               tmp_path: Path) -> None:
+    side = audit_side
+    assert side.log.config.append_timeout_s == 2.0  # policy default (gateway.yaml audit.append_timeout_s)
+    warm = await side.client().infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "warm"))
+    assert warm.status == 200
+    side.faults.stall_s = 5.0
+    started = time.monotonic()
+    first = await side.client().infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "s1"))
+    first_s = time.monotonic() - started
+    assert side.faults.stalling.is_set() and not side.faults.stall_over.is_set()  # answered inside the stall
+    started = time.monotonic()
+    second = await side.client().infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "s2"))
+    second_s = time.monotonic() - started
+    assert not side.faults.stall_over.is_set()
+    refused = [first, second]
+    assert all(_audit_503(r) for r in refused), [(r.status, r.body) for r in refused]
+    print(f"AUD-08 stall: first 503 after {first_s:.2f} s (deadline 2 s), next after {second_s:.3f} s")
+    for _ in range(100):  # the disk answers again (5 s stall): the writer moves on by itself
+        if side.faults.stall_over.is_set() and not side.log.stalled:
+            break
+        await asyncio.sleep(0.1)
+    after = await side.client().infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "s3"))
+    assert after.status == 200
+    await _wait_records(side, refused)
+    for _ in range(50):  # the marker for the record that reached the disk after its 503
+        if side.log.stats.abandoned and any(r.get("type") == "abandoned" for r in side.gw.audit_records()):
+            break
+        await asyncio.sleep(0.1)
+    _strict_nl(side, [warm, after], refused)
+    recs = side.gw.audit_records()
+    [late] = _records_of(recs, first.headers["X-Request-ID"])
+    assert late["decision"] == "allow"  # reached the disk after the deadline...
+    assert any(r.get("type") == "abandoned" and r["ref_seq"] == late["seq"] and r["status"] == 503 for r in recs)
+    [queued] = _records_of(recs, second.headers["X-Request-ID"])
+    assert queued["decision"] == "deny" and queued["deferred"]["cause"] in ("audit_stalled", "audit_timeout")
+    _verify_after_stop(side, tmp_path)
+
+
+async def test_aud_11_wall_clock_steps(audit_side: AuditSide, world: World, tokens: Tokens, tmp_path: Path) -> None:
+    side = audit_side
+    gw = side.client()
+    side.log.file_sink.max_records = 2  # small segments, so retention has something it could delete
+    before = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, f"b{i}")) for i in range(4)]
+    side.log.clock = lambda: time.time() - 3600.0  # stepped back 1 h mid-run
+    back = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, f"k{i}")) for i in range(3)]
+    assert [r.status for r in before + back] == [200] * 7
+    recs = side.gw.audit_records()
+    seqs = [r["seq"] for r in recs]
+    assert seqs == list(range(1, len(seqs) + 1))  # seq monotonic and contiguous across the step
+    t_before = side.gw.audit_for(before[-1])[0]["time"]
+    t_back = side.gw.audit_for(back[0])[0]["time"]
+    assert t_back < t_before  # ts went backwards; order is seq, verification ignores ts
+    # Stepped forward a year: retention (7 days here) must not delete the fresh segments.
+    side.log.config = dataclasses.replace(side.log.config, retention_s=7 * 86_400.0)
+    side.log.clock = lambda: time.time() + 365 * 86_400.0
+    segments = sorted(p.name for p in side.log.config.log_dir.glob("seg-*.jsonl"))
+    assert len(segments) >= 3
+    assert world.loop.run(side.log.apply_retention()) == []
+    assert sorted(p.name for p in side.log.config.log_dir.glob("seg-*.jsonl")) == segments
+    ahead = await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "fwd"))
+    assert ahead.status == 200
+    _strict_nl(side, [*before, *back, ahead], [])
+    _verify_after_stop(side, tmp_path)

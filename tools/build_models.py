@@ -42,6 +42,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,12 +55,18 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import onnx
 
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: make `privacy` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from privacy.training.onnx_common import onnx_session, pin_volatile_fields  # noqa: E402
+from privacy.training.scripts import load_script  # noqa: E402
+
 FloatArray = npt.NDArray[np.float32]
 Float64Array = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Split = tuple[FloatArray, FloatArray, IntArray, IntArray]
 
-REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_OUT: Final = REPO_ROOT / "triton_repo"
 
 #: One seed for every split and estimator, so a single number pins the whole build.
@@ -164,14 +171,6 @@ def _sig_bound(value: float, upper: bool) -> float:
 # --------------------------------------------------------------------------- onnx helpers
 
 
-def _set_dim_params(value_infos: Sequence[Any], batch_dim: str = "N") -> None:
-    """Give the dynamic batch dimension a name: Triton and onnxruntime both report it as -1/'N'."""
-    for vi in value_infos:
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].dim_param = batch_dim
-
-
 def _finalise(model: onnx.ModelProto, graph_name: str, metadata: dict[str, str]) -> onnx.ModelProto:
     """Pin every field a converter fills with something volatile, then validate.
 
@@ -182,24 +181,13 @@ def _finalise(model: onnx.ModelProto, graph_name: str, metadata: dict[str, str])
     """
     import onnx
 
-    model.ir_version = IR_VERSION
-    model.producer_name = PRODUCER_NAME
-    model.producer_version = PRODUCER_VERSION
-    model.domain = "ai.infergate"
-    model.model_version = 1
-    model.doc_string = ""
-    model.graph.name = graph_name
-    model.graph.doc_string = ""
+    pin_volatile_fields(model, graph_name=graph_name, metadata=metadata, ir_version=IR_VERSION,
+                        producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION)
     used_domains = {node.domain for node in model.graph.node}
     del model.opset_import[:]
     for domain, version in sorted(OPSETS.items()):
         if domain == "" or domain in used_domains:
             model.opset_import.append(onnx.helper.make_opsetid(domain, version))
-    del model.metadata_props[:]
-    for key, value in sorted(metadata.items()):
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    _set_dim_params(model.graph.input)
-    _set_dim_params(model.graph.output)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -242,14 +230,6 @@ def _drop_output(model: onnx.ModelProto, name: str) -> None:
         raise RuntimeError(f"graph has no output {name!r}")
     del model.graph.output[:]
     model.graph.output.extend(kept)
-
-
-def _session(model_bytes: bytes) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _run(session: Any, name: str, x: FloatArray) -> FloatArray:
@@ -433,7 +413,7 @@ def build_digits() -> BuiltModel:
     model = _finalise(model, "digits", {**_converter_metadata(), "infergate.dataset": "sklearn load_digits"})
     onnx_bytes = model.SerializeToString()
 
-    session = _session(onnx_bytes)
+    session = onnx_session(onnx_bytes)
     probs_test = _run(session, "pixels", x_test)
     export_error = float(np.abs(probs_test - clf.predict_proba(x_test)).max())
     if export_error > MAX_EXPORT_ERROR:
@@ -456,16 +436,7 @@ def build_digits() -> BuiltModel:
     profile = _numeric_profile(
         "digits", "pixels", x_train, {"min": 0, "max": 16, "integral": True}, standardize=False, output=output
     )
-    fpr = heldout_fpr(profile, x_test)
-    metrics = {
-        "accuracy_onnx": onnx_accuracy,
-        "accuracy_sklearn": sk_accuracy,
-        "export_max_abs_error": export_error,
-        "n_train": float(len(x_train)),
-        "n_test": float(len(x_test)),
-        "heldout_fpr_0.01": fpr["threshold_fpr_0.01"],
-        "heldout_fpr_0.001": fpr["threshold_fpr_0.001"],
-    }
+    metrics = _baseline_metrics(onnx_accuracy, sk_accuracy, export_error, profile, x_train, x_test)
     config = _triton_config(
         "digits",
         MAX_BATCH_SIZE,
@@ -474,6 +445,21 @@ def build_digits() -> BuiltModel:
         all_versions=True,
     )
     return BuiltModel("digits", onnx_bytes, config, profile, _digits_card(metrics, len(onnx_bytes)), metrics)
+
+
+def _baseline_metrics(onnx_accuracy: float, sk_accuracy: float, export_error: float, profile: dict[str, Any],
+                      x_train: FloatArray, x_test: FloatArray) -> dict[str, float]:
+    """The figures a version-1 card reports, in the card's order (the order is part of the bytes)."""
+    fpr = heldout_fpr(profile, x_test)
+    return {
+        "accuracy_onnx": onnx_accuracy,
+        "accuracy_sklearn": sk_accuracy,
+        "export_max_abs_error": export_error,
+        "n_train": float(len(x_train)),
+        "n_test": float(len(x_test)),
+        "heldout_fpr_0.01": fpr["threshold_fpr_0.01"],
+        "heldout_fpr_0.001": fpr["threshold_fpr_0.001"],
+    }
 
 
 def build_risk() -> BuiltModel:
@@ -521,7 +507,7 @@ def build_risk() -> BuiltModel:
     )
     onnx_bytes = model.SerializeToString()
 
-    session = _session(onnx_bytes)
+    session = onnx_session(onnx_bytes)
     score_test = _run(session, "features", x_test)
     export_error = float(np.abs(score_test[:, 0] - pipe.predict_proba(x_test)[:, 1]).max())
     if export_error > MAX_EXPORT_ERROR:
@@ -547,16 +533,7 @@ def build_risk() -> BuiltModel:
         standardize=True,
         output=output,
     )
-    fpr = heldout_fpr(profile, x_test)
-    metrics = {
-        "accuracy_onnx": onnx_accuracy,
-        "accuracy_sklearn": sk_accuracy,
-        "export_max_abs_error": export_error,
-        "n_train": float(len(x_train)),
-        "n_test": float(len(x_test)),
-        "heldout_fpr_0.01": fpr["threshold_fpr_0.01"],
-        "heldout_fpr_0.001": fpr["threshold_fpr_0.001"],
-    }
+    metrics = _baseline_metrics(onnx_accuracy, sk_accuracy, export_error, profile, x_train, x_test)
     config = _triton_config(
         "risk",
         MAX_BATCH_SIZE,
@@ -584,7 +561,7 @@ def build_text_echo() -> BuiltModel:
     onnx_bytes = model.SerializeToString()
 
     probe = np.array(["hello", "h\u00e9llo \U0001f600", ""], dtype=object)
-    echoed = _session(onnx_bytes).run(None, {"text": probe})[0]
+    echoed = onnx_session(onnx_bytes).run(None, {"text": probe})[0]
     if list(echoed) != list(probe):
         raise RuntimeError(f"text_echo does not echo: {echoed!r}")
 
@@ -744,19 +721,7 @@ def write_model(out: Path, built: BuiltModel) -> None:
 
 def _load_train_dp() -> Any:
     """``tools/train_dp.py`` by path (tools/ is not a package); it needs torch and opacus."""
-    import importlib.util
-    import sys
-
-    name = "infergate_train_dp"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TRAIN_SCRIPT)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {TRAIN_SCRIPT}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("infergate_train_dp", TRAIN_SCRIPT)
 
 
 def dp_command(date: str) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import platform
 import shutil
 import sys
@@ -53,6 +52,7 @@ from privacy.training.cards import (  # noqa: E402
     render_card,
     render_version_section,
 )
+from privacy.training.scripts import load_script  # noqa: E402
 
 BUILD_SCRIPT: Final = REPO_ROOT / "tools" / "build_models.py"
 DEFAULT_OUT: Final = REPO_ROOT / "build" / "dp_models"
@@ -64,16 +64,7 @@ DEFAULT_MIN_ACCURACY: Final = 0.90
 
 def load_build_models() -> ModuleType:
     """``tools/build_models.py`` by path (tools/ is not a package); shared name with the tests."""
-    name = "infergate_build_models"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BUILD_SCRIPT)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {BUILD_SCRIPT}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("infergate_build_models", BUILD_SCRIPT)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class AuditConfig:
     segment_max_age_s: float = 86_400.0
     queue_max: int = 10_000
     batch_max: int = 512
-    append_timeout_s: float = 5.0
+    append_timeout_s: float = 2.0  # policy: gateway.yaml audit.append_timeout_s
     durability: Durability = "fsync"
     personal_fields: frozenset[str] = field(default=DEFAULT_PERSONAL_FIELDS)
     retention_s: float | None = None

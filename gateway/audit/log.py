@@ -12,11 +12,16 @@ the writer thread: there is exactly one writer, so the chain cannot fork (AUD-12
 Failure model (fail closed, never silent loss). A full queue, a write or fsync error,
 a stall longer than ``append_timeout_s`` or an unwritable anchor store all raise
 :class:`gateway.errors.DependencyUnavailable` (``audit_unavailable`` → 503). A failed
-batch is cut back off the file so no record exists for a refused request; if even that
-fails the writer re-reads the tail from disk before the next batch and marks any record
-that reached the disk without an acknowledgement with an ``abandoned`` record. A waiter
-that gives up after its record was written gets an ``abandoned`` record too, so "every
-2xx has a record" and "every allow record had its 2xx" can both be checked.
+batch is cut back off the file, so its ``allow`` never exists; the request is recorded
+instead, as soon as the sink heals, as the 503 it got (``deny``, ``audit_unavailable``,
+the original decision under ``deferred``). If even the cut fails the writer re-reads the
+tail from disk before the next batch and marks any record that reached the disk without
+an acknowledgement with an ``abandoned`` record. A waiter that gives up after its record
+was written gets an ``abandoned`` record too (with ``status: 503`` after a deadline), so
+"every 2xx has a record" and "every allow record had its 2xx" can both be checked. While
+one batch is stuck past the deadline, new appends are refused at once. After a failed
+fsync the segment is retired and the next batch starts a new one. The writer never
+restarts: the next batch simply tries again.
 
 Crash recovery. Each process writes to new segments only. At start the last segment's
 torn tail (bytes after the last complete record, from a crash mid-write; never
@@ -84,7 +89,10 @@ LOCK_FILE = ".lock"
 KeyFamilyName = Literal["anchor", "mac", "pseudonym"]
 _CREDENTIAL_KEYS = frozenset({"authorization", "token", "bearer", "password", "secret", "api_key", "apikey",
                               "access_token", "id_token", "refresh_token", "cookie"})
-INTERNAL_TYPES = frozenset({"tombstone", "erasure", "key_rotation", "recovery", "abandoned", "checkpoint"})
+INTERNAL_TYPES = frozenset({"tombstone", "erasure", "key_rotation", "recovery", "abandoned", "checkpoint",
+                            "refusals_dropped"})
+# Set only by the log on a record it writes late for a request it refused (AUD-08).
+DEFERRED = "deferred"
 
 
 class AuditIntegrityError(Exception):
@@ -113,12 +121,16 @@ class AuditStats:
     checkpoints: int = 0
     last_batch: int = 0
     queue_depth: int = 0
+    stalled: int = 0  # refused at once: the writer was already stuck longer than append_timeout_s
+    deferred: int = 0  # refusals queued to be recorded once the sink heals
+    deferred_dropped: int = 0  # refusals beyond the bound: recorded as one count
 
 
 @dataclass(slots=True, eq=False)
 class _Pending:
     record: dict[str, Any]
     future: asyncio.Future[int]  # cancelled = the waiter gave up (timeout or cancellation)
+    cause: str | None = None  # why it gave up: "audit_timeout" (answered 503) or "waiter_gone"
 
 
 @dataclass(slots=True)
@@ -148,11 +160,19 @@ class AuditLog:
 
     def __init__(self, config: AuditConfig, *, sinks: Sequence[Sink] = (),
                  clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
                  on_fsync: Callable[[float], None] | None = None) -> None:
         self.config = config
         # Called from the writer thread with each group commit's fsync time (must be thread-safe).
         self._on_fsync = on_fsync
+        # SECURITY (AUD-11): the wall clock only stamps ``time`` (informational; order is
+        # ``seq``). Intervals (checkpoints, segment age, retention checks) use ``monotonic``,
+        # so stepping the wall clock back cannot stop checkpoints and stepping it forward
+        # cannot make retention delete fresh segments (see :meth:`_retention_now`).
         self._clock = clock
+        self._mono = monotonic
+        self._wall_base, self._mono_base = clock(), monotonic()
+        self._clock_jump_logged = False
         self.keys = KeyStore(config.key_dir)
         self.anchor_keys = AnchorKeys(config.key_dir)
         self._anchors = AnchorStore(config.anchor_dir, self.anchor_keys)
@@ -182,6 +202,8 @@ class AuditLog:
         self._start_lock = asyncio.Lock()
         self._retry_at = 0.0
         self._retry_start_at = 0.0
+        self._commit_started: float | None = None  # time.monotonic() of the batch in the writer thread
+        self._deferred_dropped = 0
         self._tick_s = min(1.0, config.checkpoint_interval_s)
 
     # ------------------------------------------------------------------ public API
@@ -191,6 +213,26 @@ class AuditLog:
         self._stats.queue_depth = len(self._pending)
         self._stats.fsyncs = self._file.fsyncs
         return self._stats
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The wall clock stamping ``time`` (injectable: the security suite steps it, AUD-11)."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+
+    @property
+    def stalled(self) -> bool:
+        """The writer has been stuck in one batch for ``append_timeout_s`` or more (AUD-08)."""
+        started = self._commit_started
+        return started is not None and time.monotonic() - started >= self.config.append_timeout_s
+
+    @property
+    def file_sink(self) -> FileSink:
+        """The segment writer (tests set its ``fault_hook`` to inject disk faults, AUD-08)."""
+        return self._file
 
     def pseudonym(self, subject_id: str) -> str:
         """The keyed pseudonym a record carries for ``subject_id`` (linkable, not reversible)."""
@@ -239,27 +281,38 @@ class AuditLog:
             body["time"] = utc_now_iso(self._clock())
         if len(self._pending) >= self.config.queue_max:
             self._stats.rejected_full += 1
+            self._defer_refusal(body, "queue_full")
             raise _unavailable("audit queue full")
+        if self.stalled:
+            # The writer is stuck (a stalled fsync): waiting the full deadline would only
+            # pile up requests behind it; refuse at once until it moves again.
+            self._stats.stalled += 1
+            self._defer_refusal(body, "audit_stalled")
+            raise _unavailable("audit writer stalled")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_consume)
-        self._pending.append(_Pending(body, fut))
+        pending = _Pending(body, fut)
+        self._pending.append(pending)
         self._wake.set()
-        # Timing out or being cancelled (client gone) cancels ``fut``: a record not yet
-        # picked up is then never written; one already being written gets an
+        # Giving up (deadline or cancellation) cancels ``fut`` after ``cause`` is set: a
+        # record not yet picked up is then never written (a refusal is recorded instead
+        # when the cause was the deadline); one already being written gets an
         # ``abandoned`` marker, since nobody will answer 2xx for it.
         try:
-            async with asyncio.timeout(self.config.append_timeout_s):
-                return await fut
+            done, _ = await asyncio.wait((fut,), timeout=self.config.append_timeout_s)
         except asyncio.CancelledError:
+            pending.cause = "waiter_gone"
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Written, but the caller was cancelled before it could answer.
-                self._abandon(fut.result(), body.get("request_id"))
+                self._abandon(fut.result(), body.get("request_id"), "waiter_gone")
+            fut.cancel()
             raise
-        except TimeoutError as exc:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                return fut.result()  # written in the same instant the timer fired
+        if not done:
+            pending.cause = "audit_timeout"
+            fut.cancel()
             self._stats.timeouts += 1
-            raise _unavailable("audit write stalled") from exc
+            raise _unavailable("audit write stalled")
+        return fut.result()  # raises the batch's DependencyUnavailable if it failed
 
     async def checkpoint(self) -> Checkpoint | None:
         """Sign a checkpoint of the current head now (normally done every N records / T s)."""
@@ -267,7 +320,7 @@ class AuditLog:
 
     async def apply_retention(self, now: float | None = None) -> list[str]:
         """Delete sealed segments older than ``retention_s`` behind a signed tombstone."""
-        return await self._call(lambda: self._retention_sync(self._clock() if now is None else now))
+        return await self._call(lambda: self._retention_sync(self._retention_now() if now is None else now))
 
     async def erase(self, *, subject_id: str | None = None, client_addr: str | None = None) -> dict[str, Any]:
         """Crypto-shred a data subject's keys and record a signed erasure in the chain."""
@@ -360,18 +413,26 @@ class AuditLog:
         while self._pending and len(items) < self.config.batch_max:
             item = self._pending.popleft()
             if item.future.cancelled():  # the waiter left before the write began: never written
+                if item.cause == "audit_timeout":
+                    self._defer_refusal(item.record, "audit_timeout")
                 continue
             items.append(item)
         internal: list[dict[str, Any]] = []
         if force_internal or time.monotonic() >= self._retry_at:
+            if self._deferred_dropped:
+                internal.append({"type": "refusals_dropped", "count": self._deferred_dropped,
+                                 "reason": "audit_unavailable", "time": utc_now_iso(self._clock())})
+                self._deferred_dropped = 0
             while self._internal and len(internal) < self.config.batch_max:
                 internal.append(self._internal.popleft())
         if not items and not internal:
             return
         records = [*internal, *(i.record for i in items)]
+        self._commit_started = time.monotonic()
         try:
             seqs = await loop.run_in_executor(self._executor, self._commit, records)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the batch (fail closed)
+            self._commit_started = None
             self._stats.failures += 1
             self._retry_at = time.monotonic() + 1.0
             log.error("audit_write_failed", error=type(exc).__name__, detail=str(exc),  # noqa: TRY400
@@ -383,23 +444,62 @@ class AuditLog:
                     err = _unavailable("audit trail unavailable")
                     err.__cause__ = exc
                     item.future.set_exception(err)
+                    self._defer_refusal(item.record, "io_error")
+                elif item.cause == "audit_timeout":
+                    self._defer_refusal(item.record, "audit_timeout")  # rolled back: never written
             return
+        self._commit_started = None
         self._stats.batches += 1
         self._stats.records += len(records)
         self._stats.last_batch = len(records)
         for item, seq in zip(items, seqs[len(internal):], strict=True):
             if item.future.cancelled():
-                self._abandon(seq, item.record.get("request_id"))
+                self._abandon(seq, item.record.get("request_id"), item.cause or "waiter_gone")
             elif not item.future.done():
                 item.future.set_result(seq)
 
-    def _abandon(self, seq: int, request_id: Any) -> None:
-        """Queue the marker for a record written after its waiter gave up."""
+    def _abandon(self, seq: int, request_id: Any, cause: str) -> None:
+        """Queue the marker for a record written after its waiter gave up.
+
+        SECURITY (AUD-08): a record whose waiter hit the deadline during a stall reaches the
+        disk after its request was answered 503. The chain is append-only, so it cannot be
+        taken back (cutting it out after the fsync would also race a crash); it stays, and
+        says the truth about the *decision* (allow: the request was authorised and served
+        upstream). The marker that follows it says the truth about the *answer*: status
+        503, ``audit_unavailable``. Readers pair them by ``ref_seq``: an ``allow`` record
+        with an ``abandoned`` marker is not a 2xx (NL counts allow minus abandoned).
+        """
         self._stats.abandoned += 1
-        self._internal.append({"type": "abandoned", "ref_seq": seq, "cause": "waiter_gone",
-                               "request_id": request_id, "time": utc_now_iso(self._clock())})
+        marker: dict[str, Any] = {"type": "abandoned", "ref_seq": seq, "cause": cause,
+                                  "request_id": request_id, "time": utc_now_iso(self._clock())}
+        if cause == "audit_timeout":
+            marker |= {"status": 503, "reason": "audit_unavailable"}
+        self._internal.append(marker)
         if self._wake is not None:
             self._wake.set()
+
+    def _defer_refusal(self, record: Mapping[str, Any], cause: str) -> None:
+        """Queue the record of a request refused because its own record could not be written.
+
+        SECURITY (AUD-08, nothing lost): the request was answered 503, so its record must
+        not say ``allow``; it is rewritten as the refusal the client saw (``deny``,
+        ``audit_unavailable``, 503) with the original decision kept under ``deferred``,
+        and written as soon as the sink heals. Memory-bound: beyond ``queue_max`` waiting
+        refusals only a count is kept (a ``refusals_dropped`` record). A crash before the
+        sink heals loses these deny records, never an allow: no 2xx depends on them.
+        """
+        if "decision" not in record or record.get("type", "request") != "request" or DEFERRED in record:
+            return  # not a request (an event, an aggregate): its caller handles the failure
+        if len(self._internal) >= self.config.queue_max:
+            self._deferred_dropped += 1
+            self._stats.deferred_dropped += 1
+            return
+        self._stats.deferred += 1
+        self._internal.append({
+            **record, "decision": "deny", "reason": "audit_unavailable", "status": 503,
+            DEFERRED: {"cause": cause, "decision": record.get("decision"), "reason": record.get("reason"),
+                       "status": record.get("status"), "time": utc_now_iso(self._clock())},
+        })
 
     # ------------------------------------------------------------------ writer thread
 
@@ -423,8 +523,8 @@ class AuditLog:
             self._check_against_anchor(rec, last)
             self._seq, self._head, self._head_segment = rec.seq, rec.head, rec.segment
             self._ckpt_seq = last.seq if last else 0
-            self._ckpt_time = self._clock()
-            self._last_retention = self._clock()
+            self._ckpt_time = self._mono()
+            self._last_retention = self._mono()
             if rec.quarantined:
                 self._commit([{"type": "recovery", "time": utc_now_iso(self._clock()), "torn": rec.quarantined}])
         except BaseException:
@@ -491,7 +591,7 @@ class AuditLog:
         prefix = list(self._carry)
         if self._checkpoint_failed:
             self._checkpoint_now()  # SECURITY: no new records while the anchor store is failing
-        now = self._clock()
+        now = self._mono()
         if self._file.needs_roll(now):
             self._roll()
         all_records = [*prefix, *records]
@@ -506,15 +606,20 @@ class AuditLog:
             lines.append(encode_line(body, mac))
         was_open = self._file.is_open
         offset, count_before = (self._file.size, self._file.records) if was_open else (0, 0)
+        sync_failed = False
         try:
             self._file.write(b"".join(lines), first_seq=self._seq + 1, count=len(lines), now=now)
             if self.config.durability == "fsync":
                 started = time.perf_counter()
-                self._file.sync()
+                try:
+                    self._file.sync()
+                except OSError:
+                    sync_failed = True
+                    raise
                 if self._on_fsync is not None:
                     self._on_fsync(time.perf_counter() - started)
         except BaseException:
-            self._undo(offset, count_before)
+            self._undo(offset, count_before, retire=sync_failed)
             raise
         self._seq, self._head, self._head_segment = seq, head, self._file.segment
         self._carry.clear()
@@ -547,7 +652,7 @@ class AuditLog:
         body["seq"], body["prev_hash"], body["key_id"] = seq, head, mac_kid
         return body
 
-    def _undo(self, offset: int, count_before: int) -> None:
+    def _undo(self, offset: int, count_before: int, *, retire: bool = False) -> None:
         try:
             self._file.rollback(offset, count_before)
         except OSError:
@@ -555,6 +660,15 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._needs_reopen = True
+            return
+        if retire and self._file.is_open:
+            # SECURITY: after a failed fsync the kernel may have dropped the dirty pages and
+            # reports the error only once per file, so a later fsync on the same file can
+            # succeed without the data being on disk ("fsyncgate"). The acknowledged records
+            # before ``offset`` were fsynced earlier; new records go to a fresh segment (it
+            # links to the same head, so the chain and its verification are unchanged).
+            log.warning("audit_segment_retired_after_fsync_error", segment=self._file.segment)
+            self._file.close()
 
     def _reopen(self) -> list[dict[str, Any]]:
         """Re-read the head from disk after a failed rollback; mark unacknowledged records."""
@@ -591,18 +705,35 @@ class AuditLog:
             self._file.sync()  # never sign a head that a power cut could take back
         checkpoint = self._anchors.write(seq=self._seq, head=self._head, segment=self._head_segment or "",
                                          time=utc_now_iso(self._clock()))
-        self._ckpt_seq, self._ckpt_time, self._checkpoint_failed = self._seq, self._clock(), False
+        self._ckpt_seq, self._ckpt_time, self._checkpoint_failed = self._seq, self._mono(), False
         self._stats.checkpoints += 1
         return checkpoint
 
     def _tick_sync(self) -> None:
-        now = self._clock()
+        now = self._mono()
         if self._checkpoint_failed or (self._seq > self._ckpt_seq
                                        and now - self._ckpt_time >= self.config.checkpoint_interval_s):
             self._try_checkpoint()
         self._process_inbox()
         if self.config.retention_s is not None and now - self._last_retention >= self.config.retention_check_s:
-            self._retention_sync(now)
+            self._retention_sync(self._retention_now())
+
+    def _retention_now(self) -> float:
+        """The wall time retention may act on: never ahead of the monotonic clock's account.
+
+        SECURITY (AUD-11): a wall clock stepped forward (bad NTP source, operator error, an
+        attacker with clock access) would move the cutoff forward and delete fresh segments.
+        The wall time is capped at start-time wall clock + monotonic elapsed time, so a jump
+        forward deletes nothing early; a step back only delays retention (keeps more). A
+        clock already wrong when the process starts cannot be told apart from real elapsed
+        time; the tombstone then still records exactly what was deleted.
+        """
+        wall = self._clock()
+        steady = self._wall_base + (self._mono() - self._mono_base)
+        if wall > steady + 60.0 and not self._clock_jump_logged:
+            self._clock_jump_logged = True
+            log.warning("audit_clock_ahead_of_monotonic", ahead_s=round(wall - steady, 3))
+        return min(wall, steady)
 
     def _process_inbox(self) -> None:
         """Append erasure notices left by ``infergate audit erase`` while we hold the log."""
@@ -638,7 +769,7 @@ class AuditLog:
         return {**notice, "seq": seq}
 
     def _retention_sync(self, now: float) -> list[str]:
-        self._last_retention = now
+        self._last_retention = self._mono()
         if self.config.retention_s is None:
             return []
         cutoff = datetime.fromtimestamp(now - self.config.retention_s, UTC)
@@ -702,9 +833,9 @@ def _checked_body(record: Mapping[str, Any]) -> dict[str, Any]:
     if forged:
         # SECURITY: a caller (or a field copied from a request) must not forge chain state.
         raise ValueError(f"reserved audit fields set by caller: {sorted(forged)}")
-    if body.get("type") in INTERNAL_TYPES:
+    if body.get("type") in INTERNAL_TYPES or DEFERRED in body:
         # SECURITY: nor the log's own statements (a fake "abandoned" would discredit a record).
-        raise ValueError(f"record type {body['type']!r} is written by the log itself")
+        raise ValueError(f"record type {body.get('type')!r} or {DEFERRED!r}: written by the log itself")
     for key, value in body.items():
         # SECURITY: last line of defence (AUD-10): a credential passed by mistake is never
         # written, whatever field it was put in.

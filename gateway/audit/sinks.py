@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -49,8 +49,16 @@ class FileSink:
         self.segment: str | None = None
         self.records = 0
         self.size = 0
-        self.opened_at = 0.0
+        self.opened_at = 0.0  # monotonic: a wall-clock step must not roll (or keep) a segment
         self.fsyncs = 0
+        # Test seam (fault injection, AUD-08): called with "open", "write" or "fsync" before
+        # the operation, in the writer thread; it may raise OSError or block. Never set in
+        # production; the tests use it where a small filesystem cannot be mounted.
+        self.fault_hook: Callable[[str], None] | None = None
+
+    def _fault(self, op: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(op)
 
     @property
     def is_open(self) -> bool:
@@ -64,6 +72,7 @@ class FileSink:
 
     def _open(self, first_seq: int, now: float) -> None:
         name = segment_name(first_seq)
+        self._fault("open")
         # SECURITY: O_EXCL|O_NOFOLLOW: never append to an existing file or follow a
         # planted symlink; a name collision means the chain state is wrong, so stop.
         fd = os.open(self.log_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW,
@@ -84,6 +93,7 @@ class FileSink:
             self._open(first_seq, now)
         assert self._fd is not None  # noqa: S101 - set by _open
         offset = self.size
+        self._fault("write")
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -94,6 +104,7 @@ class FileSink:
 
     def sync(self) -> None:
         if self._fd is not None:
+            self._fault("fsync")
             os.fsync(self._fd)
             self.fsyncs += 1
 

@@ -94,7 +94,9 @@ async def fetch(url: str, model: str, token: str, *, ca_file: str | None = None,
     ssl_ctx: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/drift"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session, \
-            session.get(endpoint, headers={"Authorization": f"Bearer {token}"}, ssl=ssl_ctx) as resp:
+            session.get(endpoint, headers={"Authorization": f"Bearer {token}"}, ssl=ssl_ctx,
+                        # SECURITY: never follow a redirect: it would take the bearer token elsewhere.
+                        allow_redirects=False) as resp:
         try:
             body = await resp.json(content_type=None)
         except ValueError:

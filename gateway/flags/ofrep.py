@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -43,8 +43,10 @@ from openfeature.exception import (
     TargetingKeyMissingError,
     TypeMismatchError,
 )
-from openfeature.flag_evaluation import FlagResolutionDetails, FlagValueType, Reason
-from openfeature.provider import AbstractProvider, Metadata
+from openfeature.flag_evaluation import FlagResolutionDetails, Reason
+from openfeature.provider import Metadata
+
+from gateway.flags.async_only import AsyncOnlyProvider
 
 __all__ = ["MAX_ANSWER_BYTES", "OfrepProvider", "ProviderUnavailable"]
 
@@ -65,8 +67,10 @@ class ProviderUnavailable(GeneralError):
     """The flag service cannot answer now (as opposed to: it answered, with an error)."""
 
 
-class OfrepProvider(AbstractProvider):
+class OfrepProvider(AsyncOnlyProvider):
     """Async-only OFREP client; the synchronous resolve methods refuse (they would block)."""
+
+    sync_refusal = "the OFREP provider is async only"
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, headers: Mapping[str, str] | None = None,
                  clock: Any = time.monotonic) -> None:
@@ -86,59 +90,6 @@ class OfrepProvider(AbstractProvider):
             await self._session.close()
             self._session = None
 
-    # -- OpenFeature surface ----------------------------------------------------------
-
-    def resolve_boolean_details(self, flag_key: str, default_value: bool,
-                                evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[bool]:
-        raise GeneralError("the OFREP provider is async only")
-
-    def resolve_string_details(self, flag_key: str, default_value: str,
-                               evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[str]:
-        raise GeneralError("the OFREP provider is async only")
-
-    def resolve_integer_details(self, flag_key: str, default_value: int,
-                                evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[int]:
-        raise GeneralError("the OFREP provider is async only")
-
-    def resolve_float_details(self, flag_key: str, default_value: float,
-                              evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[float]:
-        raise GeneralError("the OFREP provider is async only")
-
-    def resolve_object_details(
-        self, flag_key: str, default_value: Sequence[FlagValueType] | Mapping[str, FlagValueType],
-        evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[Sequence[FlagValueType] | Mapping[str, FlagValueType]]:
-        raise GeneralError("the OFREP provider is async only")
-
-    async def resolve_boolean_details_async(
-        self, flag_key: str, default_value: bool, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[bool]:
-        return await self._resolve(flag_key, evaluation_context, "boolean")
-
-    async def resolve_string_details_async(
-        self, flag_key: str, default_value: str, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[str]:
-        return await self._resolve(flag_key, evaluation_context, "string")
-
-    async def resolve_integer_details_async(
-        self, flag_key: str, default_value: int, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[int]:
-        return await self._resolve(flag_key, evaluation_context, "integer")
-
-    async def resolve_float_details_async(
-        self, flag_key: str, default_value: float, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[float]:
-        details: FlagResolutionDetails[float] = await self._resolve(flag_key, evaluation_context, "float")
-        if isinstance(details.value, int):
-            details.value = float(details.value)
-        return details
-
-    async def resolve_object_details_async(
-        self, flag_key: str, default_value: Sequence[FlagValueType] | Mapping[str, FlagValueType],
-        evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[Sequence[FlagValueType] | Mapping[str, FlagValueType]]:
-        return await self._resolve(flag_key, evaluation_context, "object")
-
     # -- the exchange -----------------------------------------------------------------
 
     def _client(self) -> aiohttp.ClientSession:
@@ -151,8 +102,8 @@ class OfrepProvider(AbstractProvider):
             )
         return self._session
 
-    async def _resolve(self, flag_key: str, ctx: EvaluationContext | None,
-                       flag_type: str) -> FlagResolutionDetails[Any]:
+    async def _resolve_async(self, flag_type: str, flag_key: str, default_value: Any,
+                             ctx: EvaluationContext | None) -> FlagResolutionDetails[Any]:
         if self._clock() < self._paused_until:
             raise ProviderUnavailable("the flag service asked to wait (429 Retry-After)")
         body = {"context": _context(ctx)}

@@ -30,15 +30,16 @@ import importlib
 import inspect
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import structlog
 from openfeature.evaluation_context import EvaluationContext
-from openfeature.exception import GeneralError, OpenFeatureError
-from openfeature.flag_evaluation import FlagResolutionDetails, FlagValueType
+from openfeature.exception import OpenFeatureError
+from openfeature.flag_evaluation import FlagResolutionDetails
 from openfeature.provider import AbstractProvider, FeatureProvider, Metadata
 
+from gateway.flags.async_only import AsyncOnlyProvider
 from gateway.flags.ofrep import OfrepProvider, ProviderUnavailable
 from gateway.flags.provider import FlagdFileProvider, FlagSet
 from gateway.policy.schema import FileFlagProvider, OfrepFlagProvider, PythonFlagProvider
@@ -84,7 +85,7 @@ def load_python_provider(factory: str, config: Mapping[str, Any], secret_env: Ma
     return provider
 
 
-class GuardedProvider(AbstractProvider):
+class GuardedProvider(AsyncOnlyProvider):
     """A remote provider behind a deadline, a cool-down after failures and lazy ``initialize``.
 
     ``threaded``: the inner provider's *synchronous* methods run in a small dedicated pool
@@ -92,6 +93,8 @@ class GuardedProvider(AbstractProvider):
     its async methods are awaited on the loop. Everything that is not an answer is raised
     as an OpenFeature error, so the caller's fallback is one ``except``.
     """
+
+    sync_refusal = "a remote flag provider is evaluated asynchronously only"
 
     def __init__(self, inner: FeatureProvider, *, name: str, timeout_s: float, cooldown_s: float,
                  threaded: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
@@ -126,56 +129,6 @@ class GuardedProvider(AbstractProvider):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- OpenFeature surface: synchronous calls would block the loop, so they refuse ----
-
-    def resolve_boolean_details(self, flag_key: str, default_value: bool,
-                                evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[bool]:
-        raise GeneralError("a remote flag provider is evaluated asynchronously only")
-
-    def resolve_string_details(self, flag_key: str, default_value: str,
-                               evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[str]:
-        raise GeneralError("a remote flag provider is evaluated asynchronously only")
-
-    def resolve_integer_details(self, flag_key: str, default_value: int,
-                                evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[int]:
-        raise GeneralError("a remote flag provider is evaluated asynchronously only")
-
-    def resolve_float_details(self, flag_key: str, default_value: float,
-                              evaluation_context: EvaluationContext | None = None) -> FlagResolutionDetails[float]:
-        raise GeneralError("a remote flag provider is evaluated asynchronously only")
-
-    def resolve_object_details(
-        self, flag_key: str, default_value: Sequence[FlagValueType] | Mapping[str, FlagValueType],
-        evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[Sequence[FlagValueType] | Mapping[str, FlagValueType]]:
-        raise GeneralError("a remote flag provider is evaluated asynchronously only")
-
-    async def resolve_boolean_details_async(
-        self, flag_key: str, default_value: bool, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[bool]:
-        return await self._call("boolean", flag_key, default_value, evaluation_context)
-
-    async def resolve_string_details_async(
-        self, flag_key: str, default_value: str, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[str]:
-        return await self._call("string", flag_key, default_value, evaluation_context)
-
-    async def resolve_integer_details_async(
-        self, flag_key: str, default_value: int, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[int]:
-        return await self._call("integer", flag_key, default_value, evaluation_context)
-
-    async def resolve_float_details_async(
-        self, flag_key: str, default_value: float, evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[float]:
-        return await self._call("float", flag_key, default_value, evaluation_context)
-
-    async def resolve_object_details_async(
-        self, flag_key: str, default_value: Sequence[FlagValueType] | Mapping[str, FlagValueType],
-        evaluation_context: EvaluationContext | None = None,
-    ) -> FlagResolutionDetails[Sequence[FlagValueType] | Mapping[str, FlagValueType]]:
-        return await self._call("object", flag_key, default_value, evaluation_context)
-
     # -- the guard ----------------------------------------------------------------------
 
     async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
@@ -183,8 +136,8 @@ class GuardedProvider(AbstractProvider):
             self._pool = concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="flag-provider")
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(func, *args))
 
-    async def _call(self, flag_type: str, flag_key: str, default: Any,
-                    ctx: EvaluationContext | None) -> FlagResolutionDetails[Any]:
+    async def _resolve_async(self, flag_type: str, flag_key: str, default: Any,
+                             ctx: EvaluationContext | None) -> FlagResolutionDetails[Any]:
         if self.clock() < self._cool_until:
             raise ProviderUnavailable(f"flag provider {self.name} is cooling down after a failure")
         try:

@@ -26,6 +26,10 @@ be read (store down, or not yet read since the last failure) serves its stable v
 Keeping the last known answer instead would let a replica go on serving a canary that
 another replica has just rolled back for leaking PII. A trip that could not be published
 is kept locally and published again on the next read. Event-loop confined: no locks.
+
+The same holds for the flag file: when a reload finds ``flags.json`` unusable (garbage,
+truncated, invalid, or deleted while routes were active) the revision is refused and,
+until a usable file is built, every route serves its stable variant (``flag_file_unusable``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import structlog
 __all__ = [
     "DETECTOR_RATE",
     "ERROR_RATE",
+    "HELD_FLAG_FILE",
     "HELD_ROLLED_BACK",
     "HELD_UNAVAILABLE",
     "LATENCY_P99",
@@ -66,6 +71,7 @@ PII_RATE: Final = "pii_rate"
 # Why a definition serves its stable variant now (the variant ``reason`` of a call).
 HELD_ROLLED_BACK: Final = "rolled_back"
 HELD_UNAVAILABLE: Final = "rollback_state_unavailable"
+HELD_FLAG_FILE: Final = "flag_file_unusable"
 
 # More than 1% of calls slower than the limit means the 99th percentile is above it: an
 # O(1) running count instead of sorting the window on every call.
@@ -234,6 +240,28 @@ class RollbackTracker:
         self._confirmed: dict[tuple[str, str], bool] = {}  # last read of the store succeeded
         self._unpublished: dict[tuple[str, str], RollbackTrip] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.flag_file_fault: str | None = None
+        self.routing_seen = False
+
+    # -- the flag file itself ----------------------------------------------------------
+
+    def flag_file_failed(self, why: str) -> None:
+        """The policy's flag file cannot be used (garbage, truncated, invalid, deleted).
+
+        # SECURITY: the active revision's file may be the very split being rolled back; a
+        # broken replacement must not leave it routing. Every route serves its stable
+        # variant (:meth:`held`) until a usable file is built again (catalogue AV-12).
+        """
+        if self.flag_file_fault is None:
+            log.warning("flag_file_unusable", error=why[:200], fallback="stable_variant")
+        self.flag_file_fault = why
+
+    def flag_file_loaded(self, *, routes: bool) -> None:
+        """A usable flag file was built; ``routes``: it routes at least one model."""
+        if self.flag_file_fault is not None:
+            log.info("flag_file_recovered")
+        self.flag_file_fault = None
+        self.routing_seen = self.routing_seen or routes
 
     # -- definitions -------------------------------------------------------------------
 
@@ -271,6 +299,8 @@ class RollbackTracker:
         """
         if (flag, definition_hash) in self._overrides:
             return HELD_ROLLED_BACK
+        if self.flag_file_fault is not None:
+            return HELD_FLAG_FILE
         if self.store is not None and not self._confirmed.get((flag, definition_hash), False):
             return HELD_UNAVAILABLE
         return None

@@ -20,9 +20,15 @@ The rules, in short:
   ``[min_ttl_s, max_ttl_s]``. An unknown ``kid`` may trigger at most one fetch per
   ``refresh_cooldown_s`` (measured from the last fetch of any kind), concurrent callers
   share one in-flight fetch, and failures back off exponentially.
+* No request waits on the IdP for longer than ``request_wait_s`` (1.5 s), measured from
+  the start of the fetch: a slow fetch carries on (up to ``fetch_timeout_s``) for the
+  requests after it, while the ones that stop waiting are answered from what is cached.
 * Outage: stale keys keep being served for up to ``max_stale_s`` past their TTL (each
   such answer is counted in ``stale_served``); with nothing usable cached the answer is
   :class:`~gateway.errors.DependencyUnavailable` (503), never "accept unverified".
+
+Configuration: the tunables are one frozen :class:`JwksSourceSettings`, checked when it
+is built, shared by the constructor and :meth:`JwksKeySource.from_discovery`.
 
 Lifecycle: pass a shared ``aiohttp.ClientSession`` (``session=``) that the application
 owns and closes itself, or pass none and the source creates its own hardened session on
@@ -179,6 +185,50 @@ def _load_json_object(body: bytes) -> dict[str, Any]:
     return doc
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwksSourceSettings:
+    """How a :class:`JwksKeySource` fetches and caches; validated here, once.
+
+    Why one object: the same tunables reach the source from policy (``jwks_settings``),
+    from :meth:`JwksKeySource.from_discovery` and from tests; one frozen value keeps the
+    defaults and the checks in a single place. Durations are seconds.
+    """
+
+    fetch_timeout_s: float = 2.0
+    """Deadline of one whole refresh (discovery included)."""
+    request_wait_s: float = 1.5
+    """Longest a request waits for a fetch, counted from the fetch's start; the fetch may go on."""
+    refresh_cooldown_s: float = 30.0
+    """At most one fetch per this for unknown kids (from the last fetch of any kind)."""
+    min_ttl_s: float = 60.0
+    max_ttl_s: float = 86_400.0
+    default_ttl_s: float = 300.0
+    """TTL of a set served without ``Cache-Control: max-age``; all TTLs are clamped to [min, max]."""
+    max_stale_s: float = 86_400.0
+    """How long past its TTL a set may still be served while refreshes fail; then 503."""
+    failure_backoff_s: float = 5.0
+    """First wait after a failed fetch; doubles per failure up to max(cooldown, this)."""
+    max_bytes: int = 65_536
+    allow_http: bool = False
+    """Allow plain-http URLs (loopback tests only)."""
+
+    def __post_init__(self) -> None:
+        durations = (self.fetch_timeout_s, self.request_wait_s, self.refresh_cooldown_s, self.min_ttl_s,
+                     self.max_ttl_s, self.default_ttl_s, self.max_stale_s, self.failure_backoff_s)
+        if not all(math.isfinite(d) and d >= 0 for d in durations):
+            raise JwksConfigError("durations must be finite and non-negative")
+        if (self.fetch_timeout_s <= 0 or self.request_wait_s <= 0 or self.failure_backoff_s <= 0
+                or self.min_ttl_s <= 0 or self.min_ttl_s > self.max_ttl_s):
+            raise JwksConfigError(
+                "fetch_timeout_s, request_wait_s, failure_backoff_s, min_ttl_s must be > 0; min_ttl_s <= max_ttl_s"
+            )
+        if self.max_bytes <= 0:
+            raise JwksConfigError("max_bytes must be positive")
+
+
+DEFAULT_SETTINGS: Final = JwksSourceSettings()
+
+
 class JwksKeySource:
     """Keys of one issuer, fetched from its JWKS URL and cached; a ``KeyResolver`` for authn.
 
@@ -186,7 +236,8 @@ class JwksKeySource:
     counters (plain ints, for metrics): ``hits`` (keys served), ``stale_served`` (of
     which past their TTL, during an outage), ``fetches`` (refresh attempts), ``failures``
     (failed refreshes), ``unknown_kids`` (lookups answered ``authn_unknown_kid``),
-    ``refused_keys`` (JWKs refused as symmetric or private).
+    ``refused_keys`` (JWKs refused as symmetric or private), ``waits_cut`` (requests that
+    stopped waiting for a slow fetch after ``request_wait_s``).
     """
 
     def __init__(
@@ -196,15 +247,7 @@ class JwksKeySource:
         algorithms: tuple[str, ...],
         discovery_url: str | None = None,
         issuer: str | None = None,
-        fetch_timeout_s: float = 2.0,
-        refresh_cooldown_s: float = 30.0,
-        min_ttl_s: float = 60.0,
-        max_ttl_s: float = 86_400.0,
-        default_ttl_s: float = 300.0,
-        max_stale_s: float = 86_400.0,
-        failure_backoff_s: float = 5.0,
-        max_bytes: int = 65_536,
-        allow_http: bool = False,
+        settings: JwksSourceSettings = DEFAULT_SETTINGS,
         clock: Callable[[], float] = time.monotonic,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
@@ -213,6 +256,8 @@ class JwksKeySource:
         ``url`` is the JWKS URL; alternatively ``discovery_url`` and ``issuer`` make the
         source resolve ``jwks_uri`` from the OIDC discovery document on its first
         refresh (prefer :meth:`from_discovery`, which also checks it eagerly).
+        ``clock`` (monotonic seconds) times TTLs, cooldowns, backoff and max-stale; it is
+        the public attribute :attr:`clock`, so a test may swap it for one on the same base.
         """
         if (url is None) == (discovery_url is None):
             raise JwksConfigError("give exactly one of url or discovery_url")
@@ -224,31 +269,16 @@ class JwksKeySource:
             # SECURITY: a JWKS never supplies HMAC secrets, and unknown names never pass.
             if alg not in SUPPORTED_ALGORITHMS:
                 raise JwksConfigError(f"algorithm {alg!r} cannot be served from a JWKS")
-        durations = (fetch_timeout_s, refresh_cooldown_s, min_ttl_s, max_ttl_s, default_ttl_s, max_stale_s,
-                     failure_backoff_s)
-        if not all(math.isfinite(d) and d >= 0 for d in durations):
-            raise JwksConfigError("durations must be finite and non-negative")
-        if fetch_timeout_s <= 0 or failure_backoff_s <= 0 or min_ttl_s <= 0 or min_ttl_s > max_ttl_s:
-            raise JwksConfigError("fetch_timeout_s, failure_backoff_s, min_ttl_s must be > 0; min_ttl_s <= max_ttl_s")
-        if max_bytes <= 0:
-            raise JwksConfigError("max_bytes must be positive")
 
         self.algorithms: tuple[str, ...] = tuple(algorithms)
-        self.allow_http = allow_http
+        self.settings = settings
+        allow_http = settings.allow_http
         self._jwks_url = _check_url(url, allow_http=allow_http, what="JWKS URL") if url is not None else None
         self._discovery_url = None
         if discovery_url is not None:
             self._discovery_url = _check_url(discovery_url, allow_http=allow_http, what="discovery URL")
         self._issuer = issuer
-        self.fetch_timeout_s = fetch_timeout_s
-        self.refresh_cooldown_s = refresh_cooldown_s
-        self.min_ttl_s = min_ttl_s
-        self.max_ttl_s = max_ttl_s
-        self.default_ttl_s = default_ttl_s
-        self.max_stale_s = max_stale_s
-        self.failure_backoff_s = failure_backoff_s
-        self.max_bytes = max_bytes
-        self._clock = clock
+        self.clock = clock
         self._session = session
         self._owns_session = session is None
         self._closed = False
@@ -259,6 +289,8 @@ class JwksKeySource:
         self._next_attempt_at = -math.inf
         self._consecutive_failures = 0
         self._last_error: _FetchError | None = None
+        # Real (event-loop) time until which requests may wait for the fetch in flight.
+        self._wait_until = -math.inf
 
         self.hits = 0
         self.stale_served = 0
@@ -266,6 +298,7 @@ class JwksKeySource:
         self.failures = 0
         self.unknown_kids = 0
         self.refused_keys = 0
+        self.waits_cut = 0
 
     # ------------------------------------------------------------------ construction
 
@@ -276,15 +309,7 @@ class JwksKeySource:
         *,
         issuer: str,
         algorithms: tuple[str, ...],
-        fetch_timeout_s: float = 2.0,
-        refresh_cooldown_s: float = 30.0,
-        min_ttl_s: float = 60.0,
-        max_ttl_s: float = 86_400.0,
-        default_ttl_s: float = 300.0,
-        max_stale_s: float = 86_400.0,
-        failure_backoff_s: float = 5.0,
-        max_bytes: int = 65_536,
-        allow_http: bool = False,
+        settings: JwksSourceSettings = DEFAULT_SETTINGS,
         clock: Callable[[], float] = time.monotonic,
         session: aiohttp.ClientSession | None = None,
     ) -> JwksKeySource:
@@ -297,12 +322,8 @@ class JwksKeySource:
         failure backoff); until then :meth:`get_key` answers 503, so a gateway started
         during an IdP outage comes up and heals by itself.
         """
-        source = cls(
-            discovery_url=discovery_url, issuer=issuer, algorithms=algorithms, fetch_timeout_s=fetch_timeout_s,
-            refresh_cooldown_s=refresh_cooldown_s, min_ttl_s=min_ttl_s, max_ttl_s=max_ttl_s,
-            default_ttl_s=default_ttl_s, max_stale_s=max_stale_s, failure_backoff_s=failure_backoff_s,
-            max_bytes=max_bytes, allow_http=allow_http, clock=clock, session=session,
-        )
+        source = cls(discovery_url=discovery_url, issuer=issuer, algorithms=algorithms, settings=settings,
+                     clock=clock, session=session)
         try:
             await source.refresh()
         except BaseException:
@@ -365,22 +386,22 @@ class JwksKeySource:
             self.unknown_kids += 1
             raise _fail("authn_unknown_kid")
 
-        now = self._clock()
+        now = self.clock()
         keyset = self._keyset
         stale = False
         if keyset is None or now >= keyset.expires_at:
             # Nothing cached, or past its TTL: refresh unless a recent failure says wait.
             if self._fetch_allowed(now, unknown_kid=False):
-                await self._join_or_start()
+                await self._wait_for_fetch()
                 keyset = self._keyset
-                now = self._clock()
+                now = self.clock()
             if keyset is None:
                 # SECURITY: fail closed; no key set means no verification, never "accept".
                 raise self._unavailable(now)
             stale = now >= keyset.expires_at
             # SECURITY: stale keys are a bridge over an outage, not forever: after
             # max_stale_s a revoked key could otherwise outlive its revocation indefinitely.
-            if stale and now >= keyset.expires_at + self.max_stale_s:
+            if stale and now >= keyset.expires_at + self.settings.max_stale_s:
                 raise self._unavailable(now)
 
         key = self._lookup(keyset, kid, alg)
@@ -388,7 +409,7 @@ class JwksKeySource:
         # backing off), so a flood of random kids costs the IdP at most one fetch per
         # cooldown; concurrent callers join the fetch in flight instead of starting one.
         if key is None and not stale and self._fetch_allowed(now, unknown_kid=True):
-            await self._join_or_start()
+            await self._wait_for_fetch()
             current = self._keyset
             if current is not None:
                 key = self._lookup(current, kid, alg)
@@ -425,7 +446,8 @@ class JwksKeySource:
         if now < self._next_attempt_at:
             return False
         return not (
-            unknown_kid and self._last_fetch_at is not None and now - self._last_fetch_at < self.refresh_cooldown_s
+            unknown_kid and self._last_fetch_at is not None
+            and now - self._last_fetch_at < self.settings.refresh_cooldown_s
         )
 
     def _unavailable(self, now: float) -> DependencyUnavailable:
@@ -435,21 +457,45 @@ class JwksKeySource:
 
     # ------------------------------------------------------------------ fetching
 
-    async def _join_or_start(self) -> bool:
-        # SECURITY: single flight: at most one fetch runs, whoever asks meanwhile waits for it.
+    def _start_or_join(self) -> asyncio.Task[bool]:
+        # SECURITY: single flight: at most one fetch runs, whoever asks meanwhile joins it.
         task = self._inflight
         if task is None:
-            self._last_fetch_at = self._clock()
-            task = asyncio.get_running_loop().create_task(self._refresh_once())
+            loop = asyncio.get_running_loop()
+            self._last_fetch_at = self.clock()
+            self._wait_until = loop.time() + self.settings.request_wait_s
+            task = loop.create_task(self._refresh_once())
             self._inflight = task
+        return task
+
+    async def _join_or_start(self) -> bool:
         # shield: a caller giving up (client gone) must not cancel the fetch others share.
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._start_or_join())
+
+    async def _wait_for_fetch(self) -> None:
+        """Start or join a fetch for a request, waiting at most until ``request_wait_s`` after its start.
+
+        # SECURITY: a hanging or slow IdP must not hold requests (and their connections)
+        # for the whole fetch deadline: past the window the caller goes on with what is
+        # cached (stale keys within max-stale, else 503; an unknown kid, 401), while the
+        # fetch may still finish for the requests after it.
+        """
+        task = self._start_or_join()
+        remaining = self._wait_until - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            self.waits_cut += 1
+            return
+        try:
+            async with asyncio.timeout(remaining):
+                await asyncio.shield(task)
+        except TimeoutError:
+            self.waits_cut += 1
 
     async def _refresh_once(self) -> bool:
         self.fetches += 1
         try:
             # One deadline for the whole refresh, discovery included: no request waits longer.
-            async with asyncio.timeout(self.fetch_timeout_s):
+            async with asyncio.timeout(self.settings.fetch_timeout_s):
                 keys, ttl = await self._fetch_keyset()
         except _FetchError as exc:
             self._record_failure(exc)
@@ -461,7 +507,7 @@ class JwksKeySource:
             self._record_failure(_FetchError(f"connection:{type(exc).__name__}"))
             return False
         else:
-            now = self._clock()
+            now = self.clock()
             self._keyset = _KeySet(keys=keys, fetched_at=now, expires_at=now + ttl)
             self._consecutive_failures = 0
             self._next_attempt_at = -math.inf
@@ -476,8 +522,9 @@ class JwksKeySource:
         self._last_error = exc
         self._consecutive_failures += 1
         doublings = min(self._consecutive_failures - 1, _BACKOFF_DOUBLINGS_CAP)
-        backoff = min(self.failure_backoff_s * 2**doublings, max(self.refresh_cooldown_s, self.failure_backoff_s))
-        self._next_attempt_at = self._clock() + backoff
+        first, cooldown = self.settings.failure_backoff_s, self.settings.refresh_cooldown_s
+        backoff = min(first * 2**doublings, max(cooldown, first))
+        self._next_attempt_at = self.clock() + backoff
         log.warning(
             "jwks_refresh_failed", url=self._log_url(), reason=exc.reason, retry_in_s=backoff,
             serving_stale=self._keyset is not None,
@@ -492,7 +539,7 @@ class JwksKeySource:
             raise _FetchError("closed")
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.fetch_timeout_s),
+                timeout=aiohttp.ClientTimeout(total=self.settings.fetch_timeout_s),
                 # SECURITY: no proxy settings from the environment, no cookies, no decoding.
                 trust_env=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -521,7 +568,7 @@ class JwksKeySource:
             raise _DiscoveryRejected("discovery_no_jwks_uri")
         try:
             # SECURITY: the document is held to the same URL rules as policy.
-            return _check_url(jwks_uri, allow_http=self.allow_http, what="jwks_uri")
+            return _check_url(jwks_uri, allow_http=self.settings.allow_http, what="jwks_uri")
         except JwksConfigError as exc:
             raise _DiscoveryRejected("discovery_bad_jwks_uri") from exc
 
@@ -543,12 +590,12 @@ class JwksKeySource:
                 raise _FetchError("content_encoding")
             # SECURITY: bounded read: refuse a declared oversize body unread, and stop
             # reading an undeclared (chunked) one as soon as it passes the cap.
-            if resp.content_length is not None and resp.content_length > self.max_bytes:
+            if resp.content_length is not None and resp.content_length > self.settings.max_bytes:
                 raise _FetchError("oversize")
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
-                if len(body) > self.max_bytes:
+                if len(body) > self.settings.max_bytes:
                     raise _FetchError("oversize")
             return bytes(body), resp.headers.get(hdrs.CACHE_CONTROL)
 
@@ -558,7 +605,7 @@ class JwksKeySource:
         # SECURITY: the IdP's header may neither make us fetch on every request
         # (``no-store``, ``max-age=0`` → min_ttl_s) nor keep a key past max_ttl_s.
         """
-        ttl = self.default_ttl_s
+        ttl = self.settings.default_ttl_s
         if cache_control:
             for directive in cache_control.split(","):
                 name, _, value = directive.strip().partition("=")
@@ -571,7 +618,7 @@ class JwksKeySource:
                     if _MAX_AGE_RE.fullmatch(value):
                         ttl = float(value)
                     break
-        return max(self.min_ttl_s, min(self.max_ttl_s, ttl))
+        return max(self.settings.min_ttl_s, min(self.settings.max_ttl_s, ttl))
 
     # ------------------------------------------------------------------ parsing
 

@@ -165,6 +165,17 @@ class Metrics:
             "gateway_metrics_denied_total", "Scrapes of /metrics refused (client not in metrics.allow_from).",
             registry=r,
         )
+        # The HTTP listener's connection cap (resilience/connection_gate.py).
+        self.connections_open = Gauge(
+            "gateway_connections_open", "Client connections open on the HTTP listener.", registry=r,
+        )
+        self.connections_refused = Counter(
+            "gateway_connections_refused_total",
+            "Connections refused at accept time, by cap (max_connections|max_connections_per_ip).",
+            ["reason"], registry=r,
+        )
+        for reason in ("max_connections", "max_connections_per_ip"):
+            self.connections_refused.labels(reason=reason)  # alertable from zero, not from absence
         # Labelled children of the per-request metrics, see child().
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
@@ -187,6 +198,16 @@ class Metrics:
     def limit_decision(self, limit: str, outcome: str) -> None:
         """The rate limiter's metrics hook (limit names come from policy: bounded)."""
         self.child(self.ratelimit_decisions, limit, outcome).inc()
+
+    def connection_opened(self) -> None:
+        """The connection gate's hooks (reasons are the gate's two constants: bounded)."""
+        self.connections_open.inc()
+
+    def connection_closed(self) -> None:
+        self.connections_open.dec()
+
+    def connection_refused(self, reason: str) -> None:
+        self.child(self.connections_refused, reason).inc()
 
     def state_op(self, backend: str, op: str, seconds: float, error: str | None) -> None:
         """The shared-state layer's observer; only the Redis backend is a network hop."""

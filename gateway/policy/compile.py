@@ -18,11 +18,12 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import BoundStage, Pipeline
+from gateway.policy.grant_outputs import check_grant_outputs, repo_outputs
 from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet
 from gateway.policy.schema import IssuerPolicy
 from gateway.stages.adversarial import AdversarialDetector, DetectorMetrics, Reinfer, build_adversarial_stage
 from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKeys, TrustedIssuer, VerifyKey, key_fits
-from gateway.stages.authz import RoleAuthorizer, compile_grants
+from gateway.stages.authz import build_authorizer, compile_grants
 from gateway.stages.base import Mode
 from gateway.stages.dp_noise import build_dp_stage
 from gateway.stages.feature_flags import FlagsRuntime, build_flags_stage
@@ -139,6 +140,10 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         issuers[extra.issuer] = extra
     api_keys = {k.sha256: ApiKey(k.id, k.tenant, frozenset(k.roles)) for k in policy.identity.api_keys}
     grants, role_actions = compile_grants(policy.access)
+    if env.repo_dir is not None:
+        output_problems = check_grant_outputs(policy.access, repo_outputs(env.repo_dir))
+        if output_problems:
+            raise PolicyError([PolicyIssue("access.yaml", 1, 1, message, hint) for message, hint in output_problems])
     try:
         sanitizer = build_sanitize_stage(policy.inputs.sanitize, env.repo_dir)
         adversarial = build_adversarial_stage(
@@ -162,7 +167,7 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         preauth = build_preauth_limiter(policy.limits, env.state, env.limit_metrics, local_state=env.local_state)
     except ValueError as exc:
         raise PolicyError([PolicyIssue("limits.yaml", 1, 1, str(exc))]) from exc
-    flags = build_flags_stage(policy.flags_raw or b'{"flags": {}}', policy, env.flags_runtime)
+    flags = build_flags_stage(policy.flags_raw, policy, env.flags_runtime)
     stages = (
         # SECURITY: authentication and authorization are always enforced; no policy switch.
         BoundStage(JwtAuthenticator(issuers=issuers, api_keys=api_keys), Mode.ENFORCE),
@@ -170,8 +175,8 @@ def compile_pipeline(policy: PolicySet, metrics: Metrics, env: CompileEnv | None
         # and version it is actually routed to. Enforce only (shadow would split the rewrite).
         BoundStage(flags, Mode.ENFORCE),
         BoundStage(ModelExposure(models=policy.gateway.models), policy.gateway.stages.model_exposure.mode),
-        BoundStage(RoleAuthorizer(grants=grants, role_actions=role_actions,
-                                  non_enumeration=policy.access.non_enumeration), Mode.ENFORCE),
+        BoundStage(build_authorizer(grants, role_actions, non_enumeration=policy.access.non_enumeration),
+                   Mode.ENFORCE),
         # Limits count only callers the policy admits, per tenant/subject/role/model.
         BoundStage(limiter, Mode.ENFORCE),
         # Sanitizing runs before anything reads text (PII masking needs normalized input).

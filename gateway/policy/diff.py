@@ -163,74 +163,107 @@ def _flag_label(path: tuple[str, ...], old: Any, new: Any) -> str:
     return f"flag {'.'.join(path[1:])} {_arrow(old, new)}"
 
 
+_Label = Callable[[tuple[str, ...], Any, Any], str]
+_JUDGES = frozenset({"higher", "lower", "added", "removed", "neutral", *_ORDERS})
+
+
+def _file_rules(file: str, label: _Label | None, table: str) -> tuple[_Rule, ...]:
+    """Rules for one policy file from a ``dotted.path judge`` table, one rule a line.
+
+    A table, because the rules are data: the file and the label are said once, not on
+    every line, and a misspelt judge fails at import rather than judging nothing.
+    """
+    rules = []
+    for line in table.splitlines():
+        if line.strip():
+            path, judge = line.split()
+            if judge not in _JUDGES:
+                raise ValueError(f"unknown judge {judge!r} for {file}:{path}")
+            rules.append(_Rule(f"{file}:{path}", judge, label))
+    return tuple(rules)
+
+
 _RULES: tuple[_Rule, ...] = (
-    # gateway.yaml
-    _Rule("gateway.yaml:models.*", "added"),
-    _Rule("gateway.yaml:models.*.versions", "added"),
-    _Rule("gateway.yaml:limits.*", "higher"),
-    _Rule("gateway.yaml:stages.*.mode", "mode"),
-    _Rule("gateway.yaml:upstream.*", "neutral"),
-    _Rule("gateway.yaml:audit.retention_days", "lower"),
-    # access.yaml (grants are judged through effective permissions)
-    _Rule("access.yaml:non_enumeration", "removed"),
-    _Rule("access.yaml:tenants.*", "neutral"),
-    # identity.yaml
-    _Rule("identity.yaml:issuers.*", "added"),
-    _Rule("identity.yaml:issuers.*.audiences", "added"),
-    _Rule("identity.yaml:issuers.*.algorithms", "added"),
-    _Rule("identity.yaml:issuers.*.leeway_s", "higher"),
-    _Rule("identity.yaml:issuers.*.max_lifetime_s", "higher"),
-    _Rule("identity.yaml:issuers.*.required_claims", "removed"),
-    _Rule("identity.yaml:issuers.*.keys*", "added"),
-    _Rule("identity.yaml:issuers.*.allowed_roles", "added"),
-    _Rule("identity.yaml:api_keys.*", "added"),
-    _Rule("identity.yaml:api_keys.*.roles", "added"),
-    _Rule("identity.yaml:api_keys.*.tenant", "added"),
-    # inputs.yaml
-    _Rule("inputs.yaml:*.mode", "mode"),
-    _Rule("inputs.yaml:adversarial.models.*.mode", "adversarial_mode"),
-    _Rule("inputs.yaml:*.action", "action"),
-    _Rule("inputs.yaml:*caps.*", "higher"),
-    _Rule("inputs.yaml:*.format_chars", "format_chars"),
-    _Rule("inputs.yaml:*.control_chars", "control_chars"),
-    _Rule("inputs.yaml:*.binary_inputs", "added"),
-    # limits.yaml
-    _Rule("limits.yaml:*on_backend_error", "fail", None),
-    _Rule("limits.yaml:limits.*.on_backend_error", "fail", _limit_label),
-    _Rule("limits.yaml:limits.*.rate", "higher", _limit_label),
-    _Rule("limits.yaml:limits.*.burst", "higher", _limit_label),
-    _Rule("limits.yaml:limits.*.limit", "higher", _limit_label),
-    _Rule("limits.yaml:limits.*.period_s", "lower", _limit_label),
-    _Rule("limits.yaml:limits.*", "removed", _limit_label),
-    _Rule("limits.yaml:limits.*.*", "neutral", _limit_label),
-    _Rule("limits.yaml:pre_auth.rate", "higher"),
-    _Rule("limits.yaml:pre_auth.burst", "higher"),
-    _Rule("limits.yaml:pre_auth", "removed"),
-    # pii.yaml
-    _Rule("pii.yaml:mode", "mode", _pii_label),
-    _Rule("pii.yaml:directions", "removed", _pii_label),
-    _Rule("pii.yaml:on_non_utf8", "on_non_utf8", _pii_label),
-    _Rule("pii.yaml:entities.*", "removed", _pii_label),
-    _Rule("pii.yaml:entities.*.operator", "pii_operator", _pii_label),
-    _Rule("pii.yaml:entities.*.keep_last", "higher", _pii_label),
-    _Rule("pii.yaml:roles.*", "added", _pii_label),
-    _Rule("pii.yaml:roles.*.operators.*.operator", "pii_operator", _pii_label),
-    _Rule("pii.yaml:split_joins", "removed", _pii_label),
-    # privacy.yaml
-    _Rule("privacy.yaml:models.*", "removed", _dp_label),
-    _Rule("privacy.yaml:models.*.outputs.*.epsilon", "higher", _dp_label),
-    _Rule("privacy.yaml:models.*.outputs.*.delta", "higher", _dp_label),
-    _Rule("privacy.yaml:models.*.outputs.*", "added", _dp_label),
-    _Rule("privacy.yaml:models.*.budget.epsilon", "higher", _dp_label),
-    _Rule("privacy.yaml:models.*.budget.delta", "higher", _dp_label),
-    _Rule("privacy.yaml:models.*.budget.period_s", "lower", _dp_label),
-    _Rule("privacy.yaml:models.*.tenants.*.epsilon", "higher", _dp_label),
-    _Rule("privacy.yaml:models.*.timing_jitter_ms", "lower", _dp_label),
-    _Rule("privacy.yaml:models.*.*", "neutral", _dp_label),
-    # flags.json
-    _Rule("flags.json:flags.*.weights.*", "neutral", _flag_label),
-    _Rule("flags.json:flags.stage.*.enabled.defaultVariant", "neutral", _flag_label),
-    _Rule("flags.json:flags.*", "neutral", _flag_label),
+    *_file_rules("gateway.yaml", None, """
+        models.*                              added
+        models.*.versions                     added
+        limits.*                              higher
+        stages.*.mode                         mode
+        upstream.*                            neutral
+        audit.retention_days                  lower
+    """),
+    # access.yaml: grants are judged through effective permissions
+    *_file_rules("access.yaml", None, """
+        non_enumeration                       removed
+        tenants.*                             neutral
+    """),
+    *_file_rules("identity.yaml", None, """
+        issuers.*                             added
+        issuers.*.audiences                   added
+        issuers.*.algorithms                  added
+        issuers.*.leeway_s                    higher
+        issuers.*.max_lifetime_s              higher
+        issuers.*.required_claims             removed
+        issuers.*.keys*                       added
+        issuers.*.allowed_roles               added
+        api_keys.*                            added
+        api_keys.*.roles                      added
+        api_keys.*.tenant                     added
+    """),
+    *_file_rules("inputs.yaml", None, """
+        *.mode                                mode
+        adversarial.models.*.mode             adversarial_mode
+        *.action                              action
+        *caps.*                               higher
+        *.format_chars                        format_chars
+        *.control_chars                       control_chars
+        *.binary_inputs                       added
+    """),
+    *_file_rules("limits.yaml", None, """
+        *on_backend_error                     fail
+    """),
+    *_file_rules("limits.yaml", _limit_label, """
+        limits.*.on_backend_error             fail
+        limits.*.rate                         higher
+        limits.*.burst                        higher
+        limits.*.limit                        higher
+        limits.*.period_s                     lower
+        limits.*                              removed
+        limits.*.*                            neutral
+    """),
+    *_file_rules("limits.yaml", None, """
+        pre_auth.rate                         higher
+        pre_auth.burst                        higher
+        pre_auth                              removed
+    """),
+    *_file_rules("pii.yaml", _pii_label, """
+        mode                                  mode
+        directions                            removed
+        on_non_utf8                           on_non_utf8
+        entities.*                            removed
+        entities.*.operator                   pii_operator
+        entities.*.keep_last                  higher
+        roles.*                               added
+        roles.*.operators.*.operator          pii_operator
+        split_joins                           removed
+    """),
+    *_file_rules("privacy.yaml", _dp_label, """
+        models.*                              removed
+        models.*.outputs.*.epsilon            higher
+        models.*.outputs.*.delta              higher
+        models.*.outputs.*                    added
+        models.*.budget.epsilon               higher
+        models.*.budget.delta                 higher
+        models.*.budget.period_s              lower
+        models.*.tenants.*.epsilon            higher
+        models.*.timing_jitter_ms             lower
+        models.*.*                            neutral
+    """),
+    *_file_rules("flags.json", _flag_label, """
+        flags.*.weights.*                     neutral
+        flags.stage.*.enabled.defaultVariant  neutral
+        flags.*                               neutral
+    """),
 )
 
 _DIRECTION_WORDS = {"weaker": "weaker", "stronger": "stronger", "neutral": ""}

@@ -41,6 +41,7 @@ _VALUE_HINTS: tuple[tuple[str, str], ...] = (
     ("takes no delta", "remove delta: laplace is pure epsilon-DP"),
     ("per: [subject]", "write per: [tenant, subject]: a subject is unique only within its tenant"),
     ("per: [role]", "list the roles this limit applies to under roles: [...]"),
+    ("does not grant infer", "add infer to this grant's actions, or remove outputs: (it only restricts inference)"),
     ("tokenize is allowed only", "use tokenize only under roles: for roles that hold pii:unmask in access.yaml"),
 )
 

@@ -55,6 +55,16 @@ class LimitsPolicy(StrictModel):
     body_timeout_s: Seconds = Field(
         30.0, description="Time a client has to send a whole request body; a slower sender gets 408.",
     )
+    max_connections: PositiveInt = Field(
+        4096, description="Client connections one gateway process holds open on the HTTP listener; a new one "
+                          "beyond it is answered 503 + Retry-After and closed before anything is read. Keep it "
+                          "well below the process's file-descriptor limit (ulimit -n).",
+    )
+    max_connections_per_ip: PositiveInt | None = Field(
+        None, description="Open connections per client address (the socket peer); beyond it 503 and close. "
+                          "Omitted = only max_connections (behind a load balancer every client shares its "
+                          "address).",
+    )
 
 
 class UpstreamPolicy(StrictModel):
@@ -70,6 +80,11 @@ class UpstreamPolicy(StrictModel):
 class ModelPolicy(StrictModel):
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
         None, description="Versions that may be called explicitly; omitted = any the upstream serves.",
+    )
+    max_in_flight: PositiveInt | None = Field(
+        None, description="Inference calls to this model processed at once by one gateway process; beyond it "
+                          "503 + Retry-After (reason model_load_shed), so one slow model cannot take every "
+                          "slot of limits.max_in_flight. Omitted = only the process-wide cap.",
     )
     drift: DriftPolicy | None = Field(
         None, description="Data and prediction drift monitoring against the training profile; omitted = off.",
@@ -93,6 +108,11 @@ class AuditPolicy(StrictModel):
         None, description="Delete segments older than this, behind a signed tombstone; omitted = keep all.",
     )
     stdout: StrictBool = Field(False, description="Also write every committed record to stdout (log shippers).")
+    append_timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=30)] = Field(
+        2.0, description="Longest a request waits for its audit record to be durable (a stalled disk); "
+                         "then 503 audit_unavailable, and new requests are refused at once until the "
+                         "writer moves again. The refusal is recorded once the disk heals.",
+    )
 
 
 EnvName = Annotated[StrictStr, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")]
@@ -222,6 +242,10 @@ class JwksSettings(StrictModel):
     refresh_cooldown_s: Seconds = Field(30, description="At most one refresh for an unknown kid per this.")
     fetch_timeout_s: Seconds = Field(2, description="Deadline of one JWKS or discovery fetch.")
     allow_http: StrictBool = Field(False, description="Allow plain http URLs (loopback tests only).")
+    max_stale_s: Annotated[StrictFloat | StrictInt, Field(ge=0, le=604_800)] = Field(
+        86_400, description="While the JWKS cannot be fetched, how long past their TTL cached keys are still used; "
+                            "after that requests get 503 (fail closed). 0 = never past the TTL.",
+    )
 
 
 class IssuerKeys(StrictModel):
@@ -310,6 +334,8 @@ class IdentityPolicy(StrictModel):
 Action = Literal["infer", "metadata", "audit:read", "audit:erase", "budget:admin", "pii:unmask", "policy:read",
                  "drift:read"]
 MODEL_ACTIONS = frozenset({"infer", "metadata"})
+# An output tensor name as the fronts accept it: printable ASCII without spaces.
+OUTPUT_NAME_PATTERN = r"^[!-~]{1,256}$"
 
 
 class Grant(StrictModel):
@@ -318,6 +344,25 @@ class Grant(StrictModel):
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
         None, description="Versions that may be called explicitly; omitted = any.",
     )
+    outputs: tuple[Annotated[StrictStr, Field(pattern=OUTPUT_NAME_PATTERN)], ...] | None = Field(
+        None, min_length=1,
+        description="Output tensors of the grant's models this grant releases on inference (OWASP API3, BOPLA). "
+                    "A request naming any other output is refused (403, authz_output_denied); a request naming "
+                    "none receives only these; any other output the model returns is dropped before the answer "
+                    "is built. Names may come from any model of the grant; `policy check` refuses a name no "
+                    "model declares and a model none of the names belongs to (when its config.pbtxt is "
+                    "known). Roles add up: the union over the caller's matching grants. Omitted = every output.",
+    )
+
+    @model_validator(mode="after")
+    def _outputs_need_infer(self) -> Grant:
+        if self.outputs is None:
+            return self
+        if len(set(self.outputs)) != len(self.outputs):
+            raise ValueError("outputs: a name is listed twice")
+        if "infer" not in self.actions and "*" not in self.actions:
+            raise ValueError("outputs restrict inference answers, but this grant does not grant infer")
+        return self
 
 
 class TenantPolicy(StrictModel):

@@ -330,6 +330,7 @@ class PolicyTestRunner:
             max_elements_per_tensor=limits.max_elements_per_tensor, max_dims=limits.max_dims,
             max_bytes_element=limits.max_bytes_element, max_inputs=limits.max_inputs))
         check_request(req, meta)
+        ctx.declared_outputs = tuple(spec.name for spec in meta.outputs)  # as gateway/service.py infer
         upstream = self.upstream
 
         async def call_upstream(c: RequestContext, r: InferRequest) -> InferResponse:

@@ -10,11 +10,14 @@ import argparse
 import asyncio
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
 def _schema(args: argparse.Namespace) -> int:
+    """Generate policies/schema/*.schema.json from the policy models. Exit 1 with --check when
+    the files differ from a fresh generation."""
     from gateway.policy import jsonschema
 
     out = Path(args.out)
@@ -33,6 +36,9 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
+    """Run policy unit tests like `opa test`: each case's principal and request go through the
+    real compiled stages and the embedded model server. Exit 0 when every case passes, 1
+    otherwise (failed case, unreadable test file, invalid policy)."""
     from gateway.policy.testing import report, run_suite
     from gateway.upstream.embedded import EmbeddedUpstream
 
@@ -54,6 +60,9 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
+    """Compare two policy directories: effective permissions per tenant, role, model and action,
+    then every other setting with whether it weakens or strengthens security. Exit status like
+    diff(1): 0 no difference, 1 differences, 2 a policy is invalid."""
     from gateway.policy.diff import diff_dirs, render
     from gateway.policy.loader import PolicyError
 
@@ -67,33 +76,28 @@ def _diff(args: argparse.Namespace) -> int:
     return 1 if changes else 0
 
 
+def _command(policy_sub: Any, name: str, handler: Callable[[argparse.Namespace], int], summary: str) -> Any:
+    """A subcommand whose ``--help`` description is its handler's docstring, so the text that
+    explains the exit codes lives next to the code that returns them."""
+    parser = policy_sub.add_parser(name, help=summary, description=handler.__doc__)
+    parser.set_defaults(func=handler)
+    return parser
+
+
 def add_workflow_commands(policy_sub: Any) -> None:
     """Add ``schema``, ``test`` and ``diff`` to the ``infergate policy`` subparsers."""
-    schema = policy_sub.add_parser(
-        "schema", help="write the JSON Schemas of the policy files (for editors and CI)",
-        description="Generate policies/schema/*.schema.json from the policy models. "
-                    "Exit 1 with --check when the files differ from a fresh generation.")
+    schema = _command(policy_sub, "schema", _schema, "write the JSON Schemas of the policy files (for editors and CI)")
     schema.add_argument("--out", default="policies/schema", help="directory (default policies/schema)")
     schema.add_argument("--check", action="store_true", help="compare instead of writing")
-    schema.set_defaults(func=_schema)
 
-    test = policy_sub.add_parser(
-        "test", help="run the policy unit tests (DIR/tests/*.yaml) through the compiled pipeline",
-        description="Run policy unit tests like `opa test`: each case's principal and request go through the "
-                    "real compiled stages and the embedded model server. Exit 0 when every case passes, 1 "
-                    "otherwise (failed case, unreadable test file, invalid policy).")
+    test = _command(policy_sub, "test", _test,
+                    "run the policy unit tests (DIR/tests/*.yaml) through the compiled pipeline")
     test.add_argument("dir", help="policy directory")
     test.add_argument("--tests", default=None, help="test directory (default DIR/tests)")
     test.add_argument("--repo", default="triton_repo", help="model repository for the embedded upstream")
     test.add_argument("--run", default=None, metavar="REGEX", help="only cases whose name matches")
     test.add_argument("-v", "--verbose", action="store_true", help="every case, with what the stages did")
-    test.set_defaults(func=_test)
 
-    diff = policy_sub.add_parser(
-        "diff", help="what a policy change grants or removes, for a reviewer",
-        description="Compare two policy directories: effective permissions per tenant, role, model and action, "
-                    "then every other setting with whether it weakens or strengthens security. "
-                    "Exit status like diff(1): 0 no difference, 1 differences, 2 a policy is invalid.")
+    diff = _command(policy_sub, "diff", _diff, "what a policy change grants or removes, for a reviewer")
     diff.add_argument("old", help="policy directory before the change")
     diff.add_argument("new", help="policy directory after the change")
-    diff.set_defaults(func=_diff)

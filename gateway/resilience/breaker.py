@@ -79,12 +79,20 @@ class Breakers:
     on_change: Callable[[str, State], None] | None = None
     _by_model: dict[str, Breaker] = field(default_factory=dict)
 
+    def configure(self, failure_threshold: int, cooldown_s: float) -> None:
+        """Adopt a policy revision's thresholds, for new breakers and the existing ones alike.
+
+        Called once per revision (not per call), so a reload changes them in one place and
+        a breaker's state (failures counted, open since) carries over unchanged.
+        """
+        self.failure_threshold, self.cooldown_s = failure_threshold, cooldown_s
+        for breaker in self._by_model.values():
+            breaker.failure_threshold, breaker.cooldown_s = failure_threshold, cooldown_s
+
     def get(self, model: str) -> Breaker:
         breaker = self._by_model.get(model)
         if breaker is None:
             breaker = self._by_model[model] = Breaker(self.failure_threshold, self.cooldown_s, self.clock)
-        # Thresholds follow the active policy (a reload may change them).
-        breaker.failure_threshold, breaker.cooldown_s = self.failure_threshold, self.cooldown_s
         return breaker
 
     async def call(self, model: str, fn: Callable[[], Awaitable[T]]) -> T:

@@ -28,6 +28,11 @@ well-behaved client exactly what to do.
 Every detector reports its score under ``ctx.notes["detectors"]`` (numbers only) and to
 the :class:`DetectorMetrics` hook; names of fired detectors under
 ``ctx.notes["detectors_fired"]``.
+
+Output hardening (``output``, or ``output_by_role`` per caller role) runs on the response
+path after DP noise, so it is post-processing of what DP released: top-1 after noise
+halves a confidence-threshold membership attack at no cost to the released label
+(``security_tests/ml``, MI-01/MI-02).
 """
 
 from __future__ import annotations
@@ -61,9 +66,9 @@ from gateway.adversarial.detectors import (
     RangeDetector,
     Score,
 )
-from gateway.adversarial.hardening import OutputHardener
+from gateway.adversarial.hardening import OutputHardener, strictest
 from gateway.adversarial.profile import PROFILE_FILENAME, ModelProfile, NumericProfile, load_profile
-from gateway.context import RequestContext
+from gateway.context import Principal, RequestContext
 from gateway.errors import GatewayError, InputRejected, RateLimited
 from gateway.kserve import FLOAT_TYPES, InferRequest, InferResponse, NDArray, Tensor
 from gateway.policy.model import StrictModel
@@ -230,6 +235,12 @@ class AdversarialModelPolicy(StrictModel):
     squeezing: SqueezingCheck | None = None
     query_pattern: QueryPatternCheck | None = None
     output: OutputHardeningPolicy = OutputHardeningPolicy()
+    output_by_role: dict[Annotated[StrictStr, Field(min_length=1, max_length=128)], OutputHardeningPolicy] = Field(
+        default_factory=dict,
+        description="Per-role output policy replacing `output` for callers holding that role (e.g. top_k 1 or "
+                    "label_only for an untrusted role, full scores for a trusted one). A caller holding several "
+                    "listed roles gets the strictest of them combined; a caller holding none gets `output`. "
+                    "Default: empty (everyone gets `output`).")
 
 
 class AdversarialPolicy(StrictModel):
@@ -277,6 +288,15 @@ class _ModelDetectors:
     squeeze: SqueezingCheck | None
     query: _QueryRule | None
     output: OutputHardener
+    role_outputs: tuple[tuple[str, OutputHardener], ...] = ()
+
+    def output_for(self, principal: Principal | None) -> OutputHardener:
+        # SECURITY: roles come from the verified token (after the issuer's role mapping); a
+        # role can only ever select a policy the operator wrote for it.
+        if principal is None or not self.role_outputs:
+            return self.output
+        chosen = [h for role, h in self.role_outputs if role in principal.roles]
+        return strictest(chosen) if chosen else self.output
 
 
 @dataclass(slots=True)
@@ -370,10 +390,10 @@ class AdversarialDetector(Stage):
             return resp
         if m.squeezer is not None and m.squeeze is not None and m.mode != "off":
             await self._squeeze(ctx, m, m.squeezer, m.squeeze, resp)
-        hardener = m.output
+        hardener = m.output_for(ctx.principal)
         if m.query is not None and m.mode == "block" and m.query.config.action == "lower_precision" \
                 and m.query.detector.cooling_down(self._caller(ctx, m.query.config.scope)) > 0:
-            hardener = m.query.lowered
+            hardener = strictest((hardener, m.query.lowered))  # never looser than the role's policy
             ctx.note("output_precision", "lowered")
         return hardener.apply(resp)
 
@@ -533,6 +553,7 @@ def _compile_model(model: str, entry: AdversarialModelPolicy, repo_dir: Path, re
         model=model, mode=entry.mode, input=profile.input if profile is not None else (entry.input or ""),
         n_features=num.n_features if num is not None else 0, checks=tuple(checks), squeezer=squeezer,
         squeeze=entry.squeezing, query=query, output=entry.output.build(),
+        role_outputs=tuple((role, policy.build()) for role, policy in sorted(entry.output_by_role.items())),
     )
 
 

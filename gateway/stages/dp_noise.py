@@ -41,7 +41,7 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Final, Literal, Protocol
@@ -376,6 +376,8 @@ class DpNoiser(Stage):
     ledger: BudgetLedger
     clock: Clock
     metrics: DpMetrics | None = None
+    # The timing-jitter delay; tests inject a recorder to measure the jitter without waiting.
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     async def on_request(self, ctx: RequestContext, req: InferRequest) -> InferRequest:
         model = self.models.get(req.model)
@@ -439,7 +441,7 @@ class DpNoiser(Stage):
             # SECURITY: OpenDP's exact sampler loops longer for larger noise, so the response
             # time would hint at |noise| and with it at the true value; a random delay far
             # wider than that signal drowns it (in-process: r 0.3 → below 0.05).
-            await asyncio.sleep(model.jitter_s * secrets.randbelow(1 << 20) / (1 << 20))
+            await self.sleep(model.jitter_s * secrets.randbelow(1 << 20) / (1 << 20))
         if state.cache_key is not None and model.cache is not None:
             model.cache.put(state.cache_key, _CachedAnswer(resp.model_version, tuple(_copy(t) for t in released)))
         ctx.note(NOTE_DP, self._note(state, epsilon=state.accountant.request_epsilon(state.rows)))

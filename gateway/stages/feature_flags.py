@@ -78,6 +78,7 @@ from gateway.flags.provider import (
 )
 from gateway.flags.remote import ProviderRegistry
 from gateway.flags.rollback import (
+    HELD_FLAG_FILE,
     HELD_UNAVAILABLE,
     CallOutcome,
     RollbackStore,
@@ -493,6 +494,8 @@ class FeatureFlags(Stage):
         # nor one whose reviewed flag offers no "off" variant.
         if flag is None or not switchable(stage_name, self.profile) or stage_name not in self.may_switch_off:
             return False
+        if self.runtime.tracker.flag_file_fault is not None:
+            return False  # SECURITY: the flag file is broken: no switch is trusted, the stage runs
         try:
             details = await self.provider.resolve_boolean_details_async(flag, True, EvaluationContext())
         except Exception as exc:  # noqa: BLE001 - any provider failure keeps the stage on
@@ -520,8 +523,8 @@ class FeatureFlags(Stage):
         """(variant, reason). Every doubt resolves to the stable variant."""
         held = self.runtime.tracker.held(route.flag, route.definition_hash)
         if held is not None:
-            if held == HELD_UNAVAILABLE:
-                self.runtime.hooks.evaluation_failed(route.flag, "ROLLBACK_STATE_UNAVAILABLE")
+            if held in (HELD_UNAVAILABLE, HELD_FLAG_FILE):
+                self.runtime.hooks.evaluation_failed(route.flag, held.upper())
             return route.stable, held
         key = targeting_key(principal.tenant, principal.subject, self.runtime.subject_key)
         # SECURITY: only verified identity goes in; no header, cookie or query parameter can
@@ -614,22 +617,35 @@ def build_flags_stage(raw: bytes, policy: PolicySet, runtime: FlagsRuntime, *, p
                       provider: FeatureProvider | None = None, name: str = FLAGS_FILE) -> FeatureFlags:
     """The stage of one policy revision, from the revision's exact flag-file bytes.
 
-    No side effects (a rejected candidate leaves nothing behind). ``provider`` swaps the
+    ``raw`` empty means no ``flags.json``. One side effect, on purpose: an unusable file
+    (invalid, or missing after routes were active in this process) marks the runtime's
+    tracker so the *active* revision serves stable until a usable file is built
+    (:meth:`~gateway.flags.rollback.RollbackTracker.flag_file_failed`); to drop all flags,
+    write ``{"flags": {}}``. ``provider`` swaps the
     evaluation for another OpenFeature provider (a flagd daemon, a vendor); routes, kill
     switches and thresholds still come from the reviewed file, and a provider answer
     outside it is treated as an error. Raises :class:`gateway.policy.loader.PolicyError`.
     """
     from gateway.policy.loader import PolicyError, PolicyIssue  # lazy: the loader may one day import stages
 
+    tracker = runtime.tracker
+    if not raw and tracker.routing_seen:
+        # SECURITY: a vanished flag file is a lost flag store, not "no flags": without it the
+        # routed names would go to the upstream's default version (often the newest, the canary).
+        tracker.flag_file_failed("flag file missing")
+        raise PolicyError([PolicyIssue(name, 1, 1, "missing while routing flags are active; to remove every "
+                                       "flag write {\"flags\": {}}", "restore the file")])
     try:
-        compiled = compile_flags(raw, policy.gateway.models, profile, name=name)
+        compiled = compile_flags(raw or b'{"flags": {}}', policy.gateway.models, profile, name=name)
     except FlagFileError as exc:
+        tracker.flag_file_failed("; ".join(exc.issues))
         raise PolicyError([PolicyIssue(name, 1, 1, issue.removeprefix(f"{name}: ")) for issue in exc.issues]) from exc
     if provider is None:
         try:
             provider = runtime.providers.provider_for(policy.gateway.flags.provider, compiled.flag_set)
         except ValueError as exc:
             raise PolicyError([PolicyIssue("gateway.yaml", 1, 1, f"flags.provider: {exc}")]) from exc
+    tracker.flag_file_loaded(routes=bool(compiled.routes))
     may_switch_off = frozenset(stage for stage, key in compiled.kill_switches.items()
                                if any(v is False for v in compiled.flag_set.flags[key].variants.values()))
     return FeatureFlags(

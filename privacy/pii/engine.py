@@ -93,6 +93,8 @@ class PiiEngine:
         if not hits:
             return []
         size = len(data)
+        # Past the last digit, a rule whose matches all hold one cannot match.
+        digits_end = len(data.rstrip(_NOT_DIGITS))
         accepted: list[tuple[str, int, int]] = []  # entity and byte span
         # Stronger types first. A candidate lying wholly inside what they already found
         # cannot change the merged result (a union typed by priority), so its check is
@@ -101,11 +103,12 @@ class PiiEngine:
         for index in sorted(hits, key=self._rank.__getitem__):
             rule = self._rules[index]
             search, check, group, entity = self._patterns[index].spans, rule.check, rule.group, rule.entity
+            limit = digits_end - 1 if rule.needs_digit else size
             before = len(accepted)
             windows = [(0, size)]  # (position, end) still to search
             while windows:
                 position, end = windows.pop()
-                while position <= end:
+                while position <= min(end, limit):
                     spans = search(data, position, end)
                     match_start = spans[0][0]
                     if match_start < 0:
@@ -119,25 +122,42 @@ class PiiEngine:
                         continue
                     inside = covered.end_of(group_start) if covered is not None else None
                     if inside is not None:
-                        # SECURITY: a candidate starting inside a stronger entity ("078-05-1120
-                        # 415-555-0132") is searched again from that entity's end; judged as one
-                        # long number, the phone after the SSN was never masked (found by
-                        # security_tests/fuzz).
-                        position = max(inside, match_start + 1)
-                        continue
+                        shared = _last_word(data, group_start, inside)
+                        if group_start < shared < inside:
+                            # The candidate starts earlier in the stronger entity: search again
+                            # from the entity's last word, which may be this entity's first group.
+                            position = max(shared - 1, match_start + 1)
+                            continue
+                        if shared != group_start:
+                            # SECURITY: a candidate starting inside a stronger entity ("078-05-1120
+                            # 415-555-0132") is searched again from that entity's end; judged as one
+                            # long number, the phone after the SSN was never masked (found by
+                            # security_tests/fuzz).
+                            position = max(inside, match_start + 1)
+                            continue
+                        # SECURITY: the stronger entity took in this candidate's first group
+                        # ("4111 1111 1111 1111 415 555 2671" has a 19-digit card reading): the
+                        # candidate is judged anyway, the union masks both, and the search
+                        # goes on from the entity's end whatever the verdict, so the reading
+                        # without the shared group is judged too. Searching on from the
+                        # entity's end only left "555 2671" in clear (issue 5).
                     span = check(data, group_start, group_end)
                     if span is not None and span[1] > span[0]:
                         accepted.append((entity, span[0], span[1]))
-                        if span[0] > group_start:
+                        if group_start < span[0] < end:
                             # SECURITY: the check kept the end of a match that ran over two
                             # entities ("+14155550132/415-555-0199"): what comes before the
                             # accepted span is searched on its own, or it is never masked
                             # (found by security_tests/fuzz). Strictly shorter than the
-                            # match, so this ends.
+                            # window searched (a check may also read on past a candidate's
+                            # end, never past a window's), so this ends.
                             windows.append((match_start, span[0]))
                         # Resume after the accepted span; a check only narrows a match of a
-                        # bounded pattern, so at most a pattern's length is scanned again.
-                        position = max(span[1], match_start + 1)
+                        # bounded pattern (or reads on a bounded way), so at most a pattern's
+                        # length is scanned again.
+                        position = max(span[1] if inside is None else inside, match_start + 1)
+                    elif inside is not None:
+                        position = max(inside, match_start + 1)
                     else:
                         # Resume at the end of the entity group, not of the match: a boundary
                         # character the match consumed may start the next entity.
@@ -215,6 +235,17 @@ class PiiEngine:
             for text, pieces in zip(texts, per_element, strict=True)
         ]
         return masked, dict(counts)
+
+
+_ALNUM: Final = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_NOT_DIGITS: Final = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
+
+
+def _last_word(data: bytes, start: int, end: int) -> int:
+    """Where the run of ASCII letters and digits that ends at ``end`` starts (``end`` if
+    ``data[end - 1]`` is none of them), looking back no further than ``start``."""
+    segment = data[start:end]
+    return end - (len(segment) - len(segment.rstrip(_ALNUM)))
 
 
 def _char_offsets(data: bytes, spans: list[tuple[str, int, int]]) -> dict[int, int]:

@@ -34,6 +34,8 @@ import numpy as np
 import numpy.typing as npt
 
 from privacy.training.dpsgd import Recipe
+from privacy.training.onnx_common import BATCH_DIM, pin_volatile_fields
+from privacy.training.onnx_common import onnx_session as onnx_session  # re-exported: tests run graphs with it
 
 if TYPE_CHECKING:
     import onnx
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 
 OPSET: Final = 17
 IR_VERSION: Final = 8
-BATCH_DIM: Final = "N"
 PRODUCER_NAME: Final = "infergate-train-dp"
 #: Bump when the export recipe changes in a way that changes the bytes.
 PRODUCER_VERSION: Final = "1"
@@ -83,25 +84,12 @@ def _pin_volatile_fields(model: onnx.ModelProto, graph_name: str, metadata: Mapp
     """Replace everything tool- or run-dependent with fixed values, as build_models.py does."""
     import onnx
 
-    model.ir_version = IR_VERSION
-    model.producer_name = PRODUCER_NAME
-    model.producer_version = PRODUCER_VERSION
-    model.domain = "ai.infergate"
-    model.model_version = 1
-    model.doc_string = ""
-    model.graph.name = graph_name
-    model.graph.doc_string = ""
+    pin_volatile_fields(model, graph_name=graph_name, metadata=metadata, ir_version=IR_VERSION,
+                        producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION)
     for node in model.graph.node:
         node.doc_string = ""
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", OPSET))
-    del model.metadata_props[:]
-    for key, value in sorted(metadata.items()):
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    for value_info in [*model.graph.input, *model.graph.output]:
-        dims = value_info.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].dim_param = BATCH_DIM
 
 
 def export_onnx(recipe: Recipe, module: torch.nn.Module, metadata: Mapping[str, str] | None = None) -> bytes:
@@ -143,14 +131,6 @@ def _torch_export(recipe: Recipe, head: torch.nn.Module, example: torch.Tensor, 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def onnx_session(onnx_bytes: bytes) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(onnx_bytes: bytes, input_name: str, x: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:

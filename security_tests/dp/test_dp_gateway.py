@@ -28,7 +28,7 @@ import onnxruntime as ort
 import pytest
 
 import privacy.dp.mechanisms as mechanisms
-from security_tests.ml.world.harness import DAY, AttackGateway, deep
+from security_tests.ml.world.harness import DAY, AttackGateway, Reply, deep, infer_body
 from security_tests.ml.world.models import World
 from tests.support.redis_server import RedisServer
 
@@ -44,9 +44,33 @@ def raw_probs(world: World, model: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(sess.run(None, {"x": np.asarray(x, np.float32)})[0], np.float64)
 
 
-def exhaust(gw: AttackGateway, token: str, x: np.ndarray) -> None:
+def clamped_truth(world: World, x: np.ndarray) -> np.ndarray:
+    """What the noise is added to: the model's probabilities for one row, clamped to the bounds."""
+    truth: np.ndarray = np.clip(raw_probs(world, "tab_dp", x[None, :])[0], 0.0, 1.0)
+    return truth
+
+
+def exhaust(gw: AttackGateway, token: str, x: np.ndarray) -> Reply:
+    """One request of k_max copies of ``x``: a whole period's budget, answered."""
     reply = gw.infer("tab_dp", token, np.repeat(x[None, :], K_MAX, axis=0))
     assert reply.status == 200, reply.body
+    return reply
+
+
+def exhausted_period(gw: AttackGateway, world: World, tenant: str = "alpha") -> tuple[str, np.ndarray]:
+    """A new period whose budget ``tenant`` (user u1) has already spent; its token and the member rows."""
+    gw.next_period()
+    x = world.tab.x_members
+    token = gw.token("u1", tenant)
+    exhaust(gw, token, x[0])
+    return token, x
+
+
+def budget(gw: AttackGateway, token: str, field: str) -> float:
+    """One figure of ``tab_dp`` from the tenant's ``GET /v2/privacy/budget``."""
+    reply = gw.request("GET", "/v2/privacy/budget", token)
+    assert reply.status == 200
+    return float(reply.body["models"]["tab_dp"][field])
 
 
 def audit_since(gw: AttackGateway, start: int) -> list[dict[str, Any]]:
@@ -76,13 +100,12 @@ def test_dp01_averaging_capped_at_k_max_per_period(case: str, attack_gw: AttackG
     assert sum(1 for r in records if r["upstream_called"]) == K_MAX  # UP = 10
     assert {r["reason"] for r in records if r["status"] == 429} == {"dp_budget_exhausted"}
 
-    truth = np.clip(raw_probs(attack_world, "tab_dp", x[None, :])[0], 0.0, 1.0)
+    truth = clamped_truth(attack_world, x)
     deviations = []
     for _ in range(200 if deep() else 60):
         gw.next_period()
         token = gw.token("u1", "alpha")
-        reply = gw.infer("tab_dp", token, np.repeat(x[None, :], K_MAX, axis=0))
-        assert reply.status == 200
+        reply = exhaust(gw, token, x)
         assert gw.infer("tab_dp", token, x).status == 429  # no 11th answer in any period
         deviations.extend(reply.output().mean(axis=0) - truth)
     sd = float(np.std(deviations))
@@ -120,9 +143,7 @@ async def test_dp02_concurrent_requests_never_overspend(case: str, redis_gw: tup
     assert float(first.headers["x-privacy-budget-remaining"]) == BUDGET - 8 * EPS_ROW
 
     async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, str | None]:
-        body = {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32",
-                            "data": [float(v) for v in x[100 + i]]}]}
-        async with session.post(f"http://127.0.0.1:{gw.proc.port}/v2/models/tab_dp/infer", json=body,
+        async with session.post(f"http://127.0.0.1:{gw.proc.port}/v2/models/tab_dp/infer", json=infer_body(x[100 + i]),
                                 headers={"Authorization": f"Bearer {token}"}) as resp:
             await resp.read()
             return resp.status, resp.headers.get("X-Privacy-Budget-Remaining")
@@ -137,6 +158,7 @@ async def test_dp02_concurrent_requests_never_overspend(case: str, redis_gw: tup
     assert all(float(rem) >= 0.0 for s, rem in results if s == 200 and rem is not None)
     def settled(i: int) -> int:
         # After the burst, a store deadline missed on a loaded host is still a fail-closed 503.
+        status = 503
         for _ in range(5):
             status = gw.infer("tab_dp", token, x[300 + i]).status
             if status != 503:
@@ -147,9 +169,7 @@ async def test_dp02_concurrent_requests_never_overspend(case: str, redis_gw: tup
     answered = statuses.count(200) + later.count(200)
     assert answered <= 2  # never more than the budget, whatever failed in the burst
     assert later[-1] == 429
-    budget = gw.request("GET", "/v2/privacy/budget", token)
-    assert budget.status == 200
-    spent = float(budget.body["models"]["tab_dp"]["epsilon_spent"])
+    spent = budget(gw, token, "epsilon_spent")
     # Fail-closed accounting: a reservation whose request died (503) stays spent (under-use).
     assert spent == BUDGET
     await asyncio.sleep(0.2)  # the audit writer flushes asynchronously
@@ -190,15 +210,11 @@ def test_dp08_lost_redis_state_fails_closed(case: str, redis_gw: tuple[AttackGat
 def test_dp03_tenant_isolation_and_no_reset_tricks(case: str, attack_gw: AttackGateway,
                                                    attack_world: World) -> None:
     gw = attack_gw
-    gw.next_period()
-    x = attack_world.tab.x_members
-    alpha = gw.token("u1", "alpha")
-    exhaust(gw, alpha, x[0])
+    alpha, x = exhausted_period(gw, attack_world)
     tricks = [
         gw.infer("tab_dp", alpha, x[1], headers={"X-Tenant": "beta", "X-Tenant-Id": "beta", "X-User-Id": "u2"}),
         gw.infer("tab_dp", alpha, x[1], extra={"parameters": {"tenant": "beta"}}),
-        gw.request("POST", "/v2/models/tab_dp/infer?tenant=beta", alpha,
-                   {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32", "data": [float(v) for v in x[1]]}]}),
+        gw.request("POST", "/v2/models/tab_dp/infer?tenant=beta", alpha, infer_body(x[1])),
         gw.infer("tab_dp", gw.token("u1", "alpha", aud=["infergate", "beta"]), x[1]),
         gw.infer("tab_dp", gw.token("u1", "alpha", tenant_id="beta", org="beta"), x[1]),
     ]
@@ -228,10 +244,7 @@ def test_dp04_sybil_users_share_the_tenant_budget(case: str, attack_gw: AttackGa
 def test_dp05_exhausted_until_the_period_boundary(case: str, attack_gw: AttackGateway,
                                                   attack_world: World) -> None:
     gw = attack_gw
-    gw.next_period()
-    x = attack_world.tab.x_members
-    token = gw.token("u1", "alpha")
-    exhaust(gw, token, x[0])
+    token, x = exhausted_period(gw, attack_world)
     start = len(gw.audit())
     refused = gw.infer("tab_dp", token, x[1])
     assert refused.status == 429
@@ -258,13 +271,11 @@ def noise_samples(attack_gw: AttackGateway, attack_world: World) -> tuple[np.nda
     values), deep 2,000 (200,000 — the catalogue's count)."""
     gw = attack_gw
     x = attack_world.tab.x_members[0]
-    truth = np.clip(raw_probs(attack_world, "tab_dp", x[None, :])[0], 0.0, 1.0)
+    truth = clamped_truth(attack_world, x)
     out = []
     for _ in range(2000 if deep() else 400):
         gw.next_period()
-        reply = gw.infer("tab_dp", gw.token("u9", "omega"), np.repeat(x[None, :], K_MAX, axis=0))
-        assert reply.status == 200
-        out.append(reply.output())
+        out.append(exhaust(gw, gw.token("u9", "omega"), x).output())
     values = np.concatenate(out)
     return values, np.asarray(np.broadcast_to(truth, values.shape), dtype=np.float64)
 
@@ -316,8 +327,7 @@ def test_dp09_no_un_noised_side_door(side_door: str, attack_gw: AttackGateway, a
     x = attack_world.tab.x_members[5]
     raw = raw_probs(attack_world, "tab_dp", x[None, :])[0].astype(np.float32)
     token = gw.token("u1", "alpha")
-    body: dict[str, Any] = {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32",
-                                        "data": [float(v) for v in x]}]}
+    body = infer_body(x)
     if side_door == "binary_data":
         body["outputs"] = [{"name": "probs", "parameters": {"binary_data": True}}]
     elif side_door == "classification":
@@ -369,9 +379,7 @@ def test_dp10_charging_rules(case: str, attack_gw: AttackGateway, attack_world: 
     start = len(gw.audit())
 
     def remaining() -> float:
-        budget = gw.request("GET", "/v2/privacy/budget", token)
-        assert budget.status == 200
-        return float(budget.body["models"]["tab_dp"]["epsilon_remaining"])
+        return budget(gw, token, "epsilon_remaining")
 
     assert remaining() == BUDGET
     bad = gw.request("POST", "/v2/models/tab_dp/infer", token,

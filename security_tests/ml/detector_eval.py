@@ -30,10 +30,8 @@ Needs the ``security`` extra: ``pip install torch==2.13.0 adversarial-robustness
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +52,7 @@ from gateway.adversarial.detectors import (
 )
 from gateway.adversarial.profile import NumericProfile, load_profile
 from gateway.stages.adversarial import InputsPolicy, QueryPatternCheck, build_adversarial_stage
+from privacy.training.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "triton_repo"
@@ -64,16 +63,7 @@ SQUEEZE_BITS = (1, 3, 4)
 
 
 def _build_module() -> ModuleType:
-    name = "infergate_build_models"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "build_models.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError("tools/build_models.py not found")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("infergate_build_models", ROOT / "tools" / "build_models.py")
 
 
 class Victim:

@@ -9,11 +9,16 @@ the protected numbers mean something. Targets are CATALOGUE §2.4, never loosene
 where the world's policy cannot meet one, the test asserts what is enforced and the gap
 is written to ``security_tests/results/ml_attacks.json`` (``"target_met": false``).
 
-Protections in the world policy: ``tab_mlp`` Laplace b = 1 per coordinate and a DP
-budget of 100 rows per tenant per day; ``tab_dp`` b = 2, 10 rows per day; ``lr_bc``
-b = 2 then rounding to 2 decimals, 1,000 rows per principal per day; ``digits_clf``
-range/grid (block), training-range/Mahalanobis (flag), query-pattern detector (block),
-1,000 rows per principal per day.
+Protections in the world policy: ``tab_mlp`` Laplace b = 1 per coordinate then top-1,
+and a DP budget of 100 rows per tenant per day; ``tab_dp`` b = 2, 10 rows per day, top-1
+for the untrusted role ``external``; ``lr_bc`` b = 2 then rounding to 2 decimals, 310
+rows per principal per day; ``digits_clf`` range/grid (block), training-range/Mahalanobis
+(flag), query-pattern detector (block), 1,000 rows per principal per day.
+
+Statistics: the gateway's noise comes from a CSPRNG and cannot be seeded, so membership
+targets are asserted on a one-sided 95% confidence bound over the candidates (seeded
+folds), with enough margin that the assertion does not flake (see ``mia_advantage``),
+and EX-02 on the median of independent attempts.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,11 @@ from security_tests.ml.world.models import World
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "ml_attacks.json"
 FloatArray = npt.NDArray[np.float64]
 _RESULTS: dict[str, Any] = {}
+Z_ONE_SIDED_95 = 1.6448536269514722
+MI_RUNS = 2  # independent attacks averaged per candidate (see mia_advantage)
+K_MAX = 10  # tab_dp answers per tenant per day (privacy.yaml: ε 50 a day, 5 a row)
+LAB_ROWS_PER_DAY = 180  # the lab tenant's 200-row day, in whole candidates and batches of 60
+EX_ATTEMPTS = 21
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,12 +75,12 @@ class Direct:
 
 
 def gateway_rows(gw: AttackGateway, model: str, tenant: str, sub: str, x: FloatArray, *, rows_per_day: int,
-                 input_name: str = "x", batch: int = 50) -> FloatArray:
+                 input_name: str = "x", batch: int = 50, roles: Sequence[str] = ("predictor",)) -> FloatArray:
     """Answers for every row, ``rows_per_day`` per simulated day (the cap), in batches."""
     out: list[FloatArray] = []
     for day_start in range(0, x.shape[0], rows_per_day):
         gw.next_period()
-        token = gw.token(sub, tenant)
+        token = gw.token(sub, tenant, roles=roles)
         day = x[day_start:day_start + rows_per_day]
         for start in range(0, day.shape[0], batch):
             reply = gw.infer(model, token, day[start:start + batch], input_name=input_name)
@@ -79,23 +90,48 @@ def gateway_rows(gw: AttackGateway, model: str, tenant: str, sub: str, x: FloatA
 
 
 def best_threshold(pos: FloatArray, neg: FloatArray) -> float:
+    """The threshold t maximising TPR − FPR of "score ≥ t ⇒ member" on (pos, neg)."""
     candidates = np.unique(np.concatenate([pos, neg]))
-    gains = [(float(np.mean(pos >= t) - np.mean(neg >= t)), float(t)) for t in candidates]
-    return max(gains)[1]
+    pos_sorted, neg_sorted = np.sort(pos), np.sort(neg)
+    tpr = 1.0 - np.searchsorted(pos_sorted, candidates, "left") / pos.size
+    fpr = 1.0 - np.searchsorted(neg_sorted, candidates, "left") / neg.size
+    return float(candidates[int(np.argmax(tpr - fpr))])
 
 
-def split_half_advantage(scores: FloatArray, is_member: npt.NDArray[np.bool_], seed: int = 7) -> float:
-    """Threshold chosen on one half, advantage TPR − FPR measured on the other (recipe 4a)."""
-    pick = np.random.default_rng(seed).random(scores.size) < 0.5
-    t = best_threshold(scores[pick & is_member], scores[pick & ~is_member])
-    rest_in, rest_out = scores[~pick & is_member], scores[~pick & ~is_member]
-    return float(np.mean(rest_in >= t) - np.mean(rest_out >= t))
+def crossfit_decisions(scores: FloatArray, member: npt.NDArray[np.bool_], seed: int) -> FloatArray:
+    """Recipe 4a both ways: the threshold chosen on one half judges the other half and
+    back, so every candidate is judged once, by a threshold not chosen on it."""
+    fold = np.random.default_rng(seed).random(scores.size) < 0.5
+    decided = np.zeros(scores.size)
+    for side in (True, False):
+        chosen_on, judged = fold == side, fold != side
+        t = best_threshold(scores[chosen_on & member], scores[chosen_on & ~member])
+        decided[judged] = scores[judged] >= t
+    return decided
 
 
-def advantage_se(is_member: npt.NDArray[np.bool_]) -> float:
-    """Standard error of a split-half advantage (half of each group evaluates; p(1−p) ≤ 1/4)."""
-    half_in, half_out = is_member.sum() / 2, (~is_member).sum() / 2
-    return math.sqrt(0.25 / half_in + 0.25 / half_out)
+@dataclass(frozen=True)
+class Advantage:
+    """TPR − FPR of the threshold attack, with a one-sided 95% confidence bound."""
+
+    value: float
+    lower: float
+    upper: float
+
+
+def mia_advantage(runs: Sequence[FloatArray], member: npt.NDArray[np.bool_], seed: int = 7) -> Advantage:
+    """Advantage of ``len(runs)`` independent attacks (each one answer set, fresh noise) on
+    the same candidates: each candidate's cross-fitted decisions are averaged over the runs,
+    advantage = mean over members − mean over non-members. The bound is the normal one on
+    that difference of means with the empirical per-candidate variances: candidates are
+    the sampling unit, so it covers the draw of members and non-members, not only the
+    noise (Wilson-like; n = 1,000 per group). Averaging runs shrinks the noise part of the
+    variance, which is what keeps the CI assertion from flaking (seeds fix the folds)."""
+    decided = np.mean([crossfit_decisions(s, member, seed + i) for i, s in enumerate(runs)], axis=0)
+    inside, outside = decided[member], decided[~member]
+    value = float(inside.mean() - outside.mean())
+    se = math.sqrt(inside.var(ddof=1) / inside.size + outside.var(ddof=1) / outside.size)
+    return Advantage(value, value - Z_ONE_SIDED_95 * se, value + Z_ONE_SIDED_95 * se)
 
 
 def tpr_at_fpr(scores: FloatArray, is_member: npt.NDArray[np.bool_], fpr: float) -> float:
@@ -115,46 +151,65 @@ def fidelity_surrogate(x: FloatArray, labels: npt.NDArray[np.int64], x_test: Flo
     return float(np.mean(thief.predict(x_test) == victim_test))
 
 
+def candidates(world: World, n: int = 1000) -> tuple[FloatArray, npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """``n`` training members (of 1,000) and ``n`` non-members from the same distribution."""
+    tab = world.tab
+    x = np.concatenate([tab.x_members[:n], tab.x_nonmembers[:n]])
+    y = np.concatenate([tab.y_members[:n], tab.y_nonmembers[:n]])
+    return x, y, np.concatenate([np.ones(n, bool), np.zeros(n, bool)])
+
+
 # --------------------------------------------------------------------------- MI-01 / MI-03
 
 
 @pytest.fixture(scope="module")
 def mia_answers(attack_gw: AttackGateway, attack_world: World) -> dict[str, Any]:
-    """500 members + 500 non-members (deep: 1,000 + 1,000), one query each, through the gateway
-    on tab_mlp (100 rows per simulated day) and directly."""
-    n = 1000 if deep() else 500
-    tab = attack_world.tab
-    x = np.concatenate([tab.x_members[:n], tab.x_nonmembers[:n]])
-    y = np.concatenate([tab.y_members[:n], tab.y_nonmembers[:n]])
-    is_member = np.concatenate([np.ones(n, bool), np.zeros(n, bool)])
-    noisy = gateway_rows(attack_gw, "tab_mlp", "alpha", "mallory", x, rows_per_day=100)
+    """1,000 members + 1,000 non-members, one query each per run, MI_RUNS independent runs
+    (each its own simulated days: 100 rows per tenant per day on tab_mlp), through the
+    gateway; and the upstream's raw answers."""
+    x, y, member = candidates(attack_world)
+    runs = [gateway_rows(attack_gw, "tab_mlp", "alpha", f"mallory{r}", x, rows_per_day=100)
+            for r in range(MI_RUNS)]
     raw = Direct(attack_world, "tab_mlp")(x)
-    return {"x": x, "y": y, "member": is_member, "noisy": noisy, "raw": raw}
+    return {"x": x, "y": y, "member": member, "runs": runs, "raw": raw}
 
 
 @pytest.mark.parametrize("case", ["MI-01"])
 def test_mi01_confidence_threshold(case: str, mia_answers: dict[str, Any], attack_gw: AttackGateway,
                                    attack_world: World) -> None:
+    """True-class confidence threshold (recipe 4a). Protection: Laplace b = 1 then top-1
+    (tab_mlp's output policy). Target: the one-sided 95% upper bound of the advantage ≤
+    0.15 (expected ≈ 0.05 + 0.03); the raw baseline's lower bound must clear 0.15, so the
+    same assertion fails on an unprotected model."""
     y, member = mia_answers["y"], mia_answers["member"]
     rows = np.arange(y.size)
-    protected = mia_answers["noisy"][rows, y]
+    protected = [run[rows, y] for run in mia_answers["runs"]]
     baseline = mia_answers["raw"][rows, y]
-    adv, adv_raw = split_half_advantage(protected, member), split_half_advantage(baseline, member)
-    tpr, tpr_raw = tpr_at_fpr(protected, member, 0.01), tpr_at_fpr(baseline, member, 0.01)
+    adv, adv_raw = mia_advantage(protected, member), mia_advantage([baseline], member)
+    tpr = float(np.mean([tpr_at_fpr(s, member, 0.01) for s in protected]))
+    tpr_raw = tpr_at_fpr(baseline, member, 0.01)
+    released = mia_answers["runs"][0]
+    assert np.all(np.sum(released != np.min(released, axis=1, keepdims=True), axis=1) == 1)  # top-1 only
+    victim_test = Direct(attack_world, "tab_mlp")(attack_world.tab.x_test[:100]).argmax(axis=1)
     # The cap: row 101 of a day is refused.
     attack_gw.next_period()
     token = attack_gw.token("mallory", "alpha")
-    x = attack_world.tab.x_pool[:50]
-    assert [attack_gw.infer("tab_mlp", token, x).status for _ in range(2)] == [200, 200]
+    x = attack_world.tab.x_test[:100]
+    first, second = attack_gw.infer("tab_mlp", token, x[:50]), attack_gw.infer("tab_mlp", token, x[50:])
+    assert (first.status, second.status) == (200, 200)
     assert attack_gw.infer("tab_mlp", token, x[:1]).status == 429
-    se = advantage_se(member)
-    record(case, advantage=adv, baseline_advantage=adv_raw, tpr_at_1pct_fpr=tpr, baseline_tpr_at_1pct_fpr=tpr_raw,
-           target="advantage <= 0.15 and TPR@1%FPR <= 0.03", target_met=adv <= 0.15 and tpr <= 0.03,
-           members=int(member.sum()), non_members=int((~member).sum()), standard_error=se)
-    assert adv_raw >= 0.3  # protection off: the attack works (TPR@1%FPR is ~0 raw too: confidences saturate at 1.0)
-    assert adv_raw > 0.15 + 3 * se
-    # Population advantage ≈ 0.13 at b = 1 (simulation): one-sided test at 3 SE, see MI-02.
-    assert adv <= 0.15 + 3 * se
+    utility = float(np.mean(np.concatenate([first.output(), second.output()]).argmax(axis=1) == victim_test))
+    record(case, advantage=adv.value, advantage_upper_95=adv.upper, baseline_advantage=adv_raw.value,
+           baseline_advantage_lower_95=adv_raw.lower, tpr_at_1pct_fpr=tpr, baseline_tpr_at_1pct_fpr=tpr_raw,
+           released_label_equals_model_label=utility, runs=MI_RUNS,
+           protection="Laplace b = 1 per coordinate (DP stage), then top-1 (output hardening), 100 rows/tenant/day",
+           target="advantage <= 0.15 (one-sided 95% upper bound) and TPR@1%FPR <= 0.03",
+           target_met=adv.upper <= 0.15 and tpr <= 0.03, members=int(member.sum()),
+           non_members=int((~member).sum()),
+           note="gateway DP is not training-time DP: released labels match the model's only ~20% of the time at "
+                "b = 1 (top-1 costs nothing more); label-only without noise leaks the generalisation gap (~0.28)")
+    assert adv_raw.lower > 0.15  # protection off: the attack works (≈ 0.43) and this test would catch it
+    assert adv.upper <= 0.15
     assert tpr <= 0.03
 
 
@@ -163,15 +218,16 @@ def test_mi03_label_only(case: str, mia_answers: dict[str, Any]) -> None:
     """Gap attack: "classified correctly ⇒ member". The noisy label must not beat the raw
     label-only baseline (≈ train − test accuracy) by more than 0.02."""
     y, member = mia_answers["y"], mia_answers["member"]
-    protected = (mia_answers["noisy"].argmax(axis=1) == y).astype(np.float64)
+    correct = [(run.argmax(axis=1) == y).astype(np.float64) for run in mia_answers["runs"]]
+    protected = np.mean(correct, axis=0)
     baseline = (mia_answers["raw"].argmax(axis=1) == y).astype(np.float64)
     adv = float(protected[member].mean() - protected[~member].mean())
     adv_raw = float(baseline[member].mean() - baseline[~member].mean())
-    se = math.sqrt(0.5 / member.sum())  # SE of a difference of two proportions (upper bound)
-    record(case, advantage=adv, baseline_advantage=adv_raw, target="<= label-only baseline + 0.02",
-           target_met=adv <= adv_raw + 0.02)
+    se = math.sqrt(protected[member].var(ddof=1) / member.sum() + protected[~member].var(ddof=1) / (~member).sum())
+    record(case, advantage=adv, advantage_upper_95=adv + Z_ONE_SIDED_95 * se, baseline_advantage=adv_raw,
+           target="<= label-only baseline + 0.02", target_met=adv + Z_ONE_SIDED_95 * se <= adv_raw + 0.02)
     assert adv_raw >= 0.2
-    assert adv <= adv_raw + 0.02 + 2 * se
+    assert adv + Z_ONE_SIDED_95 * se <= adv_raw + 0.02
 
 
 # --------------------------------------------------------------------------- MI-02
@@ -179,36 +235,41 @@ def test_mi03_label_only(case: str, mia_answers: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", ["MI-02"])
 def test_mi02_averaging_capped_by_the_dp_budget(case: str, attack_gw: AttackGateway, attack_world: World) -> None:
-    """Each candidate asked k = 10 times (the most a tenant gets per day on tab_dp), answers
-    averaged. CI 300 + 300 candidates (one simulated day each), deep 1,000 + 1,000;
-    split-half threshold. A simulation on the same model puts the population advantage at
-    ≈ 0.13 for b = 2, k = 10 — inside the 0.15 target with no margin — so CI asserts the
-    target as a one-sided test (reject when the estimate exceeds it by 3 SE) and records
-    the point estimate; the raw baseline (≈ 0.45) fails that test by far."""
-    n = 1000 if deep() else 300
-    tab = attack_world.tab
-    x = np.concatenate([tab.x_members[:n], tab.x_nonmembers[:n]])
-    y = np.concatenate([tab.y_members[:n], tab.y_nonmembers[:n]])
-    member = np.concatenate([np.ones(n, bool), np.zeros(n, bool)])
-    averaged = np.empty(x.shape[0])
-    for i in range(x.shape[0]):
-        attack_gw.next_period()
-        token = attack_gw.token("mallory", "beta")
-        reply = attack_gw.infer("tab_dp", token, np.repeat(x[i:i + 1], 10, axis=0))
-        assert reply.status == 200
-        averaged[i] = reply.output()[:, y[i]].mean()
-        if i == 0:
-            assert attack_gw.infer("tab_dp", token, x[i]).status == 429  # k = 11 is refused
-    adv = split_half_advantage(averaged, member)
-    raw = Direct(attack_world, "tab_dp")(x)[np.arange(x.shape[0]), y]
-    t_raw = best_threshold(raw[member], raw[~member])
-    adv_raw = float(np.mean(raw[member] >= t_raw) - np.mean(raw[~member] >= t_raw))
-    se = advantage_se(member)
-    record(case, advantage=adv, baseline_advantage=adv_raw, k_max=10, target="advantage <= 0.15 at k_max",
-           target_met=adv <= 0.15, candidates=int(x.shape[0]), standard_error=se)
-    assert adv_raw >= 0.3
-    assert adv_raw > 0.15 + 3 * se  # the test below would catch the unprotected model
-    assert adv <= 0.15 + 3 * se
+    """Each candidate asked k = 10 times — the most a tenant gets per day on tab_dp (the
+    11th row is 429) — and the true-class scores averaged. The untrusted role ``external``
+    gets top-1 of the §0.3 noise (b = 2). 1,000 + 1,000 candidates, MI_RUNS independent
+    runs (40,000 noised rows: the gateway's exact sampler makes rows the cost); the answers
+    are collected under the ``lab`` tenant, whose larger budget only packs 18 candidates
+    into a simulated day (same mechanism, same role, same k). Target: one-sided 95% upper
+    bound ≤ 0.15: expected ≈ 0.06 + 0.025 (simulated on this model, the bound has sd
+    0.015, so 0.15 is > 4 sd away). Without top-1 (role predictor, the whole noisy vector)
+    the same simulation gives ≈ 0.12 and a bound ≈ 0.15: no margin, hence the role policy."""
+    x, y, member = candidates(attack_world)
+    # The cap, for the untrusted role on an ordinary tenant: k = 10 answered, the 11th refused.
+    attack_gw.next_period()
+    token = attack_gw.token("mallory", "beta", roles=("external",))
+    reply = attack_gw.infer("tab_dp", token, np.repeat(x[:1], K_MAX, axis=0))
+    assert reply.status == 200
+    assert np.all(np.sum(reply.output() != np.min(reply.output(), axis=1, keepdims=True), axis=1) == 1)
+    assert attack_gw.infer("tab_dp", token, x[:1]).status == 429
+
+    def averaged(rows: FloatArray, roles: tuple[str, ...], sub: str) -> FloatArray:
+        answers = gateway_rows(attack_gw, "tab_dp", "lab", sub, np.repeat(rows, K_MAX, axis=0),
+                               rows_per_day=LAB_ROWS_PER_DAY, batch=60, roles=roles)
+        mean: FloatArray = answers.reshape(rows.shape[0], K_MAX, -1).mean(axis=1)
+        return mean
+
+    rows = np.arange(y.size)
+    protected = [averaged(x, ("external",), f"mallory-ext{r}")[rows, y] for r in range(MI_RUNS)]
+    adv = mia_advantage(protected, member)
+    raw = Direct(attack_world, "tab_dp")(x)[rows, y]
+    adv_raw = mia_advantage([raw], member)
+    record(case, advantage=adv.value, advantage_upper_95=adv.upper, baseline_advantage=adv_raw.value,
+           baseline_advantage_lower_95=adv_raw.lower, k_max=K_MAX, runs=MI_RUNS, candidates=int(x.shape[0]),
+           protection="Laplace b = 2 (DP, k = 10 rows/tenant/day) then top-1 for role external",
+           target="advantage <= 0.15 at k_max (one-sided 95% upper bound)", target_met=adv.upper <= 0.15)
+    assert adv_raw.lower > 0.15  # protection off: the attack works (≈ 0.45)
+    assert adv.upper <= 0.15
 
 
 # --------------------------------------------------------------------------- EX-01
@@ -243,16 +304,29 @@ def test_ex01_retraining_extraction_at_the_cap(queries: str, attack_gw: AttackGa
 @pytest.mark.parametrize("factor", [1, 10])
 def test_ex02_equation_solving_on_lr_bc(factor: int, attack_gw: AttackGateway, attack_world: World) -> None:
     """d+1 = 31 and 10(d+1) = 310 queries (random points around the data), solve
-    w·x + β = logit(p) by least squares. Through the gateway (noise + rounding) vs raw."""
-    bc = attack_world.bc
-    n = factor * (bc.x_train.shape[1] + 1)
-    rng = np.random.default_rng(5 + factor)
-    mean, std = bc.x_train.mean(axis=0), bc.x_train.std(axis=0)
-    x = np.maximum(mean + std * rng.normal(size=(n, mean.size)), 0.0)
+    w·x + β = logit(p) by least squares. Protection: Laplace b = 2 on both probabilities,
+    then rounding to 2 decimals; 310 rows per principal per day (row 311 → 429).
 
-    def solve(p: FloatArray) -> tuple[FloatArray, float]:
+    The attack's outcome is random (the gateway's noise cannot be seeded), with a long
+    tail: at 310 queries ≈ 6% of attempts reach cosine > 0.90 and ≈ 12% agreement > 0.95
+    (simulated over 3,000 attempts). So EX_ATTEMPTS = 21 independent attempts (fresh
+    principal and day, fresh query points, seeded) are run and the *median* attempt must
+    meet §2.4 (a majority of 21 exceeding a 12% tail: p ≈ 1e-5); the share of attempts
+    over target is recorded. What a useful
+    output policy could do is recorded too: label-only without noise (the released label
+    always equals the model's) lets the same least squares recover the direction from
+    the labels alone (cosine ≈ 0.96, agreement ≈ 0.99 at 310 queries)."""
+    from gateway.adversarial.hardening import OutputHardener
+
+    bc = attack_world.bc
+    d = bc.x_train.shape[1]
+    n = factor * (d + 1)
+    mean, std = bc.x_train.mean(axis=0), bc.x_train.std(axis=0)
+    direct = Direct(attack_world, "lr_bc")
+
+    def solve(x: FloatArray, p: FloatArray) -> tuple[FloatArray, float]:
         q = np.clip(p[:, 1], 1e-3, 1 - 1e-3)
-        design = np.hstack([x, np.ones((n, 1))])
+        design = np.hstack([x, np.ones((x.shape[0], 1))])
         sol, *_ = np.linalg.lstsq(design, np.log(q / (1 - q)), rcond=None)
         return sol[:-1], float(sol[-1])
 
@@ -261,23 +335,59 @@ def test_ex02_equation_solving_on_lr_bc(factor: int, attack_gw: AttackGateway, a
         agree = float(np.mean(((bc.x_test @ w_hat + b_hat) > 0) == ((bc.x_test @ bc.weights + bc.bias) > 0)))
         return cos, agree
 
+    cosines, agreements, raw_cos, raw_agree, label_cos, label_agree = [], [], [], [], [], []
+    for attempt in range(EX_ATTEMPTS):
+        attack_gw.next_period()  # one attempt a day: lr_bc's DP budget is 1,000 rows per tenant per day
+        rng = np.random.default_rng(1000 * factor + attempt)
+        x = np.maximum(mean + std * rng.normal(size=(n, d)), 0.0)
+        token = attack_gw.token(f"solver{factor}-{attempt}", "delta")
+        answers = [attack_gw.infer("lr_bc", token, x[s:s + 62]) for s in range(0, n, 62)]
+        assert all(a.status == 200 for a in answers)
+        protected = np.concatenate([a.output() for a in answers])
+        assert np.allclose(np.round(protected, 2), protected, atol=1e-6)  # the output policy rounded (FP32)
+        if factor == 10 and attempt == 0:
+            assert attack_gw.infer("lr_bc", token, x[:1]).status == 429  # row 311 of the day
+        cos, agree = metrics(*solve(x, protected))
+        cosines.append(cos)
+        agreements.append(agree)
+        raw = direct(x)
+        cos, agree = metrics(*solve(x, raw))
+        raw_cos.append(cos)
+        raw_agree.append(agree)
+        cos, agree = metrics(*solve(x, OutputHardener(label_only=True).harden(raw)))
+        label_cos.append(cos)
+        label_agree.append(agree)
+    # Utility of the protected output for an honest caller: released label == model label.
     attack_gw.next_period()
-    token = attack_gw.token(f"solver{factor}", "delta")
-    answers = [attack_gw.infer("lr_bc", token, x[s:s + 50]) for s in range(0, n, 50)]
-    assert all(a.status == 200 for a in answers)
-    protected = np.concatenate([a.output() for a in answers])
-    assert np.allclose(np.round(protected, 2), protected, atol=1e-6)  # the output policy rounded (FP32)
-    cos, agree = metrics(*solve(protected))
-    cos_raw, agree_raw = metrics(*solve(Direct(attack_world, "lr_bc")(x)))
-    record(f"EX-02/{n}", cosine=cos, agreement=agree, baseline_cosine=cos_raw, baseline_agreement=agree_raw,
-           queries=n, target="cosine <= 0.90 and agreement <= 0.95", target_met=cos <= 0.90 and agree <= 0.95,
-           gap="agreement is not held <= 0.95 by output noise: breast-cancer classes are separable with a wide "
-               "margin, so any roughly aligned w-hat agrees; measured 0.62-0.98 at b = 2 over runs. Reported to "
-               "the lead; only the cosine part is asserted.")
+    token = attack_gw.token(f"honest{factor}", "delta")
+    x_test = bc.x_test[:248]
+    released = np.concatenate([attack_gw.infer("lr_bc", token, x_test[s:s + 62]).output()
+                               for s in range(0, x_test.shape[0], 62)])
+    utility = float(np.mean(released.argmax(axis=1) == direct(x_test).argmax(axis=1)))
+    cos_med, agree_med = float(np.median(cosines)), float(np.median(agreements))
+    over = float(np.mean((np.array(cosines) > 0.90) & (np.array(agreements) > 0.95)))
+    record(f"EX-02/{n}", cosine_median=cos_med, agreement_median=agree_med, cosine_max=float(np.max(cosines)),
+           agreement_max=float(np.max(agreements)), attempts=EX_ATTEMPTS,
+           attempts_over_cosine_target=float(np.mean(np.array(cosines) > 0.90)),
+           attempts_over_agreement_target=float(np.mean(np.array(agreements) > 0.95)),
+           attempts_over_both_targets=over,
+           baseline_cosine_median=float(np.median(raw_cos)), baseline_agreement_median=float(np.median(raw_agree)),
+           label_only_no_noise_cosine_median=float(np.median(label_cos)),
+           label_only_no_noise_agreement_median=float(np.median(label_agree)),
+           released_label_equals_model_label=utility, queries=n,
+           protection="Laplace b = 2 on both probabilities, rounding to 2 decimals, 310 rows/principal/day",
+           target="cosine <= 0.90 and agreement <= 0.95 (median attempt)",
+           target_met=cos_med <= 0.90 and agree_med <= 0.95,
+           gap="met only by noise that makes the answers near-useless (released label = model label ~0.6); any "
+               "output that keeps the label useful lets 310 labelled queries recover the decision boundary "
+               "(label-only, no noise: cosine ~0.96, agreement ~0.99); a minority of attempts beats the target "
+               "even at b = 2. Per-day caps slow the attack down, they do not bound it over days.")
     if factor == 10:
-        assert cos_raw >= 0.99  # protection off: exact recovery
-        assert agree_raw >= 0.99
-    assert cos <= 0.90
+        assert np.median(raw_cos) >= 0.99  # protection off: exact recovery
+        assert np.median(raw_agree) >= 0.99
+        assert np.median(label_cos) >= 0.90  # a useful label-only output does not stop it (the gap above)
+    assert cos_med <= 0.90
+    assert agree_med <= 0.95
 
 
 # --------------------------------------------------------------------------- EV-01

@@ -68,6 +68,10 @@ MODELS = (
                   (_spec("probs", "FP32", -1, 10),), 64),
     ModelMetadata("digits_clf", ("1",), "onnxruntime_onnx", (_spec("pixels", "FP32", -1, 64),),
                   (_spec("probabilities", "FP32", -1, 10),), 64),
+    # AUTHZ-10 (BOPLA): role `labeler` may receive only `label`; logits/embedding are withheld.
+    ModelMetadata("scorer", ("1",), "onnxruntime_onnx", (_spec("x", "FP32", -1, 4),),
+                  (_spec("label", "INT32", -1, 1), _spec("logits", "FP32", -1, 3),
+                   _spec("embedding", "FP32", -1, 8)), 64),
 )
 UPSTREAM_MODELS = frozenset(m.name for m in MODELS)
 
@@ -103,7 +107,8 @@ class KeyServer:
 
     jwks: dict[str, Any]
     hits: int = 0
-    mode: str = "ok"  # ok | http500 | nonjson | empty | hang
+    mode: str = "ok"  # ok | http500 | nonjson | empty | hang | redirect (302 to redirect_to)
+    redirect_to: str = ""
     port: int = 0
     extra: dict[str, bytes] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
@@ -125,6 +130,8 @@ class KeyServer:
         self.hits += 1
         if request.path in self.extra:
             return web.Response(body=self.extra[request.path])
+        if self.mode == "redirect":
+            raise web.HTTPFound(self.redirect_to)
         if self.mode == "http500":
             return web.Response(status=500, text="boom")
         if self.mode == "nonjson":
@@ -132,7 +139,12 @@ class KeyServer:
         if self.mode == "empty":
             return web.json_response({"keys": []})
         if self.mode == "hang":
-            await asyncio.sleep(30)
+            # 30 s, or until the case heals the server (mode back to "ok"): a healed IdP
+            # must not keep answering the gateway's old, abandoned requests for half a minute.
+            for _ in range(300):
+                if self.mode != "hang":
+                    break
+                await asyncio.sleep(0.1)
         return web.json_response(self.jwks, headers={"Cache-Control": "max-age=300"})
 
 

@@ -62,3 +62,31 @@ def test_only_named_floating_point_outputs_are_touched() -> None:
 def test_invalid_settings(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         OutputHardener(**kwargs)  # type: ignore[arg-type]
+
+
+def test_strictest_combines_to_no_more_than_any() -> None:
+    from gateway.adversarial.hardening import strictest
+
+    combined = strictest([OutputHardener(outputs=frozenset({"a"}), top_k=3, decimals=4),
+                          OutputHardener(outputs=frozenset({"b"}), top_k=1),
+                          OutputHardener(outputs=frozenset({"a"}), decimals=2)])
+    assert combined == OutputHardener(outputs=frozenset({"a", "b"}), top_k=1, decimals=2, label_only=False)
+    assert strictest([OutputHardener(), OutputHardener(outputs=frozenset({"a"}), label_only=True)]) == \
+        OutputHardener(outputs=None, label_only=True)
+    only = OutputHardener(decimals=1)
+    assert strictest([only]) is only
+    with pytest.raises(ValueError, match="at least one"):
+        strictest([])
+
+
+def test_top_k_keeps_the_arg_max_when_noised_scores_are_negative() -> None:
+    """DP noise runs before hardening: a row can be all negative. Zeroing the withheld
+    scores would then make a withheld class the arg-max (a wrong label)."""
+    noisy = np.array([[-0.7, -0.2, -1.5, -0.9], [0.3, -0.4, 0.9, -2.0], [-0.1, 0.0, -3.0, -0.5]], dtype=np.float32)
+    out = OutputHardener(top_k=1).harden(noisy)
+    assert out.argmax(axis=1).tolist() == noisy.argmax(axis=1).tolist()
+    assert out.tolist() == [[pytest.approx(-1.2), pytest.approx(-0.2), pytest.approx(-1.2), pytest.approx(-1.2)],
+                            [0.0, 0.0, pytest.approx(0.9), 0.0],
+                            [-1.0, 0.0, -1.0, -1.0]]
+    two = OutputHardener(top_k=2).harden(noisy)
+    assert two[0].tolist() == [pytest.approx(-0.7), pytest.approx(-0.2), pytest.approx(-1.7), pytest.approx(-1.7)]

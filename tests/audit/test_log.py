@@ -157,7 +157,10 @@ class TestFailClosed:
         failing[0] = False
         assert await log.append(request_record(2)) == 1
         await log.close()
-        assert [r["n"] for r in records(log.config)] == [2]
+        kept = records(log.config)
+        assert [r["n"] for r in kept if "deferred" not in r] == [2]
+        # The refused request is recorded as the 503 it got, never as an allow (AUD-08).
+        assert [(r["n"], r["decision"], r["status"]) for r in kept if "deferred" in r] == [(1, "deny", 503)]
         assert check(log.config).ok
 
     async def test_full_queue_refuses_at_once(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,8 +176,11 @@ class TestFailClosed:
             await log.append(request_record(5))
         assert log.stats.rejected_full == 1
         gate.set()
-        assert [await t for t in [first, *queued]] == [1, 2, 3, 4, 5]
+        seqs = [await t for t in [first, *queued]]
         await log.close()
+        assert seqs == sorted(seqs) and len(set(seqs)) == 5 and seqs[0] == 1
+        late = [r for r in records(log.config) if "deferred" in r]
+        assert [(r["n"], r["deferred"]["cause"]) for r in late] == [(5, "queue_full")]
 
     async def test_stall_times_out_and_a_late_write_is_marked_abandoned(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -186,10 +192,15 @@ class TestFailClosed:
         with pytest.raises(DependencyUnavailable):
             await log.append(request_record(1, request_id="slow"))
         gate.set()
+        for _ in range(500):  # the writer leaves the released fsync
+            if not log.stalled:
+                break
+            await asyncio.sleep(0.01)
         assert await log.append(request_record(2)) >= 2
         await log.close()
         marker = next(r for r in records(log.config) if r["type"] == "abandoned")
-        assert (marker["ref_seq"], marker["request_id"], marker["cause"]) == (1, "slow", "waiter_gone")
+        assert (marker["ref_seq"], marker["request_id"], marker["cause"]) == (1, "slow", "audit_timeout")
+        assert (marker["status"], marker["reason"]) == (503, "audit_unavailable")  # the answer it got
         assert check(log.config).ok
 
     async def test_failing_anchor_store_stops_new_records(

@@ -24,7 +24,7 @@ class Clock:
 
 async def old_trail(tmp_path: Path, clock: Clock, **overrides: object) -> AuditLog:
     config = make_config(tmp_path, segment_max_records=10, retention_s=7 * DAY, **overrides)
-    log = AuditLog(config, clock=clock)
+    log = AuditLog(config, clock=clock, monotonic=clock)  # time really passes: both clocks move
     await fill(log, 35)  # segments 1, 11, 21 (sealed) and 31 (holds the head)
     return log
 

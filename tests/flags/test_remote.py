@@ -25,7 +25,7 @@ from gateway.policy.loader import PolicyError, PolicySet, build_policy_set
 from gateway.policy.schema import FlagsPolicy, OfrepFlagProvider
 from gateway.settings import Settings
 from gateway.stages.feature_flags import FeatureFlags, FlagsRuntime, build_flags_stage
-from tests.conftest import DIGITS_BODY, TRITON_REPO, Client, GatewayTestServer
+from tests.conftest import DIGITS_BODY, Client, GatewayTestServer
 from tests.flags import RecordingHooks, context, doc, principal, route_flag, split
 from tests.support.ofrep_server import OfrepServer
 
@@ -261,22 +261,28 @@ async def test_ofrep_provider_refuses_synchronous_use() -> None:
     await provider.close()
 
 
+@pytest.mark.parametrize("fault", ["redirect", "garbage", "hang", "500"])
+async def test_ofrep_faults_are_unavailable_and_redirects_not_followed(service: OfrepServer, fault: str) -> None:
+    """Every failure is ProviderUnavailable (the caller serves stable); a 302 is one, not a hop."""
+    other = await OfrepServer.start(REMOTE)  # where a followed redirect would land
+    if fault == "redirect":
+        service.redirect_to = other.url + "/ofrep/v1/evaluate/flags/digits-version"
+    elif fault == "500":
+        service.status_override = 500
+    else:
+        service.mode = fault
+    provider = OfrepProvider(service.url, timeout_s=0.3, headers={"Authorization": "Bearer secret"})
+    try:
+        with pytest.raises(ProviderUnavailable):
+            await provider.resolve_string_details_async("digits-version", "1")
+        assert service.hits == 1 and other.hits == 0
+    finally:
+        service.unhang()
+        await provider.close()
+        await other.stop()
+
+
 # -- the whole gateway, pointed at the flag service by gateway.yaml --------------------------------
-
-
-@pytest.fixture
-def two_version_repo(tmp_path: Path) -> Path:
-    import re
-    import shutil
-
-    repo = tmp_path / "repo"
-    shutil.copytree(TRITON_REPO, repo)
-    if not (repo / "digits" / "2").exists():
-        shutil.copytree(repo / "digits" / "1", repo / "digits" / "2")
-    config = repo / "digits" / "config.pbtxt"
-    config.write_text(re.sub(r"version_policy \{.*?\n\}\n", "version_policy { all {} }\n",
-                             config.read_text(), flags=re.S))
-    return repo
 
 
 async def test_gateway_through_an_ofrep_service(settings: Settings, policy_dir: Path, two_version_repo: Path,

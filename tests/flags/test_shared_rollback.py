@@ -28,7 +28,7 @@ from gateway.flags.rollback import (
 from gateway.flags.shared import UNREADABLE, StateRollbackStore
 from gateway.settings import Settings
 from gateway.state.redis import RedisState
-from tests.conftest import DIGITS_BODY, TRITON_REPO, Client, GatewayTestServer
+from tests.conftest import DIGITS_BODY, Client, GatewayTestServer
 from tests.support.redis_server import RedisServer
 
 FAIL = CallOutcome(error=True, latency_s=0.01)
@@ -179,21 +179,6 @@ def _policies(policy_dir: Path, *, edit: str = "") -> None:
     flag["metadata"].update({"rollback.min_requests": 3, "rollback.max_p99_ms": 0.001,
                              "description": f"canary under test {edit}"})
     (policy_dir / "flags.json").write_text(json.dumps(flags))
-
-
-@pytest.fixture
-def two_version_repo(tmp_path: Path) -> Path:
-    import re
-    import shutil
-
-    repo = tmp_path / "repo"
-    shutil.copytree(TRITON_REPO, repo)
-    if not (repo / "digits" / "2").exists():
-        shutil.copytree(repo / "digits" / "1", repo / "digits" / "2")
-    config = repo / "digits" / "config.pbtxt"
-    config.write_text(re.sub(r"version_policy \{.*?\n\}\n", "version_policy { all {} }\n",
-                             config.read_text(), flags=re.S))
-    return repo
 
 
 async def _gateway(settings: Settings, name: str, redis: RedisServer, repo: Path,

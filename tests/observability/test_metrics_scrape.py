@@ -53,6 +53,7 @@ NOT_DRIVEN = {
     "gateway_drift_samples": "needs a drift evaluation (the drift tests)",
     "gateway_drift_dropped_total": "needs a full drift queue (the drift tests)",
     "gateway_metrics_denied_total": "needs a client outside metrics.allow_from: security_tests/test_1_11_secrets.py",
+    "gateway_connections_refused_total": "needs a connection over limits.max_connections: tests/test_capacity.py",
 }
 
 _ROW = re.compile(r"^\| `(gateway_[a-z0-9_]+)` \| (counter|gauge|histogram) \|([^|]*)\|", re.M)

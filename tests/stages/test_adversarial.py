@@ -497,3 +497,58 @@ async def test_on_complete_drops_the_squeezed_copy_of_an_unanswered_call() -> No
     assert len(stage.pending.entries) == 0
     await stage.on_complete(_ctx(), None)  # nothing pending: a no-op, never raises
     assert calls == []
+
+
+# --------------------------------------------------------------------------- output hardening per role
+
+
+def _ctx_roles(*roles: str) -> RequestContext:
+    ctx = _ctx()
+    assert ctx.principal is not None
+    ctx.principal = Principal(subject="alice", tenant="acme", roles=frozenset(roles), issuer="test", credential_id="c")
+    return ctx
+
+
+ROLE_OUTPUTS = {"external": {"top_k": 1}, "partner": {"decimals": 1}, "analyst": {}}
+
+
+@pytest.mark.parametrize(("roles", "expected"), [
+    pytest.param(("predictor",), [0.0, 1.0, 0.0], id="no-listed-role-gets-the-model-policy"),
+    pytest.param(("analyst",), [0.12, 0.66, 0.22], id="trusted-role-gets-full-scores"),
+    pytest.param(("external",), [0.0, 0.66, 0.0], id="untrusted-role-gets-top-1"),
+    pytest.param(("external", "partner"), [0.0, 0.7, 0.0], id="two-listed-roles-get-the-strictest-combined"),
+    pytest.param(("external", "analyst"), [0.0, 0.66, 0.0], id="a-trusted-role-never-loosens-an-untrusted-one"),
+])
+async def test_output_hardening_per_role(roles: tuple[str, ...], expected: list[float]) -> None:
+    stage = _stage({"digits": {"mode": "off", "output": {"label_only": True}, "output_by_role": ROLE_OUTPUTS}})
+    out = await stage.on_response(_ctx_roles(*roles), _resp([[0.12, 0.66, 0.22]]))
+    assert out.outputs[0].data[0].tolist() == pytest.approx(expected)
+
+
+async def test_output_hardening_without_a_principal_uses_the_model_policy() -> None:
+    stage = _stage({"digits": {"mode": "off", "output": {"top_k": 1}, "output_by_role": {"analyst": {}}}})
+    ctx = _ctx()
+    ctx.principal = None
+    out = await stage.on_response(ctx, _resp([[0.12, 0.66, 0.22]]))
+    assert out.outputs[0].data[0].tolist() == pytest.approx([0.0, 0.66, 0.0])
+
+
+async def test_lowered_precision_never_loosens_a_role_policy() -> None:
+    """The detector's lowered output (decimals 2 here) combines with a label-only role."""
+    stage = _stage({"digits": {"mode": "block", "output_by_role": {"external": {"label_only": True}},
+                               "query_pattern": {**QP, "action": "lower_precision",
+                                                 "lowered_output": {"decimals": 2}}}})
+    await _send(stage, hsj_like_stream(digits_split()[1][12], np.random.default_rng(12)))
+    ctx = _ctx_roles("external")
+    out = await stage.on_response(ctx, _resp([[0.123, 0.877] + [0.0] * 8]))
+    assert out.outputs[0].data[0].tolist() == [0.0, 1.0] + [0.0] * 8
+    assert ctx.notes["output_precision"] == "lowered"
+    trusted = await stage.on_response(_ctx_roles("analyst"), _resp([[0.123, 0.877] + [0.0] * 8]))
+    assert trusted.outputs[0].data[0, :2].tolist() == pytest.approx([0.12, 0.88])
+
+
+@pytest.mark.parametrize("output_by_role", [{"": {"top_k": 1}}, {"external": {"top_k": 0}},
+                                            {"external": {"bogus": 1}}])
+def test_invalid_role_output_policies_are_refused(output_by_role: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        AdversarialPolicy.model_validate({"models": {"digits": {"output_by_role": output_by_role}}})

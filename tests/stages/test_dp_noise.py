@@ -9,10 +9,10 @@ the embedded onnxruntime backend (``risk``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.context import Action, Principal, RequestContext
+from gateway.context import RequestContext
 from gateway.errors import (
     DependencyUnavailable,
     InputRejected,
@@ -30,7 +30,7 @@ from gateway.errors import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
-from gateway.kserve import InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.kserve import InferRequest, InferResponse, Tensor
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import BoundStage, Pipeline
 from gateway.stages.base import Mode
@@ -47,11 +47,9 @@ from gateway.stages.dp_noise import (
 from gateway.upstream.embedded import EmbeddedUpstream
 from privacy.dp.ledger import InMemoryBudgetLedger, LedgerUnavailable, Period, PeriodScheme, Refused, Reservation
 from privacy.dp.mechanisms import on_grid
+from tests.support.dp_stage import MIDNIGHT, T0, Clock, FakeUpstream, call_stage, ctx_for, risk_request
 
 ROOT = Path(__file__).resolve().parents[2]
-# 2026-12-02T23:00:00Z: one hour before a UTC midnight.
-T0 = datetime(2026, 12, 2, 23, 0, tzinfo=UTC).timestamp()
-MIDNIGHT = datetime(2026, 12, 3, tzinfo=UTC).timestamp()
 
 RISK_POLICY: dict[str, Any] = {
     "privacy_unit": "one patient's record in the training data",
@@ -67,64 +65,9 @@ GAUSS_POLICY: dict[str, Any] = {
     "timing_jitter_ms": 0,
 }
 
-Upstream = Callable[[RequestContext, InferRequest], Awaitable[InferResponse]]
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
 
 def policy(**models: dict[str, Any]) -> DpPolicy:
     return DpPolicy.model_validate({"models": models})
-
-
-def ctx_for(tenant: str = "alpha", subject: str = "u1", model: str = "risk") -> RequestContext:
-    return RequestContext(
-        request_id="r", revision="test", action=Action.INFER, transport="test", client_addr="127.0.0.1",
-        model=model,
-        principal=Principal(subject=subject, tenant=tenant, roles=frozenset({"predictor"}), issuer="test",
-                            credential_id="c"),
-    )
-
-
-def risk_request(rows: int = 1, value: float = 1.0, outputs: tuple[str, ...] = (), version: str = "") -> InferRequest:
-    data = np.full((rows, 30), value, dtype=np.float32)
-    return InferRequest(model="risk", version=version, inputs=[Tensor("features", "FP32", (rows, 30), data)],
-                        outputs=[RequestedOutput(o) for o in outputs])
-
-
-class FakeUpstream:
-    """Answers ``score`` = ``value`` per row (plus an unlisted ``logits`` output); counts calls."""
-
-    def __init__(self, value: float = 0.25, *, extra: bool = True, fail: bool = False) -> None:
-        self.value, self.extra, self.fail, self.calls = value, extra, fail, 0
-        self.version = "1"
-
-    async def __call__(self, ctx: RequestContext, req: InferRequest) -> InferResponse:
-        self.calls += 1
-        if self.fail:
-            raise UpstreamUnavailable(reason="upstream_5xx")
-        rows = req.inputs[0].shape[0]
-        outputs = [Tensor("score", "FP32", (rows, 1), np.full((rows, 1), self.value, dtype=np.float32))]
-        if self.extra:
-            outputs.append(Tensor("logits", "FP32", (rows, 1), np.full((rows, 1), 7.0, dtype=np.float32)))
-        return InferResponse(model_name=req.model, model_version=self.version, outputs=outputs)
-
-
-async def call(stage: DpNoiser, ctx: RequestContext, req: InferRequest, upstream: Upstream) -> InferResponse:
-    """One inference call as the service will run it: pipeline, then finalize in finally."""
-    pipeline = Pipeline(revision="test", stages=(BoundStage(stage, Mode.ENFORCE),), metrics=Metrics())
-    ok = False
-    try:
-        resp = await pipeline.infer(ctx, req, upstream)
-        ok = True
-        return resp
-    finally:
-        await stage.finalize(ctx, ok)
 
 
 async def spent(ledger: InMemoryBudgetLedger, tenant: str = "alpha", model: str = "risk", t: float = T0) -> float:
@@ -150,7 +93,7 @@ class TestCharging:
     async def test_one_row_costs_its_epsilon_and_notes_it(self, stage: DpNoiser, ledger: InMemoryBudgetLedger) -> None:
         """One answered row costs ε 0.5; the audit note and the header value say so."""
         ctx = ctx_for()
-        resp = await call(stage, ctx, risk_request(), FakeUpstream())
+        resp = await call_stage(stage, ctx, risk_request(), FakeUpstream())
         assert await spent(ledger) == 0.5
         assert ctx.notes[NOTE_DP]["epsilon"] == 0.5
         assert ctx.notes[NOTE_DP]["rows"] == 1
@@ -162,12 +105,12 @@ class TestCharging:
     async def test_batch_of_ten_rows_costs_ten_rows(self, stage: DpNoiser, ledger: InMemoryBudgetLedger) -> None:
         """A batch of 10 rows spends the whole day's ε 5; the next single row is refused."""
         ctx = ctx_for()
-        await call(stage, ctx, risk_request(rows=10), FakeUpstream())
+        await call_stage(stage, ctx, risk_request(rows=10), FakeUpstream())
         assert await spent(ledger) == 5.0
         assert ctx.notes[NOTE_DP]["epsilon"] == 5.0
         assert ctx.notes[NOTE_REMAINING] == "0"
         with pytest.raises(RateLimited):
-            await call(stage, ctx_for(), risk_request(), FakeUpstream())
+            await call_stage(stage, ctx_for(), risk_request(), FakeUpstream())
 
     async def test_batch_larger_than_a_period_budget_is_refused_without_charge(
         self, stage: DpNoiser, ledger: InMemoryBudgetLedger
@@ -175,7 +118,7 @@ class TestCharging:
         """11 rows cost 5.5 > 5: no period could ever pay; 413 before the upstream."""
         upstream = FakeUpstream()
         with pytest.raises(PayloadTooLarge) as err:
-            await call(stage, ctx_for(), risk_request(rows=11), upstream)
+            await call_stage(stage, ctx_for(), risk_request(rows=11), upstream)
         assert err.value.reason == "dp_request_exceeds_budget"
         assert upstream.calls == 0
         assert await spent(ledger) == 0.0
@@ -187,11 +130,11 @@ class TestCharging:
         = seconds to the next UTC midnight, no upstream call."""
         upstream = FakeUpstream()
         for _ in range(10):
-            await call(stage, ctx_for(), risk_request(value=float(_)), upstream)
+            await call_stage(stage, ctx_for(), risk_request(value=float(_)), upstream)
         clock.t = MIDNIGHT - 30.5
         ctx = ctx_for()
         with pytest.raises(RateLimited) as err:
-            await call(stage, ctx, risk_request(value=99.0), upstream)
+            await call_stage(stage, ctx, risk_request(value=99.0), upstream)
         assert err.value.http_status == 429
         assert err.value.reason == "dp_budget_exhausted"
         assert err.value.retry_after_s == 31
@@ -204,34 +147,34 @@ class TestCharging:
     async def test_budget_resets_at_the_period_boundary_only(self, stage: DpNoiser, clock: Clock,
                                                              ledger: InMemoryBudgetLedger) -> None:
         """Exhausted at 23:00; still exhausted one second before midnight; fresh at midnight."""
-        await call(stage, ctx_for(), risk_request(rows=10), FakeUpstream())
+        await call_stage(stage, ctx_for(), risk_request(rows=10), FakeUpstream())
         clock.t = MIDNIGHT - 1
         with pytest.raises(RateLimited):
-            await call(stage, ctx_for(), risk_request(), FakeUpstream())
+            await call_stage(stage, ctx_for(), risk_request(), FakeUpstream())
         clock.t = MIDNIGHT
-        await call(stage, ctx_for(), risk_request(), FakeUpstream())
+        await call_stage(stage, ctx_for(), risk_request(), FakeUpstream())
         assert await spent(ledger, t=MIDNIGHT) == 0.5
 
     async def test_tenants_have_separate_budgets(self, stage: DpNoiser) -> None:
         """alpha exhausting its budget leaves beta's untouched (the key is the verified tenant)."""
-        await call(stage, ctx_for("alpha"), risk_request(rows=10), FakeUpstream())
+        await call_stage(stage, ctx_for("alpha"), risk_request(rows=10), FakeUpstream())
         with pytest.raises(RateLimited):
-            await call(stage, ctx_for("alpha", "u9"), risk_request(), FakeUpstream())
-        await call(stage, ctx_for("beta", "u2"), risk_request(), FakeUpstream())
+            await call_stage(stage, ctx_for("alpha", "u9"), risk_request(), FakeUpstream())
+        await call_stage(stage, ctx_for("beta", "u2"), risk_request(), FakeUpstream())
 
     async def test_users_of_one_tenant_share_its_budget(self, stage: DpNoiser) -> None:
         """Sybils inside a tenant: 10 users x 1 row exhaust it; the next user is refused."""
         for i in range(10):
-            await call(stage, ctx_for("alpha", f"user{i}"), risk_request(value=float(i)), FakeUpstream())
+            await call_stage(stage, ctx_for("alpha", f"user{i}"), risk_request(value=float(i)), FakeUpstream())
         with pytest.raises(RateLimited):
-            await call(stage, ctx_for("alpha", "user10"), risk_request(value=42.0), FakeUpstream())
+            await call_stage(stage, ctx_for("alpha", "user10"), risk_request(value=42.0), FakeUpstream())
 
     async def test_per_tenant_budget_override(self, ledger: InMemoryBudgetLedger, clock: Clock) -> None:
         """A tenant listed under `tenants` gets its own budget."""
         stage = build_dp_stage(policy(risk={**RISK_POLICY, "tenants": {"gold": {"epsilon": 1.0}}}), ledger, clock)
-        await call(stage, ctx_for("gold"), risk_request(rows=2), FakeUpstream())
+        await call_stage(stage, ctx_for("gold"), risk_request(rows=2), FakeUpstream())
         with pytest.raises(RateLimited):
-            await call(stage, ctx_for("gold"), risk_request(value=2.0), FakeUpstream())
+            await call_stage(stage, ctx_for("gold"), risk_request(value=2.0), FakeUpstream())
 
 
 class TestRefunds:
@@ -240,7 +183,7 @@ class TestRefunds:
         """Reserved before the upstream call, refunded by finalize when it fails: no charge."""
         ctx = ctx_for()
         with pytest.raises(UpstreamUnavailable):
-            await call(stage, ctx, risk_request(rows=4), FakeUpstream(fail=True))
+            await call_stage(stage, ctx, risk_request(rows=4), FakeUpstream(fail=True))
         assert await spent(ledger) == 0.0
         assert ledger.open_reservations() == 0
         assert ctx.notes[NOTE_DP]["refunded"] is True
@@ -266,7 +209,7 @@ class TestRefunds:
 
         for upstream in (extra_rows, twice, integer, wide):
             with pytest.raises(UpstreamBadResponse):
-                await call(stage, ctx_for(), risk_request(), upstream)
+                await call_stage(stage, ctx_for(), risk_request(), upstream)
         assert await spent(ledger) == 0.0
         assert ledger.open_reservations() == 0
 
@@ -282,7 +225,7 @@ class TestRefunds:
         """Asking for an output the policy does not noise (raw logits): 422 before the upstream."""
         upstream = FakeUpstream()
         with pytest.raises(InputRejected) as err:
-            await call(stage, ctx_for(), risk_request(outputs=("logits",)), upstream)
+            await call_stage(stage, ctx_for(), risk_request(outputs=("logits",)), upstream)
         assert err.value.reason == "dp_output_not_released"
         assert "logits" not in err.value.client_message()
         assert upstream.calls == 0
@@ -298,7 +241,7 @@ class TestRefunds:
         stage = build_dp_stage(policy(risk=RISK_POLICY), Down(clock), clock)
         upstream = FakeUpstream()
         with pytest.raises(DependencyUnavailable) as err:
-            await call(stage, ctx_for(), risk_request(), upstream)
+            await call_stage(stage, ctx_for(), risk_request(), upstream)
         assert err.value.reason == "dp_ledger_unavailable"
         assert upstream.calls == 0
 
@@ -306,7 +249,7 @@ class TestRefunds:
 class TestRelease:
     async def test_unlisted_outputs_are_dropped_and_values_are_noised_on_the_grid(self, stage: DpNoiser) -> None:
         """Only `score` leaves; it is noised (not the upstream's 0.25), FP32, on the grid."""
-        resp = await call(stage, ctx_for(), risk_request(rows=10), FakeUpstream(0.25))
+        resp = await call_stage(stage, ctx_for(), risk_request(rows=10), FakeUpstream(0.25))
         (score,) = resp.outputs
         assert score.name == "score"
         assert score.data.dtype == np.float32
@@ -324,7 +267,7 @@ class TestRelease:
             return InferResponse("digits", "1", [Tensor("probabilities", "FP32", (1, 10),
                                                         np.full((1, 10), 0.1, np.float32))])
 
-        resp = await call(stage, ctx_for(model="digits"), req, digits)
+        resp = await call_stage(stage, ctx_for(model="digits"), req, digits)
         assert np.all(resp.outputs[0].data == np.float32(0.1))
         assert NOTE_DP not in ctx_for().notes
 
@@ -336,10 +279,28 @@ class TestRelease:
         delays = []
         for i in range(6):
             start = time.perf_counter()
-            await call(stage, ctx_for(), risk_request(value=float(i)), FakeUpstream())
+            await call_stage(stage, ctx_for(), risk_request(value=float(i)), FakeUpstream())
             delays.append(time.perf_counter() - start)
         assert max(delays) > 0.005
         assert max(delays) - min(delays) > 0.001
+
+    async def test_timing_jitter_goes_through_the_injected_sleep(self, ledger: InMemoryBudgetLedger,
+                                                                 clock: Clock) -> None:
+        """The delay is uniform in [0, timing_jitter_ms) and awaited through ``sleep``
+        (what security_tests/dp uses to measure 10,000 jittered answers without waiting)."""
+        asked: list[float] = []
+
+        async def record(seconds: float) -> None:
+            asked.append(seconds)
+
+        jittered = {**RISK_POLICY, "timing_jitter_ms": 30, "budget": {"epsilon": 1000.0}}
+        stage = dataclasses.replace(build_dp_stage(policy(risk=jittered), ledger, clock), sleep=record)
+        for i in range(200):
+            await call_stage(stage, ctx_for(), risk_request(value=float(i % 2)), FakeUpstream())
+        assert len(asked) == 200
+        assert all(0.0 <= s < 0.030 for s in asked)
+        assert 0.010 < float(np.mean(asked)) < 0.020
+        assert len(set(asked)) > 190
 
 
 class TestRepeatCache:
@@ -351,9 +312,9 @@ class TestRepeatCache:
         self, cached: DpNoiser, ledger: InMemoryBudgetLedger
     ) -> None:
         """Same tenant, same bytes: the identical noisy answer, ε 0 (post-processing)."""
-        first = await call(cached, ctx_for(), risk_request(rows=2), FakeUpstream())
+        first = await call_stage(cached, ctx_for(), risk_request(rows=2), FakeUpstream())
         ctx = ctx_for(subject="another-user-same-tenant")
-        again = await call(cached, ctx, risk_request(rows=2), FakeUpstream())
+        again = await call_stage(cached, ctx, risk_request(rows=2), FakeUpstream())
         assert np.array_equal(first.outputs[0].data, again.outputs[0].data)
         assert await spent(ledger) == 1.0
         assert ctx.notes[NOTE_DP]["cached"] is True
@@ -372,44 +333,44 @@ class TestRepeatCache:
     async def test_any_variation_is_charged(self, cached: DpNoiser, ledger: InMemoryBudgetLedger,
                                             variant: Callable[[], InferRequest]) -> None:
         """Anything but the exact bytes is a new question and is charged in full."""
-        await call(cached, ctx_for(), risk_request(rows=2), FakeUpstream())
+        await call_stage(cached, ctx_for(), risk_request(rows=2), FakeUpstream())
         req = variant()
-        await call(cached, ctx_for(), req, FakeUpstream())
+        await call_stage(cached, ctx_for(), req, FakeUpstream())
         assert await spent(ledger) == 1.0 + 0.5 * req.inputs[0].shape[0]
 
     async def test_naming_the_same_outputs_is_the_same_question(self, cached: DpNoiser,
                                                                  ledger: InMemoryBudgetLedger) -> None:
         """The cache key is canonical: listing the outputs that would be returned anyway, or
         asking for binary encoding, changes no released value, so it is still a repeat."""
-        await call(cached, ctx_for(), risk_request(rows=2), FakeUpstream())
+        await call_stage(cached, ctx_for(), risk_request(rows=2), FakeUpstream())
         req = risk_request(rows=2, outputs=("score",))
         req.binary_data_output = True
-        await call(cached, ctx_for(), req, FakeUpstream())
+        await call_stage(cached, ctx_for(), req, FakeUpstream())
         assert await spent(ledger) == 1.0
 
     async def test_cache_is_per_tenant(self, cached: DpNoiser, ledger: InMemoryBudgetLedger) -> None:
         """beta asking alpha's question pays for its own answer."""
-        await call(cached, ctx_for("alpha"), risk_request(), FakeUpstream())
-        await call(cached, ctx_for("beta"), risk_request(), FakeUpstream())
+        await call_stage(cached, ctx_for("alpha"), risk_request(), FakeUpstream())
+        await call_stage(cached, ctx_for("beta"), risk_request(), FakeUpstream())
         assert await spent(ledger, "beta") == 0.5
 
     async def test_new_model_version_is_a_new_charged_answer(self, cached: DpNoiser,
                                                              ledger: InMemoryBudgetLedger) -> None:
         """A versionless repeat after the model changed is not served the old model's answer."""
         upstream = FakeUpstream()
-        await call(cached, ctx_for(), risk_request(), upstream)
+        await call_stage(cached, ctx_for(), risk_request(), upstream)
         upstream.version = "2"
         ctx = ctx_for()
-        await call(cached, ctx, risk_request(), upstream)
+        await call_stage(cached, ctx, risk_request(), upstream)
         assert await spent(ledger) == 1.0
         assert ctx.notes[NOTE_DP]["cached"] is False
 
     async def test_exact_repeats_do_not_bypass_the_budget_for_new_questions(self, cached: DpNoiser) -> None:
         """Repeats are free, but an exhausted budget still refuses every new question."""
-        await call(cached, ctx_for(), risk_request(rows=10), FakeUpstream())
-        await call(cached, ctx_for(), risk_request(rows=10), FakeUpstream())
+        await call_stage(cached, ctx_for(), risk_request(rows=10), FakeUpstream())
+        await call_stage(cached, ctx_for(), risk_request(rows=10), FakeUpstream())
         with pytest.raises(RateLimited):
-            await call(cached, ctx_for(), risk_request(rows=1), FakeUpstream())
+            await call_stage(cached, ctx_for(), risk_request(rows=1), FakeUpstream())
 
 
 class TestConcurrency:
@@ -426,7 +387,7 @@ class TestConcurrency:
 
         upstream = Slow()
         results = await asyncio.gather(
-            *(call(replicas[i % 2], ctx_for(subject=f"u{i}"), risk_request(value=float(i)), upstream)
+            *(call_stage(replicas[i % 2], ctx_for(subject=f"u{i}"), risk_request(value=float(i)), upstream)
               for i in range(200)),
             return_exceptions=True,
         )
@@ -453,8 +414,9 @@ class TestConcurrency:
             return await FakeUpstream()(ctx, req)
 
         for _ in range(3):
-            await asyncio.gather(*(call(stage, ctx_for(), risk_request(value=float(i)), flaky) for i in range(40)),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(call_stage(stage, ctx_for(), risk_request(value=float(i)), flaky) for i in range(40)),
+                return_exceptions=True)
             assert await spent(ledger) <= 5.0
         assert await spent(ledger) == 5.0
         assert ledger.open_reservations() == 0
@@ -478,7 +440,7 @@ class TestGaussian:
             req = InferRequest(model="digits", version="", inputs=[Tensor("pixels", "FP32", (1, 64),
                                                                              np.full((1, 64), i, np.float32))])
             try:
-                await call(stage, ctx_for(model="digits"), req, digits)
+                await call_stage(stage, ctx_for(model="digits"), req, digits)
             except RateLimited:
                 break
             answered += 1
@@ -494,7 +456,7 @@ class TestBudgetReport:
     async def test_report_shows_spent_remaining_and_period(self, stage: DpNoiser, ledger: InMemoryBudgetLedger,
                                                            clock: Clock) -> None:
         """What GET /v2/privacy/budget serves: per model, ε spent / remaining, rows left, period end."""
-        await call(stage, ctx_for(), risk_request(rows=3), FakeUpstream())
+        await call_stage(stage, ctx_for(), risk_request(rows=3), FakeUpstream())
         report = await budget_report(policy(risk=RISK_POLICY), ledger, "alpha", clock=clock)
         risk = report["models"]["risk"]
         assert report["tenant"] == "alpha"
@@ -567,10 +529,10 @@ class TestEmbeddedUpstream:
             return await embedded.infer(req, timeout_s=5.0)
 
         raw = await embedded.infer(risk_request(rows=4, value=10.0), timeout_s=5.0)
-        resp = await call(stage, ctx_for(), risk_request(rows=4, value=10.0), upstream)
+        resp = await call_stage(stage, ctx_for(), risk_request(rows=4, value=10.0), upstream)
         assert resp.outputs[0].shape == raw.outputs[0].shape == (4, 1)
         assert not np.array_equal(resp.outputs[0].data, raw.outputs[0].data)
-        await call(stage, ctx_for(), risk_request(rows=6, value=11.0), upstream)
+        await call_stage(stage, ctx_for(), risk_request(rows=6, value=11.0), upstream)
         with pytest.raises(RateLimited):
-            await call(stage, ctx_for(), risk_request(value=12.0), upstream)
+            await call_stage(stage, ctx_for(), risk_request(value=12.0), upstream)
         assert await spent(ledger) == 5.0

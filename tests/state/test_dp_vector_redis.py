@@ -18,21 +18,16 @@ import math
 import secrets
 import warnings
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from gateway.context import Action, Principal, RequestContext
 from gateway.errors import DependencyUnavailable, RateLimited, UpstreamUnavailable
-from gateway.kserve import InferRequest, InferResponse, Tensor
+from gateway.kserve import InferResponse
 from gateway.observability.metrics import Metrics
-from gateway.pipeline import BoundStage, Pipeline
 from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import build_policy_set
-from gateway.stages.base import Mode
 from gateway.stages.dp_noise import DpNoiser, DpPolicy, build_dp_stage, ledger_key
 from gateway.state.base import StateKey
 from gateway.state.dp_ledger import StateBudgetLedger
@@ -47,22 +42,12 @@ from privacy.dp.ledger import (
     Refused,
     Reservation,
 )
+from tests.support.dp_stage import MIDNIGHT, T0, Clock, FakeUpstream, call_stage, ctx_for, risk_request
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
-# One hour before a UTC midnight, so period roll-over is one clock step away.
-T0 = datetime(2026, 12, 2, 23, 0, tzinfo=UTC).timestamp()
-MIDNIGHT = datetime(2026, 12, 3, tzinfo=UTC).timestamp()
 KEY = "alpha/risk"
 DELTA = 1e-5
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture(scope="module")
@@ -273,39 +258,8 @@ GAUSSIAN_RISK: dict[str, Any] = {
 }
 
 
-def ctx_for(tenant: str = "alpha") -> RequestContext:
-    return RequestContext(
-        request_id="r", revision="test", action=Action.INFER, transport="test", client_addr="127.0.0.1",
-        model="risk", principal=Principal(subject="u1", tenant=tenant, roles=frozenset({"predictor"}),
-                                          issuer="test", credential_id="c"),
-    )
-
-
-class Upstream:
-    def __init__(self, fail: bool = False) -> None:
-        self.fail, self.calls = fail, 0
-
-    async def __call__(self, ctx: RequestContext, req: InferRequest) -> InferResponse:
-        self.calls += 1
-        if self.fail:
-            raise UpstreamUnavailable(reason="upstream_5xx")
-        rows = req.inputs[0].shape[0]
-        score = Tensor("score", "FP32", (rows, 1), np.full((rows, 1), 0.25, dtype=np.float32))
-        return InferResponse(model_name=req.model, model_version="1", outputs=[score])
-
-
-async def call(stage: DpNoiser, upstream: Upstream, rows: int = 1, tenant: str = "alpha") -> InferResponse:
-    ctx = ctx_for(tenant)
-    data = np.full((rows, 30), 1.0, dtype=np.float32)
-    req = InferRequest(model="risk", version="", inputs=[Tensor("features", "FP32", (rows, 30), data)])
-    pipeline = Pipeline(revision="test", stages=(BoundStage(stage, Mode.ENFORCE),), metrics=Metrics())
-    ok = False
-    try:
-        resp = await pipeline.infer(ctx, req, upstream)
-        ok = True
-        return resp
-    finally:
-        await stage.finalize(ctx, ok)
+async def call(stage: DpNoiser, upstream: FakeUpstream) -> InferResponse:
+    return await call_stage(stage, ctx_for(), risk_request(), upstream)
 
 
 async def test_the_stage_spends_refunds_and_refuses_through_redis(ledgers: list[StateBudgetLedger],
@@ -317,13 +271,13 @@ async def test_the_stage_spends_refunds_and_refuses_through_redis(ledgers: list[
     accountant = replicas[0].models["risk"].accountant("alpha", frozenset({"score"}))
     key, period, size = ledger_key("alpha", "risk"), PeriodScheme().at(T0), len(RDP_ORDERS)
 
-    failing = Upstream(fail=True)
+    failing = FakeUpstream(extra=False, fail=True)
     with pytest.raises(UpstreamUnavailable):
         await call(replicas[0], failing)
     assert failing.calls == 1
     assert await ledgers[1].usage(key, period, size) == accountant.zero()  # refunded
 
-    upstream = Upstream()
+    upstream = FakeUpstream(extra=False)
     with pytest.raises(RateLimited):
         for i in range(1000):
             await call(replicas[i % 2], upstream)
@@ -339,7 +293,7 @@ async def test_redis_down_means_the_stage_refuses(tmp_path: Path, clock: Clock) 
                            clock)
     try:
         server.stop()
-        upstream = Upstream()
+        upstream = FakeUpstream(extra=False)
         with pytest.raises(DependencyUnavailable):
             await call(stage, upstream)
         assert upstream.calls == 0  # no budget, no answer: the model is never asked

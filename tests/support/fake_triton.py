@@ -14,6 +14,8 @@ Usage::
     fake.set(error(grpc.StatusCode.INTERNAL))      # every ModelInfer from now on
     fake.set(hang(), rpc="ModelReady")             # one RPC kind
     fake.set(slow(0.5), model="digits")            # one model
+    fake.set(with_metadata(ok(), initial=(("set-cookie", "a=b"),)))  # response metadata
+    fake.set(redirect("http://127.0.0.1:9/"))      # UNAVAILABLE with a `location` header
     ...
     fake.requests[-1]        # the last ModelInferRequest proto received (a copy)
     fake.calls[-1].metadata  # the gRPC metadata that came with it
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +78,9 @@ class Behaviour:
     message: str = ""
     seconds: float = 0.0
     fn: OutputFn | None = None
+    # Response headers (initial metadata) and trailers, sent whatever the kind.
+    initial_metadata: tuple[tuple[str, str | bytes], ...] = ()
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
 
 
 def ok(fn: OutputFn | None = None) -> Behaviour:
@@ -100,6 +106,19 @@ def hang() -> Behaviour:
 def slow(seconds: float) -> Behaviour:
     """Sleep ``seconds``, then answer as ``ok``."""
     return Behaviour("slow", seconds=seconds)
+
+
+def with_metadata(behaviour: Behaviour, *, initial: Iterable[tuple[str, str | bytes]] = (),
+                  trailing: Iterable[tuple[str, str | bytes]] = ()) -> Behaviour:
+    """``behaviour``, plus response headers (``initial``) and trailers: what a hostile or
+    misconfigured upstream may add (``set-cookie``, ``server``, a 1 MB value, CR/LF)."""
+    return dataclasses.replace(behaviour, initial_metadata=tuple(initial), trailing_metadata=tuple(trailing))
+
+
+def redirect(location: str) -> Behaviour:
+    """The nearest gRPC has to a redirect: UNAVAILABLE with ``location`` in headers and trailers."""
+    return with_metadata(error(grpc.StatusCode.UNAVAILABLE, "moved"), initial=(("location", location),),
+                         trailing=(("location", location),))
 
 
 def wrong_shape() -> Behaviour:
@@ -242,6 +261,10 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         """Record the call and run the timing/error part of the behaviour."""
         self.fake.record(rpc, model, context)
         behaviour = self.fake.behaviour(rpc, model)
+        if behaviour.initial_metadata:
+            await context.send_initial_metadata(behaviour.initial_metadata)
+        if behaviour.trailing_metadata:
+            context.set_trailing_metadata(behaviour.trailing_metadata)
         try:
             if behaviour.kind == "hang":
                 await asyncio.Event().wait()

@@ -17,11 +17,14 @@ Usage::
     server.url                   # http://127.0.0.1:PORT
     server.flags = other_doc     # the "daemon" was given new flags
     server.requests              # [(flag key, context), ...]
+    server.mode = "garbage"      # 200 with a body that is not JSON; "hang": never answer
+    server.redirect_to = url     # 302 to url for every call
     await server.stop(); await server.restart()   # same port
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from typing import Any
@@ -49,6 +52,10 @@ class OfrepServer:
         self.port = _free_port()
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.status_override: int | None = None  # answer every call with this status (e.g. 500)
+        self.mode = "ok"  # ok | garbage | hang
+        self.redirect_to: str | None = None
+        self.hits = 0
+        self._unhang = asyncio.Event()
         self._runner: web.AppRunner | None = None
 
     @classmethod
@@ -68,13 +75,29 @@ class OfrepServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, HOST, self.port, reuse_address=True).start()
 
+    def unhang(self) -> None:
+        """Back to answering; calls held by ``mode = "hang"`` are released (answered normally)."""
+        self.mode = "ok"
+        self._unhang.set()
+        self._unhang = asyncio.Event()
+
     async def stop(self) -> None:
+        self._unhang.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     async def _evaluate(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
+        self.hits += 1
+        if self.redirect_to is not None:
+            raise web.HTTPFound(self.redirect_to)
+        if self.mode == "hang":
+            await request.read()  # the client will have gone when this is released
+            await self._unhang.wait()  # released by stop() or unhang()
+            return web.json_response({"errorDetails": "released"}, status=503)
+        if self.mode == "garbage":
+            return web.Response(body=b"\x00<html>not json", content_type="application/json")
         if self.auth is not None and request.headers.get("Authorization") != self.auth:
             return web.json_response({"errorDetails": "unauthorized"}, status=401)
         if self.status_override is not None:

@@ -20,8 +20,8 @@ either front:
   honoured by a newer Triton.
 
 The rule implementations shared with the REST codec (BYTES framing, counting, output
-checks, name and id rules) are imported from it rather than copied, so the two fronts
-cannot drift apart.
+checks, name and id rules) live in :mod:`gateway.fronts.tensor_codec` and are used by both
+rather than copied, so the two fronts cannot drift apart.
 
 # SECURITY: error details name the field and the rule, never a client value.
 """
@@ -38,21 +38,22 @@ from google.protobuf import unknown_fields
 from tritonclient.grpc import service_pb2
 
 from gateway.errors import InputRejected, MalformedRequest, NotFound, PayloadTooLarge
-from gateway.fronts.http.codec import (
-    _MAX_NAME_LENGTH,
-    _UNSAFE_TEXT,
+from gateway.fronts.tensor_codec import (
+    MAX_NAME_LENGTH,
+    UNSAFE_TEXT,
     CodecLimits,
-    _all_finite,
-    _binary_tensor,
-    _check_count,
-    _checked_output,
-    _input_label,
-    _InputSpec,
-    _output_bytes,
-    _output_label,
-    _output_shape,
-    _parameter_label,
-    _valid_tensor_name,
+    InputSpec,
+    all_finite,
+    binary_tensor,
+    check_count,
+    checked_output,
+    input_label,
+    object_array,
+    output_bytes,
+    output_label,
+    output_shape,
+    parameter_label,
+    valid_tensor_name,
 )
 from gateway.kserve import (
     CONTENTS_FIELD,
@@ -159,7 +160,7 @@ def _decode_id(value: str, limits: CodecLimits) -> str | None:
         return None  # proto3: an empty id and no id are the same message
     # SECURITY: echoed in the response, logs and audit records: bounded, no control
     # characters (log/header injection), no separators (IN-17, IN-18).
-    if len(value) > limits.max_id_length or _UNSAFE_TEXT.search(value):
+    if len(value) > limits.max_id_length or UNSAFE_TEXT.search(value):
         raise MalformedRequest(f"id must be a string of at most {limits.max_id_length} characters "
                                "without control characters", reason="request_invalid_id")
     return value
@@ -175,19 +176,19 @@ def _refuse_parameters(params: Any, where: str, *, reason: str = "request_parame
     # SECURITY: reserved Triton parameters would let a tenant steer scheduling
     # (priority, timeout), join another tenant's sequence (sequence_id) or make the
     # upstream read its own memory (shared_memory_*); none is forwarded (AUTHZ-12).
-    raise MalformedRequest(f"{where}{_parameter_label(key)} is not allowed (this front accepts no parameters)",
+    raise MalformedRequest(f"{where}{parameter_label(key)} is not allowed (this front accepts no parameters)",
                            reason=reason)
 
 
-def _decode_input_specs(inputs: Sequence[Any], limits: CodecLimits) -> list[_InputSpec]:
-    specs: list[_InputSpec] = []
+def _decode_input_specs(inputs: Sequence[Any], limits: CodecLimits) -> list[InputSpec]:
+    specs: list[InputSpec] = []
     seen: set[str] = set()
     for index, item in enumerate(inputs):
         name = str(item.name)
-        if not _valid_tensor_name(name):
-            raise MalformedRequest(f"inputs[{index}]: name must be 1 to {_MAX_NAME_LENGTH} printable "
+        if not valid_tensor_name(name):
+            raise MalformedRequest(f"inputs[{index}]: name must be 1 to {MAX_NAME_LENGTH} printable "
                                    "ASCII characters", reason="input_invalid_name")
-        label = _input_label(index, name)
+        label = input_label(index, name)
         _refuse_unknown_fields(item, label)
         _refuse_unknown_fields(item.contents, label)
         if name in seen:
@@ -199,8 +200,8 @@ def _decode_input_specs(inputs: Sequence[Any], limits: CodecLimits) -> list[_Inp
             raise MalformedRequest(f"{label}: datatype must be one of {', '.join(DTYPES)}",
                                    reason="input_invalid_datatype")
         _refuse_parameters(item.parameters, f"{label}: ", reason="input_parameter")
-        specs.append(_InputSpec(label=label, name=name, datatype=datatype, shape=shape,
-                                count=math.prod(shape), data=None, binary_size=None))
+        specs.append(InputSpec(label=label, name=name, datatype=datatype, shape=shape,
+                               count=math.prod(shape), data=None, binary_size=None))
     return specs
 
 
@@ -222,10 +223,10 @@ def _decode_outputs(outputs: Sequence[Any], limits: CodecLimits) -> list[Request
     seen: set[str] = set()
     for index, item in enumerate(outputs):
         name = str(item.name)
-        if not _valid_tensor_name(name):
-            raise MalformedRequest(f"outputs[{index}]: name must be 1 to {_MAX_NAME_LENGTH} printable "
+        if not valid_tensor_name(name):
+            raise MalformedRequest(f"outputs[{index}]: name must be 1 to {MAX_NAME_LENGTH} printable "
                                    "ASCII characters", reason="output_invalid_name")
-        label = _output_label(index, name)
+        label = output_label(index, name)
         _refuse_unknown_fields(item, label)
         if name in seen:
             raise MalformedRequest(f"{label}: duplicate output name", reason="output_duplicate")
@@ -243,12 +244,12 @@ def _decode_outputs(outputs: Sequence[Any], limits: CodecLimits) -> list[Request
 # ---------------------------------------------------------------------------------------
 
 
-def _raw_tensor(spec: _InputSpec, raw: memoryview, limits: CodecLimits) -> NDArray:
+def _raw_tensor(spec: InputSpec, raw: memoryview, limits: CodecLimits) -> NDArray:
     """One ``raw_input_contents`` entry: exactly the binary extension's rules."""
-    return _binary_tensor(spec, raw, limits, source="raw_input_contents")
+    return binary_tensor(spec, raw, limits, source="raw_input_contents")
 
 
-def _typed_tensor(spec: _InputSpec, contents: Any, populated: list[str], limits: CodecLimits) -> NDArray:
+def _typed_tensor(spec: InputSpec, contents: Any, populated: list[str], limits: CodecLimits) -> NDArray:
     """An input in the typed ``contents`` field of its datatype (and in no other field)."""
     datatype, label = spec.datatype, spec.label
     expected = CONTENTS_FIELD.get(datatype)
@@ -259,7 +260,7 @@ def _typed_tensor(spec: _InputSpec, contents: Any, populated: list[str], limits:
         raise MalformedRequest(f"{label}: give exactly one of contents or raw_input_contents",
                                reason="input_data_source")
     values = getattr(contents, expected) if expected is not None else ()
-    _check_count(spec, len(values), limits, InputRejected)
+    check_count(spec, len(values), limits, InputRejected)
     if expected is None or not len(values):
         return np.empty(spec.shape, dtype=DTYPES[datatype])
     if datatype == "BYTES":
@@ -267,12 +268,12 @@ def _typed_tensor(spec: _InputSpec, contents: Any, populated: list[str], limits:
         for value in values:
             if len(value) > cap:
                 raise PayloadTooLarge(f"{label}: BYTES element longer than {cap} bytes")
-        return _object_array([bytes(value) for value in values]).reshape(spec.shape)
+        return object_array([bytes(value) for value in values]).reshape(spec.shape)
     if datatype == "BOOL":
         return np.fromiter(values, dtype=np.bool_, count=len(values)).reshape(spec.shape)
     wide = np.fromiter(values, dtype=_FIELD_DTYPE[expected], count=len(values))
     if datatype in FLOAT_TYPES:
-        if not _all_finite(wide):
+        if not all_finite(wide):
             raise InputRejected(f"{label}: NaN and infinity are not accepted", reason="input_non_finite")
         return wide.reshape(spec.shape)
     if datatype in _NARROW_INTS:
@@ -280,12 +281,6 @@ def _typed_tensor(spec: _InputSpec, contents: Any, populated: list[str], limits:
         if int(wide.min()) < info.min or int(wide.max()) > info.max:
             raise InputRejected(f"{label}: value out of range for {datatype}", reason="input_out_of_range")
     return wide.astype(DTYPES[datatype]).reshape(spec.shape)
-
-
-def _object_array(values: list[bytes]) -> NDArray:
-    array = np.empty(len(values), dtype=np.object_)
-    array[:] = values
-    return array
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,9 +297,9 @@ def encode_model_infer_response(resp: InferResponse) -> Any:
     message = service_pb2.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version,
                                               id=resp.id or "")
     for index, tensor in enumerate(resp.outputs):
-        label = _output_label(index, tensor.name)
-        shape = _output_shape(label, tensor.shape)
-        array = _checked_output(label, tensor, shape)
+        label = output_label(index, tensor.name)
+        shape = output_shape(label, tensor.shape)
+        array = checked_output(label, tensor, shape)
         message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
-        message.raw_output_contents.append(_output_bytes(label, tensor.datatype, array))
+        message.raw_output_contents.append(output_bytes(label, tensor.datatype, array))
     return message

@@ -22,9 +22,8 @@ import functools
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, TypeGuard
+from collections.abc import Callable
+from typing import Any, Final
 
 import numpy as np
 
@@ -35,9 +34,24 @@ from gateway.errors import (
     PayloadTooLarge,
     UpstreamBadResponse,
 )
+from gateway.fronts.tensor_codec import (
+    MAX_NAME_LENGTH,
+    UNSAFE_TEXT,
+    CodecLimits,
+    InputSpec,
+    binary_tensor,
+    check_count,
+    checked_output,
+    input_label,
+    object_array,
+    output_bytes,
+    output_label,
+    output_shape,
+    parameter_label,
+    valid_tensor_name,
+)
 from gateway.kserve import (
     DTYPES,
-    ELEMENT_SIZE,
     FLOAT_TYPES,
     INT_TYPES,
     InferRequest,
@@ -55,44 +69,13 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class CodecLimits:
-    """Per-request ceilings; the defaults are the security catalogue's test profile."""
-
-    max_elements_per_tensor: int = 1_048_576
-    max_dims: int = 8
-    max_bytes_element: int = 64 * 1024
-    max_inputs: int = 64  # also caps the number of requested outputs
-    max_id_length: int = 128
-    max_json_depth: int = 32
-    max_number_digits: int = 100
-
-
 _DEFAULT_LIMITS: Final = CodecLimits()
 
 _TOP_KEYS: Final = frozenset({"id", "inputs", "outputs", "parameters"})
 _INPUT_KEYS: Final = frozenset({"name", "shape", "datatype", "data", "parameters"})
 _OUTPUT_KEYS: Final = frozenset({"name", "parameters"})
-_MAX_NAME_LENGTH: Final = 256
-
-# Parameter names Triton (or the KServe spec) gives a meaning to. These are ours to name in
-# an error message; any other key is the client's text and is never echoed.
-_KNOWN_PARAMETERS: Final = frozenset({
-    "binary_data", "binary_data_output", "binary_data_size", "classification", "headers",
-    "priority", "sequence_end", "sequence_id", "sequence_start", "shared_memory_byte_size",
-    "shared_memory_offset", "shared_memory_region", "timeout", "triton_enable_empty_final_response",
-})
 
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
-# Control characters (C0, DEL, C1), line/paragraph separators and surrogates. A JSON
-# decoder folds valid surrogate pairs into one code point, so any surrogate left in a
-# decoded str is a lone one.
-_UNSAFE_TEXT: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-# Names we are willing to quote back in an error message (input and output names are
-# also model metadata, so quoting them helps the client; anything else gets an index).
-# SECURITY: identifier-like only, and no run of 4+ digits, so a name cannot carry an
-# e-mail address, a card or a social security number into logs and audit records.
-_QUOTABLE_NAME: Final = re.compile(r"(?!.*[0-9]{4})[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 _HEADER_LENGTH: Final = re.compile(r"[0-9]{1,10}")
 _BINARY_HINT: Final = " (binary tensor data needs the Inference-Header-Content-Length header)"
 
@@ -103,7 +86,6 @@ _DEPTH_STEP[list(b"[{")] = 1
 _DEPTH_STEP[list(b"]}")] = -1
 _DEPTH_CHUNK: Final = 1 << 20
 
-_LE_DTYPES: Final = {name: dt.newbyteorder("<") for name, dt in DTYPES.items() if name != "BYTES"}
 # Magnitudes from which a float64 rounds to infinity when cast (max + half an ulp).
 _FLOAT_BOUND: Final = {"FP16": 65520.0, "FP32": 2.0**128 - 2.0**103, "FP64": math.inf}
 _NUMBER_TYPES: Final = frozenset({int, float})
@@ -210,40 +192,6 @@ def _load_json(raw: bytes, limits: CodecLimits, *, hint: str = "") -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _InputSpec:
-    """An input whose JSON part passed validation; its data is converted afterwards."""
-
-    label: str
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    count: int
-    data: Any
-    binary_size: int | None
-
-
-def _input_label(index: int, name: object) -> str:
-    if isinstance(name, str) and _QUOTABLE_NAME.fullmatch(name):
-        return f"input '{name}'"
-    return f"inputs[{index}]"
-
-
-def _output_label(index: int, name: object) -> str:
-    if isinstance(name, str) and _QUOTABLE_NAME.fullmatch(name):
-        return f"output '{name}'"
-    return f"outputs[{index}]"
-
-
-def _parameter_label(key: str) -> str:
-    return f"parameter '{key}'" if key in _KNOWN_PARAMETERS else "an unknown parameter"
-
-
-def _valid_tensor_name(name: object) -> TypeGuard[str]:
-    return (isinstance(name, str) and 0 < len(name) <= _MAX_NAME_LENGTH
-            and name.isascii() and name.isprintable())
-
-
 def _parse_header_length(value: str, body_length: int) -> int:
     # SECURITY: Triton parses this header with atoi(); we accept only plain decimal
     # digits so "+5", "-1", "0x10", " 5" cannot mean different things to us and to it.
@@ -297,7 +245,7 @@ def decode_infer_request(model: str, version: str, body: bytes, *, header_length
         else:
             chunk = binary[offset:offset + spec.binary_size]
             offset += spec.binary_size
-            data = _binary_tensor(spec, chunk, limits)
+            data = binary_tensor(spec, chunk, limits)
         tensors.append(Tensor(name=spec.name, datatype=spec.datatype, shape=spec.shape, data=data))
     return InferRequest(model=model, version=version, inputs=tensors, outputs=outputs, id=request_id,
                         binary_data_output=binary_data_output)
@@ -310,7 +258,7 @@ def _decode_id(doc: dict[str, Any], limits: CodecLimits) -> str | None:
     # SECURITY: the id is echoed in the response and lands in logs and audit records:
     # bounded, no CR/LF or other controls (header/log injection), no lone surrogates
     # (UnicodeEncodeError in every later encoder) (IN-17, IN-18).
-    if type(value) is not str or len(value) > limits.max_id_length or _UNSAFE_TEXT.search(value):
+    if type(value) is not str or len(value) > limits.max_id_length or UNSAFE_TEXT.search(value):
         raise MalformedRequest(f"id must be a string of at most {limits.max_id_length} characters "
                                "without control characters", reason="request_invalid_id")
     return value
@@ -326,7 +274,7 @@ def _decode_request_parameters(doc: dict[str, Any]) -> bool:
             # SECURITY: reserved Triton parameters (sequence_id, priority, timeout, ...)
             # would let a tenant steer scheduling or join another tenant's sequence;
             # nothing but what the gateway itself understands is forwarded (AUTHZ-12).
-            raise MalformedRequest(f"request {_parameter_label(key)} is not allowed "
+            raise MalformedRequest(f"request {parameter_label(key)} is not allowed "
                                    "(only binary_data_output)", reason="request_parameter")
         if type(value) is not bool:
             raise MalformedRequest("request parameter 'binary_data_output' must be true or false",
@@ -335,22 +283,22 @@ def _decode_request_parameters(doc: dict[str, Any]) -> bool:
     return binary_data_output
 
 
-def _decode_input_specs(doc: dict[str, Any], limits: CodecLimits) -> list[_InputSpec]:
+def _decode_input_specs(doc: dict[str, Any], limits: CodecLimits) -> list[InputSpec]:
     inputs = doc.get("inputs")
     if type(inputs) is not list or not inputs:
         raise MalformedRequest("inputs must be a non-empty JSON array", reason="request_invalid")
     if len(inputs) > limits.max_inputs:
         raise PayloadTooLarge(f"more than {limits.max_inputs} inputs")
-    specs: list[_InputSpec] = []
+    specs: list[InputSpec] = []
     seen: set[str] = set()
     for index, item in enumerate(inputs):
         if type(item) is not dict:
             raise MalformedRequest(f"inputs[{index}] must be a JSON object", reason="request_invalid")
         name = item.get("name")
-        if not _valid_tensor_name(name):
-            raise MalformedRequest(f"inputs[{index}]: name must be 1 to {_MAX_NAME_LENGTH} printable "
+        if not valid_tensor_name(name):
+            raise MalformedRequest(f"inputs[{index}]: name must be 1 to {MAX_NAME_LENGTH} printable "
                                    "ASCII characters", reason="input_invalid_name")
-        label = _input_label(index, name)
+        label = input_label(index, name)
         if not item.keys() <= _INPUT_KEYS:
             raise MalformedRequest(f"{label}: unknown field (allowed: name, shape, datatype, data, "
                                    "parameters)", reason="input_unknown_field")
@@ -366,8 +314,8 @@ def _decode_input_specs(doc: dict[str, Any], limits: CodecLimits) -> list[_Input
         if ("data" in item) == (binary_size is not None):
             raise MalformedRequest(f"{label}: give exactly one of data or parameters.binary_data_size",
                                    reason="input_data_source")
-        specs.append(_InputSpec(label=label, name=name, datatype=datatype, shape=shape,
-                                count=math.prod(shape), data=item.get("data"), binary_size=binary_size))
+        specs.append(InputSpec(label=label, name=name, datatype=datatype, shape=shape,
+                               count=math.prod(shape), data=item.get("data"), binary_size=binary_size))
     return specs
 
 
@@ -393,7 +341,7 @@ def _decode_input_parameters(label: str, params: object) -> int | None:
     for key, value in params.items():
         if key != "binary_data_size":
             # SECURITY: shared_memory_* would make the upstream read its own memory.
-            raise MalformedRequest(f"{label}: {_parameter_label(key)} is not allowed "
+            raise MalformedRequest(f"{label}: {parameter_label(key)} is not allowed "
                                    "(only binary_data_size)", reason="input_parameter")
         if type(value) is not int or value < 0:
             raise MalformedRequest(f"{label}: binary_data_size must be a non-negative integer",
@@ -414,10 +362,10 @@ def _decode_outputs(doc: dict[str, Any], limits: CodecLimits) -> list[RequestedO
         if type(item) is not dict:
             raise MalformedRequest(f"outputs[{index}] must be a JSON object", reason="request_invalid")
         name = item.get("name")
-        if not _valid_tensor_name(name):
-            raise MalformedRequest(f"outputs[{index}]: name must be 1 to {_MAX_NAME_LENGTH} printable "
+        if not valid_tensor_name(name):
+            raise MalformedRequest(f"outputs[{index}]: name must be 1 to {MAX_NAME_LENGTH} printable "
                                    "ASCII characters", reason="output_invalid_name")
-        label = _output_label(index, name)
+        label = output_label(index, name)
         if not item.keys() <= _OUTPUT_KEYS:
             raise MalformedRequest(f"{label}: unknown field (allowed: name, parameters)",
                                    reason="output_unknown_field")
@@ -433,7 +381,7 @@ def _decode_outputs(doc: dict[str, Any], limits: CodecLimits) -> list[RequestedO
                 raise MalformedRequest(f"{label}: the classification extension is not supported",
                                        reason="output_parameter")
             if key != "binary_data":
-                raise MalformedRequest(f"{label}: {_parameter_label(key)} is not allowed (only binary_data)",
+                raise MalformedRequest(f"{label}: {parameter_label(key)} is not allowed (only binary_data)",
                                        reason="output_parameter")
             if type(value) is not bool:
                 raise MalformedRequest(f"{label}: binary_data must be true or false",
@@ -466,24 +414,7 @@ def _flatten_nested(label: str, data: list[Any], shape: tuple[int, ...]) -> list
     return level
 
 
-def _check_count(spec: _InputSpec, provided: int, limits: CodecLimits, mismatch: type[GatewayError]) -> None:
-    # SECURITY: the limit is checked on the elements actually sent, then the declared
-    # shape is compared with them: nothing is ever sized from the declaration alone
-    # (IN-04: [4611686018427387904, 4] is a mismatch, not an allocation).
-    if provided > limits.max_elements_per_tensor:
-        raise PayloadTooLarge(f"{spec.label}: more than {limits.max_elements_per_tensor} elements")
-    if provided != spec.count:
-        raise mismatch(f"{spec.label}: data has a different number of elements than the shape",
-                       reason="input_wrong_shape")
-    # SECURITY: an empty tensor ([0, 10**30]) matches zero elements, but numpy cannot even
-    # describe it (ValueError from reshape/empty: a 500). Its other dimensions are held to
-    # the element limit too (found by security_tests/fuzz).
-    if not provided and math.prod(dim for dim in spec.shape if dim) > limits.max_elements_per_tensor:
-        raise mismatch(f"{spec.label}: shape dimensions larger than the element limit",
-                       reason="input_wrong_shape")
-
-
-def _json_tensor(spec: _InputSpec, limits: CodecLimits) -> NDArray:
+def _json_tensor(spec: InputSpec, limits: CodecLimits) -> NDArray:
     data = spec.data
     if type(data) is not list:
         raise MalformedRequest(f"{spec.label}: data must be a JSON array", reason="input_invalid_data")
@@ -494,12 +425,12 @@ def _json_tensor(spec: _InputSpec, limits: CodecLimits) -> NDArray:
         if list in types:
             raise InputRejected(f"{spec.label}: nested data does not match the shape",
                                 reason="input_wrong_shape")
-    _check_count(spec, len(data), limits, InputRejected)
+    check_count(spec, len(data), limits, InputRejected)
     array = _convert_json_values(spec, data, types, limits)
     return array.reshape(spec.shape)
 
 
-def _convert_json_values(spec: _InputSpec, data: list[Any], types: set[type], limits: CodecLimits) -> NDArray:
+def _convert_json_values(spec: InputSpec, data: list[Any], types: set[type], limits: CodecLimits) -> NDArray:
     """Typed conversion that never coerces: no bool as number, no string as number,
     no wrap-around, no silent overflow to infinity."""
     datatype, label = spec.datatype, spec.label
@@ -548,72 +479,7 @@ def _convert_json_values(spec: _InputSpec, data: list[Any], types: set[type], li
         if len(value) > cap:
             raise PayloadTooLarge(f"{label}: BYTES element longer than {cap} bytes")
         encoded.append(value)
-    return _object_array(encoded)
-
-
-def _object_array(values: list[bytes]) -> NDArray:
-    array = np.empty(len(values), dtype=np.object_)
-    array[:] = values
-    return array
-
-
-def _binary_tensor(spec: _InputSpec, raw: memoryview, limits: CodecLimits, *,
-                   source: str = "binary_data_size") -> NDArray:
-    """Little-endian elements or length-prefixed BYTES, for both fronts (``source`` names
-    where the bytes came from in error messages)."""
-    datatype, label = spec.datatype, spec.label
-    if datatype == "BYTES":
-        return _object_array(_split_bytes(spec, raw, limits)).reshape(spec.shape)
-    size = ELEMENT_SIZE[datatype]
-    if len(raw) % size:
-        raise MalformedRequest(f"{label}: {source} is not a multiple of the {datatype} element size",
-                               reason="binary_size_mismatch")
-    # SECURITY: counted on the bytes actually sent, then compared with the declared shape;
-    # nothing is ever sized from the declaration alone (IN-04).
-    _check_count(spec, len(raw) // size, limits, MalformedRequest)
-    if datatype == "BOOL":
-        octets = np.frombuffer(raw, dtype=np.uint8)
-        # A bool byte other than 0/1 is undefined for numpy and the backends.
-        if octets.size and int(octets.max()) > 1:
-            raise InputRejected(f"{label}: BOOL bytes must be 0 or 1", reason="input_wrong_type")
-        return octets.astype(np.bool_).reshape(spec.shape)
-    # '<' on the wire; astype copies into native order and frees us from the body buffer.
-    array = np.frombuffer(raw, dtype=_LE_DTYPES[datatype]).astype(DTYPES[datatype])
-    if datatype in FLOAT_TYPES and not _all_finite(array):
-        raise InputRejected(f"{label}: NaN and infinity are not accepted", reason="input_non_finite")
-    return array.reshape(spec.shape)
-
-
-def _all_finite(array: NDArray) -> bool:
-    """min/max propagate NaN and expose +-inf: two reductions, no temporary mask."""
-    if not array.size:
-        return True
-    return math.isfinite(float(array.min())) and math.isfinite(float(array.max()))
-
-
-def _split_bytes(spec: _InputSpec, raw: memoryview, limits: CodecLimits) -> list[bytes]:
-    """Split Triton's BYTES wire form: repeated (uint32 little-endian length, bytes)."""
-    label, cap, most = spec.label, limits.max_bytes_element, limits.max_elements_per_tensor
-    values: list[bytes] = []
-    pos, end = 0, len(raw)
-    while pos < end:
-        if end - pos < 4:
-            raise MalformedRequest(f"{label}: truncated BYTES length prefix", reason="binary_bytes_framing")
-        length = int.from_bytes(raw[pos:pos + 4], "little")
-        pos += 4
-        # SECURITY: the prefix is checked against the bytes present before anything is
-        # sliced, so 0xFFFFFFFF allocates nothing (IN-14).
-        if length > end - pos:
-            raise MalformedRequest(f"{label}: BYTES length prefix points past the end of its data",
-                                   reason="binary_bytes_framing")
-        if length > cap:
-            raise PayloadTooLarge(f"{label}: BYTES element longer than {cap} bytes")
-        if len(values) >= most:
-            raise PayloadTooLarge(f"{label}: more than {most} elements")
-        values.append(bytes(raw[pos:pos + length]))
-        pos += length
-    _check_count(spec, len(values), limits, MalformedRequest)
-    return values
+    return object_array(encoded)
 
 
 # ---------------------------------------------------------------------------------------
@@ -633,14 +499,14 @@ def encode_infer_response(resp: InferResponse, requested: list[RequestedOutput],
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for index, tensor in enumerate(resp.outputs):
-        label = _output_label(index, tensor.name)
-        shape = _output_shape(label, tensor.shape)
-        array = _checked_output(label, tensor, shape)
+        label = output_label(index, tensor.name)
+        shape = output_shape(label, tensor.shape)
+        array = checked_output(label, tensor, shape)
         wanted = choice.get(tensor.name)
         binary = binary_default if wanted is None else wanted
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": shape}
         if binary:
-            payload = _output_bytes(label, tensor.datatype, array)
+            payload = output_bytes(label, tensor.datatype, array)
             entry["parameters"] = {"binary_data_size": len(payload)}
             chunks.append(payload)
         else:
@@ -661,40 +527,6 @@ def encode_infer_response(resp: InferResponse, requested: list[RequestedOutput],
     return b"".join([header, *chunks]), headers
 
 
-def _output_shape(label: str, shape: Sequence[object]) -> list[int]:
-    """Plain non-negative ints (upstream adapters may hand over numpy integers)."""
-    dims: list[int] = []
-    for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 0:
-            raise UpstreamBadResponse(f"{label}: invalid shape", reason="upstream_bad_output")
-        dims.append(int(dim))
-    return dims
-
-
-def _checked_output(label: str, tensor: Tensor, shape: list[int]) -> NDArray:
-    """The output array in its declared dtype, or a 502: the upstream is not trusted."""
-    dtype = DTYPES.get(tensor.datatype)
-    array = tensor.data
-    if dtype is None or not isinstance(array, np.ndarray):
-        raise UpstreamBadResponse(f"{label}: unknown datatype or no data", reason="upstream_bad_output")
-    if array.size != math.prod(shape):
-        raise UpstreamBadResponse(f"{label}: data does not match its shape", reason="upstream_bad_output")
-    if array.dtype != dtype:
-        # Widen losslessly (e.g. float32 labelled FP64) or narrow float to float (checked
-        # for overflow below); never wrap integers.
-        same_floats = array.dtype.kind == "f" and tensor.datatype in FLOAT_TYPES
-        if not (np.can_cast(array.dtype, dtype, casting="safe") or same_floats):
-            raise UpstreamBadResponse(f"{label}: data type does not match {tensor.datatype}",
-                                      reason="upstream_bad_output")
-        with np.errstate(over="ignore", invalid="ignore"):
-            array = array.astype(dtype)
-    array = array.reshape(-1)
-    # SECURITY: NaN/inf never reach the client (or DP/PII code) as if they were values (AV-04).
-    if tensor.datatype in FLOAT_TYPES and not _all_finite(array):
-        raise UpstreamBadResponse(f"{label}: non-finite values", reason="upstream_non_finite")
-    return array
-
-
 def _output_json(label: str, datatype: str, array: NDArray) -> list[Any]:
     if datatype != "BYTES":
         values: list[Any] = array.tolist()
@@ -712,24 +544,6 @@ def _output_json(label: str, datatype: str, array: NDArray) -> list[Any]:
         else:
             raise UpstreamBadResponse(f"{label}: BYTES element is not bytes", reason="upstream_bad_output")
     return texts
-
-
-def _output_bytes(label: str, datatype: str, array: NDArray) -> bytes:
-    if datatype != "BYTES":
-        return array.astype(_LE_DTYPES[datatype], copy=False).tobytes()
-    parts: list[bytes] = []
-    for item in array.tolist():
-        if isinstance(item, str):
-            try:
-                item = item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UpstreamBadResponse(f"{label}: BYTES element is not valid Unicode",
-                                          reason="upstream_bad_output") from None
-        if not isinstance(item, bytes) or len(item) > 0xFFFFFFFF:
-            raise UpstreamBadResponse(f"{label}: BYTES element is not bytes", reason="upstream_bad_output")
-        parts.append(len(item).to_bytes(4, "little"))
-        parts.append(item)
-    return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -769,15 +583,15 @@ def _decode_response(body: bytes, header_length: int | None) -> InferResponse:
         name, datatype = item["name"], item["datatype"]
         if type(name) is not str or datatype not in DTYPES:
             raise ValueError("bad output")
-        spec = _InputSpec(label=_output_label(index, name), name=name, datatype=datatype,
-                          shape=_decode_shape(f"outputs[{index}]", item["shape"], limits),
-                          count=0, data=item.get("data"), binary_size=None)
+        spec = InputSpec(label=output_label(index, name), name=name, datatype=datatype,
+                         shape=_decode_shape(f"outputs[{index}]", item["shape"], limits),
+                         count=0, data=item.get("data"), binary_size=None)
         spec.count = math.prod(spec.shape)
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(binary):
                 raise ValueError("bad binary_data_size")
-            data = _binary_tensor(spec, binary[offset:offset + size], limits)
+            data = binary_tensor(spec, binary[offset:offset + size], limits)
             offset += size
         else:
             data = _json_tensor(spec, limits)

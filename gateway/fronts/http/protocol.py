@@ -10,8 +10,9 @@ exception's class name, and sized requests get their own status (414/431).
 
 from __future__ import annotations
 
+import asyncio
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -27,8 +28,56 @@ log = structlog.get_logger("gateway.http.parser")
 SERVER_HEADER = "infergate"
 
 
+# How long a refused connection keeps reading (and discarding) after its answer was sent.
+LINGER_AFTER_REFUSAL_S = 1.0
+
+
+class LingeringClose:
+    """A transport whose ``close`` half-closes first and closes for real a moment later.
+
+    Why: a parser refusal (431, 414, 400) is sent while the client is still sending the
+    request it belongs to. Closing a socket whose receive queue holds unread bytes makes
+    the kernel answer with RST, and an RST makes the client's kernel drop the refusal it
+    has not read yet: the client sees "connection reset" instead of the status that says
+    why. As nginx's lingering close does, send FIN after the answer, keep discarding what
+    arrives for a bounded time, then close. A second ``close`` (server shutdown) is
+    immediate.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, linger_s: float) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._linger_s = linger_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        transport = self._transport
+        if self._timer is not None or transport.is_closing() or not transport.can_write_eof():
+            if self._timer is not None:
+                self._timer.cancel()
+            transport.close()
+            return
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        # SECURITY: bounded: a refused client holds its socket for linger_s at most.
+        self._timer = self._loop.call_later(self._linger_s, transport.close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class QuietRequestHandler(RequestHandler):
     _quiet = False
+
+    def _linger_on_close(self) -> None:
+        transport = self.transport
+        if transport is not None and not isinstance(transport, LingeringClose):
+            # Nothing more will be parsed on this connection: drop what still arrives.
+            self._close = True
+            self.transport = cast(asyncio.Transport, LingeringClose(transport, self._loop, LINGER_AFTER_REFUSAL_S))
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -40,6 +89,7 @@ class QuietRequestHandler(RequestHandler):
             elif "too many headers" in text.lower():
                 status = 431
             log.info("http_parse_refused", status=status, error=type(exc).__name__)
+            self._linger_on_close()
             self._quiet = True
             try:
                 resp = super().handle_error(request, status, None, f"{status} {HTTPStatus(status).phrase}")

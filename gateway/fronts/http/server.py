@@ -30,6 +30,7 @@ from gateway.errors import (
     RequestTimeout,
 )
 from gateway.fronts.client_addr import client_address
+from gateway.fronts.decode_pool import PROCESS_DECODE_BYTES, DecodePool
 from gateway.fronts.http.body import check_content_type, read_body
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
 from gateway.fronts.http.openapi import openapi_bytes
@@ -104,6 +105,7 @@ class HttpFront:
         self.service = service
         self.metrics = service.metrics
         self._in_flight = 0
+        self.decode_pool = DecodePool()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -272,8 +274,15 @@ class HttpFront:
             ),
         )
         # A large body takes tens of milliseconds to parse: off the event loop, so other
-        # requests (and health probes) are not stalled by one client's upload.
-        req = await asyncio.to_thread(decode) if len(body) > OFFLOAD_DECODE_BYTES else decode()
+        # requests (and health probes) are not stalled by one client's upload. A very large
+        # one goes to a worker process: json.loads holds the GIL, a thread would still stall
+        # the loop for the whole parse (AV-14, fronts/decode_pool.py).
+        if len(body) > PROCESS_DECODE_BYTES:
+            req = await self.decode_pool.run(decode)
+        elif len(body) > OFFLOAD_DECODE_BYTES:
+            req = await asyncio.to_thread(decode)
+        else:
+            req = decode()
         req.traceparent = ctx.traceparent
         resp = await self.service.infer(ctx, snap, req)
         payload, headers = encode_infer_response(resp, req.outputs, binary_default=req.binary_data_output)

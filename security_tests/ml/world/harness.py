@@ -57,6 +57,15 @@ class Reply:
         return np.asarray(out["data"], dtype=np.float64).reshape(out["shape"])
 
 
+def infer_body(x: npt.ArrayLike, *, input_name: str = "x", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A V2 JSON body with one FP32 input (a single row becomes ``[1, n]``), for cases that
+    send it some other way than :meth:`AttackGateway.infer` or change it first."""
+    rows = np.asarray(x, dtype=np.float32)
+    rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+    return {"inputs": [{"name": input_name, "shape": list(rows.shape), "datatype": "FP32",
+                        "data": [float(v) for v in rows.reshape(-1)]}], **(extra or {})}
+
+
 @dataclass
 class AttackGateway:
     """One gateway process, its clock file and an HTTP connection."""
@@ -153,10 +162,7 @@ class AttackGateway:
 
     def infer(self, model: str, token: str, x: npt.ArrayLike, *, input_name: str = "x",
               extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Reply:
-        rows = np.asarray(x, dtype=np.float32)
-        rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
-        body: dict[str, Any] = {"inputs": [{"name": input_name, "shape": list(rows.shape), "datatype": "FP32",
-                                            "data": [float(v) for v in rows.reshape(-1)]}], **(extra or {})}
+        body = infer_body(x, input_name=input_name, extra=extra)
         return self.request("POST", f"/v2/models/{model}/infer", token, body, headers)
 
     # ------------------------------------------------------------------ audit

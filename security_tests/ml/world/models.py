@@ -17,10 +17,8 @@ models' own helpers (``tools/build_models.py``: skl2onnx without ZipMap, pinned 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from privacy.training.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[3]
 SEED = 20260
@@ -43,15 +43,7 @@ IntArray = npt.NDArray[np.int64]
 
 def build_models_module() -> ModuleType:
     """``tools/build_models.py`` (not a package) loaded by path, as the DP tests do."""
-    existing = sys.modules.get("build_models")
-    if existing is not None:
-        return existing
-    spec = importlib.util.spec_from_file_location("build_models", ROOT / "tools" / "build_models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_models"] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("build_models", ROOT / "tools" / "build_models.py")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,281 @@
+"""CATALOGUE §1.10 Availability / faults, AV-12: the feature-flag store fails during a rollback.
+
+Expectation: the stable variant is served (safe default) whatever breaks: the flag file
+(garbage, truncated, deleted), the OFREP flag service (down, 500, garbage, hanging) or
+Redis holding the shared rollback state; an audit record and a log line say why; a
+rollback to a 0 % canary takes effect within 10 s; a canary call already in flight when
+it lands finishes on the canary; one subject's calls stay on one variant.
+
+Each case uses a side gateway with its own copy of the world's policy (the world's
+gateway is shared by every case), routing ``pub_clf`` by ``pub-clf-version``: variant
+``stable`` = version 1, ``canary`` = version 2 of the fake Triton, which records the
+version every call asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from security_tests.conftest import Tokens
+from security_tests.support.side import RedisSide, SideGateway
+from security_tests.support.world import PUB_BODY, Response, World
+from tests.support.fake_triton import ok, slow
+from tests.support.ofrep_server import OfrepServer
+
+FLAG = "pub-clf-version"
+Fault = Callable[[OfrepServer], Coroutine[Any, Any, None]]
+WORLD_FLAGS = Path(__file__).resolve().parent / "world" / "policies" / "flags.json"
+ROLLBACK_DEADLINE_S = 10.0  # the catalogue's bound for a rollback to take effect
+
+
+def flags_doc(stable: int, canary: int) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(WORLD_FLAGS.read_text())
+    doc["flags"][FLAG]["targeting"] = {"fractional": [["stable", stable], ["canary", canary]]}
+    return doc
+
+
+def write_flags(side: SideGateway, stable: int, canary: int) -> None:
+    assert side.settings is not None
+    (side.settings.policies / "flags.json").write_text(json.dumps(flags_doc(stable, canary), indent=2))
+
+
+def reload(side: SideGateway) -> None:
+    assert side.service is not None
+    side.world.loop.run(side.service.store.reload("test"))
+    side.install_clock()
+
+
+class Caller:
+    """Calls ``pub_clf`` on a side gateway, each call as a fresh subject (rate buckets stay apart)."""
+
+    def __init__(self, side: SideGateway, tokens: Tokens) -> None:
+        self.side = side
+        self.tokens = tokens
+        self.n = 0
+
+    async def call(self, subject: str | None = None) -> Response:
+        self.n += 1
+        token = self.tokens.u1(sub=self.tokens.sub(subject or f"c{self.n}"))
+        return await self.side.client().infer("pub_clf", PUB_BODY, token=token)
+
+    async def until(self, variant: str, *, deadline_s: float = ROLLBACK_DEADLINE_S) -> Response:
+        """Call until a call is served by ``variant``; fail after ``deadline_s``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while True:
+            r = await self.call()
+            assert r.status == 200, (r.status, r.body[:200])
+            if r.headers.get("X-Model-Variant") == variant:
+                return r
+            assert loop.time() < end, f"still not served by {variant!r} after {deadline_s} s"
+            await asyncio.sleep(0.1)
+
+
+def version_of(r: Response) -> str:
+    return str(r.json()["model_version"])
+
+
+def assert_stable(side: SideGateway, world: World, r: Response, reason: str) -> None:
+    assert r.status == 200
+    assert r.headers.get("X-Model-Variant") == "stable" and version_of(r) == "1"
+    (rec,) = side.audit_for(r)
+    assert rec["decision"] == "allow" and rec["variant"] == "stable", rec
+    assert rec["variant_reason"] == reason, rec["variant_reason"]
+    assert world.fake.requests[-1].model_version == "1"
+
+
+@pytest.fixture
+def canary_side(side_gateways: Callable[..., SideGateway]) -> SideGateway:
+    """A side gateway whose flag file sends every subject to the canary."""
+    side = side_gateways("flags")
+    write_flags(side, 0, 100)
+    reload(side)
+    return side
+
+
+# -- the flag file (file provider) ---------------------------------------------------------------
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00\xff{{{ not json")
+
+
+def _truncated(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def _deleted(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize("breakage", [_garbage, _truncated, _deleted], ids=["garbage", "truncated", "deleted"])
+async def test_av_12_flag_file_broken_mid_run_serves_stable(world: World, tokens: Tokens, canary_side: SideGateway,
+                                                            breakage: Callable[[Path], None]) -> None:
+    side = canary_side
+    caller = Caller(side, tokens)
+    r = await caller.call()
+    assert r.headers.get("X-Model-Variant") == "canary" and version_of(r) == "2"
+    assert side.settings is not None
+    path = side.settings.policies / "flags.json"
+    log_start = len(world.logs.text())
+    try:
+        breakage(path)  # the policy watcher sees it: no explicit reload
+        r = await caller.until("stable")
+        assert_stable(side, world, r, "flag_file_unusable")
+        logs = world.logs.text()[log_start:]
+        assert '"flag_file_unusable"' in logs and '"policy_reload_rejected"' in logs
+        # The rollback the operator meant to write lands: stable for its own reason.
+        write_flags(side, 100, 0)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + ROLLBACK_DEADLINE_S
+        while True:
+            r = await caller.call()
+            if side.audit_for(r)[0]["variant_reason"] != "flag_file_unusable":
+                break
+            assert loop.time() < end, "a usable flag file did not end the hold"
+            await asyncio.sleep(0.1)
+        assert_stable(side, world, r, "targeting_match")
+    finally:
+        if not path.exists():
+            write_flags(side, 100, 0)
+
+
+async def test_av_12_rollback_within_10s_and_in_flight_canary_finishes(world: World, tokens: Tokens,
+                                                                       canary_side: SideGateway) -> None:
+    side = canary_side
+    caller = Caller(side, tokens)
+    world.fake.set(slow(6.0), model="pub_clf")
+    in_flight = asyncio.ensure_future(caller.call("in-flight"))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not world.fake.requests:  # the canary call has reached the upstream
+        assert loop.time() < end and not in_flight.done()
+        await asyncio.sleep(0.02)
+    world.fake.set(ok(), model="pub_clf")
+    write_flags(side, 100, 0)  # rollback to a 0 % canary, picked up by the policy watcher
+    r = await caller.until("stable")
+    assert_stable(side, world, r, "targeting_match")
+    assert not in_flight.done(), "precondition: the canary call was still in flight when the rollback landed"
+    first = await in_flight
+    assert first.status == 200
+    assert first.headers.get("X-Model-Variant") == "canary" and version_of(first) == "2"
+    assert world.fake.requests[0].model_version == "2"
+    assert side.audit_for(first)[0]["variant"] == "canary"
+
+
+async def test_av_12_one_subject_stays_on_one_variant(world: World, tokens: Tokens,
+                                                      side_gateways: Callable[..., SideGateway]) -> None:
+    side = side_gateways("sticky")
+    write_flags(side, 50, 50)
+    reload(side)
+    caller = Caller(side, tokens)
+    seen: dict[str, set[str]] = {}
+    for subject in range(12):
+        for _ in range(3):
+            r = await caller.call(f"seq{subject}")
+            assert r.status == 200
+            seen.setdefault(f"seq{subject}", set()).add(f"{r.headers['X-Model-Variant']}:{version_of(r)}")
+    assert all(len(v) == 1 for v in seen.values()), seen
+    assert set().union(*seen.values()) == {"stable:1", "canary:2"}  # the split does split
+
+
+# -- the OFREP flag service ----------------------------------------------------------------------
+
+
+async def ofrep_side(side: SideGateway, service: OfrepServer, tokens: Tokens) -> tuple[SideGateway, Caller]:
+    """``side`` asking ``service`` (0.5 s deadline, 5 s cool-down), checked to route to its canary."""
+    side.edit_policy("gateway.yaml", "stages:\n", f"flags:\n  provider:\n    kind: ofrep\n    url: {service.url}\n"
+                                                  "    timeout_s: 0.5\n    cooldown_s: 5\nstages:\n")
+    caller = Caller(side, tokens)
+    r = await caller.call()
+    assert r.headers.get("X-Model-Variant") == "canary" and version_of(r) == "2"
+    return side, caller
+
+
+async def _down(service: OfrepServer) -> None:
+    await service.stop()
+
+
+async def _http500(service: OfrepServer) -> None:
+    service.status_override = 500
+
+
+async def _garbage_answer(service: OfrepServer) -> None:
+    service.mode = "garbage"
+
+
+async def _hang(service: OfrepServer) -> None:
+    service.mode = "hang"
+
+
+@pytest.mark.parametrize("fault", [_down, _http500, _garbage_answer, _hang], ids=["down", "500", "garbage", "hang"])
+async def test_av_12_ofrep_service_fault_serves_stable(world: World, tokens: Tokens,
+                                                       side_gateways: Callable[..., SideGateway],
+                                                       fault: Fault) -> None:
+    service = world.loop.run(OfrepServer.start(flags_doc(0, 100)))
+    try:
+        side, caller = await ofrep_side(side_gateways("ofrep"), service, tokens)
+        log_start = len(world.logs.text())
+        world.loop.run(fault(service))
+        r = await caller.call()  # the very next call: no canary, no hang (0.5 s provider deadline)
+        assert_stable(side, world, r, "error")
+        logs = world.logs.text()[log_start:]
+        assert '"flag_provider_unavailable"' in logs and '"flag_evaluation_failed"' in logs
+        r = await caller.call()  # cooling down: stable without asking
+        assert_stable(side, world, r, "error")
+    finally:
+        service.unhang()
+        world.loop.run(service.stop())
+
+
+async def test_av_12_ofrep_rollback_takes_effect_within_10s(world: World, tokens: Tokens,
+                                                            side_gateways: Callable[..., SideGateway]) -> None:
+    service = world.loop.run(OfrepServer.start(flags_doc(0, 100)))
+    try:
+        side, caller = await ofrep_side(side_gateways("ofrep-rollback"), service, tokens)
+        service.flags = flags_doc(100, 0)  # the flag service is told: canary 0 %
+        r = await caller.until("stable")
+        assert_stable(side, world, r, "targeting_match")
+    finally:
+        world.loop.run(service.stop())
+
+
+# -- Redis holding the shared rollback state -----------------------------------------------------
+
+
+@pytest.fixture
+def redis_flags(redis_side: RedisSide) -> Iterator[RedisSide]:
+    redis_side.heal()
+    side = redis_side.gateway
+    # Rate limits fall back to local buckets when Redis is down (explicitly, in policy), so
+    # that what the flags do is visible as a 200 rather than hidden behind a fail-closed 503.
+    side.edit_policy("limits.yaml", "on_backend_error: deny\n", "on_backend_error: local\n")
+    write_flags(side, 0, 100)
+    reload(side)
+    yield redis_side
+    redis_side.heal()
+    side.restore_policies()
+    side.check_nl()
+
+
+async def test_av_12_shared_rollback_store_down_serves_stable(world: World, tokens: Tokens,
+                                                              redis_flags: RedisSide) -> None:
+    side = redis_flags.gateway
+    caller = Caller(side, tokens)
+    r = await caller.until("canary")  # the store is read and confirms: no rollback
+    assert version_of(r) == "2"
+    log_start = len(world.logs.text())
+    redis_flags.proxy.blackhole()
+    r = await caller.until("stable")  # within the store refresh interval
+    assert_stable(side, world, r, "rollback_state_unavailable")
+    assert '"canary_rollback_store_unavailable"' in world.logs.text()[log_start:]
+    redis_flags.heal()
+    r = await caller.until("canary")  # the store answers again: routing resumes
+    assert version_of(r) == "2"

@@ -1,0 +1,65 @@
+"""Large bodies are parsed in a worker process: same result, same refusals, fail closed if it dies."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gateway.errors import DependencyUnavailable, MalformedRequest
+from gateway.fronts.decode_pool import DecodePool
+from gateway.fronts.http.codec import CodecLimits, decode_infer_request
+
+LIMITS = CodecLimits(max_elements_per_tensor=1_048_576, max_dims=8, max_bytes_element=65_536, max_inputs=64)
+
+
+def _body(rows: int) -> bytes:
+    data = np.round(np.random.default_rng(1).uniform(0, 16, rows * 64), 4).tolist()
+    return json.dumps({"inputs": [{"name": "pixels", "shape": [rows, 64], "datatype": "FP32",
+                                   "data": data}]}).encode()
+
+
+def _die() -> None:
+    os._exit(3)  # a worker killed mid-parse (OOM killer, crash)
+
+
+async def test_same_tensors_as_inline() -> None:
+    body = _body(15_000)
+    decode = functools.partial(decode_infer_request, "digits", "", body, header_length=None, limits=LIMITS)
+    pool = DecodePool(workers=1)
+    try:
+        remote = await pool.run(decode)
+    finally:
+        await pool.aclose()
+    local = decode()
+    assert remote.model == "digits" and remote.inputs[0].shape == (15_000, 64)
+    assert np.array_equal(remote.inputs[0].data, local.inputs[0].data)
+
+
+async def test_refusal_is_raised_with_its_class_and_reason() -> None:
+    decode = functools.partial(decode_infer_request, "digits", "", b'{"inputs": [], "bogus": 1}',
+                               header_length=None, limits=LIMITS)
+    pool = DecodePool(workers=1)
+    try:
+        with pytest.raises(MalformedRequest) as info:
+            await pool.run(decode)
+    finally:
+        await pool.aclose()
+    assert info.value.reason == "request_unknown_field"
+    assert info.value.http_status == 400
+
+
+async def test_dead_worker_is_a_503_and_the_pool_is_replaced() -> None:
+    pool = DecodePool(workers=1)
+    try:
+        with pytest.raises(DependencyUnavailable) as info:
+            await pool.run(_die)
+        assert info.value.reason == "decode_pool_unavailable"
+        ok = await pool.run(functools.partial(decode_infer_request, "digits", "", _body(1), header_length=None,
+                                              limits=LIMITS))
+        assert ok.inputs[0].shape == (1, 64)
+    finally:
+        await pool.aclose()

@@ -1,0 +1,106 @@
+"""The shortcuts of the PII hot path answer exactly what the slow forms they replace do.
+
+Each shortcut (issue 5, speed) is pinned against its reference on seeded inputs: the
+IBAN checksum without ``str.translate``, IPv6 parsing in C instead of ``ipaddress``, the
+per-shape answer of the phone pre-test, and the engine's "no search after the last
+digit" for the rules that declare every match holds a digit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import string
+from pathlib import Path
+
+import pytest
+
+from privacy.pii import PiiEngine, recognizers
+from privacy.pii.recognizers import RULES, iban_valid
+from privacy.pii.regex import Pattern
+from tests.support.pii_texts import dense_texts, iban
+
+CORPUS = Path(__file__).resolve().parents[2] / "bench" / "data" / "pii_corpus.jsonl"
+
+
+def _iban_reference(compact: bytes) -> bool:
+    if not compact.isalnum() or not compact.isascii():
+        return False
+    rearranged = (compact[4:] + compact[:4]).decode()
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def test_iban_checksum_matches_the_iso_7064_definition() -> None:
+    rng = random.Random(5)
+    seen = {True: 0, False: 0}
+    for _ in range(5000):
+        value = iban(rng).replace(" ", "").encode()
+        roll = rng.random()
+        if roll < 0.2:
+            value = value[:2].lower() + value[2:]  # letters of either case
+        elif roll < 0.4:
+            spot = rng.randrange(4, len(value))
+            value = value[:spot] + rng.choice(string.ascii_letters).encode() + value[spot + 1:]  # letters in the BBAN
+        elif roll < 0.5:
+            value = value[:2] + b"X" + value[3:]  # a letter among the check digits
+        seen[iban_valid(value)] += 1
+        assert iban_valid(value) == _iban_reference(value), value
+    assert seen[True] > 1000 and seen[False] > 1000
+
+
+def _ipaddress_verdict(address: str) -> bool | None:
+    try:
+        return int(ipaddress.IPv6Address(address)) != 0
+    except ValueError:
+        return None
+
+
+def test_ipv6_check_accepts_what_ipaddress_accepts() -> None:
+    rng = random.Random(11)
+    parts = ("", "0", "1", "fe80", "ffff", "db8", "2001", "00000", "12345", "0db8", "FFFF", "a", "1.2.3.4",
+             "01.2.3.4", "256.1.1.1", "1.2.3", "192.0.2.128")
+    accepted = 0
+    for _ in range(20000):
+        address = ":".join(rng.choice(parts) for _ in range(rng.randint(1, 9)))
+        address = rng.choice(("", "::")) + address + rng.choice(("", "::", ""))
+        data = f"at {address} now".encode()
+        span = recognizers._check_ipv6(data, 3, 3 + len(address))
+        reference = _ipaddress_verdict(address)
+        if address.endswith(":") and not address.endswith("::"):
+            continue  # the check trims a trailing colon first: another address
+        if not any(c in string.digits for c in address) and address.count(":") < 7:
+            reference = None  # "dead::beef": a word, whatever the parser says
+        assert (span is not None) == bool(reference), address
+        accepted += span is not None
+    assert accepted > 1000
+
+
+def test_phone_pre_test_per_shape_matches_the_direct_answer() -> None:
+    engine = PiiEngine(["PHONE"])
+    pattern = Pattern(next(rule.source for rule in RULES if rule.name == "phone"))
+    checked = 0
+    for text in dense_texts(9, 400):
+        data = text.encode()
+        position = 0
+        while (found := pattern.search(data, position)) is not None:
+            start, end = found.group(1)
+            chunk = data[start:end]
+            assert recognizers._maybe_strong(chunk) == recognizers._strong_shape(chunk), chunk
+            checked += 1
+            position = max(end, found.start + 1)
+    assert checked > 1000
+    assert engine.scan("call 415 555 0132")  # the cache answers a shape it has seen the same way
+
+
+@pytest.mark.parametrize("rule", [rule for rule in RULES if rule.needs_digit], ids=lambda rule: rule.name)
+def test_rules_that_need_a_digit_never_match_without_one(rule: recognizers.Rule) -> None:
+    """Evidence for ``needs_digit`` (the proof is each pattern's mandatory ``[0-9]``): the
+    committed corpus and number-dense texts with every digit taken out have no match."""
+    with CORPUS.open(encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle]
+    texts += dense_texts(4, 500) + ["+ ( ) - . / x ext # Main St Ave IBAN DE GB :: 0x ff"]
+    pattern = Pattern(rule.source)
+    table = str.maketrans("", "", string.digits)
+    assert all(pattern.search(text.translate(table).encode()) is None for text in texts)
+    assert any(pattern.search(text.encode()) is not None for text in texts)
