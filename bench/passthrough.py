@@ -19,7 +19,9 @@ def build(upstream: str) -> web.Application:
     app = web.Application(client_max_size=8 * 1024 * 1024)
 
     async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
-        app["session"] = ClientSession(upstream, connector=TCPConnector(limit=0))
+        # auto_decompress=False: the body goes back byte for byte with its Content-Encoding
+        # (a decoded body under the upstream's `Content-Encoding: gzip` breaks the client).
+        app["session"] = ClientSession(upstream, connector=TCPConnector(limit=0), auto_decompress=False)
         yield
         await app["session"].close()
 

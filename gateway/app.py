@@ -157,6 +157,7 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
     audit_log = AuditLog(AuditConfig.for_dir(settings.audit_dir, **overrides),
                          on_fsync=metrics.audit_fsync_duration.observe)
     metrics.audit_queue_depth.set_function(lambda: float(audit_log.stats.queue_depth))
+    metrics.scrape_hooks.append(lambda: metrics.copy_jwks_counters(key_sources.counters()))
 
     def circuit_changed(model: str, state: State) -> None:
         metrics.circuit_state.labels(model=model).set(int(state))

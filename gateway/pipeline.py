@@ -93,6 +93,14 @@ class Pipeline:
         return any(getattr(b.stage, "allows", None) is not None and b.stage.allows(ctx, permission)  # type: ignore[attr-defined]
                    for b in self.stages)
 
+    def released_outputs(self, ctx: RequestContext) -> frozenset[str] | None:
+        """The outputs of ``ctx.model`` the caller's grants release (None = no restriction)."""
+        for bound in self.stages:
+            released = getattr(bound.stage, "released_outputs", None)
+            if released is not None:
+                return released(ctx)  # type: ignore[no-any-return]
+        return None
+
     async def admit(self, ctx: RequestContext) -> None:
         """Run every stage's ``on_call``: authentication and authorization of any call.
 

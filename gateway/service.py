@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -202,6 +202,19 @@ class InferenceService:
         up = snap.policy.gateway.upstream
         return await self.catalog.get(ctx.model, ctx.version, ttl_s=float(up.metadata_cache_s),
                                       timeout_s=float(up.metadata_timeout_s))
+
+    async def caller_metadata(self, ctx: RequestContext, snap: Snapshot) -> ModelMetadata:
+        """The model's metadata as this caller may see it.
+
+        # SECURITY (AUTHZ-10, BOPLA): outputs the caller's grants withhold are not listed,
+        # so a restricted role learns neither their names nor their shapes. A role that may
+        # read metadata but not infer (nothing released) sees the declared interface.
+        """
+        meta = await self.model_metadata(ctx, snap)
+        released = snap.pipeline.released_outputs(ctx)
+        if not released:
+            return meta
+        return replace(meta, outputs=tuple(spec for spec in meta.outputs if spec.name in released))
 
     async def model_ready(self, ctx: RequestContext, snap: Snapshot) -> bool:
         assert ctx.model is not None  # noqa: S101

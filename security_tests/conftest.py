@@ -208,9 +208,13 @@ def _check_invariants(world: World, log_start: int, audit_before: dict[Path, int
                  "responses": seen_text, "upstream": upstream_text}
     needles = [world.keys.hs_secret_text, *CANARIES, *ledger.extra_secrets]
     needles += [t for t in world.tokens.minted[minted_start:] if len(t) >= 20]
+    breached: set[str] = set()
     for where, hay in haystacks.items():
         for needle in needles:
             if where == "upstream" and needle not in CANARIES:
+                continue
+            if f"I3:{where}" in ledger.expected_breach and needle in CANARIES and needle.encode() in hay:
+                breached.add(f"I3:{where}")  # a protection-off proof: the invariant would have failed the case
                 continue
             assert needle.encode() not in hay, f"I3: {needle[:24]!r}... leaked into {where}"
         # Never the signature of any token: a JWT-looking string in our outputs is a leak.
@@ -227,6 +231,10 @@ def _check_invariants(world: World, log_start: int, audit_before: dict[Path, int
         params = set(req.parameters) | {k for t in req.inputs for k in t.parameters} | {
             k for t in req.outputs for k in t.parameters}
         assert not params & RESERVED_PARAMS, f"I4: reserved parameters forwarded: {params & RESERVED_PARAMS}"
+
+    # An expected breach that did not happen proves nothing: the protection was not off after all.
+    missed = {b for b in ledger.expected_breach if b.startswith("I3:")} - breached
+    assert not missed, f"expected breach {sorted(missed)} did not happen"
 
     # I5: event-loop lag is measured and reported (results/loop_lag.json), not asserted:
     # the working rules forbid timed assertions in tests (speed goes to bench/).

@@ -381,20 +381,28 @@ MODEL_CAP = 4
 async def test_av_11_latency_spike_is_shed_per_model(world: World, tokens: Tokens, fresh_breakers: None) -> None:
     """pub_clf answers 5 s late: at most its cap waits on it, the excess gets a quick 503 and
     other models keep answering."""
+    await slow_model_shed(world, tokens)
+
+
+async def slow_model_shed(world: World, tokens: Tokens, *, cap: bool = True) -> None:
+    """AV-11's attack and expectation; ``cap=False`` runs it on the world policy as it is, without
+    models.pub_clf.max_in_flight (test_protection_off)."""
     assert world.settings is not None
     path = world.settings.policies / "gateway.yaml"
     old = path.read_text()
-    path.write_text(old.replace("  pub_clf: {}\n", f"  pub_clf:\n    max_in_flight: {MODEL_CAP}\n"))
+    if cap:
+        path.write_text(old.replace("  pub_clf: {}\n", f"  pub_clf:\n    max_in_flight: {MODEL_CAP}\n"))
+    start = world.upstream_calls()
     try:
-        assert world.reload() is True
+        assert world.reload() is cap
         world.fake.set(slow(5.0), model="pub_clf")
         slow_calls = [asyncio.ensure_future(Client(world, world.next_addr()).infer(
             "pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub(f"s{i}")))) for i in range(MODEL_CAP)]
         for _ in range(1000):
-            if world.upstream_calls() >= MODEL_CAP:
+            if world.upstream_calls() - start >= MODEL_CAP:
                 break
             await asyncio.sleep(0.01)
-        assert world.upstream_calls() == MODEL_CAP  # every slot is waiting on the slow upstream
+        assert world.upstream_calls() - start == MODEL_CAP  # every slot is waiting on the slow upstream
         excess = await asyncio.gather(*(Client(world, world.next_addr()).infer(
             "pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub(f"x{i}")), ) for i in range(3 * MODEL_CAP)))
         # Shed while the slow calls are still waiting: nothing queued behind them.
@@ -402,7 +410,7 @@ async def test_av_11_latency_spike_is_shed_per_model(world: World, tokens: Token
         other = await Client(world, world.next_addr()).infer("digits_clf", DIGITS_BODY, token=tokens.u1())
         other_done_first = not any(t.done() for t in slow_calls)
         slow_answers = await asyncio.gather(*slow_calls)
-        upstream_calls = world.upstream_calls()
+        upstream_calls = world.upstream_calls() - start
     finally:
         world.fake.reset()
         path.write_text(old)

@@ -225,6 +225,11 @@ async def test_authn_19_jwe_zip_bomb(gw: Client, world: World, tokens: Tokens) -
 
 @pytest.mark.parametrize("kind", ["id_token", "refresh_token", "no_typ"])
 async def test_authn_20_token_type_confusion(gw: Client, world: World, tokens: Tokens, kind: str) -> None:
+    await token_type_confusion(gw, world, tokens, kind)
+
+
+async def token_type_confusion(gw: Client, world: World, tokens: Tokens, kind: str) -> None:
+    """AUTHN-20's attack and expectation (also run with `token_types` removed: test_protection_off)."""
     if kind == "id_token":
         claims = world.tokens.claims(sub=tokens.sub("u1"), aud="inference-gw", scope=DROP)
         token = forge({"alg": "RS256", "kid": "rs-1", "typ": "JWT"}, claims, rs256(world.keys.rs1))

@@ -268,6 +268,17 @@ async def test_authz_10_admin_positive_control(gw: Client, world: World, tokens:
     assert [o["name"] for o in r.json()["outputs"]] == ["label", "logits", "embedding"]
 
 
+async def test_authz_10_metadata_lists_only_released_outputs(gw: Client, world: World, tokens: Tokens) -> None:
+    """Model metadata does not disclose withheld outputs (names, shapes) to the restricted role."""
+    r = await gw.request("GET", "/v2/models/scorer", token=tokens.u1(roles=("labeler",)))
+    assert r.status == 200
+    assert [o["name"] for o in r.json()["outputs"]] == ["label"]
+    assert b"logits" not in r.body and b"embedding" not in r.body
+    r = await gw.request("GET", "/v2/models/scorer", token=tokens.ops())
+    assert r.status == 200
+    assert [o["name"] for o in r.json()["outputs"]] == ["label", "logits", "embedding"]
+
+
 async def test_authz_10_protection_off_leaks(gw: Client, world: World, tokens: Tokens) -> None:
     """The case detects a missing protection: without `outputs:` the labeler gets logits."""
     world.fake.set(ok(_scorer_values), model="scorer")
@@ -387,6 +398,25 @@ async def test_authz_10_grpc_front(world: World, tokens: Tokens, grpc_port: int)
     wire = answer.response.SerializeToString()
     assert not any(v in wire for v in (*WITHHELD_BYTES, b"logits", b"embedding"))
     assert [[o.name for o in req.outputs] for req in world.fake.requests] == [["label"]]
+
+
+async def test_authz_10_grpc_metadata_lists_only_released_outputs(world: World, tokens: Tokens,
+                                                                   grpc_port: int) -> None:
+    async def outputs(token: str) -> list[str]:
+        async with _from_own_address(world, grpc_port) as relay, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="scorer"),
+                                      metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+            meta = await call
+            trailers = await call.trailing_metadata()
+        rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+        world.ledger.responses.append(("GRPC", "/v2/models/scorer", Response(200, {"X-Request-ID": rid},
+                                                                             meta.SerializeToString())))
+        return [o.name for o in meta.outputs]
+
+    assert await outputs(tokens.u1(roles=("labeler",))) == ["label"]
+    assert await outputs(tokens.ops()) == ["label", "logits", "embedding"]
 
 
 # ---------------------------------------------------------------------------------------

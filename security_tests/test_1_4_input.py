@@ -99,13 +99,18 @@ async def test_in_07_metadata(gw: Client, world: World, tokens: Tokens, variant:
 
 @pytest.mark.parametrize("variant", ["one_10mb", "64k_plus_1", "many_empty"], ids=lambda v: f"IN-09_{v}")
 async def test_in_09_bytes_limits(gw: Client, world: World, tokens: Tokens, variant: str) -> None:
+    await bytes_limit_refused(gw, world, tokens.u1(), variant)
+
+
+async def bytes_limit_refused(gw: Client, world: World, token: str, variant: str) -> None:
+    """IN-09's attack and expectation (also run with the element cap raised: test_protection_off)."""
     if variant == "one_10mb":
         body = text_body("a" * (10 * 1024 * 1024))
     elif variant == "64k_plus_1":
         body = text_body("a" * (65536 + 1))
     else:
         body = {"inputs": [{"name": "text", "shape": [1_048_577], "datatype": "BYTES", "data": [""] * 1_048_577}]}
-    await refused_raw(gw, world, tokens.u1(), json.dumps(body).encode(), model="txt_echo", expect=(413, 422))
+    await refused_raw(gw, world, token, json.dumps(body).encode(), model="txt_echo", expect=(413, 422))
 
 
 async def test_in_10_declared_oversize(gw: Client, world: World, tokens: Tokens) -> None:

@@ -275,15 +275,20 @@ async def test_http_12_slowloris_headers(slow_gw: SideGateway, world: World, tok
 
 
 async def test_http_13_slow_body(slow_gw: SideGateway, world: World, tokens: Tokens) -> None:
-    token = tokens.u1()
+    await slow_body_cut(slow_gw, world, tokens.u1())
+
+
+async def slow_body_cut(side: SideGateway, world: World, token: str, *, max_s: float = 6.0) -> None:
+    """HTTP-13's attack and expectation on a side gateway whose limits.body_timeout_s is 1
+    (also run with it raised: test_protection_off)."""
     head = (INFER + f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
             "Content-Length: 1048576\r\n\r\n").encode()
-    raw, closed = await _drip(slow_gw.gateway_port, world.next_addr(), head, every_s=0.2, max_s=6.0)
+    raw, closed = await _drip(side.gateway_port, world.next_addr(), head, every_s=0.2, max_s=max_s)
     assert first_status(raw) == 408
     assert world.upstream_calls() == 0
     rid = re.search(rb"X-Request-ID: (\w+)", raw)
     assert rid is not None
-    recs = [r for r in slow_gw.audit_records() if r.get("request_id") == rid.group(1).decode()]
+    recs = [r for r in side.audit_records() if r.get("request_id") == rid.group(1).decode()]
     assert len(recs) == 1 and recs[0]["decision"] == "deny"
     assert closed or raw
 

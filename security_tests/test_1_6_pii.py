@@ -21,11 +21,11 @@ PII_01 = "Contact john.doe@example.com, 415-555-0132, SSN 078-05-1120, card 4111
 FORBIDDEN = ("john.doe", "078-05-1120", "4111 1111 1111 1111", "4111111111111111", "415-555-0132", "example.com")
 
 
-def upstream_texts(world: World) -> list[str]:
+def upstream_texts(world: World, start: int = 0) -> list[str]:
     from tritonclient.utils import deserialize_bytes_tensor
 
     out: list[str] = []
-    for req in world.fake.requests:
+    for req in world.fake.requests[start:]:
         for raw in req.raw_input_contents:
             out += [bytes(v).decode("utf-8", "replace") for v in deserialize_bytes_tensor(bytes(raw))]
     return out
@@ -39,10 +39,16 @@ def assert_masked(texts: list[str]) -> None:
 
 
 async def test_pii_01_masked_both_ways(gw: Client, world: World, tokens: Tokens) -> None:
+    await masked_both_ways(gw, world, tokens.u1())
+
+
+async def masked_both_ways(gw: Client, world: World, token: str) -> None:
+    """PII-01's attack and expectation (also run with pii.yaml `mode: shadow`: test_protection_off)."""
     world.fake.set(echo())
-    r = await gw.infer("txt_echo", text_body(PII_01), token=tokens.u1())
+    start = len(world.fake.requests)
+    r = await gw.infer("txt_echo", text_body(PII_01), token=token)
     assert r.status == 200
-    sent = upstream_texts(world)
+    sent = upstream_texts(world, start)
     assert sent and "[EMAIL]" in sent[0] and "[SSN]" in sent[0]
     assert_masked(sent)
     assert_masked(r.json()["outputs"][0]["data"])

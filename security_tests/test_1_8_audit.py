@@ -113,6 +113,12 @@ async def test_aud_07_log_injection(gw: Client, world: World, tokens: Tokens, wh
 
 
 async def test_aud_10_minimisation(gw: Client, world: World, tokens: Tokens) -> None:
+    await audit_minimised(gw, world, tokens)
+
+
+async def audit_minimised(gw: Client, world: World, tokens: Tokens) -> None:
+    """AUD-10's attack and expectation (also run with the personal fields kept in clear:
+    test_protection_off)."""
     tok = tokens.u1()
     r = await gw.infer("pub_clf", PUB_BODY, token=tok)
     rec = world.audit_for(r)[0]

@@ -9,7 +9,7 @@ Each app owns its registry so tests can build several apps in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -165,6 +165,14 @@ class Metrics:
             "gateway_metrics_denied_total", "Scrapes of /metrics refused (client not in metrics.allow_from).",
             registry=r,
         )
+        # Identity: the JWKS key sources' own counters, copied at scrape time (identity/registry.py).
+        self.jwks_events = Counter(
+            "gateway_jwks_events_total",
+            "JWKS key source events, by event (fetch|fetch_failure|stale_served|wait_cut).",
+            ["event"], registry=r,
+        )
+        self._jwks_seen: dict[str, int] = {}
+        self.scrape_hooks: list[Callable[[], None]] = []
         # The HTTP listener's connection cap (resilience/connection_gate.py).
         self.connections_open = Gauge(
             "gateway_connections_open", "Client connections open on the HTTP listener.", registry=r,
@@ -236,7 +244,24 @@ class Metrics:
         shows for each while nobody has spent (a model dropped from policy disappears)."""
         self.dp_budgets.configure(full_epsilon)
 
+    def copy_jwks_counters(self, totals: Mapping[str, int]) -> None:
+        """Advance ``gateway_jwks_events_total`` to the key sources' running totals.
+
+        Why copied, not counted in place: the key sources are identity code with plain int
+        counters (no Prometheus dependency). A total that went down (a source replaced by a
+        policy reload) restarts the baseline instead of un-counting.
+        """
+        for event, name in (("fetch", "fetches"), ("fetch_failure", "failures"),
+                            ("stale_served", "stale_served"), ("wait_cut", "waits_cut")):
+            now = int(totals.get(name, 0))
+            delta = now - self._jwks_seen.get(name, 0)
+            if delta > 0:
+                self.child(self.jwks_events, event).inc(delta)
+            self._jwks_seen[name] = now
+
     def render(self) -> bytes:
+        for hook in self.scrape_hooks:
+            hook()
         floors = self.dp_budgets.floors(time.time())
         self.dp_budget_remaining.clear()
         for model, value in floors.items():

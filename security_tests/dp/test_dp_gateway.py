@@ -228,12 +228,16 @@ def test_dp03_tenant_isolation_and_no_reset_tricks(case: str, attack_gw: AttackG
 @pytest.mark.parametrize("case", ["DP-04"])
 def test_dp04_sybil_users_share_the_tenant_budget(case: str, attack_gw: AttackGateway,
                                                   attack_world: World) -> None:
-    gw = attack_gw
+    sybils_share_the_budget(attack_gw, attack_world)
+
+
+def sybils_share_the_budget(gw: AttackGateway, world: World, tenant: str = "alpha") -> None:
+    """DP-04's attack and expectation (also run with tab_dp's budget raised: test_protection_off)."""
     gw.next_period()
-    x = attack_world.tab.x_members
+    x = world.tab.x_members
     statuses = []
     for user in range(10):
-        token = gw.token(f"sybil{user}", "alpha")
+        token = gw.token(f"sybil{user}", tenant)
         statuses += [gw.infer("tab_dp", token, x[2 * user + j]).status for j in range(2)]
     assert statuses.count(200) == K_MAX
     assert statuses[:K_MAX] == [200] * K_MAX

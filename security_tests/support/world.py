@@ -194,6 +194,9 @@ class CaseLedger:
     responses: list[tuple[str, str, Response]] = field(default_factory=list)
     allow_internal_fault: bool = False
     extra_secrets: list[str] = field(default_factory=list)
+    # Protection-off proofs (test_protection_off.py) only: invariants this case breaches on
+    # purpose, e.g. {"I3:upstream"}; the invariant check then demands that the breach happened.
+    expected_breach: set[str] = field(default_factory=set)
 
 
 class World:

@@ -43,6 +43,7 @@ DOCUMENTS = [README, ROOT / "deploy" / "README.md", ROOT / "deploy" / "grafana" 
 
 # Families this test cannot drive, and where they are driven.
 NOT_DRIVEN = {
+    "gateway_jwks_events_total": "needs a JWKS issuer: tests/observability/test_jwks_metrics.py",
     "gateway_canary_rollbacks_total": "needs a second model version and failing canary calls (tests/flags)",
     "gateway_flag_evaluation_errors_total": "needs a broken flag rule (tests/flags)",
     "gateway_redis_duration_seconds": "Redis only (the memory backend is not a network hop): tests/state",

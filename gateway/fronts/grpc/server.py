@@ -302,7 +302,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         async def work(ctx: RequestContext, snap: Snapshot) -> Any:
-            return _metadata_response(await self.service.model_metadata(ctx, snap))
+            return _metadata_response(await self.service.caller_metadata(ctx, snap))
 
         route = functools.partial(_model_route, "", Action.METADATA, request)
         return await self._serve(context, route, work)

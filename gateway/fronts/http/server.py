@@ -235,7 +235,7 @@ class HttpFront:
         if route.kind == "server":
             return _json_response(200, (await self.service.server_metadata(snap)).to_json(), rid)
         if route.kind == "model_metadata":
-            return _json_response(200, (await self.service.model_metadata(ctx, snap)).to_json(), rid)
+            return _json_response(200, (await self.service.caller_metadata(ctx, snap)).to_json(), rid)
         if route.kind == "privacy_budget":
             tenant = request.query.get("tenant")
             return _json_response(200, await self.service.privacy_budget(ctx, snap, tenant), rid)
