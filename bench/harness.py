@@ -117,11 +117,22 @@ def wrk_script(mix: list[tuple[str, bytes]], token: str, path: Path) -> Path:
         f'local hdrs = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {token}"}}\n'
         "request = function()\n  i = i % #reqs + 1\n"
         '  return wrk.format("POST", reqs[i][1], hdrs, reqs[i][2])\nend\n'
+        # Refusals by status, so a run that sheds load is told apart from one that answers.
+        "local threads = {}\nsetup = function(t) table.insert(threads, t) end\n"
+        "n429 = 0\nn503 = 0\nn4xx = 0\nn5xx = 0\n"
+        "response = function(status, headers, body)\n"
+        "  if status == 429 then n429 = n429 + 1 elseif status == 503 then n503 = n503 + 1\n"
+        "  elseif status >= 500 then n5xx = n5xx + 1 elseif status >= 400 then n4xx = n4xx + 1 end\nend\n"
         "done = function(s, lat, req)\n"
+        "  local c = {0, 0, 0, 0}\n"
+        "  for _, t in ipairs(threads) do\n"
+        '    c[1] = c[1] + t:get("n429"); c[2] = c[2] + t:get("n503")\n'
+        '    c[3] = c[3] + t:get("n4xx"); c[4] = c[4] + t:get("n5xx")\n  end\n'
         '  io.write(string.format("WRKJSON {\\"requests\\":%d,\\"duration_us\\":%d,\\"status_errors\\":%d,'
-        '\\"socket_errors\\":%d,\\"p50_us\\":%d,\\"p99_us\\":%d}\\n", s.requests, s.duration, s.errors.status,'
+        '\\"socket_errors\\":%d,\\"p50_us\\":%d,\\"p99_us\\":%d,\\"statuses\\":{\\"429\\":%d,\\"503\\":%d,'
+        '\\"other_4xx\\":%d,\\"other_5xx\\":%d}}\\n", s.requests, s.duration, s.errors.status,'
         " s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout,"
-        " lat:percentile(50), lat:percentile(99)))\nend\n",
+        " lat:percentile(50), lat:percentile(99), c[1], c[2], c[3], c[4]))\nend\n",
         encoding="utf-8",
     )
     return path
@@ -168,6 +179,7 @@ class Row:
     errors: int
     cpu_us_per_req: dict[str, float] = field(default_factory=dict)
     ok_per_s: float = 0.0  # answers that were not errors (refusals are cheaper than answers)
+    statuses: dict[str, int] = field(default_factory=dict)  # refusals by status
 
 
 def _run_wrk(url: str, script: Path, connections: int, duration: float, pids: dict[str, int]) -> Row | None:
@@ -190,6 +202,7 @@ def _run_wrk(url: str, script: Path, connections: int, duration: float, pids: di
         p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000,
         requests=data["requests"], errors=data["status_errors"] + data["socket_errors"],
         cpu_us_per_req={name: (after[name] - before[name]) * 1e6 / n for name in pids},
+        statuses={k: v for k, v in data.get("statuses", {}).items() if v},
     )
 
 
@@ -204,7 +217,7 @@ def wrk_scenario(name: str, url: str, script: Path, pids: dict[str, int], durati
             row.scenario = name
             rows.append(row)
             print(f"  {name:24s} c={c:<3d} {row.req_per_s:8.0f} req/s  p50 {row.p50_ms:7.2f} ms  "
-                  f"p99 {row.p99_ms:7.2f} ms  errors {row.errors}  CPU µs/req "
+                  f"p99 {row.p99_ms:7.2f} ms  errors {row.errors}{row.statuses or ''}  CPU µs/req "
                   + ", ".join(f"{k} {v:.0f}" for k, v in row.cpu_us_per_req.items()), flush=True)
     return rows
 
@@ -548,7 +561,7 @@ def main() -> int:
                         {"mlserver": ml_pid, "gateway": gw.proc.pid, "redis": redis.pid}, duration, connections)
 
             # Open loop at half of the full gateway's saturation: what each layer adds.
-            sat = max((r.req_per_s for r in rows if r.scenario == "gateway-full"), default=0.0)
+            sat = max((r.ok_per_s for r in rows if r.scenario == "gateway-full"), default=0.0)
             if sat and not args.quick:
                 rate = sat / 2
                 print(f"open loop at {rate:.0f} req/s (half of gateway-full's saturation):")
