@@ -336,10 +336,12 @@ async def test_av_09_connection_flood_is_capped(world: World, tokens: Tokens) ->
         # Refused connections are answered at once, though they sent nothing.
         firsts = await asyncio.to_thread(_wait_states, socks, 1.0)
         # A request over the cap is refused before its body is read.
+        refused_mid = _gauge(world, "gateway_connections_refused_total", reason="max_connections")
         over = await asyncio.to_thread(_open_idle, world.gateway_port, [world.next_addr()], 1)
         over[0].sendall(b"POST /v2/models/pub_clf/infer HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n"
                         b"Content-Type: application/json\r\n\r\n" + b"[" * 1000)
         over_answer = (await asyncio.to_thread(_wait_states, over, 5.0))[0]
+        over_refused = _gauge(world, "gateway_connections_refused_total", reason="max_connections") - refused_mid
         socks += over
         answer = await in_flight
         done.set()
@@ -358,7 +360,11 @@ async def test_av_09_connection_flood_is_capped(world: World, tokens: Tokens) ->
     assert len(held) <= cap and peak <= cap, (len(held), peak, cap)
     assert len(refused) >= flood - cap - len(reaped_early) - 10  # everything over the cap
     assert all(f.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in f for f in refused)
-    assert over_answer is not None and over_answer.startswith(b"HTTP/1.1 503 ")
+    # Refused at accept, never admitted. Its 503 is sent, but when more refused connections
+    # linger than the gateway allows at once, the close can arrive as a reset that discards
+    # the 503 on the client side (the client had already sent data): a refusal all the same.
+    assert over_refused == 1
+    assert over_answer is not None and (over_answer.startswith(b"HTTP/1.1 503 ") or over_answer == b"")
     assert _gauge(world, "gateway_connections_refused_total", reason="max_connections") - refused_before \
         >= len(refused) + 1
     assert answer.status == 200, answer.body  # the request in flight was not disturbed
