@@ -30,14 +30,6 @@ from tests.support.fake_triton import (
 )
 
 
-@pytest.fixture
-def fresh_breakers(world: World) -> Iterator[None]:
-    assert world.service is not None
-    world.service.breakers._by_model.clear()
-    yield
-    world.service.breakers._by_model.clear()
-
-
 @pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN])
 async def test_av_01_upstream_error(gw: Client, world: World, tokens: Tokens, fresh_breakers: None,
                                     code: grpc.StatusCode) -> None:

@@ -16,7 +16,13 @@ from typing import Any, Final
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from gateway.fronts.http.protocol import SERVER_HEADER, GatewayRunner, QuietRequestHandler, QuietServer
+from gateway.fronts.http.protocol import (
+    SERVER_HEADER,
+    GatewayRunner,
+    QuietRequestHandler,
+    QuietServer,
+    half_close,
+)
 from gateway.resilience.connection_gate import ConnectionGate
 
 # A refused connection discards its input for this long after the 503 (see _refuse) ...
@@ -96,16 +102,12 @@ class CappedRequestHandler(QuietRequestHandler):
             return
         transport.write(REFUSAL)
         budget = self._linger
-        if budget.lingering >= budget.limit or not transport.can_write_eof():
+        if budget.lingering >= budget.limit:
             transport.close()
             return
-        try:
-            transport.write_eof()
-        except (OSError, RuntimeError):
-            transport.close()
-            return
-        budget.lingering += 1
-        self._linger_handle = self._loop.call_later(budget.seconds, transport.close)
+        self._linger_handle = half_close(transport, self._loop, budget.seconds)
+        if self._linger_handle is not None:
+            budget.lingering += 1
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:

@@ -32,6 +32,25 @@ SERVER_HEADER = "infergate"
 LINGER_AFTER_REFUSAL_S = 1.0
 
 
+def half_close(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
+               linger_s: float) -> asyncio.TimerHandle | None:
+    """Send FIN now and close ``linger_s`` later (None: closed at once, no half-close possible).
+
+    Closing with the client's bytes unread makes the kernel send RST, and the RST makes the
+    client drop the answer it has not read yet; input arriving meanwhile is discarded by the
+    caller's protocol.
+    """
+    if transport.is_closing() or not transport.can_write_eof():
+        transport.close()
+        return None
+    try:
+        transport.write_eof()
+    except (OSError, RuntimeError):
+        transport.close()
+        return None
+    return loop.call_later(linger_s, transport.close)
+
+
 class LingeringClose:
     """A transport whose ``close`` half-closes first and closes for real a moment later.
 
@@ -51,19 +70,12 @@ class LingeringClose:
         self._timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
-        transport = self._transport
-        if self._timer is not None or transport.is_closing() or not transport.can_write_eof():
-            if self._timer is not None:
-                self._timer.cancel()
-            transport.close()
-            return
-        try:
-            transport.write_eof()
-        except (OSError, RuntimeError):
-            transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._transport.close()
             return
         # SECURITY: bounded: a refused client holds its socket for linger_s at most.
-        self._timer = self._loop.call_later(self._linger_s, transport.close)
+        self._timer = half_close(self._transport, self._loop, self._linger_s)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
