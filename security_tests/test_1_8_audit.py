@@ -101,15 +101,17 @@ async def test_aud_07_log_injection(gw: Client, world: World, tokens: Tokens, wh
     evil = 'x\n{"seq":-7,"decision":"allow"}'
     before = len(world.audit_records())
     if where == "user_agent":
-        await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"User-Agent": evil.replace("\n", " ")})
+        r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"User-Agent": evil.replace("\n", " ")})
     elif where == "model":
-        await gw.request("POST", "/v2/models/x%0a%7B%22seq%22%3A-7%7D/infer", json_body=PUB_BODY,
-                         token=tokens.u1())
+        r = await gw.request("POST", "/v2/models/x%0a%7B%22seq%22%3A-7%7D/infer", json_body=PUB_BODY,
+                             token=tokens.u1())
     else:
-        await gw.infer("pub_clf", {**PUB_BODY, "id": evil}, token=tokens.u1())
-    after = world.audit_records()
-    assert len(after) == before + 1
-    assert all(isinstance(r["seq"], int) and r["seq"] > 0 for r in after)
+        r = await gw.infer("pub_clf", {**PUB_BODY, "id": evil}, token=tokens.u1())
+    # One record for this request (other cases' background records may land meanwhile),
+    # and no line the injected text could have made.
+    assert len(world.audit_for(r)) == 1
+    new = world.audit_records()[before:]
+    assert all(isinstance(rec["seq"], int) and rec["seq"] > 0 for rec in new)
 
 
 async def test_aud_10_minimisation(gw: Client, world: World, tokens: Tokens) -> None:
