@@ -7,7 +7,13 @@ that every request is allowed, so the common path is measured. Variants:
 
 - ``rate only``: one rate limit, i.e. exactly one state round trip per request;
 - ``full policy``: every kind of limit: one round trip for ``on_call`` (rates + quota +
-  slot), one for the cost limit in ``on_request``, one to release the slot.
+  slot), one for the cost limit in ``on_request``, one to release the slot;
+- ``multi group``: limits keyed per tenant, per model and for everyone (three groups, i.e.
+  three Cluster slots) with two concurrency caps: on one server ``on_call`` is one script
+  and the release one more round trip.
+
+``RT/req`` is the number of Redis round trips per request, counted at the client socket
+(one ``send`` per command or pipeline).
 
 CPU is process time of this (gateway) process per request; for Redis the server's CPU per
 request is read from ``/proc/<pid>/stat``. ``c`` is the number of concurrent requests. Each
@@ -55,6 +61,35 @@ FULL = {
     ],
 }
 RATE_ONLY = {"limits": [FULL["limits"][1]]}
+MULTI_GROUP = {
+    "limits": [
+        FULL["limits"][0],
+        {"name": "model_rate", "kind": "rate", "per": ["model"], "rate": BIG, "burst": BIG},
+        {"name": "tenant_concurrency", "kind": "concurrency", "per": ["tenant"], "limit": 100_000},
+        {"name": "global_concurrency", "kind": "concurrency", "per": [], "limit": 100_000},
+    ],
+}
+
+
+class SendCounter:
+    """Counts Redis round trips: every command or pipeline goes out in one ``send_packed_command``."""
+
+    def __init__(self) -> None:
+        from redis.asyncio.connection import AbstractConnection
+
+        self.count = 0
+        self._cls = AbstractConnection
+        self._original = AbstractConnection.send_packed_command
+        counter = self
+
+        async def counted(conn: Any, *args: Any, **kwargs: Any) -> None:
+            counter.count += 1
+            await counter._original(conn, *args, **kwargs)
+
+        AbstractConnection.send_packed_command = counted  # type: ignore[method-assign,assignment]
+
+    def close(self) -> None:
+        self._cls.send_packed_command = self._original  # type: ignore[method-assign]
 
 PRINCIPAL = Principal(subject="alice", tenant="acme", roles=frozenset({"analyst"}), issuer="bench",
                       credential_id="c")
@@ -97,18 +132,23 @@ async def measure(state: SharedState, policy: dict[str, Any], n: int, concurrenc
             await one(stage)
 
     done = per_worker * concurrency
-    cpu0, wall0, srv0 = time.process_time(), time.perf_counter(), server_cpu(redis_pid)
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    cpu, wall, srv = time.process_time() - cpu0, time.perf_counter() - wall0, server_cpu(redis_pid) - srv0
+    sends = SendCounter()
+    try:
+        cpu0, wall0, srv0 = time.process_time(), time.perf_counter(), server_cpu(redis_pid)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        cpu, wall, srv = time.process_time() - cpu0, time.perf_counter() - wall0, server_cpu(redis_pid) - srv0
+    finally:
+        sends.close()
     return {"cpu_us_per_request": cpu / done * 1e6, "server_cpu_us_per_request": srv / done * 1e6,
-            "requests_per_s": done / wall, "n": done, "concurrency": concurrency}
+            "requests_per_s": done / wall, "n": done, "concurrency": concurrency,
+            "round_trips_per_request": sends.count / done}
 
 
 async def run(n: int, repeat: int, redis_url: str | None, redis_pid: int | None) -> list[dict[str, Any]]:
     """Each scenario ``repeat`` times; the run with the median CPU per request is reported."""
     rows: list[dict[str, Any]] = []
     for backend in ("memory", "redis"):
-        for name, policy in (("rate only", RATE_ONLY), ("full policy", FULL)):
+        for name, policy in (("rate only", RATE_ONLY), ("full policy", FULL), ("multi group", MULTI_GROUP)):
             for concurrency in (1, 32):
                 runs = []
                 for attempt in range(repeat):
@@ -148,10 +188,12 @@ def main() -> None:
     finally:
         if server is not None:
             server.kill()
-    print(f"{'backend':8} {'policy':12} {'c':>3} {'CPU µs/req':>11} {'redis µs/req':>13} {'req/s':>9}  runs")
+    print(f"{'backend':8} {'policy':12} {'c':>3} {'CPU µs/req':>11} {'redis µs/req':>13} {'RT/req':>7} "
+          f"{'req/s':>9}  runs")
     for row in rows:
         print(f"{row['backend']:8} {row['policy']:12} {row['concurrency']:>3} {row['cpu_us_per_request']:>11.1f} "
-              f"{row['server_cpu_us_per_request']:>13.1f} {row['requests_per_s']:>9.0f}  {row['cpu_us_runs']}")
+              f"{row['server_cpu_us_per_request']:>13.1f} {row['round_trips_per_request']:>7.2f} "
+              f"{row['requests_per_s']:>9.0f}  {row['cpu_us_runs']}")
     print(json.dumps(rows))
 
 

@@ -34,7 +34,7 @@ from gateway.devissuer import issue_token, trusted_dev_issuer  # noqa: E402
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request  # noqa: E402
 from gateway.kserve import InferRequest, InferResponse  # noqa: E402
 from gateway.observability.metrics import Metrics  # noqa: E402
-from gateway.pipeline import BoundStage, Pipeline  # noqa: E402
+from gateway.pipeline import BoundStage, Pipeline, StageMeter  # noqa: E402
 from gateway.policy.compile import CompileEnv, compile_pipeline  # noqa: E402
 from gateway.policy.loader import load_policy_dir  # noqa: E402
 from gateway.upstream.embedded import EmbeddedUpstream  # noqa: E402
@@ -65,6 +65,8 @@ class World:
             by_model[model].append(decode_infer_request(model, "", body, header_length=None, limits=CodecLimits()))
         self.requests = {m: itertools.cycle(reqs) for m, reqs in by_model.items()}
         self.responses: dict[int, InferResponse] = {}
+        # One meter per stage, as a pipeline keeps them (their metric children resolve once).
+        self.meters = {b.name: StageMeter(b.name, self.pipeline.metrics) for b in self.pipeline.stages}
 
     def close(self) -> None:
         self.loop.run_until_complete(self.upstream.close())
@@ -89,7 +91,7 @@ class World:
             r = req
             for bound in prior.stages:
                 if bound.stage.overrides("on_request"):
-                    r = await bound.run(ctx, prior.metrics, bound.stage.on_request(ctx, r), r)
+                    r = await bound.run(ctx, self.meters[bound.name], bound.stage.on_request(ctx, r), r)
             resp = await self.upstream.infer(r, timeout_s=10.0)
             return r, resp
 
@@ -98,16 +100,16 @@ class World:
         return ctx, req, resp
 
     def run_stage(self, bound: BoundStage, ctx: RequestContext, req: InferRequest, resp: InferResponse) -> None:
-        metrics = self.pipeline.metrics
+        meter = self.meters[bound.name]
 
         async def hooks() -> None:
             stage = bound.stage
             if stage.overrides("on_call"):
-                await bound.run(ctx, metrics, stage.on_call(ctx), None)
+                await bound.run(ctx, meter, stage.on_call(ctx), None)
             if stage.overrides("on_request"):
-                await bound.run(ctx, metrics, stage.on_request(ctx, req), req)
+                await bound.run(ctx, meter, stage.on_request(ctx, req), req)
             if stage.overrides("on_response"):
-                await bound.run(ctx, metrics, stage.on_response(ctx, resp), resp)
+                await bound.run(ctx, meter, stage.on_response(ctx, resp), resp)
             if stage.overrides("on_complete"):
                 await stage.on_complete(ctx, None)
 

@@ -11,7 +11,7 @@ import enum
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.errors import InternalError
 from gateway.ids import random_hex
@@ -59,8 +59,13 @@ class Principal:
     scopes: frozenset[str] = frozenset()  # the token's `scope` claim, split on spaces
 
 
-@dataclass(frozen=True, slots=True)
-class StageRecord:
+class StageRecord(NamedTuple):
+    """One stage hook's outcome, for the audit record and the trace span.
+
+    A NamedTuple, not a frozen dataclass: as immutable, and about half the cost to build
+    (a full pipeline makes ~16 per request).
+    """
+
     stage: str
     outcome: str  # allowed | denied | shadow_denied | failure_mode_allowed | error
     reason: str | None

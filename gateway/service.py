@@ -8,6 +8,7 @@ when the call ends, whatever the outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from gateway.drift.monitor import DriftMonitor
 from gateway.errors import (
     DependencyUnavailable,
     GatewayError,
+    GrpcCode,
     InternalError,
     NotFound,
     PermissionDenied,
@@ -49,6 +51,19 @@ from privacy.dp.ledger import BudgetLedger, LedgerUnavailable
 log = structlog.get_logger("gateway.service")
 
 T = TypeVar("T")
+
+
+class ClientGone(GatewayError):
+    """The caller went away before its answer (client disconnected, server stopping).
+
+    Never sent (nobody is listening): it names the outcome in the audit record (nginx's
+    499, ``client_gone``) and tells the stages' completion hooks the call did not finish.
+    """
+
+    http_status = 499
+    grpc_code = GrpcCode.CANCELLED
+    public_message = "client closed request"
+    default_reason = "client_gone"
 
 
 @dataclass(slots=True)
@@ -90,6 +105,8 @@ class InferenceService:
         """
         error: GatewayError | None = None
         result: T | None = None
+        admitted = False
+        gone: asyncio.CancelledError | None = None
         try:
             self._shed_if_full(snap)
             if snap.pipeline.preauth is not None:
@@ -97,6 +114,7 @@ class InferenceService:
             self.in_flight += 1
             try:
                 await snap.pipeline.admit(ctx)
+                admitted = True
                 # After admission: only a caller allowed to use the model learns it is busy.
                 with self.model_slots.hold(ctx.model or "", self._model_cap(ctx, snap)):
                     result = await work()
@@ -104,6 +122,10 @@ class InferenceService:
                 self.in_flight -= 1
         except GatewayError as exc:
             error = exc
+        except asyncio.CancelledError as exc:
+            # The caller went away (client disconnected, server stopping) at an await point:
+            # nobody will be answered, but what was done is recorded before cancelling on.
+            gone, error = exc, ClientGone()
         except Exception as exc:
             log.exception("internal_error", route=route)
             error = InternalError(reason="internal")
@@ -112,11 +134,30 @@ class InferenceService:
             ctx.bearer = None
             # Shielded: a cancelled call (client gone) must still release its slots and refund.
             await asyncio.shield(snap.pipeline.complete(ctx, error))
+        if gone is not None:
+            # Shielded: a second cancellation (server stopping) must not lose the record.
+            await asyncio.shield(self._audit_gone(ctx, route, admitted))
+            raise gone
         await self.audit(ctx, route=route, status=200 if error is None else error.http_status, error=error)
         if error is not None:
             self.log_refusal(ctx, error, route)
             raise error
         return result  # type: ignore[return-value]  # set whenever error is None
+
+    async def _audit_gone(self, ctx: RequestContext, route: str, admitted: bool) -> None:
+        """The one record of a call whose caller went away before its answer.
+
+        SECURITY (nothing lost): an admitted call keeps its real decision, ``allow`` (with
+        its stages, upstream call and ε as they happened), followed by an ``abandoned``
+        marker, since no 2xx left; one cancelled before admission was decided is a
+        ``deny``. Both carry ``client_gone`` and 499. Nobody is answered: a failed write is
+        counted and logged by :meth:`audit`, not raised.
+        """
+        with contextlib.suppress(GatewayError):
+            if admitted:
+                await self.audit(ctx, route=route, status=ClientGone.http_status, error=None, gone=True)
+            else:
+                await self.audit(ctx, route=route, status=ClientGone.http_status, error=ClientGone())
 
     def _shed_if_full(self, snap: Snapshot) -> None:
         if self.in_flight >= snap.policy.gateway.limits.max_in_flight:
@@ -268,9 +309,13 @@ class InferenceService:
             m.child(m.upstream_requests, operation, outcome).inc()
             m.child(m.upstream_duration, operation).observe(time.perf_counter() - start)
 
-    async def audit(self, ctx: RequestContext, *, route: str, status: int, error: GatewayError | None) -> None:
+    async def audit(self, ctx: RequestContext, *, route: str, status: int, error: GatewayError | None,
+                    gone: bool = False) -> None:
         """Write the call's one audit record. Raises DependencyUnavailable if it cannot:
-        fail closed, no answer leaves without its record."""
+        fail closed, no answer leaves without its record. ``gone``: an allowed call whose
+        caller left before its answer (marked ``abandoned`` once written). The record's
+        ``seq`` is left in ``ctx.notes["_audit_seq"]`` for a front that learns later that
+        its answer was not delivered."""
         principal = ctx.principal
         decision = "allow" if error is None else "deny"
         record: dict[str, Any] = {
@@ -287,7 +332,7 @@ class InferenceService:
             "client_addr": ctx.client_addr or None,
             "roles": sorted(principal.roles) if principal else None,
             "decision": decision,
-            "reason": error.reason if error else "ok",
+            "reason": error.reason if error else ("client_gone" if gone else "ok"),
             "status": status,
             "latency_ms": round((time.monotonic() - ctx.started) * 1000, 3),
             "stages": [
@@ -305,7 +350,9 @@ class InferenceService:
                 # Anonymous refusals may flood: first per (client, reason, minute), then a count.
                 await self.audit_aggregator.refusal(record, key=ctx.client_addr or "-")
             else:
-                await self.audit_log.append(record)
+                seq = ctx.notes["_audit_seq"] = await self.audit_log.append(record)
+                if gone:
+                    self.audit_log.mark_abandoned(seq, ctx.request_id, ClientGone.default_reason)
         except GatewayError as exc:
             self.metrics.audit_failures.inc()
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace

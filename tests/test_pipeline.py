@@ -82,7 +82,8 @@ async def test_enforced_refusal_stops_and_is_recorded() -> None:
     assert trail == ["call:a"]
     assert ctx.records[0].outcome == "denied"
     assert ctx.records[0].reason == "denied_by_a"
-    assert metrics.stage_decisions.labels(stage="tracer", outcome="denied")._value.get() == 1
+    assert metrics.registry.get_sample_value("gateway_stage_decisions_total",
+                                             {"stage": "tracer", "outcome": "denied"}) == 1
 
 
 async def test_shadow_stage_never_blocks_and_never_rewrites() -> None:
@@ -121,7 +122,7 @@ class Completer(Stage):
         self.trail = trail
         self.explode = explode
 
-    async def on_complete(self, ctx: RequestContext, error: object) -> None:  # type: ignore[override]
+    async def on_complete(self, ctx: RequestContext, error: object) -> None:
         self.trail.append(f"complete:{type(error).__name__}")
         if self.explode:
             raise RuntimeError("bookkeeping bug")
@@ -134,4 +135,30 @@ async def test_on_complete_runs_in_reverse_and_never_raises() -> None:
                             BoundStage(Completer(trail, explode=True), Mode.ENFORCE)), metrics)
     await pipe.complete(_ctx(), PermissionDenied())
     assert trail == ["complete:PermissionDenied", "complete:PermissionDenied"]
-    assert metrics.stage_decisions.labels(stage="completer", outcome="error")._value.get() == 1
+    assert metrics.registry.get_sample_value("gateway_stage_decisions_total",
+                                             {"stage": "completer", "outcome": "error"}) == 1
+
+
+class CountingOverrides(OnlyCall):
+    asked: ClassVar[list[str]] = []
+
+    def overrides(self, hook: str) -> bool:
+        self.asked.append(hook)
+        return super().overrides(hook)
+
+
+async def test_hooks_are_looked_up_once_per_revision_not_per_request() -> None:
+    pipe = Pipeline("rev", (BoundStage(CountingOverrides(), Mode.ENFORCE),), Metrics())
+    asked_at_build = sorted(CountingOverrides.asked)
+    assert asked_at_build == ["on_call", "on_complete", "on_request", "on_response"]
+
+    async def upstream(c: RequestContext, r: InferRequest) -> InferResponse:
+        return InferResponse("m", "1", [])
+
+    for _ in range(3):
+        ctx = _ctx()
+        await pipe.admit(ctx)
+        await pipe.infer(ctx, _req(), upstream)
+        await pipe.complete(ctx, None)
+        assert [(r.stage, r.outcome) for r in ctx.records] == [("only_call", "allowed")]
+    assert sorted(CountingOverrides.asked) == asked_at_build

@@ -53,6 +53,15 @@ Float32Array = npt.NDArray[np.float32]
 _SCORE_CAP: Final = 1e9
 
 
+# The ufunc reductions themselves: ``ndarray.min()``/``max()``/``mean()`` go through a Python
+# wrapper (numpy/_core/_methods.py) that costs a microsecond or two per call on these tiny
+# arrays. Minimum and maximum are exact, so the result is the same; sums keep their order.
+_MIN: Final = np.minimum.reduce
+_MAX: Final = np.maximum.reduce
+_ADD: Final = np.add.reduce
+_ALL: Final = np.logical_and.reduce
+
+
 def _finite(value: float) -> float:
     if value < _SCORE_CAP:  # False for NaN and +inf
         return value if value > -_SCORE_CAP else 0.0
@@ -125,17 +134,17 @@ class RangeDetector:
         if self.uniform is not None:
             # Same bounds everywhere: the row extremes decide, and they also tell constancy.
             if x.shape[0] == 1:
-                lo, hi = float(x.min()), float(x.max())
+                lo, hi = float(_MIN(x, axis=None)), float(_MAX(x, axis=None))
                 constant = lo == hi
             else:
-                row_min, row_max = x.min(axis=1), x.max(axis=1)
-                lo, hi = float(row_min.min()), float(row_max.max())
+                row_min, row_max = _MIN(x, axis=1), _MAX(x, axis=1)
+                lo, hi = float(_MIN(row_min)), float(_MAX(row_max))
                 constant = bool((row_min == row_max).any())
             low, high, inv_width = self.uniform
             excess = max(low - lo, hi - high) * inv_width
         else:
-            excess = float((np.maximum(self.low - x, x - self.high) * self.inv_width).max())
-            constant = self.refuse_constant and bool((x.max(axis=1) == x.min(axis=1)).any())
+            excess = float(_MAX(np.maximum(self.low - x, x - self.high) * self.inv_width, axis=None))
+            constant = self.refuse_constant and bool((_MAX(x, axis=1) == _MIN(x, axis=1)).any())
         if not excess <= 0.0:  # also true for NaN: never "inside" by accident
             value, fired = _finite(excess), True
         else:
@@ -162,7 +171,7 @@ class GridDetector:
 
     def score(self, x: FloatArray) -> Score:
         position = x if self.origin == 0.0 and self.step == 1.0 else (x - self.origin) / self.step
-        value = float(np.abs(position - np.rint(position)).max())
+        value = float(_MAX(np.abs(position - np.rint(position)), axis=None))
         return Score(self.name, _finite(value), not value <= self.tolerance)
 
 
@@ -204,7 +213,7 @@ class MahalanobisDetector:
             diff = x[0] - self.mean
             value = math.sqrt(max(float(diff @ self.precision @ diff), 0.0))
         else:
-            value = float(self.distances(x).max())
+            value = float(_MAX(self.distances(x)))
         return Score(self.name, _finite(value), not value <= self.threshold)
 
 
@@ -415,9 +424,9 @@ class QueryPatternDetector:
         state = self._state(caller)
         owner = hash(caller)
         sketches = self.sketch(x)
-        norms = (sketches * sketches).sum(axis=1)
+        norms = _ADD(sketches * sketches, axis=1)
         flags = self._knn_mean(sketches, norms, state.history) <= self.radius
-        if self.cross_tenant and self._global.size and not flags.all():
+        if self.cross_tenant and self._global.size and not _ALL(flags):
             flags |= self._knn_mean(sketches, norms, self._global, exclude_owner=owner,
                                     within_batch=False) <= self.radius
         state.push_flags(flags.tolist())
@@ -468,26 +477,38 @@ class QueryPatternDetector:
         float32 throughout (single-precision BLAS, no copies of the history): squared
         distances carry an absolute error of ~1e-5, far below the radius."""
         n = hist.size
-        parts: list[Float32Array] = []
-        if n:
+        k = self.neighbours
+        if s.shape[0] == 1 or not within_batch:
+            # The common case (one row, or no pairs within the batch): a single block of
+            # distances, masked in place, with no concatenation.
+            if n < k:
+                return np.full(s.shape[0], np.inf, dtype=np.float32)
             d2 = norms[:, None] + hist.norms[None, :n] - 2.0 * (s @ hist.sketches[:n].T)
             if exclude_owner is not None:
                 d2[:, hist.owners[:n] == exclude_owner] = np.inf
-            parts.append(d2)
-        if within_batch and s.shape[0] > 1:
+        else:
+            parts: list[Float32Array] = []
+            if n:
+                d2 = norms[:, None] + hist.norms[None, :n] - 2.0 * (s @ hist.sketches[:n].T)
+                if exclude_owner is not None:
+                    d2[:, hist.owners[:n] == exclude_owner] = np.inf
+                parts.append(d2)
             d2b = norms[:, None] + norms[None, :] - 2.0 * (s @ s.T)
             d2b[~np.tri(s.shape[0], k=-1, dtype=np.bool_)] = np.inf
             parts.append(d2b)
-        k = self.neighbours
-        if not parts or sum(p.shape[1] for p in parts) < k:
-            return np.full(s.shape[0], np.inf, dtype=np.float32)
-        d2 = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            if sum(p.shape[1] for p in parts) < k:
+                return np.full(s.shape[0], np.inf, dtype=np.float32)
+            d2 = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         if self.ignore_exact_repeats:
             # Retries and fixed probe inputs are not the signature of a search: closer than
             # a hundredth of the radius counts as the same point.
             d2[d2 <= (1e-2 * self.radius) ** 2] = np.inf
         nearest = np.partition(d2, k - 1, axis=1)[:, :k]
-        result: Float32Array = np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1)
+        np.maximum(nearest, 0.0, out=nearest)
+        np.sqrt(nearest, out=nearest)
+        # What ndarray.mean() computes (float32 sum in the same order, then one division),
+        # without its Python wrapper.
+        result: Float32Array = _ADD(nearest, axis=1) / k
         return result
 
 

@@ -31,7 +31,8 @@ from gateway.audit.verify import verify
 ERASED = "[erased]"
 # Columns shown first in the CSV; any other field follows in name order.
 _LEADING = ("seq", "time", "type", "request_id", "tenant", "subject", "client", "roles", "model", "model_version",
-            "action", "purpose", "decision", "reason", "status", "latency_ms", "policy_revision")
+            "action", "purpose", "decision", "reason", "status", "outcome", "outcome_cause", "latency_ms",
+            "policy_revision")
 _CHAIN_FIELDS = frozenset({"prev_hash", "mac", "key_id", "enc", "sig", "sig_key_id"})
 # SECURITY: a cell starting with one of these is a formula in spreadsheet software
 # (CSV injection); model names and request ids can be attacker-chosen.
@@ -54,12 +55,27 @@ def _owner(subject_id: str | None, client_addr: str | None) -> str:
 
 
 def subject_records(log_dir: Path, keys: KeyStore, owner: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """The owner's pseudonyms and every record about them, personal fields decrypted."""
+    """The owner's pseudonyms and every record about them, personal fields decrypted.
+
+    One row per request, with its final ``outcome`` (see :func:`_pair_outcomes`).
+    """
     pseudonyms = keys.all_pseudonyms(owner)
     wanted = set(pseudonyms)
     field = "client" if owner.startswith("addr:") else "subject"
     out: list[dict[str, Any]] = []
+    abandoned: dict[int, dict[str, Any]] = {}
+    undelivered: dict[str, dict[str, Any]] = {}
     for record in iter_records(log_dir):
+        if record.get("type") == "abandoned":
+            ref = record.get("ref_seq")
+            if type(ref) is int:
+                abandoned.setdefault(ref, record)
+            continue
+        if record.get("event") == "response_not_delivered":
+            rid = record.get("request_id")
+            if isinstance(rid, str):
+                undelivered.setdefault(rid, record)
+            continue
         if record.get("type") == "erasure":
             if wanted.intersection(p for p in record.get("pseudonyms") or [] if isinstance(p, str)):
                 out.append({k: v for k, v in record.items() if k not in _CHAIN_FIELDS})
@@ -75,7 +91,37 @@ def subject_records(log_dir: Path, keys: KeyStore, owner: str) -> tuple[list[str
             except Unreadable:
                 row["personal_data"] = ERASED
         out.append(row)
+    _pair_outcomes(out, abandoned, undelivered)
     return pseudonyms, out
+
+
+def _pair_outcomes(rows: list[dict[str, Any]], abandoned: Mapping[int, Mapping[str, Any]],
+                   undelivered: Mapping[str, Mapping[str, Any]]) -> None:
+    """Give each request row the outcome its client really had.
+
+    The log states a request's decision in its record and, separately and later, that
+    the answer never reached the client: an ``abandoned`` marker (``ref_seq``: the
+    waiter gave up at the audit deadline and got a 503, or went away) or a
+    ``response_not_delivered`` event (same ``request_id``: the write failed). Neither
+    names the person, so on their own they would be missing from the report, and the
+    record alone would read as answered. Paired here: ``outcome`` is ``answered`` or
+    ``abandoned``/``not_delivered`` with ``outcome_cause``; an ``answered_status`` says
+    what the client got instead when the marker knows it (503 after an audit timeout).
+    """
+    for row in rows:
+        if row.get("type") != "request" or "decision" not in row:
+            continue
+        seq, rid = row.get("seq"), row.get("request_id")
+        marker = abandoned.get(seq) if type(seq) is int else None
+        event = undelivered.get(rid) if isinstance(rid, str) else None
+        if marker is not None:
+            row["outcome"], row["outcome_cause"] = "abandoned", marker.get("cause")
+            if "status" in marker:
+                row["answered_status"] = marker["status"]
+        elif event is not None:
+            row["outcome"], row["outcome_cause"] = "not_delivered", event.get("reason")
+        else:
+            row["outcome"] = "answered"
 
 
 def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: str | None = None,

@@ -17,7 +17,8 @@ instead, as soon as the sink heals, as the 503 it got (``deny``, ``audit_unavail
 the original decision under ``deferred``). If even the cut fails the writer re-reads the
 tail from disk before the next batch and marks any record that reached the disk without
 an acknowledgement with an ``abandoned`` record. A waiter that gives up after its record
-was written gets an ``abandoned`` record too (with ``status: 503`` after a deadline), so
+was written gets an ``abandoned`` record too (with ``status: 503`` after a deadline); one
+cancelled (its client gone) still has its record written, then the marker, so
 "every 2xx has a record" and "every allow record had its 2xx" can both be checked. While
 one batch is stuck past the deadline, new appends are refused at once. After a failed
 fsync the segment is retired and the next batch starts a new one. The writer never
@@ -44,7 +45,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +54,7 @@ import structlog
 
 from gateway.audit import retention
 from gateway.audit._fs import ensure_dir, fsync_dir, write_private
+from gateway.audit._thread import WriterThread
 from gateway.audit.anchors import (
     AnchorKeys,
     AnchorStore,
@@ -68,7 +69,6 @@ from gateway.audit.records import (
     GENESIS,
     RESERVED,
     RecordFormatError,
-    body_hash,
     canonical,
     encode_line,
     iter_lines,
@@ -179,7 +179,7 @@ class AuditLog:
         self._file = FileSink(config.log_dir, max_records=config.segment_max_records,
                               max_bytes=config.segment_max_bytes, max_age_s=config.segment_max_age_s)
         self._sinks: list[Sink] = [*sinks, *([StdoutSink()] if config.stdout else [])]
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
+        self._executor = WriterThread("audit-writer")
         self._stats = AuditStats()
         # Writer-thread state: touched only inside the executor.
         self._seq = 0
@@ -234,6 +234,11 @@ class AuditLog:
         """The segment writer (tests set its ``fault_hook`` to inject disk faults, AUD-08)."""
         return self._file
 
+    def mark_abandoned(self, seq: int, request_id: str, cause: str) -> None:
+        """Follow record ``seq`` with an ``abandoned`` marker: the caller it answers went away
+        (client gone) after it was written, so no 2xx left for it (see :meth:`_abandon`)."""
+        self._abandon(seq, request_id, cause)
+
     def pseudonym(self, subject_id: str) -> str:
         """The keyed pseudonym a record carries for ``subject_id`` (linkable, not reversible)."""
         return self.keys.pseudonym(subject_owner(subject_id))
@@ -247,7 +252,7 @@ class AuditLog:
                 raise _unavailable("audit trail closed")
             loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(self._executor, self._open_sync)
+                await self._executor.run(self._open_sync)
             except BaseException:
                 self._retry_start_at = time.monotonic() + 1.0  # lazy start retries, not in a tight loop
                 raise
@@ -294,18 +299,17 @@ class AuditLog:
         pending = _Pending(body, fut)
         self._pending.append(pending)
         self._wake.set()
-        # Giving up (deadline or cancellation) cancels ``fut`` after ``cause`` is set: a
-        # record not yet picked up is then never written (a refusal is recorded instead
-        # when the cause was the deadline); one already being written gets an
-        # ``abandoned`` marker, since nobody will answer 2xx for it.
+        # Giving up at the deadline cancels ``fut`` after ``cause`` is set: a record not
+        # yet picked up is then never written (a refusal is recorded instead); one already
+        # being written gets an ``abandoned`` marker, since nobody will answer 2xx for it.
         try:
             done, _ = await asyncio.wait((fut,), timeout=self.config.append_timeout_s)
         except asyncio.CancelledError:
+            # SECURITY (nothing lost): the caller went away (client gone, shutdown), its
+            # record stays queued: written, then an ``abandoned`` marker (no 2xx left).
             pending.cause = "waiter_gone"
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # Written, but the caller was cancelled before it could answer.
                 self._abandon(fut.result(), body.get("request_id"), "waiter_gone")
-            fut.cancel()
             raise
         if not done:
             pending.cause = "audit_timeout"
@@ -335,7 +339,7 @@ class AuditLog:
         """Drain queued records, sign a final checkpoint, release files and the lock."""
         if self._state == "new":
             self._state = "closed"
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown()
             return
         if self._state != "running":
             return
@@ -344,12 +348,11 @@ class AuditLog:
         self._wake.set()
         with contextlib.suppress(Exception):
             await self._task
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._close_sync)
+            await self._executor.run(self._close_sync)
         finally:
             self._state = "closed"
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown()
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -369,17 +372,33 @@ class AuditLog:
 
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._wake is not None  # noqa: S101
+        wake = self._wake
+        assert wake is not None  # noqa: S101
         next_tick = time.monotonic() + self._tick_s
+        # One timer per tick period wakes the writer for its periodic work, rather than a
+        # timeout around every wait (that cost as much as the rest of an idle-to-busy step).
+        timer: asyncio.TimerHandle | None = None
+        timer_for = -1.0  # the next_tick the armed timer is for; -1 once it has fired
+
+        def tick_due() -> None:
+            nonlocal timer_for
+            timer_for = -1.0
+            wake.set()
+
         while True:
             closing = self._state == "closing"
             if not self._has_work(time.monotonic()) and not (closing and self._internal):
                 if closing:
+                    if timer is not None:
+                        timer.cancel()
                     return
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, next_tick - time.monotonic())):
-                        await self._wake.wait()
-                self._wake.clear()
+                if timer_for != next_tick:  # a timer may fire a hair early: then re-arm
+                    if timer is not None:
+                        timer.cancel()
+                    timer = loop.call_later(max(0.0, next_tick - time.monotonic()), tick_due)
+                    timer_for = next_tick
+                await wake.wait()
+                wake.clear()
             try:
                 next_tick = await self._step(loop, closing=closing, next_tick=next_tick)
             except Exception:
@@ -392,7 +411,7 @@ class AuditLog:
         while self._control:
             fn, fut = self._control.popleft()
             try:
-                result = await loop.run_in_executor(self._executor, fn)
+                result = await self._executor.run(fn)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 if not fut.done():
                     fut.set_exception(exc)
@@ -403,7 +422,7 @@ class AuditLog:
         if time.monotonic() >= next_tick:
             next_tick = time.monotonic() + self._tick_s
             try:
-                await loop.run_in_executor(self._executor, self._tick_sync)
+                await self._executor.run(self._tick_sync)
             except Exception:
                 log.exception("audit_tick_failed")
         return next_tick
@@ -430,7 +449,7 @@ class AuditLog:
         records = [*internal, *(i.record for i in items)]
         self._commit_started = time.monotonic()
         try:
-            seqs = await loop.run_in_executor(self._executor, self._commit, records)
+            seqs = await self._executor.run(self._commit, records)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the batch (fail closed)
             self._commit_started = None
             self._stats.failures += 1
@@ -453,9 +472,9 @@ class AuditLog:
         self._stats.records += len(records)
         self._stats.last_batch = len(records)
         for item, seq in zip(items, seqs[len(internal):], strict=True):
-            if item.future.cancelled():
-                self._abandon(seq, item.record.get("request_id"), item.cause or "waiter_gone")
-            elif not item.future.done():
+            if item.cause is not None:  # its waiter gave up or went away: nobody answers 2xx
+                self._abandon(seq, item.record.get("request_id"), item.cause)
+            if not item.future.done():
                 item.future.set_result(seq)
 
     def _abandon(self, seq: int, request_id: Any, cause: str) -> None:
@@ -601,8 +620,9 @@ class AuditLog:
         for record in all_records:
             seq += 1
             body = canonical(self._prepare(record, seq, head, mac_kid))
-            head = body_hash(body)
-            mac = hmac.digest(mac_key, bytes.fromhex(head), "sha256").hex()
+            digest = hashlib.sha256(body).digest()  # = records.body_hash(body), kept as bytes for the MAC
+            head = digest.hex()
+            mac = hmac.digest(mac_key, digest, "sha256").hex()
             lines.append(encode_line(body, mac))
         was_open = self._file.is_open
         offset, count_before = (self._file.size, self._file.records) if was_open else (0, 0)
@@ -632,7 +652,7 @@ class AuditLog:
 
     def _prepare(self, record: Mapping[str, Any], seq: int, head: str, mac_kid: str) -> dict[str, Any]:
         body = dict(record)
-        personal = {k: body.pop(k) for k in list(body) if k in self.config.personal_fields}
+        personal = {k: body.pop(k) for k in self.config.personal_fields if k in body}
         personal = {k: v for k, v in personal.items() if v not in (None, "")}
         owner: str | None = None
         subject_id, client_addr = personal.get("subject_id"), personal.get("client_addr")
@@ -839,7 +859,9 @@ def _checked_body(record: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in body.items():
         # SECURITY: last line of defence (AUD-10): a credential passed by mistake is never
         # written, whatever field it was put in.
-        if key.lower() in _CREDENTIAL_KEYS or (isinstance(value, str) and _looks_like_jwt(value)):
+        # (The cheap prefix test first: it rules out nearly every value without a call.)
+        if key.lower() in _CREDENTIAL_KEYS or (
+                isinstance(value, str) and value[:3] == "eyJ" and _looks_like_jwt(value)):
             body[key] = "[redacted]"
     return body
 

@@ -47,6 +47,10 @@ C = TypeVar("C")
 
 DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_TICK_S = 5.0
+# The consumer waits this long after a sample arrives before draining the queue, so under
+# load one wake-up moves many samples into the windows in one update per model (instead
+# of a wake-up, a timer and a ring-buffer write per request on the event loop).
+DEFAULT_BATCH_S = 0.05
 
 
 class AuditSink(Protocol):
@@ -86,17 +90,20 @@ class _Track:
 class DriftMonitor:
     def __init__(self, metrics: Metrics, repo_dir: Path, *, audit: AuditSink | None = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, tick_s: float = DEFAULT_TICK_S,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 batch_s: float = DEFAULT_BATCH_S, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self.metrics = metrics
         self.repo_dir = repo_dir
         self.audit = audit
         self.tick_s = tick_s
+        self.batch_s = batch_s
         self._clock = clock
         self._wall = wall_clock
         # Sampling is not a security decision: a predictable sample only skews statistics.
         self._rng = rng or random.Random()  # noqa: S311
         self._queue: asyncio.Queue[_Sample] = asyncio.Queue(maxsize=queue_size)
+        # Taken off the queue by the consumer, not yet in a window (see _run); flush() sees them.
+        self._taken: list[_Sample] = []
         self._tracks: dict[str, _Track] = {}
         self._references: dict[str, Reference] = {}
         self._unavailable: set[str] = set()
@@ -323,14 +330,40 @@ class DriftMonitor:
             await asyncio.gather(*self._pending_audit, return_exceptions=True)
 
     def _drain(self) -> set[str]:
-        due: set[str] = set()
+        """Ingest every sample taken or queued, oldest first; the models now due."""
+        samples, self._taken = self._taken, []
         while True:
             try:
-                sample = self._queue.get_nowait()
+                samples.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
-                return due
-            if self.ingest(sample.model, sample.inputs, sample.outputs, at=sample.at):
-                due.add(sample.model)
+                break
+        by_model: dict[str, list[_Sample]] = {}
+        for sample in samples:
+            by_model.setdefault(sample.model, []).append(sample)
+        due: set[str] = set()
+        for model, group in by_model.items():
+            if self._ingest_group(model, group):
+                due.add(model)
+        return due
+
+    def _ingest_group(self, model: str, group: list[_Sample]) -> bool:
+        """One model's queued samples in one window update each (as ``ingest`` per sample)."""
+        if len(group) == 1:
+            only = group[0]
+            return self.ingest(model, only.inputs, only.outputs, at=only.at)
+        track = self._tracks.get(model)
+        if track is None:
+            return False
+        inputs = [s for s in group if s.inputs is not None and s.inputs.shape[0]]
+        outputs = [s for s in group if s.outputs is not None and s.outputs.shape[0]]
+        if inputs:
+            rows = np.concatenate([s.inputs for s in inputs if s.inputs is not None])
+            track.inputs.extend(rows, _row_times([(s.at, _rows(s.inputs)) for s in inputs]))
+        if outputs:
+            values = np.concatenate([s.outputs.reshape(-1, 1) for s in outputs if s.outputs is not None])
+            track.outputs.extend(values, _row_times([(s.at, _rows(s.outputs)) for s in outputs]))
+        track.pending += sum(max(_rows(s.inputs), _rows(s.outputs)) for s in group)
+        return track.pending >= track.policy.evaluate_every
 
     async def _run(self) -> None:
         while True:
@@ -339,9 +372,12 @@ class DriftMonitor:
             except TimeoutError:
                 await self._on_timer()
                 continue
-            due = self._drain()
-            if self.ingest(first.model, first.inputs, first.outputs, at=first.at):
-                due.add(first.model)
+            self._taken.append(first)
+            try:
+                if self.batch_s > 0:
+                    await asyncio.sleep(self.batch_s)
+            finally:
+                due = self._drain()  # also on stop: a sample taken off the queue is kept
             for model in sorted(due):
                 await self._guarded(model)
 
@@ -359,6 +395,18 @@ class DriftMonitor:
         except Exception:
             # A bug in the statistics must not end monitoring of every model.
             log.exception("drift_evaluation_failed", model=model)
+
+
+def _rows(values: npt.NDArray[np.float32] | None) -> int:
+    return 0 if values is None else int(values.shape[0])
+
+
+def _row_times(counts: list[tuple[float, int]]) -> npt.NDArray[np.float64]:
+    """One timestamp per row: each sample's time repeated over its rows."""
+    times = np.fromiter((at for at, _ in counts), dtype=np.float64, count=len(counts))
+    repeats = np.fromiter((n for _, n in counts), dtype=np.intp, count=len(counts))
+    result: npt.NDArray[np.float64] = np.repeat(times, repeats)
+    return result
 
 
 def _input_rows(tensors: list[Tensor], reference: Reference, limit: int) -> npt.NDArray[np.float32] | None:

@@ -29,17 +29,22 @@ class SlidingWindow:
     def __len__(self) -> int:
         return self._count
 
-    def extend(self, rows: npt.NDArray[np.floating], now: float) -> None:
-        """Append rows (oldest first); beyond ``capacity`` the oldest rows are overwritten."""
+    def extend(self, rows: npt.NDArray[np.floating], now: float | npt.NDArray[np.float64]) -> None:
+        """Append rows (oldest first); beyond ``capacity`` the oldest rows are overwritten.
+
+        ``now`` is one timestamp for every row, or one per row (non-decreasing): the
+        consumer appends many queued samples in one call."""
         if rows.ndim != 2 or rows.shape[1] != self.width:
             raise ValueError(f"rows must have shape (n, {self.width})")
+        if not isinstance(now, float | int) and now.shape != (rows.shape[0],):
+            raise ValueError("give one timestamp, or one per row")
         rows = rows[-self.capacity:]
         n = rows.shape[0]
         if n == 0:
             return
         positions = (self._start + self._count + np.arange(n)) % self.capacity
         self._rows[positions] = rows
-        self._at[positions] = now
+        self._at[positions] = now if isinstance(now, float | int) else now[-n:]
         overflow = max(0, self._count + n - self.capacity)
         self._start = (self._start + overflow) % self.capacity
         self._count = min(self.capacity, self._count + n)

@@ -67,6 +67,7 @@ __all__ = [
 MAX_FLAG_FILE_BYTES: Final = 1024 * 1024
 MAX_LOGIC_DEPTH: Final = 32
 MAX_LOGIC_NODES: Final = 5000
+MAX_CACHED_DECISIONS: Final = 8192  # per flag set; cleared when full
 MAX_WEIGHT_SUM: Final = 2_147_483_647  # flagd: MaxInt32, so hash * total fits a signed 64-bit long
 
 # Header- and label-safe: a variant name ends up in X-Model-Variant and in metric labels.
@@ -513,6 +514,13 @@ class FlagdFileProvider(AbstractProvider):
     def __init__(self, flag_set: FlagSet) -> None:
         super().__init__()
         self.flag_set = flag_set
+        # Targeting results of this flag set: evaluation is a pure function of the flag and
+        # the context (no clock), so a sticky subject's decision can be remembered. Tied to
+        # the FlagSet object: a new revision (canary split, kill switch) is a new set, and
+        # the old decisions are never consulted again. Rollback holds act in the stage,
+        # before the provider is asked.
+        self._decisions: dict[tuple[object, ...], tuple[str | None, str]] = {}
+        self._decisions_for: FlagSet = flag_set
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, name: str = "flags.json") -> FlagdFileProvider:
@@ -556,15 +564,30 @@ class FlagdFileProvider(AbstractProvider):
             return None, Reason.DISABLED
         if flag.targeting is None:
             return flag.default_variant, Reason.STATIC
+        key = _decision_key(flag_key, evaluation_context)
+        if key is not None:
+            if self._decisions_for is not self.flag_set:
+                self._decisions, self._decisions_for = {}, self.flag_set
+            hit = self._decisions.get(key)
+            if hit is not None:
+                return hit
         data = _context_data(flag_key, evaluation_context)
         result = evaluate_logic(flag.targeting, data)
         if result is None:
-            return flag.default_variant, Reason.DEFAULT
-        variant = _text(result)
-        if variant not in flag.variants:
-            # SECURITY: a rule may only choose among declared variants; anything else is an error.
-            raise GeneralError(f"targeting of {flag_key!r} chose an undefined variant")
-        return variant, Reason.TARGETING_MATCH
+            decided: tuple[str | None, str] = (flag.default_variant, Reason.DEFAULT)
+        else:
+            variant = _text(result)
+            if variant not in flag.variants:
+                # SECURITY: a rule may only choose among declared variants; anything else is an
+                # error (never cached: it is raised again on every call).
+                raise GeneralError(f"targeting of {flag_key!r} chose an undefined variant")
+            decided = (variant, Reason.TARGETING_MATCH)
+        if key is not None:
+            if len(self._decisions) >= MAX_CACHED_DECISIONS:
+                # SECURITY: bounded: many distinct subjects cost a re-evaluation, not memory.
+                self._decisions.clear()
+            self._decisions[key] = decided
+        return decided
 
     def _resolve(self, flag_key: str, default_value: Any, evaluation_context: EvaluationContext | None,
                  flag_type: str) -> FlagResolutionDetails[Any]:
@@ -577,6 +600,37 @@ class FlagdFileProvider(AbstractProvider):
         if not _TYPE_CHECKS[flag_type](value):
             raise TypeMismatchError(f"flag {flag_key!r} variant {variant!r} is not of type {flag_type}")
         return FlagResolutionDetails(value=value, variant=variant, reason=reason, flag_metadata=metadata)
+
+
+_UNCACHEABLE: Final = object()
+
+
+def _decision_key(flag_key: str, ctx: EvaluationContext | None) -> tuple[object, ...] | None:
+    """What a targeting result depends on, or None when the context holds values whose
+    equality does not imply equal evaluation (floats: ``-0.0 == 0.0`` but ``cat`` differs;
+    str subclasses, mappings, objects turned into text)."""
+    if ctx is None:
+        return (flag_key,)
+    items: list[tuple[str, object]] = []
+    for name, value in ctx.attributes.items():
+        frozen = _frozen(value)
+        if frozen is _UNCACHEABLE:
+            return None
+        items.append((name, frozen))
+    targeting = ctx.targeting_key
+    if targeting is not None and type(targeting) is not str:
+        return None
+    return (flag_key, targeting, tuple(items))
+
+
+def _frozen(value: object) -> object:
+    kind = type(value)
+    if value is None or kind is str or kind is bool or kind is int:
+        return (kind, value)  # the type too: True == 1, but JsonLogic tells them apart
+    if isinstance(value, list | tuple) and (kind is list or kind is tuple):
+        parts = tuple(_frozen(v) for v in value)
+        return _UNCACHEABLE if any(p is _UNCACHEABLE for p in parts) else (list, parts)
+    return _UNCACHEABLE
 
 
 def _context_data(flag_key: str, ctx: EvaluationContext | None) -> Json:

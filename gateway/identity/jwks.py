@@ -421,6 +421,29 @@ class JwksKeySource:
         self.hits += 1
         return key
 
+    def vouches(self, kid: str | None, alg: str, key: object) -> bool:
+        """True while :meth:`get_key` would answer ``key`` for ``kid``/``alg`` without waiting.
+
+        For the verified-token cache (stages/authn.py), asked on every cache hit: a cached
+        verification stops being accepted at the moment an uncached one would be refused.
+        False once the kid left the key set or its key changed (rotation), once the set
+        is past ``max_stale_s`` (outage), and whenever ``get_key`` would refresh first
+        (past the TTL, no backoff): the caller then verifies afresh, which refreshes.
+        """
+        keyset = self._keyset
+        if keyset is None:
+            return False
+        now = self.clock()
+        # SECURITY: the same limits as get_key: past the TTL only while no refresh may be
+        # tried (backoff), and never past max_stale_s.
+        if now >= keyset.expires_at and (self._fetch_allowed(now, unknown_kid=False)
+                                         or now >= keyset.expires_at + self.settings.max_stale_s):
+            return False
+        try:
+            return self._lookup(keyset, kid, alg) is key
+        except AuthenticationFailed:
+            return False
+
     async def refresh(self) -> bool:
         """Fetch the key set now (joining a fetch in flight); True if it was replaced.
 

@@ -55,6 +55,10 @@ class _Lazy:
                     self.source = await self.registry.build(self.cfg)
         return await self.source.get_key(kid, alg)
 
+    def vouches(self, kid: str | None, alg: str, key: object) -> bool:
+        """See :meth:`JwksKeySource.vouches` (no source yet: nothing is vouched for)."""
+        return self.source is not None and self.source.vouches(kid, alg, key)
+
 
 class KeySourceRegistry:
     def __init__(self) -> None:

@@ -3,13 +3,15 @@
 Runs first: every later stage needs the principal, and nothing may touch a request
 (not even read its body) before the caller is known. Verified credentials are cached
 (bounded, keyed by the credential's hash, never past ``exp``) so a repeat costs a hash
-and a dict look-up.
+and a dict look-up. A cached JWT verification lasts only while its key source still
+serves the key that verified it (:meth:`KeyResolver.vouches`, where the source has one).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import time
@@ -34,7 +36,12 @@ VerifyKey = PublicKey | bytes
 
 
 class KeyResolver(Protocol):
-    """Finds the verification key for a token's ``kid`` and (policy-allowed) ``alg``."""
+    """Finds the verification key for a token's ``kid`` and (policy-allowed) ``alg``.
+
+    A resolver whose keys can change without a policy reload (a JWKS) also has
+    ``vouches(kid, alg, key) -> bool``: True while ``get_key`` would still answer ``key``
+    at once. The verified-token cache asks it on every hit.
+    """
 
     async def get_key(self, kid: str | None, alg: str) -> Any: ...
 
@@ -123,7 +130,9 @@ class JwtAuthenticator(Stage):
     issuers: Mapping[str, TrustedIssuer]
     api_keys: Mapping[str, ApiKey] = field(default_factory=dict)  # sha256 hex -> key
     clock: Callable[[], float] = time.time
-    _cache: dict[bytes, tuple[Principal, float]] = field(default_factory=dict)
+    # digest -> (principal, until, vouched): ``vouched`` is None for keys only a policy
+    # reload can change (static keys, API keys), else the key source's live check.
+    _cache: dict[bytes, tuple[Principal, float, Callable[[], bool] | None]] = field(default_factory=dict)
 
     async def on_call(self, ctx: RequestContext) -> None:
         token = ctx.bearer
@@ -145,17 +154,20 @@ class JwtAuthenticator(Stage):
         now = self.clock()
         cached = self._cache.get(digest)
         if cached is not None:
-            principal, until = cached
-            if now < until:
+            principal, until, vouched = cached
+            # SECURITY: a cached verification ends when the key source stops serving its key
+            # (kid rotated out, max_stale_s passed in an outage), as an uncached one would.
+            if now < until and (vouched is None or vouched()):
                 return principal
             del self._cache[digest]
+        vouched = None
         if token.startswith(API_KEY_PREFIX):
             principal, until = self._api_key(token, digest, now)
         else:
-            principal, until = await self._verify(token, digest, now)
+            principal, until, vouched = await self._verify(token, digest, now)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
-        self._cache[digest] = (principal, until)
+        self._cache[digest] = (principal, until, vouched)
         return principal
 
     def _api_key(self, token: str, digest: bytes, now: float) -> tuple[Principal, float]:
@@ -167,7 +179,8 @@ class JwtAuthenticator(Stage):
         # Revocation is a policy edit, which builds a new authenticator with an empty cache.
         return principal, now + _CACHE_HORIZON_S
 
-    async def _verify(self, token: str, digest: bytes, now: float) -> tuple[Principal, float]:
+    async def _verify(self, token: str, digest: bytes, now: float
+                      ) -> tuple[Principal, float, Callable[[], bool] | None]:
         if token.count(".") != 2:
             raise _fail("authn_malformed_token")
         header = _unverified_header(token)
@@ -210,7 +223,9 @@ class JwtAuthenticator(Stage):
             )
         except jwt.PyJWTError as exc:
             raise _fail("authn_invalid_token") from exc
-        return self._principal(claims, issuer, digest, now)
+        principal, until = self._principal(claims, issuer, digest, now)
+        vouches = getattr(issuer.keys, "vouches", None)
+        return principal, until, (functools.partial(vouches, kid, alg, key) if vouches is not None else None)
 
     def _principal(self, claims: dict[str, Any], issuer: TrustedIssuer, digest: bytes,
                    now: float) -> tuple[Principal, float]:

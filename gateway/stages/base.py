@@ -2,7 +2,8 @@
 
 A stage is built once per policy revision from frozen config and shared by every
 request of that revision, so it keeps no per-request state. It may implement any of
-three hooks; the pipeline calls only the hooks a stage overrides:
+three hooks; the pipeline calls only the hooks a stage overrides (looked up once, when
+the revision's pipeline is built, so a hook must be defined on the class):
 
 - ``on_call``: every authenticated surface (metadata, readiness, inference), before
   any body is read. Authentication and authorization live here.

@@ -32,7 +32,7 @@ import asyncio
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar, Final, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Final, Literal, Protocol
 
 import structlog
 from pydantic import Field, StrictFloat, StrictInt, StrictStr, model_validator
@@ -61,6 +61,9 @@ log = structlog.get_logger("gateway.ratelimit")
 # The context note under which a call's leases and header values travel to the front.
 NOTE_KEY: Final = "_rate_limit"  # live state (leases, headers): never audited
 BACKEND_RETRY_AFTER_S: Final = 1.0
+# Per-stage memo of the checks a caller's calls make (and of the pre-auth check per address):
+# bounded, because subjects and addresses are chosen by clients; the oldest entry goes first.
+PLAN_CACHE_MAX: Final = 4096
 
 # -- policy (policies/limits.yaml) --------------------------------------------------------
 
@@ -268,17 +271,26 @@ class _NoMetrics:
 
 @dataclass(slots=True)
 class CallNote:
-    """Per-call values the front needs: leases to release and the tightest limit's fields."""
+    """Per-call values the front needs: leases to release and the tightest limit's fields.
+
+    The header strings are formatted once, when the front asks (:attr:`headers`), not for
+    every decision offered.
+    """
 
     leases: list[tuple[SharedState, Lease]] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)
-    tightest: tuple[int, float] | None = None  # (remaining, -reset) of the headers above
+    tightest: tuple[int, float] | None = None  # (remaining, -reset) of ``best``
+    best: LimitDecision | None = None
 
     def offer(self, decision: LimitDecision) -> None:
         rank = (decision.remaining, -decision.reset_s)
         if self.tightest is None or rank < self.tightest:
             self.tightest = rank
-            self.headers = rate_limit_headers(decision.limit, decision.remaining, decision.reset_s)
+            self.best = decision
+
+    @property
+    def headers(self) -> dict[str, str]:
+        best = self.best
+        return {} if best is None else rate_limit_headers(best.limit, best.remaining, best.reset_s)
 
 
 # -- compiled limits --------------------------------------------------------------------
@@ -382,14 +394,14 @@ class _Enforcer:
     metrics: RateLimitMetrics
 
     async def decide(self, ctx: RequestContext | None, rules: Sequence[_Compiled],
-                     checks: Sequence[LimitCheck]) -> tuple[SharedState, list[_Compiled], list[LimitDecision]]:
+                     checks: Sequence[LimitCheck]) -> tuple[SharedState, Sequence[_Compiled], list[LimitDecision]]:
         try:
-            return self.state, list(rules), await self.state.run_limits(checks)
+            return self.state, rules, await self.state.run_limits(checks)
         except StateUnavailable as exc:
             return await self._degraded(ctx, rules, checks, exc)
 
     async def _degraded(self, ctx: RequestContext | None, rules: Sequence[_Compiled], checks: Sequence[LimitCheck],
-                        exc: StateUnavailable) -> tuple[SharedState, list[_Compiled], list[LimitDecision]]:
+                        exc: StateUnavailable) -> tuple[SharedState, Sequence[_Compiled], list[LimitDecision]]:
         if any(rule.fail_mode == "deny" for rule in rules):
             for rule in rules:
                 if rule.fail_mode == "deny":
@@ -436,29 +448,45 @@ class RateLimiter(Stage):
     call_limits: tuple[_Compiled, ...]
     cost_limits: tuple[_Compiled, ...]
     enforcer: _Enforcer
+    # Memos of what ``applies``/``keys``/``check`` produce for one caller and call: keyed by
+    # every input those read (action, model, tenant, subject, roles), so a hit is the same
+    # answer; per stage, so a new policy revision starts empty.
+    _call_plans: dict[tuple[Any, ...], tuple[tuple[_Compiled, ...], tuple[LimitCheck, ...]]] = field(
+        default_factory=dict, repr=False)
+    _cost_plans: dict[tuple[Any, ...], tuple[tuple[_Compiled, tuple[StateKey, ...]], ...]] = field(
+        default_factory=dict, repr=False)
 
     async def on_call(self, ctx: RequestContext) -> None:
         principal = ctx.require_principal()
-        rules: list[_Compiled] = []
-        checks: list[LimitCheck] = []
-        for rule in self.call_limits:
-            if rule.applies(ctx, principal):
-                for key in rule.keys(ctx, principal):
-                    rules.append(rule)
-                    checks.append(rule.check(key))
-        if checks:
-            await self._enforce(ctx, rules, checks)
+        memo = (ctx.action, ctx.model, principal.tenant, principal.subject, principal.roles)
+        plan = self._call_plans.get(memo)
+        if plan is None:
+            rules: list[_Compiled] = []
+            checks: list[LimitCheck] = []
+            for rule in self.call_limits:
+                if rule.applies(ctx, principal):
+                    for key in rule.keys(ctx, principal):
+                        rules.append(rule)
+                        checks.append(rule.check(key))
+            plan = (tuple(rules), tuple(checks))
+            _remember(self._call_plans, memo, plan)
+        if plan[1]:
+            await self._enforce(ctx, plan[0], plan[1])
 
     async def on_request(self, ctx: RequestContext, req: InferRequest) -> InferRequest:
         if not self.cost_limits:
             return req
         principal = ctx.require_principal()
+        memo = (ctx.action, ctx.model, principal.tenant, principal.subject, principal.roles)
+        applicable = self._cost_plans.get(memo)
+        if applicable is None:
+            applicable = tuple((rule, tuple(rule.keys(ctx, principal))) for rule in self.cost_limits
+                               if rule.applies(ctx, principal))
+            _remember(self._cost_plans, memo, applicable)
         rules: list[_Compiled] = []
         checks: list[LimitCheck] = []
         costs: dict[str, int] = {}
-        for rule in self.cost_limits:
-            if not rule.applies(ctx, principal):
-                continue
+        for rule, keys in applicable:
             cost = costs.get(rule.unit)
             if cost is None:
                 cost = costs[rule.unit] = request_cost(req, rule.unit)
@@ -469,7 +497,7 @@ class RateLimiter(Stage):
                                       f"per request", reason="ratelimit_cost_too_large")
             if cost == 0:
                 continue
-            for key in rule.keys(ctx, principal):
+            for key in keys:
                 rules.append(rule)
                 checks.append(rule.check(key, cost))
         if checks:
@@ -481,11 +509,11 @@ class RateLimiter(Stage):
         """Give back the call's concurrency slots; nothing else is refunded (see the module doc)."""
         await finish_call(ctx)
 
-    async def _enforce(self, ctx: RequestContext, rules: list[_Compiled], checks: list[LimitCheck]) -> None:
-        state, rules, decisions = await self.enforcer.decide(ctx, rules, checks)
-        self.enforcer.judge(rules, decisions, local=state is not self.enforcer.state)
+    async def _enforce(self, ctx: RequestContext, rules: Sequence[_Compiled], checks: Sequence[LimitCheck]) -> None:
+        state, kept, decisions = await self.enforcer.decide(ctx, rules, checks)
+        self.enforcer.judge(kept, decisions, local=state is not self.enforcer.state)
         note = call_note(ctx)
-        for rule, decision in zip(rules, decisions, strict=True):
+        for rule, decision in zip(kept, decisions, strict=True):
             if decision.lease is not None:
                 note.leases.append((state, decision.lease))
             elif rule.kind != "concurrency":
@@ -504,18 +532,28 @@ class PreAuthLimiter:
     rule: _Compiled
     ipv6_prefix: int
     enforcer: _Enforcer
+    _checks: dict[str, RateCheck] = field(default_factory=dict, repr=False)  # client_addr -> its check
 
     async def admit(self, client_addr: str, ctx: RequestContext | None = None) -> None:
         """Raise :class:`LimitExceeded` (429) or ``DependencyUnavailable`` (503), or return."""
-        bucket = address_bucket(client_addr, self.ipv6_prefix)
-        # One slot per address bucket: spreads a flood over the cluster instead of one hot slot.
-        check = RateCheck(StateKey(f"a:{bucket}", "rl.pre_auth", (bucket,)), self.rule.amount, self.rule.period_s,
-                          self.rule.capacity)
-        state, rules, decisions = await self.enforcer.decide(ctx, [self.rule], [check])
+        check = self._checks.get(client_addr)
+        if check is None:
+            bucket = address_bucket(client_addr, self.ipv6_prefix)
+            # One slot per address bucket: spreads a flood over the cluster instead of one hot slot.
+            check = RateCheck(StateKey(f"a:{bucket}", "rl.pre_auth", (bucket,)), self.rule.amount,
+                              self.rule.period_s, self.rule.capacity)
+            _remember(self._checks, client_addr, check)
+        state, rules, decisions = await self.enforcer.decide(ctx, (self.rule,), (check,))
         self.enforcer.judge(rules, decisions, local=state is not self.enforcer.state)
 
 
 # -- the front's side -------------------------------------------------------------------
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(memo) >= PLAN_CACHE_MAX:
+        del memo[next(iter(memo))]
+    memo[key] = value
 
 
 def call_note(ctx: RequestContext) -> CallNote:
@@ -529,7 +567,7 @@ def call_note(ctx: RequestContext) -> CallNote:
 def response_headers(ctx: RequestContext) -> dict[str, str]:
     """``RateLimit-*`` for an allowed call (the limit closest to exhaustion); empty if none applied."""
     note = ctx.notes.get(NOTE_KEY)
-    return dict(note.headers) if isinstance(note, CallNote) else {}
+    return note.headers if isinstance(note, CallNote) else {}  # a fresh dict each time
 
 
 _RELEASES: set[asyncio.Task[None]] = set()
@@ -545,6 +583,11 @@ async def finish_call(ctx: RequestContext) -> None:
     if not isinstance(note, CallNote) or not note.leases:
         return
     held, note.leases = note.leases, []
+    if all(type(state) is MemoryState for state, _ in held):
+        # This process's memory never suspends, so a cancellation cannot cut the release
+        # short: no background task (and no extra event loop turns) needed.
+        await _release(held)
+        return
     task = asyncio.ensure_future(_release(held))
     _RELEASES.add(task)
     task.add_done_callback(_RELEASES.discard)

@@ -22,10 +22,11 @@ Keys
 Limits (:meth:`SharedState.run_limits`)
     All checks of a request are decided together and are **all-or-nothing**: when every
     check allows, all are charged (and concurrency leases taken); when any refuses, none
-    is charged. Refused requests cost nothing. Checks in one group are one script; checks
-    spanning groups run one script per group concurrently and the charged ones are undone
-    if another refuses (a short window in which a concurrent request may be refused
-    spuriously; never one in which too many pass).
+    is charged. Refused requests cost nothing. On one server (or Sentinel's master) all
+    checks are one script, whatever their groups. On a Cluster, checks in one group are
+    one script; checks spanning groups run one script per group concurrently and the
+    charged ones are undone if another refuses (a short window in which a concurrent
+    request may be refused spuriously; never one in which too many pass).
 
     * :class:`RateCheck`: GCRA (a token bucket without a refill timer). ``rate`` units per
       ``period_s``; up to ``burst`` units at once; a request costs ``cost`` units.
@@ -58,7 +59,7 @@ import enum
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 _KIND_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -92,15 +93,28 @@ class DocumentConflict(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StateKey:
-    """Names one piece of shared state; see the module docstring for the three fields."""
+    """Names one piece of shared state; see the module docstring for the three fields.
+
+    The hash is computed once: a key is looked up several times per decision (the memory
+    store's dict, the Redis key-name cache), and limiters reuse their keys across requests.
+    """
 
     group: str
     kind: str
     parts: tuple[str, ...] = ()
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _KIND_RE.fullmatch(self.kind):
             raise ValueError(f"state key kind {self.kind!r} must match {_KIND_RE.pattern}")
+        object.__setattr__(self, "_hash", hash((self.group, self.kind, self.parts)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[StateKey], tuple[str, str, tuple[str, ...]]]:
+        # String hashes differ between processes: rebuild (and rehash) rather than copy ``_hash``.
+        return StateKey, (self.group, self.kind, self.parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ ledgers and documents are never evicted (forgetting a budget would grant it afre
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import secrets
 import time
@@ -89,6 +90,10 @@ class MemoryState:
         self._entries: dict[StateKey, _Entry] = {}
         self._schedule: list[tuple[int, int, StateKey]] = []  # (when, tiebreak, key)
         self._tiebreak = 0
+        # Lease ids only need to be unique within this store (nothing outside the process
+        # sees them): a counter under a random prefix, instead of a urandom call per lease.
+        self._lease_prefix = secrets.token_hex(4)
+        self._lease_ids = itertools.count()
 
     @property
     def backend(self) -> str:
@@ -100,20 +105,23 @@ class MemoryState:
     # -- limits --------------------------------------------------------------------------
 
     async def run_limits(self, checks: Sequence[LimitCheck]) -> list[LimitDecision]:
-        check_unique(checks)
+        if len(checks) > 1:
+            check_unique(checks)
         now = self._now()
         decisions: list[LimitDecision] = []
-        plans: list[_Plan | None] = []
+        plans: list[_Plan] = []
+        allowed = True
         for check in checks:
             decision, plan = self._decide(check, now)
             decisions.append(decision)
-            plans.append(plan)
-        if not all(d.allowed for d in decisions):
+            if plan is not None:
+                plans.append(plan)
+            allowed = allowed and decision.allowed
+        if not allowed:
             # Nothing is charged, so no lease was taken either.
             return [replace(d, lease=None) if d.lease is not None else d for d in decisions]
         for plan in plans:
-            if plan is not None:
-                self._put(plan.key, plan.value, plan.expires_at)
+            self._put(plan.key, plan.value, plan.expires_at)
         return decisions
 
     async def acquire(self, check: ConcurrencyCheck) -> LimitDecision:
@@ -166,7 +174,7 @@ class MemoryState:
     def _concurrency(self, check: ConcurrencyCheck, now: int,
                      stored: dict[str, int] | None) -> tuple[LimitDecision, _Plan | None]:
         leases = {lid: exp for lid, exp in (stored or {}).items() if exp > now}
-        lease_id = secrets.token_hex(8)
+        lease_id = f"{self._lease_prefix}{next(self._lease_ids):x}"
         ttl = round(check.lease_ttl_s * 1_000_000)
         if len(leases) < check.limit:
             leases[lease_id] = now + ttl

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -124,7 +125,8 @@ end
 #   r (GCRA)        interval_us tolerance_us cost burst
 #   q (quota)       limit period_us cost grace_us
 #   c (concurrency) limit ttl_us lease_id -
-# Returns 5 integers per check: allowed limit remaining reset_us retry_us (-1: never).
+# Returns 5 integers per check: allowed limit remaining reset_us retry_us (-1: never), as
+# one comma-separated string: the client parses one reply line instead of 5 per check.
 LIMITS_LUA: Final = _NOW + """
 local n = #KEYS
 if ARGV[2] == 'u' then
@@ -233,7 +235,8 @@ if ok then
     end
   end
 end
-return out
+for i = 1, #out do out[i] = fmt(out[i]) end
+return table.concat(out, ',')
 """
 
 # Budget reserve. ARGV: now capacity period_us amount reservation_id grace_us epsilon.
@@ -277,6 +280,13 @@ end
 return 1
 """
 
+# Give back several concurrency slots in one round trip. KEYS[i] holds lease ARGV[i + 1]
+# (ARGV[1] is the clock every script is called with; unused here).
+RELEASE_LUA: Final = """
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 1]) end
+return 0
+"""
+
 # Compare-and-set of a versioned document. ARGV: now expected ('' = absent) value.
 PUT_DOC_LUA: Final = _NOW + """
 local cur = redis.call('HGET', KEYS[1], 'v')
@@ -304,8 +314,9 @@ SCRIPTS: Final = (
     Script("reserve", RESERVE_LUA),
     Script("settle", SETTLE_LUA),
     Script("put_document", PUT_DOC_LUA),
+    Script("release", RELEASE_LUA),
 )
-_LIMITS, _RESERVE, _SETTLE, _PUT_DOC = SCRIPTS
+_LIMITS, _RESERVE, _SETTLE, _PUT_DOC, _RELEASE = SCRIPTS
 #: The preamble every script starts with (``now``, ``fmt17``, ``period_of``...), for scripts
 #: other modules run through :meth:`RedisState.run_script` (one clock, one period rule).
 SCRIPT_PREAMBLE: Final = _NOW
@@ -507,6 +518,10 @@ class RedisState:
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown_s)
         self._on_close = on_close
         self._background: set[asyncio.Future[Any]] = set()
+        # Lease ids must be unique among every replica's leases in one sorted set: a random
+        # 64-bit prefix per process and a counter, instead of a urandom call per lease.
+        self._lease_prefix = secrets.token_hex(8)
+        self._lease_ids = itertools.count()
 
     @classmethod
     def from_url(cls, url: str, *, op_timeout_s: float = DEFAULT_OP_TIMEOUT_S, key_prefix: str = "ig",
@@ -677,22 +692,25 @@ class RedisState:
     # -- limits -------------------------------------------------------------------------
 
     async def run_limits(self, checks: Sequence[LimitCheck]) -> list[LimitDecision]:
-        check_unique(checks)
         if not checks:
             return []
-        leases = [Lease(c.key, secrets.token_hex(8)) if isinstance(c, ConcurrencyCheck) else None for c in checks]
+        if len(checks) > 1:
+            check_unique(checks)
+        leases = [Lease(c.key, f"{self._lease_prefix}{next(self._lease_ids):x}")
+                  if isinstance(c, ConcurrencyCheck) else None for c in checks]
         groups: dict[str, list[int]] = {}
         for index, check in enumerate(checks):
             groups.setdefault(check.key.group, []).append(index)
-        if len(groups) == 1:
+        # Groups exist for Cluster slots. One server (or Sentinel's master) runs one script
+        # over keys of any group: one round trip, all-or-nothing without an undo.
+        if len(groups) == 1 or self._mode != "cluster":
             try:
-                raw = await self._limits_script("limits", "a", checks, leases)
+                return _decisions(await self._limits_script("limits", "a", checks, leases), checks, leases)
             except BaseException:
                 # The script may have run before the reply was lost (timeout, cancelled
                 # caller): give back any slot it took rather than hold it until the TTL.
                 self._release_blind(leases)
                 raise
-            return _decisions(raw, checks, leases)
         # Keys in several slots: one script per slot, concurrently; undo the charged ones if
         # another slot refuses or fails, so the result stays all-or-nothing.
         members = list(groups.values())
@@ -749,13 +767,28 @@ class RedisState:
         return (await self.run_limits([check]))[0]
 
     async def release(self, leases: Sequence[Lease]) -> None:
+        """One round trip per slot: ``ZREM`` for one lease, a script for several."""
         if not leases:
             return
+        groups: dict[str, list[Lease]] = {}
+        for lease in leases:
+            groups.setdefault(lease.key.group if self._mode == "cluster" else "", []).append(lease)
+        parts = list(groups.values())
+        if len(parts) == 1:
+            await self._call("release", lambda: self._release_group(parts[0]))
+        else:
+            await self._call("release", lambda: asyncio.gather(*(self._release_group(part) for part in parts)))
 
-        async def zrem_all() -> None:
-            await asyncio.gather(*(self._client.zrem(self.key(lease.key), lease.lease_id) for lease in leases))
-
-        await self._call("release", zrem_all)
+    async def _release_group(self, leases: Sequence[Lease]) -> None:
+        if len(leases) == 1:
+            await self._client.zrem(self.key(leases[0].key), leases[0].lease_id)
+            return
+        keys = [self.key(lease.key) for lease in leases]
+        now = "" if self._clock is None else str(clock_us(self._clock))
+        try:
+            await self._client.evalsha(_RELEASE.sha, len(keys), *keys, now, *(lease.lease_id for lease in leases))
+        except NoScriptError:
+            await self._client.eval(_RELEASE.source, len(keys), *keys, now, *(lease.lease_id for lease in leases))
 
     # -- budgets ------------------------------------------------------------------------
 
@@ -839,7 +872,10 @@ def _check_args(check: LimitCheck, lease: Lease | None) -> tuple[str | int, ...]
     return kind.value, check.limit, round(check.lease_ttl_s * 1_000_000), lease.lease_id, 0
 
 
-def _decisions(raw: Sequence[Any], checks: Sequence[LimitCheck], leases: Sequence[Lease | None]) -> list[LimitDecision]:
+def _decisions(reply: bytes, checks: Sequence[LimitCheck], leases: Sequence[Lease | None]) -> list[LimitDecision]:
+    raw = reply.split(b",")
+    if len(raw) != 5 * len(checks):
+        raise StateUnavailable("limits", "error", "unexpected reply from the limits script")
     out: list[LimitDecision] = []
     overall = all(int(raw[i * 5]) for i in range(len(checks)))
     for i, lease in enumerate(leases):

@@ -76,7 +76,12 @@ INLINE_WARMUP_RUNS: Final = 16  # a model's first runs always go to the pool, to
 INLINE_MAX_CPU_S: Final = 200e-6  # average CPU of the model's recent runs must be below this
 INLINE_MAX_ELEMENTS: Final = 4096  # and the request small: elements over all inputs
 INLINE_MAX_BYTES: Final = 16 * 1024  # and bytes over all inputs (BYTES elements included)
-INLINE_DEMOTE_WALL_S: Final = 2e-3  # an inline run slower than this sends the model back to the pool
+# An inline run that took more CPU than this sends the model back to the pool; so does one
+# that took more wall time than the larger bound (a run blocked for any other reason). CPU,
+# not wall time, is the model's own cost: on a busy machine a preempted loop thread must not
+# demote a tiny model into the pool, where every run costs the hand-off as well.
+INLINE_DEMOTE_CPU_S: Final = 2e-3
+INLINE_DEMOTE_WALL_S: Final = 10e-3
 _EWMA_WEIGHT: Final = 0.2
 # SECURITY: operators whose work a request's values (not just its size) can make large:
 # control flow (trip counts, branches) and outputs shaped by data. A model using any of
@@ -318,15 +323,17 @@ class EmbeddedUpstream:
         if self._inline and cost.inline_ok() and _small(request):
             # SECURITY: only a model measured tiny over its recent runs and a small request;
             # a run that still takes long sends the model back to the pool.
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.thread_time()
             try:
                 outputs = self._run(served, version, request, output_names, run_options)
             finally:
                 self._slots.release()
                 took = time.perf_counter() - began
-                if took > INLINE_DEMOTE_WALL_S:  # failed runs count too
+                cpu = time.thread_time() - cpu_began
+                if cpu > INLINE_DEMOTE_CPU_S or took > INLINE_DEMOTE_WALL_S:  # failed runs count too
                     cost.demote()
-                    log.warning("embedded_inline_run_slow", model=request.model, version=version, seconds=took)
+                    log.warning("embedded_inline_run_slow", model=request.model, version=version, seconds=took,
+                                cpu_seconds=cpu)
             if took > timeout_s:  # as if offloaded: an answer later than the deadline is a timeout
                 raise UpstreamTimeout()
             return InferResponse(model_name=request.model, model_version=version, outputs=outputs, id=request.id)

@@ -164,7 +164,12 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {self.log_tail()}")
-            answer = cli(self.port, "PING", timeout=1)
+            try:
+                answer = cli(self.port, "PING", timeout=1)
+            except subprocess.TimeoutExpired:
+                # A loaded host, or something else that accepts on this port and never
+                # answers: not ready; past the deadline start() tries a fresh port.
+                continue
             if answer == "PONG" or answer.startswith("NOAUTH"):
                 return
             time.sleep(0.02)

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import numpy as np
 from google.protobuf import unknown_fields
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from gateway.errors import InputRejected, MalformedRequest, NotFound, PayloadTooLarge
@@ -145,6 +146,18 @@ def decode_model_infer_request(request: Any, *, limits: CodecLimits) -> InferReq
         tensors.append(Tensor(name=spec.name, datatype=spec.datatype, shape=spec.shape, data=data))
     return InferRequest(model=str(request.model_name), version=str(request.model_version), inputs=tensors,
                         outputs=outputs, id=request_id)
+
+
+def decode_model_infer_bytes(wire: bytes, *, limits: CodecLimits) -> InferRequest:
+    """:func:`decode_model_infer_request` of a serialized message, for the decode worker
+    process (fronts/decode_pool.py): it gets the bytes as they came off the wire, since a
+    parsed message of tritonclient's generated classes cannot be pickled."""
+    try:
+        message = service_pb2.ModelInferRequest.FromString(wire)
+    except DecodeError as exc:
+        raise MalformedRequest("the message is not a valid protobuf request",
+                               reason="request_invalid_protobuf") from exc
+    return decode_model_infer_request(message, limits=limits)
 
 
 def _refuse_unknown_fields(message: Any, where: str) -> None:

@@ -57,9 +57,11 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.fronts.client_addr import client_address
+from gateway.fronts.decode_pool import PROCESS_DECODE_BYTES, DecodePool
 from gateway.fronts.grpc.codec import (
     CodecLimits,
     check_model_ref,
+    decode_model_infer_bytes,
     decode_model_infer_request,
     encode_model_infer_response,
 )
@@ -75,6 +77,7 @@ __all__ = [
     "GrpcFront",
     "RunningGrpcFront",
     "Undecodable",
+    "WithWire",
     "add_front_to_server",
     "bearer_from_metadata",
     "server_options",
@@ -223,6 +226,14 @@ class Undecodable:
     rpc: str
 
 
+@dataclass(frozen=True, slots=True)
+class WithWire:
+    """A large request message with the bytes it was parsed from (see :func:`_lenient`)."""
+
+    message: Any
+    wire: bytes
+
+
 def _decodable(request: Any) -> Any:
     if isinstance(request, Undecodable):
         raise MalformedRequest("the message is not a valid protobuf request", reason="request_invalid_protobuf")
@@ -274,6 +285,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         self.metrics = service.metrics
         self.max_message_bytes = max_message_bytes
         self._calls: set[asyncio.Task[Any]] = set()
+        self.decode_pool = DecodePool()
 
     # ------------------------------------------------------------------ open (health)
 
@@ -315,26 +327,34 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         return await self._serve(context, route, work)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        wire = None
+        if isinstance(request, WithWire):
+            request, wire = request.message, request.wire
         route = functools.partial(_model_route, "/infer", Action.INFER, request)
-        return await self._serve(context, route, functools.partial(self._infer, request))
+        return await self._serve(context, route, functools.partial(self._infer, request, wire))
 
-    async def _infer(self, request: Any, ctx: RequestContext, snap: Snapshot) -> Any:
+    async def _infer(self, request: Any, wire: bytes | None, ctx: RequestContext, snap: Snapshot) -> Any:
         limits = snap.policy.gateway.limits
         size = int(request.ByteSize())
         # The server option bounds the message for every call; the policy's body limit
         # (hot-reloadable) applies here too, so both fronts take the same largest request.
         if size > limits.max_body_bytes:
             raise PayloadTooLarge(f"message larger than {limits.max_body_bytes} bytes")
-        decode = functools.partial(
-            decode_model_infer_request, request,
-            limits=CodecLimits(
-                max_elements_per_tensor=limits.max_elements_per_tensor,
-                max_dims=limits.max_dims,
-                max_bytes_element=limits.max_bytes_element,
-                max_inputs=limits.max_inputs,
-            ),
+        codec_limits = CodecLimits(
+            max_elements_per_tensor=limits.max_elements_per_tensor,
+            max_dims=limits.max_dims,
+            max_bytes_element=limits.max_bytes_element,
+            max_inputs=limits.max_inputs,
         )
-        req = await asyncio.to_thread(decode) if size > OFFLOAD_DECODE_BYTES else decode()
+        # As the REST front (AV-14): converting typed contents to arrays holds the GIL
+        # (~280 ms for 8 MB of fp32_contents), so a thread would still stall the loop; a
+        # very large message is decoded again, from its wire bytes, in a worker process.
+        if wire is not None and size > PROCESS_DECODE_BYTES:
+            req = await self.decode_pool.run(functools.partial(decode_model_infer_bytes, wire, limits=codec_limits))
+        elif size > OFFLOAD_DECODE_BYTES:
+            req = await asyncio.to_thread(decode_model_infer_request, request, limits=codec_limits)
+        else:
+            req = decode_model_infer_request(request, limits=codec_limits)
         req.traceparent = ctx.traceparent
         resp = await self.service.infer(ctx, snap, req)
         message = encode_model_infer_response(resp)
@@ -460,8 +480,10 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         except asyncio.CancelledError:
             # SECURITY: the client cancelled or its deadline passed and gRPC cancelled this
             # handler. The call itself runs on (bounded by the same deadline) so that what
-            # the gateway did is audited; only the answer is dropped.
+            # the gateway did is audited; only the answer is dropped, and an allowed call's
+            # record is marked abandoned (no 2xx reached anyone).
             task.add_done_callback(_retrieve)
+            task.add_done_callback(functools.partial(self._undelivered, ctx))
             raise
 
     async def _refused_early(self, context: Any, exc: GatewayError, request_id: str, label: str,
@@ -482,6 +504,14 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             answer = audit_exc
         self.service.log_refusal(ctx, exc, label)
         return answer
+
+    def _undelivered(self, ctx: RequestContext, task: asyncio.Task[Any]) -> None:
+        """Done callback of a call whose client left: follow its allow record with a marker."""
+        if task.cancelled() or task.exception() is not None:
+            return  # refused (its record says so) or not finished (the service marked it)
+        seq = ctx.notes.get("_audit_seq")
+        if isinstance(seq, int):
+            self.service.audit_log.mark_abandoned(seq, ctx.request_id, "client_gone")
 
     def _done(self, label: str, status: int, started: float) -> None:
         self.metrics.requests.labels(route=label, code=str(status)).inc()
@@ -544,9 +574,14 @@ def _lenient(message_class: Any, rpc: str, data: bytes) -> Any:
     front refuses it like any other malformed request: INVALID_ARGUMENT, audited.
     """
     try:
-        return message_class.FromString(data)
+        message = message_class.FromString(data)
     except DecodeError:
         return Undecodable(rpc)
+    if rpc == "ModelInfer" and len(data) > PROCESS_DECODE_BYTES:
+        # Parsing itself is fast (upb); the model name is needed to route and authorize.
+        # The bytes are kept for the decode worker (:meth:`GrpcFront._infer`).
+        return WithWire(message, data)
+    return message
 
 
 def add_front_to_server(front: GrpcFront, server: Any) -> None:
@@ -579,6 +614,7 @@ class RunningGrpcFront:
         """Stop accepting calls, let calls in progress finish for ``grace_s``, then cancel."""
         await self.server.stop(grace_s)
         await self.front.drain(grace_s)
+        await self.front.decode_pool.aclose()
 
 
 async def start_grpc_front(

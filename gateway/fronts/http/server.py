@@ -158,6 +158,11 @@ class HttpFront:
             await self._not_delivered(route_label, request_id, "write_timeout", audited=audited)
         except ConnectionError:
             await self._not_delivered(route_label, request_id, "client_gone", audited=audited)
+        except asyncio.CancelledError:
+            # The handler was cancelled mid-write (client gone, server stopping): recorded
+            # like a reset, then the cancellation goes on.
+            await self._not_delivered(route_label, request_id, "client_gone", audited=audited)
+            raise
 
     async def _not_delivered(self, route_label: str, request_id: str, reason: str, *, audited: bool) -> None:
         self.metrics.response_write_aborts.labels(route=route_label, reason=reason).inc()
