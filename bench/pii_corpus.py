@@ -28,15 +28,21 @@ import random
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 
 import phonenumbers
 from faker import Faker
+from faker.providers.date_time import change_year
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "data" / "pii_corpus.jsonl"
 SEED = 20261202
 ADJACENT = 200  # rows of the adjacent variant, after the others
+# "Today" for every date Faker draws: its own date helpers read the clock, so the DOB
+# values (and so the committed corpus) changed from one day to the next. The day the
+# committed corpus was generated.
+REFERENCE_DATE = date(2026, 12, 2)
 
 PHONE_LOCALES = ("en_US", "en_US", "en_US", "en_GB", "de_DE", "fr_FR", "it_IT", "es_ES", "nl_NL", "en_IN",
                  "pt_BR", "en_CA", "en_AU", "ja_JP")
@@ -174,7 +180,7 @@ class Generator:
         return "Authorization: Bearer ", rand(40, alnum + "-_.")
 
     def dob(self) -> tuple[str, str]:
-        date = self.en.date_of_birth(minimum_age=18, maximum_age=90)
+        date = self._date_of_birth(minimum_age=18, maximum_age=90)
         keyword = self.rng.choice(["DOB: ", "Date of birth: ", "born on ", "birthday ", "D.O.B. ", "Birthdate: "])
         style = self.rng.randrange(5)
         if style == 0:
@@ -307,8 +313,17 @@ class Generator:
             f"release {r.randrange(300, 999)}.{r.randrange(256)}.{r.randrange(256)}.{r.randrange(256)}",
         ])
 
+    def _date_of_birth(self, minimum_age: int, maximum_age: int) -> date:
+        """Faker's ``date_of_birth`` (the same draws) with ``REFERENCE_DATE`` for today."""
+        start = change_year(REFERENCE_DATE, -(maximum_age + 1))
+        end = change_year(REFERENCE_DATE, -minimum_age)
+        born = self.en.date_time_ad(start_datetime=start, end_datetime=end).date()
+        return born if born != start else born + timedelta(days=1)
+
     def _plain_date(self) -> str:
-        return f"Meeting on {self.en.date_this_decade().isoformat()}"
+        # Faker's ``date_this_decade()`` (the same draw) with ``REFERENCE_DATE`` for today.
+        decade = date(REFERENCE_DATE.year - REFERENCE_DATE.year % 10, 1, 1)
+        return f"Meeting on {self.en.date_between_dates(decade, REFERENCE_DATE).isoformat()}"
 
     def evasion(self) -> Builder:
         b = Builder()

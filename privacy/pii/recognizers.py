@@ -80,6 +80,16 @@ class Rule:
     # finds, ~1 µs through the binding). SECURITY: set only where each alternative of the
     # pattern has a mandatory ``[0-9]`` (tests/privacy/test_pii_fastpaths.py checks it too).
     needs_digit: bool = False
+    # A second reading of a numeric entity glued to a neighbour by "-", "." or "_", with
+    # boundaries that refuse only an adjacent digit. SECURITY: it runs after every other
+    # rule, so it only adds to what they found: changing their boundaries instead moved
+    # where their candidates start, and 101 phones they masked went unmasked (issue 5).
+    glued: bool = False
+    # For a glued reading: candidates are matched only where an entity found before ends
+    # (anchored there), not searched for in the whole text. For glues the plain rule reads
+    # as separators already ("-", "." for a phone): elsewhere ("94 3167-0433 (214) 280-6666")
+    # a second reading found windows the plain rule refuses ("0433 (214) 280").
+    after_entity: bool = False
 
 
 # --- byte helpers ---------------------------------------------------------------------
@@ -121,8 +131,19 @@ def _bounded(before: str, body: str, after: str) -> str:
     return f"(?:{before})({body})(?:{after})"
 
 
+def _glued(before: str, body: str, after: str, *, glue: str = r"[._\-]", before_too: bool = True) -> str:
+    """Candidates of a glued reading (``Rule.glued``, group -1): ``body`` right after
+    ``glue``, or followed by ``glue`` (and a digit), with the relaxed boundaries on the
+    other side. Only glued candidates: the others are the plain rule's, and searching
+    them all a second time doubled the cost of number-dense text."""
+    glued_after = "_" if glue == "_" else f"{glue}[0-9]"
+    return (f"{_bounded(glue, body, after)}|" if before_too else "") + _bounded(before, body, glued_after)
+
+
 # Boundary fragments. Each consumes at most two characters; the engine resumes a scan
 # at the end of the entity group, so a consumed boundary still serves the next entity.
+# The glued readings (``Rule.glued``) of every numeric entity use one rule instead: only
+# an adjacent digit refuses, "-", "." and "_" are separators (_NOT_AFTER/BEFORE_DIGIT).
 _NOT_AFTER_NUMBER = r"^[\-./_]?|[^0-9\-./_]|[^0-9][\-./_]"  # not "7" or "7-" before
 _NOT_BEFORE_NUMBER = r"$|[^0-9\-./_]|[\-./_](?:$|[^0-9])"  # not "7" or "-7" after
 _NOT_AFTER_DIGIT = r"^|[^0-9]"
@@ -169,18 +190,26 @@ _PH_EXT = r"(?:[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6})?"
 # number is no candidate) or one run of 7-15 digits; never inside a longer number. The
 # first group may be a whole run: "+14155550132 12 times" is a candidate whose window
 # finds the number (otherwise a run followed by any number was never masked).
-PHONE_SOURCE: Final = _bounded(
-    r"^|[^0-9A-Za-z_+]",
+_PH_BODY = (
     rf"(?:\+[ \t]?|00[ \t]?)?"
     rf"(?:(?:{_PH_PAREN}|[0-9]{{1,15}}(?:{_PH_SEP}|[ \t]?{_PH_PAREN}))(?:{_PH_PAREN}|[0-9]{{1,6}}{_PH_SEP}?){{0,6}}"
-    rf"[0-9]{{1,6}}|[0-9]{{7,15}}){_PH_EXT}",
-    # Any separator ends a candidate, also one before more digits: what follows may be a
-    # word ("... 0958 2nd floor"), a long run ("... 0958 00000000") or another entity, and
-    # requiring a non-digit there left such phones unmasked (found by security_tests/fuzz).
-    # Digits that can continue the number as groups still do (the match is greedy), and the
-    # windows of _check_phone trim them.
-    r"$|[^0-9A-Za-z_.\-/ \t]|[.\-/ \t]",
+    rf"[0-9]{{1,6}}|[0-9]{{7,15}}){_PH_EXT}"
 )
+# Any separator ends a candidate, also one before more digits: what follows may be a
+# word ("... 0958 2nd floor"), a long run ("... 0958 00000000") or another entity, and
+# requiring a non-digit there left such phones unmasked (found by security_tests/fuzz).
+# Digits that can continue the number as groups still do (the match is greedy), and the
+# windows of _check_phone trim them.
+PHONE_SOURCE: Final = _bounded(r"^|[^0-9A-Za-z_+]", _PH_BODY, r"$|[^0-9A-Za-z_.\-/ \t]|[.\-/ \t]")
+# SECURITY: the glued readings (see ``Rule.glued``) hold only glued candidates: a phone
+# glued to anything by "_", which the rule above reads as a word character ("841-646-3080_
+# 4780...", "..._+44 20 7155 3483"), and one glued by "-" or "." to an entity before it
+# ("105-58-9855-838 563 1769": the rule above reads one candidate from "105" and refuses it
+# whole, as it must for an IBAN's groups). A second reading of every phone candidate found
+# weak keyword readings the first rule had passed over ("Call +33 3 58 41 32 94 / 4720-...").
+_PH_AFTER_GLUED = r"$|[^0-9A-Za-z.\-/_ \t]|[.\-/_ \t]"
+PHONE_GLUED_SOURCE: Final = f"{_bounded('_', _PH_BODY, _PH_AFTER_GLUED)}|{_bounded(r'^|[^0-9A-Za-z_+]', _PH_BODY, '_')}"
+PHONE_AFTER_ENTITY_SOURCE: Final = _bounded(r"[.\-]", _PH_BODY, _PH_AFTER_GLUED)
 _PH_EXT_RE: Final = re.compile(rb"[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6}$")
 _PH_TOKEN: Final = re.compile(rb"\([ \t]?[0-9]+[ \t]?\)|[0-9]+")
 _PHONE_KEYWORDS: Final = _keywords(
@@ -349,9 +378,10 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
     return None
 
 
-# A digit run starting with 0, and the NANP layouts as consecutive group sizes (one byte
-# per group) for :func:`_maybe_strong`. SECURITY: stdlib ``re`` on a bounded candidate.
-_ZERO_LED: Final = re.compile(rb"(?<![0-9])0")
+# A digit run led by 0 then 1-9 (the same answer on a candidate and on its shape), and the
+# NANP layouts as consecutive group sizes (one byte per group) for :func:`_maybe_strong`.
+# SECURITY: stdlib ``re`` on a bounded candidate.
+_TRUNK_LED: Final = re.compile(rb"(?<![0-9])0[1-9]")
 _NANP_SIZES: Final = re.compile(b"|".join(re.escape(bytes(layout)) for layout in _NANP_LAYOUTS))
 # Digits 1-9 -> "1", "0" kept: what :func:`_maybe_strong` depends on (signs, runs led by 0,
 # run sizes) and nothing more of the number. Number-dense text repeats few shapes.
@@ -362,8 +392,8 @@ _STRONG_SHAPES_MAX: Final = 4096
 
 def _maybe_strong(chunk: bytes) -> bool:
     """Can any reading of this phone candidate have a shape that :func:`_phone_ok`
-    accepts without a keyword: a "+" or "(" start, a first group with a leading 0, or
-    group sizes of a NANP layout?
+    accepts without a keyword: a "+" or "(" start, a "00" start, a first group with a
+    trunk 0 (0 then 1-9), or group sizes of a NANP layout?
 
     A necessary condition only, so False proves that no reading passes without a
     keyword. Every reading is a run of consecutive digit groups of the candidate (the
@@ -382,7 +412,10 @@ def _maybe_strong(chunk: bytes) -> bool:
 
 
 def _strong_shape(chunk: bytes) -> bool:
-    if b"+" in chunk or b"(" in chunk or len(chunk) > 255 or _ZERO_LED.search(chunk):
+    # A run led by 0 is strong only as a trunk prefix ("020", "01") or as "00" opening the
+    # candidate: inside it, "00" is no international prefix (``inner``), and a lone "0" or
+    # "00..." is no trunk prefix. ISBNs ("978-0-9511532-1-5") end here, not in 16 readings.
+    if b"+" in chunk or b"(" in chunk or len(chunk) > 255 or chunk[:2] == b"00" or _TRUNK_LED.search(chunk):
         return True  # (a run of 256+ digits would not fit a size byte: the full test decides)
     return _NANP_SIZES.search(bytes(map(len, _DIGIT_RUN.findall(chunk)))) is not None
 
@@ -594,9 +627,10 @@ _SSN_SEP = r"(?:[ \t]?[\-.][ \t]?|[ \t]{1,2}|_)"
 # and left both SSNs in clear).
 _SSN_NOT_AFTER = r"^[\-._]?|[^0-9\-._]|[^0-9][\-._]"
 _SSN_NOT_BEFORE = r"$|[^0-9\-._]|[\-._](?:$|[^0-9])"
-SSN_SOURCE: Final = _bounded(
-    _SSN_NOT_AFTER, rf"[0-9]{{3}}{_SSN_SEP}[0-9]{{2}}{_SSN_SEP}[0-9]{{4}}|[0-9]{{9}}", _SSN_NOT_BEFORE,
-)
+_SSN_BODY = rf"[0-9]{{3}}{_SSN_SEP}[0-9]{{2}}{_SSN_SEP}[0-9]{{4}}|[0-9]{{9}}"
+SSN_SOURCE: Final = _bounded(_SSN_NOT_AFTER, _SSN_BODY, _SSN_NOT_BEFORE)
+# Glued by "-", "." or "_" to a number ("635-11-2881.173-52-1064"), see ``Rule.glued``.
+SSN_GLUED_SOURCE: Final = _glued(_NOT_AFTER_DIGIT, _SSN_BODY, _NOT_BEFORE_DIGIT)
 _SSN_KEYWORDS: Final = _keywords(b"ssn", b"social security", b"social sec", b"ss#", b"ss #", b"taxpayer", b"tin")
 
 
@@ -678,9 +712,10 @@ def _check_iban(data: bytes, start: int, end: int) -> Span | None:
 
 # --- IP -------------------------------------------------------------------------------
 
-IPV4_SOURCE: Final = _bounded(
-    r"^|[^0-9A-Za-z_.]", r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}", r"$|[^0-9A-Za-z_.]|\.(?:$|[^0-9])",
-)
+_IPV4_BODY = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
+IPV4_SOURCE: Final = _bounded(r"^|[^0-9A-Za-z_.]", _IPV4_BODY, r"$|[^0-9A-Za-z_.]|\.(?:$|[^0-9])")
+# Glued by "_" ("10.0.0.1_10.0.0.2"), which the rule above reads as a word character.
+IPV4_GLUED_SOURCE: Final = _glued(r"^|[^0-9A-Za-z.]", _IPV4_BODY, r"$|[^0-9A-Za-z.]|\.(?:$|[^0-9])", glue="_")
 _HEX = r"[0-9A-Fa-f]{0,4}"
 IPV6_SOURCE: Final = _bounded(
     r"^|[^0-9A-Za-z_:]",
@@ -775,14 +810,15 @@ _MONTHS = (
     r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?"
     r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
 )
-DATE_SOURCE: Final = _bounded(
-    _NOT_AFTER_DIGIT,
+_DATE_BODY = (
     r"[0-9]{1,2}[/.\-][0-9]{1,2}[/.\-](?:[0-9]{4}|[0-9]{2})"
     r"|[0-9]{4}[/.\-][0-9]{1,2}[/.\-][0-9]{1,2}"
     rf"|(?i:[0-9]{{1,2}}(?:st|nd|rd|th)?[ \t]+(?:of[ \t]+)?{_MONTHS},?[ \t]+[0-9]{{4}})"
-    rf"|(?i:{_MONTHS}[ \t]+[0-9]{{1,2}}(?:st|nd|rd|th)?,?[ \t]+[0-9]{{4}})",
-    _NOT_BEFORE_NUMBER,
+    rf"|(?i:{_MONTHS}[ \t]+[0-9]{{1,2}}(?:st|nd|rd|th)?,?[ \t]+[0-9]{{4}})"
 )
+DATE_SOURCE: Final = _bounded(_NOT_AFTER_DIGIT, _DATE_BODY, _NOT_BEFORE_NUMBER)
+# Glued by "-", "." or "_" to a number after it ("born 01/02/1990-415-555-0132").
+DATE_GLUED_SOURCE: Final = _glued(_NOT_AFTER_DIGIT, _DATE_BODY, _NOT_BEFORE_DIGIT, before_too=False)
 _DOB_BEFORE: Final = _keywords(
     b"dob", b"d.o.b", b"date of birth", b"birth date", b"birthdate", b"birthday", b"born", b"b-day",
     b"geboren", b"geb.", b"geburtsdatum", b"n\xc3\xa9 le", b"n\xc3\xa9e le", b"date de naissance",
@@ -869,11 +905,16 @@ ADDRESS_SOURCE: Final = _bounded(
 RULES: Final[tuple[Rule, ...]] = (
     Rule(EMAIL, "email", EMAIL_SOURCE, _check_email, group=0),
     Rule(PHONE, "phone", PHONE_SOURCE, _check_phone, needs_digit=True),
+    Rule(PHONE, "phone_glued", PHONE_GLUED_SOURCE, _check_phone, group=-1, needs_digit=True, glued=True),
+    Rule(PHONE, "phone_after_entity", PHONE_AFTER_ENTITY_SOURCE, _check_phone, needs_digit=True, glued=True,
+         after_entity=True),
     Rule(CARD, "card", CARD_SOURCE, _check_card, needs_digit=True),
     Rule(CARD, "card_spread", CARD_SPREAD_SOURCE, _check_card_spread, needs_digit=True),
     Rule(SSN, "ssn", SSN_SOURCE, _check_ssn, needs_digit=True),
+    Rule(SSN, "ssn_glued", SSN_GLUED_SOURCE, _check_ssn, group=-1, needs_digit=True, glued=True),
     Rule(IBAN, "iban", IBAN_SOURCE, _check_iban, needs_digit=True),
     Rule(IP, "ipv4", IPV4_SOURCE, _check_ipv4, needs_digit=True),
+    Rule(IP, "ipv4_glued", IPV4_GLUED_SOURCE, _check_ipv4, group=-1, needs_digit=True, glued=True),
     Rule(IP, "ipv6", IPV6_SOURCE, _check_ipv6),
     *(Rule(SECRET, name, _bounded(_NOT_AFTER_ALNUM, source, ""), _check_prefixed_secret)
       for name, source in _SECRET_PREFIXED),
@@ -881,5 +922,6 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule(SECRET, "assigned_secret", ASSIGNED_SECRET_SOURCE, _accept),
     Rule(SECRET, "auth_header", AUTH_HEADER_SOURCE, _accept, group=-1),
     Rule(DOB, "dob", DATE_SOURCE, _check_dob, needs_digit=True),
+    Rule(DOB, "dob_glued", DATE_GLUED_SOURCE, _check_dob, group=-1, needs_digit=True, glued=True),
     Rule(ADDRESS, "address", ADDRESS_SOURCE, _accept, needs_digit=True),
 )

@@ -56,7 +56,7 @@ class Found:
 class Pattern:
     """One compiled RE2 pattern, searched over bytes."""
 
-    __slots__ = ("_anchor", "_regexp", "program_size", "source", "spans")
+    __slots__ = ("_anchor", "_regexp", "program_size", "source", "spans", "spans_at")
 
     def __init__(self, source: str) -> None:
         try:
@@ -74,6 +74,9 @@ class Pattern:
         # ``(-1, -1)`` when unset or no match), with no Python frame or object per match: on
         # a short candidate those cost more than RE2's search itself.
         self.spans: Callable[[bytes, int, int], list[tuple[int, int]]] = partial(self._regexp.Match, self._anchor)
+        # The same, for a match that starts exactly at ``pos``.
+        self.spans_at: Callable[[bytes, int, int], list[tuple[int, int]]] = partial(
+            self._regexp.Match, re2._Anchor.ANCHOR_START)
 
 
     def search(self, data: bytes, pos: int = 0) -> Found | None:
