@@ -7,6 +7,7 @@ them in between and two workers starting together agree on one key.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -53,12 +54,21 @@ def read_or_create(path: Path, make: Callable[[], bytes], *, allow_insecure: boo
         return path.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     data = make()
-    # SECURITY: created 0600 atomically; never world-readable, even briefly. O_EXCL: if another
-    # process won the race, its key is the one everybody uses.
+    # SECURITY: created 0600; never world-readable, even briefly. Written whole under a
+    # private name, then linked into place: another process (a second worker starting at
+    # the same moment) sees no file or the whole key, never a half-written one. link()
+    # fails if another process won the race; its key is the one everybody uses.
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            return path.read_bytes()
+    finally:
+        staging.unlink(missing_ok=True)
     return data
