@@ -194,6 +194,19 @@ class UpstreamTimeout(GatewayError):
     default_reason = "upstream_timeout"
 
 
+class ClientGone(GatewayError):
+    """The caller went away before its answer (client disconnected, server stopping).
+
+    Never sent (nobody is listening): it names the outcome in the audit record (nginx's
+    499, ``client_gone``) and tells the stages' completion hooks the call did not finish.
+    """
+
+    http_status = 499
+    grpc_code = GrpcCode.CANCELLED
+    public_message = "client closed request"
+    default_reason = "client_gone"
+
+
 class InternalError(GatewayError):
     """A bug of ours. The client sees only the request id; the log has the trace."""
 

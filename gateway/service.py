@@ -23,9 +23,9 @@ from gateway.conformance import check_request
 from gateway.context import Action, RequestContext
 from gateway.drift.monitor import DriftMonitor
 from gateway.errors import (
+    ClientGone,
     DependencyUnavailable,
     GatewayError,
-    GrpcCode,
     InternalError,
     NotFound,
     PermissionDenied,
@@ -51,19 +51,6 @@ from privacy.dp.ledger import BudgetLedger, LedgerUnavailable
 log = structlog.get_logger("gateway.service")
 
 T = TypeVar("T")
-
-
-class ClientGone(GatewayError):
-    """The caller went away before its answer (client disconnected, server stopping).
-
-    Never sent (nobody is listening): it names the outcome in the audit record (nginx's
-    499, ``client_gone``) and tells the stages' completion hooks the call did not finish.
-    """
-
-    http_status = 499
-    grpc_code = GrpcCode.CANCELLED
-    public_message = "client closed request"
-    default_reason = "client_gone"
 
 
 @dataclass(slots=True)

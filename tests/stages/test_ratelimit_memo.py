@@ -8,13 +8,12 @@ bounded when clients choose fresh subjects or addresses.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import numpy as np
 import pytest
 
-from gateway.context import Action, Principal, RequestContext
+from gateway.context import Action, RequestContext
 from gateway.kserve import InferRequest, Tensor
 from gateway.stages.ratelimit import (
     PLAN_CACHE_MAX,
@@ -27,20 +26,13 @@ from gateway.stages.ratelimit import (
     response_headers,
 )
 from gateway.state.memory import MemoryState
+from tests.stages.test_ratelimit import ctx
 
 T0 = 1_767_225_600 + 36_000.0
 
 
 def clock() -> float:
     return T0
-
-
-def ctx(sub: str = "alice", tenant: str = "acme", roles: tuple[str, ...] = ("analyst",), model: str | None = "digits",
-        action: Action = Action.INFER) -> RequestContext:
-    c = RequestContext(request_id=secrets.token_hex(4), revision="r", action=action, transport="test",
-                       client_addr="127.0.0.1", model=model)
-    c.principal = Principal(subject=sub, tenant=tenant, roles=frozenset(roles), issuer="test", credential_id="c")
-    return c
 
 
 def stage_of(*limits: dict[str, Any]) -> RateLimiter:

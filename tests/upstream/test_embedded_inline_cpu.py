@@ -29,17 +29,27 @@ def _stall_inline_runs(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(embedded, "_feed", stalled)
 
 
+async def _warmed_up(upstreams: list[EmbeddedUpstream], tmp_path: Path) -> EmbeddedUpstream:
+    """The scale model past its pool warm-up: its next small runs are inline."""
+    upstream = await scale_upstream(upstreams, tmp_path)
+    for _ in range(INLINE_WARMUP_RUNS):
+        await upstream.infer(scale_request(), timeout_s=5)
+    return upstream
+
+
+async def _three_runs(upstream: EmbeddedUpstream, threads: list[int]) -> None:
+    threads.clear()
+    for _ in range(3):
+        await upstream.infer(scale_request(), timeout_s=5)
+
+
 async def test_a_preempted_but_cheap_inline_run_stays_inline(
     tmp_path: Path, started: list[EmbeddedUpstream], run_threads: list[int],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    upstream = await scale_upstream(started, tmp_path)
-    for _ in range(INLINE_WARMUP_RUNS):
-        await upstream.infer(scale_request(), timeout_s=5)
+    upstream = await _warmed_up(started, tmp_path)
     _stall_inline_runs(monkeypatch, 0.004)  # twice the CPU bound, in wall time only
-    run_threads.clear()
-    for _ in range(3):
-        await upstream.infer(scale_request(), timeout_s=5)
+    await _three_runs(upstream, run_threads)
     assert run_threads == [threading.get_ident()] * 3
 
 
@@ -47,13 +57,9 @@ async def test_an_inline_run_over_the_wall_backstop_is_demoted(
     tmp_path: Path, started: list[EmbeddedUpstream], run_threads: list[int],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    upstream = await scale_upstream(started, tmp_path)
-    for _ in range(INLINE_WARMUP_RUNS):
-        await upstream.infer(scale_request(), timeout_s=5)
+    upstream = await _warmed_up(started, tmp_path)
     _stall_inline_runs(monkeypatch, embedded.INLINE_DEMOTE_WALL_S * 1.5)
-    run_threads.clear()
-    for _ in range(3):
-        await upstream.infer(scale_request(), timeout_s=5)
+    await _three_runs(upstream, run_threads)
     loop_thread = threading.get_ident()
     assert run_threads[0] == loop_thread
     assert loop_thread not in run_threads[1:]
@@ -63,14 +69,10 @@ async def test_an_inline_run_over_the_cpu_bound_is_demoted(
     tmp_path: Path, started: list[EmbeddedUpstream], run_threads: list[int],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    upstream = await scale_upstream(started, tmp_path)
-    for _ in range(INLINE_WARMUP_RUNS):
-        await upstream.infer(scale_request(), timeout_s=5)
+    upstream = await _warmed_up(started, tmp_path)
     monkeypatch.setattr(embedded, "INLINE_DEMOTE_CPU_S", 0.0)  # every run costs more than nothing
     monkeypatch.setattr(embedded, "INLINE_DEMOTE_WALL_S", 60.0)
-    run_threads.clear()
-    for _ in range(3):
-        await upstream.infer(scale_request(), timeout_s=5)
+    await _three_runs(upstream, run_threads)
     loop_thread = threading.get_ident()
     assert run_threads[0] == loop_thread
     assert loop_thread not in run_threads[1:]

@@ -6,29 +6,13 @@ record had its 2xx" holds for this front too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.upstream.triton_grpc import TritonGrpcUpstream
 from tests.support.fake_triton import FakeTriton, slow
 
-from .test_grpc_server import DIGITS, Gateway, close_gateway, digits_request, make_settings, open_gateway
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeTriton]:
-    async with FakeTriton([DIGITS]) as server:
-        yield server
-
-
-@pytest.fixture
-async def gw_fake(tmp_path: Path, fake: FakeTriton) -> AsyncIterator[Gateway]:
-    gateway = await open_gateway(make_settings(tmp_path), upstream=TritonGrpcUpstream(fake.url))
-    yield gateway
-    await close_gateway(gateway)
+from .test_grpc_server import Gateway, digits_request, fake, gw_fake  # noqa: F401 - fixtures
 
 
 async def _marker(gw: Gateway, seq: int) -> dict[str, Any]:
@@ -40,7 +24,9 @@ async def _marker(gw: Gateway, seq: int) -> dict[str, Any]:
     raise AssertionError(f"no abandoned marker for seq {seq}")
 
 
-async def test_allowed_call_whose_client_left_is_marked_abandoned(gw_fake: Gateway, fake: FakeTriton) -> None:
+async def test_allowed_call_whose_client_left_is_marked_abandoned(
+        gw_fake: Gateway, fake: FakeTriton,  # noqa: F811 - the fixtures imported above
+) -> None:
     fake.set(slow(0.3))
     call = gw_fake.stub.ModelInfer(digits_request(), metadata=gw_fake.auth("grpc-gone"))
     await asyncio.sleep(0.1)
