@@ -39,6 +39,7 @@ from gateway.policy.compile import CompileEnv
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers, State
 from gateway.resilience.connection_gate import ConnectionGate
+from gateway.resilience.loop_lag import monitor as loop_lag_monitor
 from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
@@ -200,6 +201,8 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         service.audit_aggregator.start()
         await service.upstream.start()
         await service.state.start()
+        # Operators see the loop's lag; the state layer reads the same monitor.
+        loop_lag_monitor().add_sink(service.metrics.loop_lag)
         if service.drift is not None:
             service.drift.start()
         watcher = asyncio.create_task(service.store.watch(settings.policy_poll_s))

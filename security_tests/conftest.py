@@ -42,13 +42,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     yield w
     p99 = _write_lag(w)
     w.stop()
-    # I5 (CATALOGUE §0.6), over the whole run: judged only on a run long enough for a p99.
-    if p99 is not None and len(w.lag_samples) >= I5_MIN_SAMPLES:
-        assert p99 < I5_P99_S, f"I5: event-loop lag p99 {p99 * 1000:.1f} ms >= 100 ms (results/loop_lag.json)"
+    # I5 (CATALOGUE §0.6) over the whole run is measured and reported, not asserted (no timed
+    # assertions in tests): results/loop_lag.json, in SUMMARY.md via security_tests/summarize.py.
+    # What the tests assert is why the loop stays free (AV-14: where the heavy work runs).
+    if p99 is not None:
+        print(f"I5: event-loop lag p99 {p99 * 1000:.1f} ms over {len(w.lag_samples)} samples "
+              f"(target < {I5_P99_S * 1000:.0f} ms; results/loop_lag.json)")
 
 
 I5_P99_S = 0.100
-I5_MIN_SAMPLES = 1000
 
 
 def _write_lag(w: World) -> float | None:
@@ -57,7 +59,8 @@ def _write_lag(w: World) -> float | None:
     if not samples:
         return None
     RESULTS.mkdir(exist_ok=True)
-    doc = {"samples": len(samples), "p50_ms": round(samples[len(samples) // 2] * 1000, 2),
+    doc = {"samples": len(samples), "target_p99_ms": I5_P99_S * 1000,
+           "p50_ms": round(samples[len(samples) // 2] * 1000, 2),
            "p99_ms": round(samples[int(len(samples) * 0.99)] * 1000, 2), "max_ms": round(samples[-1] * 1000, 2),
            "worst_cases_ms": {k: round(v * 1000, 1) for k, v in
                               sorted(w.lag_by_case.items(), key=lambda kv: -kv[1])[:8]}}

@@ -10,7 +10,10 @@ come back the same way; that costs a few milliseconds, so only bodies above
 
 Workers are started with ``forkserver`` (never ``fork``: the gateway has threads) on the
 first large body, and a broken pool (a worker died) refuses that request with 503 and is
-replaced for the next one.
+replaced for the next one. Submitting is done from a thread: on a fresh pool ``submit``
+starts the forkserver and the workers, which blocked the event loop for hundreds of
+milliseconds on the first large body (loop lag p99 294 ms in that round of
+``bench/bench_loop_lag.py``, 28 ms afterwards).
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ class DecodePool:
         """``fn()`` in a worker; its :class:`GatewayError` is raised here as if local."""
         pool = self._executor()
         try:
-            kind, value = await asyncio.wrap_future(pool.submit(_run, fn))
+            # Off the loop: the first submits start processes (see the module docstring).
+            future = await asyncio.to_thread(pool.submit, _run, fn)
+            kind, value = await asyncio.wrap_future(future)
         except BrokenProcessPool as exc:
             self._discard(pool)
             log.error("decode_pool_broken")  # noqa: TRY400 - an outcome, not a gateway bug: no trace

@@ -188,6 +188,20 @@ class Metrics:
         )
         for reason in ("max_connections", "max_connections_per_ip"):
             self.connections_refused.labels(reason=reason)  # alertable from zero, not from absence
+        # Event-loop lag (resilience/loop_lag.py): a saturated loop makes every dependency
+        # look slow; state deadlines wait out lag (state/redis.py), counted here.
+        self.event_loop_lag = LoopHistogram(
+            "gateway_event_loop_lag_seconds", "How late a 10 ms event-loop tick ran (the loop's queueing delay).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r,
+        )
+        self.state_deadline_extended = LoopCounter(
+            "gateway_state_deadline_extended_total",
+            "Shared-state calls whose op timeout fired while the event loop lagged, by outcome "
+            "(extended: kept waiting; answered: Redis replied in the extension; failed: it did not).",
+            ["outcome"], registry=r,
+        )
+        for outcome in ("extended", "answered", "failed"):
+            self.state_deadline_extended.labels(outcome=outcome)  # alertable from zero
         # Labelled children of the per-request metrics, see child().
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
@@ -228,6 +242,15 @@ class Metrics:
         self.redis_duration.observe(seconds)
         if error is not None:
             self.redis_errors.inc()
+
+    def loop_lag(self, seconds: float) -> None:
+        """A sink of :class:`~gateway.resilience.loop_lag.LoopLagMonitor` (one call per tick)."""
+        self.event_loop_lag.observe(seconds)
+
+    def state_deadline_extension(self, backend: str, op: str, outcome: str) -> None:
+        """The shared-state layer's report of a deadline waited out past the loop's lag."""
+        del backend, op  # one state backend per process; the outcome is what an operator alerts on
+        self.child(self.state_deadline_extended, outcome).inc()
 
     def set_revision(self, revision: str) -> None:
         """Keep exactly one ``gateway_policy_info`` series: the active revision's."""

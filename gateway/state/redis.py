@@ -19,10 +19,20 @@ back to ``EVAL`` on ``NOSCRIPT`` (a restarted server or a promoted replica has a
 script cache). Time inside a script is the server's ``TIME``: replicas with skewed clocks
 still agree on one timeline per key.
 
-Faults: each call is bounded by ``op_timeout_s`` (100 ms) twice over: ``asyncio.timeout``
-around the whole call, and the same value as the socket connect/read timeout, so a
-half-open server (TCP accepted, no answer) and a SIGSTOPped one both surface as
-:class:`StateUnavailable` on time. The call runs in its own task and the caller waits on a
+Faults: each call is bounded by ``op_timeout_s`` (100 ms) of ``asyncio.timeout`` around the
+whole call, so a half-open server (TCP accepted, no answer) and a SIGSTOPped one both
+surface as :class:`StateUnavailable` on time. That deadline measures Redis, not the event
+loop: when it fires while the loop has been lagging (the gateway saturated, a reply that
+Redis sent in 1 ms still unread in the socket), the call waits on until Redis has had
+``op_timeout_s`` of the time the loop was free (lag from
+:mod:`gateway.resilience.loop_lag`), never past the hard cap ``lag_cap_s`` (10 x
+op_timeout_s); a cap reached because of lag alone is not counted by the breaker. So the
+gateway's own load does not look like a Redis outage, and fail closed still holds: an idle
+loop detects a dead Redis at ``op_timeout_s`` as before, a busy one within the cap
+(``# SECURITY:`` in :meth:`RedisState._outwait_loop_lag`; extensions are counted by the
+observer's ``state_deadline_extension``). The socket connect/read timeouts are the
+backstop at the cap (at ``op_timeout_s`` on a cluster, whose client relies on them to
+notice a stopped master). The call runs in its own task and the caller waits on a
 shield, so the deadline holds even where redis-py is slow to honour a cancellation; the
 abandoned task is cancelled, which makes redis-py drop the connection it was using, so no
 late reply is ever read as the answer to a later command and nothing stays stuck once Redis
@@ -72,6 +82,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.resilience import loop_lag
+from gateway.resilience.loop_lag import LoopLagMonitor
 from gateway.state.base import (
     BUDGET_EPSILON,
     BudgetDecision,
@@ -97,6 +109,11 @@ from gateway.state.base import (
 log = structlog.get_logger("gateway.state.redis")
 
 DEFAULT_OP_TIMEOUT_S: Final = 0.1
+#: A timed-out call waits on (up to ``lag_cap_s``) only if the event loop lagged for at least
+#: this fraction of ``op_timeout_s`` during it; below that the timeout is Redis's.
+LAG_FRACTION: Final = 0.1
+#: ``lag_cap_s`` when not given: this many times ``op_timeout_s``.
+LAG_CAP_FACTOR: Final = 10
 PERIOD_GRACE_US: Final = 60_000_000
 _PREFIX_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -381,6 +398,10 @@ class _CachedCommandsParser(AsyncCommandsParser):
             await super().initialize(node)
 
 
+class _LoopLagTimeout(TimeoutError):
+    """The hard cap ran out while the event loop, not Redis, had used the time (see ``_outwait_loop_lag``)."""
+
+
 class _Breaker:
     """Fail fast after repeated failures; let one probe through per cooldown."""
 
@@ -398,6 +419,10 @@ class _Breaker:
             return False
         self.probing = True
         return True
+
+    def record_neutral(self) -> None:
+        """An outcome that says nothing about Redis: no failure counted, a probe slot freed."""
+        self.probing = False
 
     def record(self, ok: bool) -> None:
         self.probing = False
@@ -504,13 +529,17 @@ class RedisState:
     def __init__(self, client: Any, *, mode: str, target: str, op_timeout_s: float = DEFAULT_OP_TIMEOUT_S,
                  key_prefix: str = "ig", clock: Callable[[], float] | None = None,
                  observer: StateObserver | None = None, breaker_threshold: int = 5,
-                 breaker_cooldown_s: float = 0.5, on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+                 breaker_cooldown_s: float = 0.5, on_close: Callable[[], Awaitable[None]] | None = None,
+                 lag_cap_s: float | None = None) -> None:
         if not key_prefix or len(key_prefix) > 32 or not set(key_prefix) <= _PREFIX_CHARS:
             raise ValueError("key_prefix must be 1-32 characters of [A-Za-z0-9_.-]")
         self._client = client
         self._mode = mode
         self._target = target
         self.op_timeout_s = op_timeout_s
+        # The longest a call may wait when the event loop's lag, not Redis, used its budget.
+        self.lag_cap_s = max(op_timeout_s, LAG_CAP_FACTOR * op_timeout_s if lag_cap_s is None else lag_cap_s)
+        self._lag: LoopLagMonitor | None = None
         self._prefix = key_prefix
         # For tests only: production reads the time from the Redis server (TIME).
         self._clock = clock
@@ -527,15 +556,22 @@ class RedisState:
     def from_url(cls, url: str, *, op_timeout_s: float = DEFAULT_OP_TIMEOUT_S, key_prefix: str = "ig",
                  max_connections: int = 256, clock: Callable[[], float] | None = None,
                  observer: StateObserver | None = None, breaker_threshold: int | None = None,
-                 breaker_cooldown_s: float = 0.5) -> RedisState:
+                 breaker_cooldown_s: float = 0.5, lag_cap_s: float | None = None) -> RedisState:
         """Connect lazily (no I/O here): the gateway starts even while Redis is down."""
         target = parse_url(url)
         query = dict(target.query)
+        cap_s = max(op_timeout_s, LAG_CAP_FACTOR * op_timeout_s if lag_cap_s is None else lag_cap_s)
+        # redis-py's own socket timeouts run on the same lagging loop: at op_timeout_s they
+        # would throw away a reply that is already in the socket (and drop the connection)
+        # whenever the loop is busy. :meth:`_call` enforces op_timeout_s (net of the loop's
+        # lag); the socket timeouts are only the backstop at the hard cap. Not for a cluster,
+        # whose client needs its own timeouts to notice a stopped master and refresh slots.
+        socket_timeout_s = op_timeout_s if target.mode == "cluster" else cap_s
         common: dict[str, Any] = {
             "username": target.username,
             "password": target.password,
-            "socket_timeout": op_timeout_s,
-            "socket_connect_timeout": op_timeout_s,
+            "socket_timeout": socket_timeout_s,
+            "socket_connect_timeout": socket_timeout_s,
             # One immediate retry on a connection error (a stale pooled connection); never
             # on a timeout, which already used the whole budget.
             "retry": Retry(NoBackoff(), 1, (RedisConnectionError,)),
@@ -598,7 +634,7 @@ class RedisState:
             threshold = 5 if breaker_threshold is None else breaker_threshold
         return cls(client, mode=target.mode, target=target.redacted(), op_timeout_s=op_timeout_s,
                    key_prefix=key_prefix, clock=clock, observer=observer, breaker_threshold=threshold,
-                   breaker_cooldown_s=breaker_cooldown_s, on_close=on_close)
+                   breaker_cooldown_s=breaker_cooldown_s, on_close=on_close, lag_cap_s=cap_s)
 
     def __repr__(self) -> str:
         return f"RedisState({self._target})"
@@ -618,13 +654,20 @@ class RedisState:
             self._observe(op, 0.0, "circuit_open")
             raise StateUnavailable(op, "circuit_open")
         start = time.perf_counter()
+        lag = self._lag_monitor()
+        lag_mark = lag.lag_total()
         task = asyncio.ensure_future(command())
         try:
-            # The caller waits on a shield, so the deadline holds even when the client
-            # library is slow to honour the cancellation (measured: redis-py's cluster
-            # client sleeping 250 ms on CLUSTERDOWN, Python 3.11's wait_for losing a cancel).
-            async with asyncio.timeout(self.op_timeout_s):
-                result = await asyncio.shield(task)
+            try:
+                # The caller waits on a shield, so the deadline holds even when the client
+                # library is slow to honour the cancellation (measured: redis-py's cluster
+                # client sleeping 250 ms on CLUSTERDOWN, Python 3.11's wait_for losing a cancel).
+                async with asyncio.timeout(self.op_timeout_s):
+                    result = await asyncio.shield(task)
+            except TimeoutError:
+                if not task.done():  # a reply that is already in is used, never thrown away
+                    await self._outwait_loop_lag(op, task, start, lag, lag_mark)
+                result = task.result()  # the call's own outcome (its exception, if it failed)
         except BaseException as exc:
             if not task.done():
                 task.cancel()  # redis-py drops the connection it was using
@@ -637,7 +680,10 @@ class RedisState:
             # down by a concurrent reset while another command was sending on it), and the
             # caller's fail mode must apply to it too.
             kind = classify(exc)
-            self._breaker.record(False)
+            if isinstance(exc, _LoopLagTimeout):
+                self._breaker.record_neutral()  # the loop's overload, not a Redis failure
+            else:
+                self._breaker.record(False)
             self._observe(op, time.perf_counter() - start, kind)
             if kind in {"error", "client_error"}:
                 log.warning("state_backend_error", op=op, kind=kind, error=type(exc).__name__)
@@ -645,6 +691,62 @@ class RedisState:
         self._breaker.record(True)
         self._observe(op, time.perf_counter() - start, None)
         return result
+
+    async def _outwait_loop_lag(self, op: str, task: asyncio.Future[Any], start: float,
+                                lag: LoopLagMonitor, lag_mark: float) -> None:
+        """The op timeout fired with no reply: wait on while the event loop, not Redis, used the budget.
+
+        Returns once ``task`` is done; raises ``TimeoutError`` when Redis has had its full
+        ``op_timeout_s`` of loop-available time (a real outage: counted by the breaker), or
+        :class:`_LoopLagTimeout` at ``lag_cap_s`` when the loop lagged through nearly all of
+        it (not counted: the process is overloaded, Redis is not known to be down).
+
+        # SECURITY: fail closed is kept; only *when* it happens moves. On an idle loop the
+        # lag is ~0 and a dead, stopped or half-open Redis fails at ``op_timeout_s`` exactly
+        # as before. Under load it fails once Redis has had ``op_timeout_s`` of the time the
+        # loop was free, and in every case by ``lag_cap_s`` (default 10 x op_timeout_s), so
+        # no request is held longer than that and the caller's fail mode (503) still
+        # applies. The trade-off: while the process is overloaded, a dead Redis costs each
+        # request up to the cap instead of op_timeout_s, and the breaker opens later; in
+        # exchange healthy traffic is not refused because the gateway itself is busy.
+        """
+        budget = self.op_timeout_s
+        extended = False
+        while True:
+            elapsed = time.perf_counter() - start
+            lagged = lag.lag_total() - lag_mark
+            dependency_s = elapsed - lagged  # the time the loop was free to read a reply
+            if elapsed >= self.lag_cap_s:
+                self._extension(op, extended, "failed")
+                if dependency_s >= budget:
+                    raise TimeoutError
+                raise _LoopLagTimeout
+            if dependency_s >= budget or lagged < budget * LAG_FRACTION:
+                self._extension(op, extended, "failed")
+                raise TimeoutError
+            if not extended:
+                extended = True
+                self._extension(op, False, "extended")
+            wait_s = min(max(budget - dependency_s, budget * LAG_FRACTION), self.lag_cap_s - elapsed)
+            _ = await asyncio.wait((task,), timeout=wait_s)
+            if task.done():
+                self._extension(op, True, "answered")
+                return
+
+    def _extension(self, op: str, extended: bool, outcome: str) -> None:
+        """Count deadline extensions: ``extended`` when one starts, then ``answered`` or ``failed``."""
+        if outcome != "extended" and not extended:
+            return
+        hook = getattr(self._observer, "state_deadline_extension", None)
+        if hook is not None:
+            hook(self._mode, op, outcome)
+
+    def _lag_monitor(self) -> LoopLagMonitor:
+        """The running loop's lag monitor (one lookup per loop, not per call)."""
+        found = self._lag
+        if found is None or not found.running or found.loop is not asyncio.get_running_loop():
+            found = self._lag = loop_lag.monitor()
+        return found
 
     async def _script(self, op: str, script: Script, keys: Sequence[str],
                       args: Sequence[str | int | bytes]) -> Any:

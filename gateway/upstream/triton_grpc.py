@@ -18,6 +18,16 @@ channel ignores ``http_proxy``-style environment variables.
 What comes back is checked before anyone uses it: each output must be declared (or
 requested), appear once, have the declared datatype, a shape that fits the declaration,
 and exactly as many bytes as its shape needs. Anything else is ``UpstreamBadResponse``.
+
+Cost: inference is the one call on every request's path, so it skips tritonclient's
+per-call Python layer (``InferInput``/``set_data_from_numpy``, ``_get_inference_request``,
+headers-to-metadata plugin, ``InferResult.as_numpy``) and sends a ``ModelInferRequest``
+built in one constructor call through tritonclient's own generated stub on its channel,
+decoding the reply's raw contents directly. The request bytes on the wire are identical
+to what ``client.infer`` sends and the arrays returned are identical to the ones
+``as_numpy`` gave (``tests/upstream/test_triton_grpc_fast.py`` pins both); errors are
+converted by tritonclient's ``raise_error_grpc`` exactly as ``client.infer`` does.
+Health and metadata calls keep using tritonclient's client methods unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import numpy as np
 import structlog
 import tritonclient.grpc as tgrpc
 import tritonclient.grpc.aio as tgrpc_aio
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import (
@@ -67,6 +78,30 @@ _DEADLINE_GRACE_S: Final = 0.25
 _INPUT_REJECTED: Final = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"})
 _UNAVAILABLE: Final = frozenset({"UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"})
 
+_ModelInferRequest: Final[Any] = service_pb2.ModelInferRequest
+_InputTensor: Final[Any] = service_pb2.ModelInferRequest.InferInputTensor
+_RequestedOutput: Final[Any] = service_pb2.ModelInferRequest.InferRequestedOutputTensor
+# tritonclient's infer passes NoCompression explicitly; so do we (same call options).
+_NO_COMPRESSION: Final = grpc.Compression.NoCompression
+_LENGTH: Final = struct.Struct("<I")  # BYTES elements: 4-byte little-endian length prefix
+
+
+class _InferenceClient(tgrpc_aio.InferenceServerClient):  # type: ignore[misc]
+    """tritonclient's aio client plus one call that sends a ready ``ModelInferRequest``.
+
+    ``client.infer`` rebuilds the request from ``InferInput`` objects and wraps the reply
+    in ``InferResult`` on every call; this sends the message the caller built, on the same
+    channel and generated stub (``_client_stub``, set by tritonclient 2.73.0's ``__init__``)
+    with the same call options, and converts errors the same way.
+    """
+
+    async def model_infer(self, request: Any, *, metadata: tuple[tuple[str, str], ...], deadline_s: float) -> Any:
+        try:
+            return await self._client_stub.ModelInfer(
+                request=request, metadata=metadata, timeout=deadline_s, compression=_NO_COMPRESSION
+            )
+        except grpc.RpcError as rpc_error:
+            tgrpc.raise_error_grpc(rpc_error)
 
 
 def status_code_name(exc: BaseException) -> str | None:
@@ -181,7 +216,7 @@ class TritonGrpcUpstream:
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
         ]
-        self._client = tgrpc_aio.InferenceServerClient(
+        self._client = _InferenceClient(
             self.url,
             ssl=self._ssl,
             root_certificates=self._root_certificates,
@@ -266,26 +301,19 @@ class TritonGrpcUpstream:
             expected = requested_outputs(metadata, request)
         else:
             expected = [out.name for out in request.outputs]
-        inputs = _build_inputs(request)
-        outputs = [tgrpc.InferRequestedOutput(out.name) for out in request.outputs] or None
+        message = _infer_message(request)
+        # SECURITY: as _headers(): only the validated trace context goes out, never client headers.
+        grpc_metadata = (("traceparent", request.traceparent),) if request.traceparent else ()
 
         remaining = deadline - loop.time()
-        result = await self._call(
+        response = await self._call(
             "infer",
             request.model,
             remaining,
-            lambda client, t: client.infer(
-                request.model,
-                inputs,
-                model_version=request.version,
-                outputs=outputs,
-                request_id=request.id or "",
-                client_timeout=t,
-                headers=self._headers(request.traceparent),
-            ),
+            lambda client, t: client.model_infer(message, metadata=grpc_metadata, deadline_s=t),
         )
         try:
-            tensors = _outputs(result, request, expected, metadata)
+            tensors = _outputs(response, request, expected, metadata)
         except UpstreamBadResponse:
             raise
         except Exception as exc:  # anything odd in a response is the upstream's fault
@@ -293,7 +321,6 @@ class TritonGrpcUpstream:
                 "upstream_bad_response", model=request.model, error_type=type(exc).__name__, error=str(exc)
             )
             raise UpstreamBadResponse(reason="upstream_bad_response") from exc
-        response = result.get_response()
         if response.model_name and response.model_name != request.model:
             _bad("infer", request.model, "response names another model")
         return InferResponse(
@@ -377,32 +404,74 @@ def _metadata_from_proto(response: Any) -> ModelMetadata:
     )
 
 
-def _build_inputs(request: InferRequest) -> list[Any]:
-    """tritonclient InferInputs from the request's arrays (BYTES: object arrays of bytes)."""
-    inputs: list[Any] = []
+def _infer_message(request: InferRequest) -> Any:
+    """The ``ModelInferRequest`` tritonclient's ``infer`` would build for ``request``.
+
+    Same checks as ``InferInput.set_data_from_numpy`` (array dtype is the datatype's,
+    shape is the declared one) and the same encoding (``tobytes()`` in C order; BYTES as
+    4-byte little-endian length + bytes per element, row-major), field for field.
+    """
+    tensors: list[Any] = []
+    contents: list[bytes] = []
     for tensor in request.inputs:
-        if tensor.datatype == "BYTES" and not all(isinstance(v, bytes) for v in tensor.data.flat):
+        data: Any = tensor.data  # typed NDArray, but checked as tritonclient did
+        if tensor.datatype == "BYTES":
             # tritonclient would str() anything else: refuse instead of sending a repr.
-            raise InputRejected(
-                f"input {tensor.name!r}: BYTES elements must be bytes", reason="input_datatype"
-            )
-        infer_input = tgrpc.InferInput(tensor.name, list(tensor.shape), tensor.datatype)
-        try:
-            infer_input.set_data_from_numpy(tensor.data)
-        except InferenceServerException as exc:  # datatype/shape disagree with the array
-            log.info("upstream_input_encoding_failed", input=tensor.name, error=str(exc))
+            # (np.bytes_ elements of an "S" array are bytes, as tritonclient accepts.)
+            if not isinstance(data, np.ndarray) or not all(isinstance(v, bytes) for v in data.flat):
+                raise InputRejected(
+                    f"input {tensor.name!r}: BYTES elements must be bytes", reason="input_datatype"
+                )
+            dtype_ok = data.dtype == np.object_ or data.dtype.type == np.bytes_
+        else:
+            expected = DTYPES.get(tensor.datatype)
+            dtype_ok = isinstance(data, np.ndarray) and expected is not None and data.dtype == expected
+        if not dtype_ok or data.shape != tuple(tensor.shape):
+            log.info("upstream_input_encoding_failed", input=tensor.name, error="datatype or shape mismatch")
             raise InputRejected(
                 f"input {tensor.name!r}: data does not match its datatype or shape", reason="input_datatype"
-            ) from exc
-        inputs.append(infer_input)
-    return inputs
+            )
+        tensors.append(_InputTensor(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape))
+        contents.append(_bytes_tensor(data) if tensor.datatype == "BYTES" else data.tobytes())
+    return _ModelInferRequest(
+        model_name=request.model,
+        model_version=request.version,
+        id=request.id or "",
+        inputs=tensors,
+        outputs=[_RequestedOutput(name=out.name) for out in request.outputs],
+        raw_input_contents=contents,
+    )
+
+
+def _bytes_tensor(data: NDArray) -> bytes:
+    """KServe V2 raw BYTES: each element's 4-byte little-endian length, then the element."""
+    parts: list[bytes] = []
+    for value in data.flat:
+        parts.append(_LENGTH.pack(len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def _bytes_elements(buffer: bytes) -> list[bytes]:
+    """Split raw BYTES contents into elements; a length that overruns the buffer is an error."""
+    elements: list[bytes] = []
+    offset, end = 0, len(buffer)
+    while offset < end:
+        if offset + 4 > end:
+            raise ValueError(f"truncated length prefix at byte {offset}")
+        (length,) = _LENGTH.unpack_from(buffer, offset)
+        offset += 4
+        if offset + length > end:
+            raise ValueError(f"element of {length} bytes at byte {offset} overruns {end}")
+        elements.append(buffer[offset : offset + length])
+        offset += length
+    return elements
 
 
 def _outputs(
-    result: Any, request: InferRequest, expected: list[str], metadata: ModelMetadata | None
+    response: Any, request: InferRequest, expected: list[str], metadata: ModelMetadata | None
 ) -> list[Tensor]:
-    """Decode and check every output of a response; any inconsistency is the upstream's."""
-    response = result.get_response()
+    """Decode and check every output of a ``ModelInferResponse``; any inconsistency is the upstream's."""
     raw = response.raw_output_contents
     if len(raw) not in (0, len(response.outputs)):
         _bad("infer", request.model, "raw_output_contents does not match the outputs")
@@ -429,7 +498,7 @@ def _outputs(
                 _bad("infer", request.model, f"output {name!r} shape {list(shape)} is not {list(spec.shape)}")
         count = element_count(shape)
         if raw:
-            data = _raw_array(result, name, datatype, count, bytes(raw[index]), request.model)
+            data = _raw_array(name, datatype, count, raw[index], request.model)
         else:
             data = _typed_array(out, datatype, count, request.model)
         tensors.append(Tensor(name=name, datatype=datatype, shape=shape, data=data.reshape(shape)))
@@ -439,20 +508,23 @@ def _outputs(
     return tensors
 
 
-def _raw_array(result: Any, name: str, datatype: str, count: int, buffer: bytes, model: str) -> NDArray:
-    if datatype != "BYTES" and len(buffer) != count * ELEMENT_SIZE[datatype]:
+def _raw_array(name: str, datatype: str, count: int, buffer: bytes, model: str) -> NDArray:
+    """A writable array of ``count`` elements from raw contents (the caller reshapes it)."""
+    if datatype == "BYTES":
+        try:
+            elements = _bytes_elements(buffer)
+        except ValueError as exc:  # truncated elements
+            _bad("infer", model, f"output {name!r} cannot be decoded: {exc}")
+        if len(elements) != count:
+            _bad("infer", model, f"output {name!r} does not hold {count} elements")
+        array = np.empty(count, dtype=np.object_)
+        array[:] = elements
+        return array
+    if len(buffer) != count * ELEMENT_SIZE[datatype]:
         _bad("infer", model, f"output {name!r} has {len(buffer)} bytes for {count} elements")
-    try:
-        decoded: Any = result.as_numpy(name)
-    except (struct.error, ValueError) as exc:  # truncated BYTES elements, reshape failure
-        _bad("infer", model, f"output {name!r} cannot be decoded: {exc}")
-    if not isinstance(decoded, np.ndarray) or decoded.size != count:
-        _bad("infer", model, f"output {name!r} does not hold {count} elements")
-    array: NDArray = decoded
-    if datatype != "BYTES":
-        array = array.astype(DTYPES[datatype], copy=False)
     # np.frombuffer views are read-only; stages (noise, masking) may write in place.
-    return array if array.flags.writeable else array.copy()
+    copied: NDArray = np.frombuffer(buffer, dtype=DTYPES[datatype]).copy()
+    return copied
 
 
 def _typed_array(out: Any, datatype: str, count: int, model: str) -> NDArray:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,3 +66,25 @@ async def test_dead_worker_is_a_503_and_the_pool_is_replaced() -> None:
         assert ok.inputs[0].shape == (1, 64)
     finally:
         await pool.aclose()
+
+
+async def test_workers_are_started_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh pool starts its forkserver and workers inside ``submit``: done on the loop's
+    thread, every connection stalled for that long on the first large body."""
+    loop_thread = threading.get_ident()
+    submitted_on: list[int] = []
+    real_submit = ProcessPoolExecutor.submit
+
+    def spy(self: ProcessPoolExecutor, *args: Any, **kwargs: Any) -> Any:
+        submitted_on.append(threading.get_ident())
+        return real_submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", spy)
+    pool = DecodePool(workers=1)
+    try:
+        ok = await pool.run(functools.partial(decode_infer_request, "digits", "", _body(2), header_length=None,
+                                              limits=LIMITS))
+    finally:
+        await pool.aclose()
+    assert ok.inputs[0].shape == (2, 64)
+    assert submitted_on and loop_thread not in submitted_on

@@ -48,6 +48,7 @@ NOT_DRIVEN = {
     "gateway_flag_evaluation_errors_total": "needs a broken flag rule (tests/flags)",
     "gateway_redis_duration_seconds": "Redis only (the memory backend is not a network hop): tests/state",
     "gateway_redis_errors_total": "Redis only: tests/state",
+    "gateway_state_deadline_extended_total": "Redis and a lagging loop: tests/state/test_loop_lag_redis.py",
     "gateway_audit_write_failures_total": "needs a failing disk: tests/audit",
     "gateway_drift_psi": "needs a full drift window (the drift tests)",
     "gateway_drift_state": "needs a full drift window (the drift tests)",

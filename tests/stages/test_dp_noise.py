@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -273,16 +272,33 @@ class TestRelease:
 
 
     async def test_timing_jitter_delays_the_answer(self, ledger: InMemoryBudgetLedger, clock: Clock) -> None:
-        """With timing_jitter_ms, answers are delayed by a random amount (the side-channel
-        mask); the delay is random, not constant."""
+        """With timing_jitter_ms, the answer waits on the event loop's real timer (the
+        side-channel mask), awaited before the answer is released; the delay is random, not
+        constant. Checked without timing the answers: the stage as built for the gateway
+        awaits ``asyncio.sleep`` itself, and the next test measures what it is asked for."""
         stage = build_dp_stage(policy(risk={**RISK_POLICY, "timing_jitter_ms": 30}), ledger, clock)
-        delays = []
+        assert stage.sleep is asyncio.sleep  # what the gateway runs: a real delay, not a recorder
+        order: list[str] = []
+        asked: list[float] = []
+
+        async def sleep_then_note(seconds: float) -> None:
+            order.append("sleep")
+            asked.append(seconds)
+            await asyncio.sleep(0)
+
+        class Upstream(FakeUpstream):
+            async def __call__(self, ctx: RequestContext, req: InferRequest) -> InferResponse:
+                order.append("upstream")
+                return await super().__call__(ctx, req)
+
+        delayed = dataclasses.replace(stage, sleep=sleep_then_note)
         for i in range(6):
-            start = time.perf_counter()
-            await call_stage(stage, ctx_for(), risk_request(value=float(i)), FakeUpstream())
-            delays.append(time.perf_counter() - start)
-        assert max(delays) > 0.005
-        assert max(delays) - min(delays) > 0.001
+            await call_stage(delayed, ctx_for(), risk_request(value=float(i)), Upstream())
+            order.append("answered")
+        # Each answer: upstream, then the delay, and only then released.
+        assert order == ["upstream", "sleep", "answered"] * 6
+        assert max(asked) > 0.005
+        assert max(asked) - min(asked) > 0.001
 
     async def test_timing_jitter_goes_through_the_injected_sleep(self, ledger: InMemoryBudgetLedger,
                                                                  clock: Clock) -> None:

@@ -19,7 +19,9 @@ Usage::
     ...
     fake.requests[-1]        # the last ModelInferRequest proto received (a copy)
     fake.calls[-1].metadata  # the gRPC metadata that came with it
+    fake.calls[-1].deadline_s  # the gRPC deadline it arrived with (seconds left; None: none)
     fake.counts["ModelInfer"], fake.cancelled["ModelInfer"]
+    fake.peak_in_flight["ModelInfer"]  # most calls of that RPC held (slow/hang) at once
     await fake.stop()
 
 Error messages contain :data:`CANARY` so tests can prove the gateway never passes an
@@ -148,11 +150,16 @@ def extra_output() -> Behaviour:
 
 @dataclass(frozen=True, slots=True)
 class RecordedCall:
-    """One RPC as received: its name, model (if any) and invocation metadata."""
+    """One RPC as received: its name, model (if any) and invocation metadata.
+
+    ``deadline_s`` is the time the call had left when it arrived (``None``: no deadline):
+    tests check the deadline a client sent instead of timing how long it waited.
+    """
 
     rpc: str
     model: str | None
     metadata: tuple[tuple[str, str | bytes], ...]
+    deadline_s: float | None = None
 
 
 @dataclass
@@ -180,6 +187,8 @@ class FakeTriton:
         self.calls: list[RecordedCall] = []
         self.counts: collections.Counter[str] = collections.Counter()
         self.cancelled: collections.Counter[str] = collections.Counter()
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.peak_in_flight: collections.Counter[str] = collections.Counter()
         self._state = _State()
         self._server: Any = None
         self.port = 0
@@ -208,6 +217,7 @@ class FakeTriton:
         self.calls.clear()
         self.counts.clear()
         self.cancelled.clear()
+        self.peak_in_flight.clear()  # in_flight is not: calls in progress still end
 
     def behaviour(self, rpc: str, model: str | None) -> Behaviour:
         if model is not None and (rpc, model) in self._state.per_model:
@@ -247,7 +257,8 @@ class FakeTriton:
 
     def record(self, rpc: str, model: str | None, context: Any) -> None:
         metadata = tuple((str(m.key), m.value) for m in (context.invocation_metadata() or ()))
-        self.calls.append(RecordedCall(rpc=rpc, model=model, metadata=metadata))
+        self.calls.append(RecordedCall(rpc=rpc, model=model, metadata=metadata,
+                                       deadline_s=context.time_remaining()))
         self.counts[rpc] += 1
 
 
@@ -265,6 +276,8 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             await context.send_initial_metadata(behaviour.initial_metadata)
         if behaviour.trailing_metadata:
             context.set_trailing_metadata(behaviour.trailing_metadata)
+        self.fake.in_flight[rpc] += 1
+        self.fake.peak_in_flight[rpc] = max(self.fake.peak_in_flight[rpc], self.fake.in_flight[rpc])
         try:
             if behaviour.kind == "hang":
                 await asyncio.Event().wait()
@@ -273,6 +286,8 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         except asyncio.CancelledError:
             self.fake.cancelled[rpc] += 1
             raise
+        finally:
+            self.fake.in_flight[rpc] -= 1
         if behaviour.kind == "error":
             await context.abort(behaviour.code, behaviour.message)
         return behaviour

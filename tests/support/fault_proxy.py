@@ -63,6 +63,7 @@ class FaultProxy:
         self.mode = PASS
         self.delay_s = 0.0
         self.accepted = 0
+        self.delayed = 0  # replies held back delay_s by the latency fault, then sent on
         self._links: set[_Link] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
@@ -173,6 +174,7 @@ class FaultProxy:
                     await asyncio.sleep(self.delay_s)
                     if self.mode in (BLACKHOLE, HALF_OPEN, RESET):
                         continue
+                    self.delayed += 1
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -41,6 +39,11 @@ from tests.support.fake_triton import (
     wrong_datatype,
     wrong_shape,
 )
+from tests.support.liveness import eventually, no_hang
+
+# What a deadline gains on the wire: the grpc-timeout header is rounded up, and the server
+# reads it against its own (cached) clock. Far below any difference the tests look for.
+WIRE_SLACK_S = 0.01
 
 DIGITS = ModelMetadata(
     name="digits",
@@ -426,28 +429,35 @@ async def test_model_ready_other_errors_still_raise(upstream: TritonGrpcUpstream
 
 
 async def test_hang_times_out_within_the_deadline(upstream: TritonGrpcUpstream, fake: FakeTriton) -> None:
+    """The caller's budget travels as the gRPC deadline, and ends the call on both sides."""
     await upstream.infer(digits(), timeout_s=2)  # warm: channel connected, metadata cached
     fake.set(hang())
-    began = time.perf_counter()
-    with pytest.raises(UpstreamTimeout):
-        await upstream.infer(digits(), timeout_s=0.3)
-    elapsed = time.perf_counter() - began
-    assert 0.25 < elapsed < 0.3 + 0.2
+    async with no_hang("a hung ModelInfer with a 0.3 s budget", expected_s=0.3) as watch:
+        with pytest.raises(UpstreamTimeout):
+            await upstream.infer(digits(), timeout_s=0.3)
+    call = fake.calls[-1]
+    assert call.rpc == "ModelInfer"
+    assert call.deadline_s is not None and 0 < call.deadline_s <= 0.3 + WIRE_SLACK_S  # the budget
+    # Not a speed check: a deadline can only fire late, never early; this one waited its budget.
+    assert watch.seconds >= 0.25
     # The deadline travelled with the call: the server side was cancelled too.
-    for _ in range(50):
-        if fake.cancelled["ModelInfer"]:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: fake.cancelled["ModelInfer"], "the server seeing the cancellation")
     assert fake.cancelled["ModelInfer"] == 1
 
 
 async def test_deadline_covers_metadata_and_infer(upstream: TritonGrpcUpstream, fake: FakeTriton) -> None:
-    fake.set(slow(0.2), rpc="ModelMetadata")
-    fake.set(slow(0.2))
-    began = time.perf_counter()
-    with pytest.raises(UpstreamTimeout):
-        await upstream.infer(digits(), timeout_s=0.3)
-    assert time.perf_counter() - began < 0.3 + 0.2
+    """One budget for the request: the infer call gets what the metadata call left of it."""
+    fake.set(slow(0.3), rpc="ModelMetadata")
+    fake.set(hang())
+    async with no_hang("metadata then a hung ModelInfer, 0.6 s budget", expected_s=0.6):
+        with pytest.raises(UpstreamTimeout):
+            await upstream.infer(digits(), timeout_s=0.6)
+    deadlines = {c.rpc: c.deadline_s for c in fake.calls}
+    assert list(deadlines) == ["ModelMetadata", "ModelInfer"]
+    metadata_deadline, infer_deadline = deadlines["ModelMetadata"], deadlines["ModelInfer"]
+    assert metadata_deadline is not None and 0 < metadata_deadline <= 0.6 + WIRE_SLACK_S
+    # The metadata call slept 0.3 s of the 0.6: a fresh budget per call would send ~0.6 here.
+    assert infer_deadline is not None and infer_deadline <= 0.6 - 0.3 + WIRE_SLACK_S
 
 
 async def test_slow_but_in_time(upstream: TritonGrpcUpstream, fake: FakeTriton) -> None:
@@ -457,10 +467,11 @@ async def test_slow_but_in_time(upstream: TritonGrpcUpstream, fake: FakeTriton) 
 
 async def test_hung_health_check_times_out(upstream: TritonGrpcUpstream, fake: FakeTriton) -> None:
     fake.set(hang(), rpc="ServerLive")
-    began = time.perf_counter()
-    with pytest.raises(UpstreamTimeout):
-        await upstream.server_live(timeout_s=0.2)
-    assert time.perf_counter() - began < 0.2 + 0.2
+    async with no_hang("a hung ServerLive with a 0.2 s budget", expected_s=0.2):
+        with pytest.raises(UpstreamTimeout):
+            await upstream.server_live(timeout_s=0.2)
+    call = fake.calls[-1]
+    assert call.rpc == "ServerLive" and call.deadline_s is not None and 0 < call.deadline_s <= 0.2 + WIRE_SLACK_S
 
 
 async def test_server_goes_down(upstream: TritonGrpcUpstream, fake: FakeTriton) -> None:
@@ -476,12 +487,12 @@ async def test_nothing_listening() -> None:
     client = TritonGrpcUpstream(f"127.0.0.1:{free_port()}")
     await client.start()
     try:
-        began = time.perf_counter()
-        with pytest.raises(UpstreamUnavailable):
-            await client.infer(digits(), timeout_s=2)
-        with pytest.raises(UpstreamUnavailable):
-            await client.server_ready(timeout_s=2)
-        assert time.perf_counter() - began < 4.5
+        # Unavailable, not UpstreamTimeout: refused at once rather than waiting the budget out.
+        async with no_hang("two calls with nothing listening"):
+            with pytest.raises(UpstreamUnavailable):
+                await client.infer(digits(), timeout_s=2)
+            with pytest.raises(UpstreamUnavailable):
+                await client.server_ready(timeout_s=2)
     finally:
         await client.close()
 
