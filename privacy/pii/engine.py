@@ -31,6 +31,8 @@ from privacy.pii.recognizers import (
     SECRET,
     Rule,
     _calling_codes,
+    phone_strong,
+    phone_strong_within,
 )
 from privacy.pii.regex import MAX_SET_PROGRAM_SIZE, Pattern, PatternSet
 
@@ -50,6 +52,11 @@ class Detection:
     entity: str
     start: int
     end: int
+
+
+# A stretch of a scan still to search: position, end, the list its readings go to, and
+# the byte span whose digits it is searched for (None: searched whatever).
+_Window = tuple[int, int, list[tuple[str, int, int]], tuple[int, int] | None]
 
 
 class _Piece(NamedTuple):
@@ -122,6 +129,7 @@ class PiiEngine:
         # Past the last digit, a rule whose matches all hold one cannot match.
         digits_end = _digits_end(data)
         accepted: list[tuple[str, int, int]] = []  # entity and byte span
+        extra: list[tuple[str, int, int]] = []  # readings that share a phone's groups (below)
         # Stronger types first. A candidate lying wholly inside what they already found
         # cannot change the merged result (a union typed by priority), so its check is
         # skipped: a card's digits need no phone parsing.
@@ -139,14 +147,17 @@ class PiiEngine:
             skip = stronger = covered
             pending = rule.glued and covered is not None  # the two are built on a first candidate
             before = len(accepted)
+            # (position, end, where readings go, digits it is searched for) still to search
+            windows: list[_Window] = []
             if rule.after_entity:
                 accepted += _read_after_entities(self._patterns[index], rule, data, accepted)
-                windows = []
             else:
-                windows = [(0, size)]  # (position, end) still to search
+                windows.append((0, size, accepted, None))
             limit = digits_end - 1 if rule.needs_digit else size
             while windows:
-                position, end = windows.pop()
+                position, end, sink, tail = windows.pop()
+                if tail is not None and not _uncovered_digit(data, accepted + extra, *tail):
+                    continue  # what the reading left of its candidate was masked since
                 stop = end if end < limit else limit  # (builtin min and max cost a call each)
                 while position <= stop:
                     spans = search(data, position, end)
@@ -186,7 +197,7 @@ class PiiEngine:
                         # entity's end only left "555 2671" in clear (issue 5).
                     span = check(data, group_start, group_end)
                     if span is not None and span[1] > span[0]:
-                        accepted.append((entity, span[0], span[1]))
+                        sink.append((entity, span[0], span[1]))
                         if group_start < span[0] < end:
                             # SECURITY: the check kept the end of a match that ran over two
                             # entities ("+14155550132/415-555-0199"): what comes before the
@@ -194,7 +205,25 @@ class PiiEngine:
                             # (found by security_tests/fuzz). Strictly shorter than the
                             # window searched (a check may also read on past a candidate's
                             # end, never past a window's), so this ends.
-                            windows.append((match_start, span[0]))
+                            windows.append((match_start, span[0], sink, None))
+                        if entity == PHONE and span[1] < group_end:
+                            # SECURITY: the reading ends inside the candidate and may hold only the
+                            # first group of the next phone: "dob 01/02/1990 415-555-0132" reads
+                            # "01/02/1990 415" (a trunk-0 number) and the search went on after
+                            # "415", leaving "555-0132" in clear (issue 5). The candidate is also
+                            # searched from the reading's second group on, so a reading that
+                            # shares its groups is judged too. What that search accepts is set
+                            # aside (``extra``) and kept only if it masks a digit nothing else
+                            # does and passes without a keyword ("Call 415-555-0132 24 hours"
+                            # is no "555-0132 24"): the search below and the later rules run as
+                            # before, so this only adds. It runs after the search of this window,
+                            # and only if a digit the reading left of its candidate is still in
+                            # clear (the next reading usually masks them). Strictly shorter than
+                            # the window, so it ends; to the match's end, as the boundary after
+                            # the group is part of a match.
+                            second = _after_first_group(data, span[0], span[1])
+                            if second < span[1] and phone_strong_within(data[second:group_end]):
+                                windows.append((second, spans[0][1], extra, (span[1], group_end)))
                         # Resume after the accepted span; a check only narrows a match of a
                         # bounded pattern (or reads on a bounded way), so at most a pattern's
                         # length is scanned again.
@@ -206,6 +235,14 @@ class PiiEngine:
                         # Resume at the end of the entity group, not of the match: a boundary
                         # character the match consumed may start the next entity.
                         position = group_end if group_end > match_start else match_start + 1
+                        if entity == PHONE and stronger is not None:
+                            # SECURITY: or at the end of a stronger entity the refused candidate
+                            # ran through: a candidate holds eight groups at most, and one cut
+                            # inside the phone after the entity ("4829 4399 9469 5674 4627 409
+                            # 1-796-933-1914", a card inside) left that phone in clear (issue 5).
+                            through = stronger.end_within(group_start, group_end)
+                            if through is not None:
+                                position = through if through > match_start else match_start + 1
             if len(accepted) > before:
                 # Only this rule's spans are new: a few are added to the intervals in place
                 # (the next rule takes ``covered`` afresh), not every accepted span sorted
@@ -218,6 +255,8 @@ class PiiEngine:
                         covered = _Covered([])
                     for _, start, end in accepted[before:]:
                         covered.add(start, end)
+        if extra:
+            accepted += _unmasked_digits(data, accepted, extra)
         if not accepted:
             return []
         if size != len(normalized.text):
@@ -386,6 +425,36 @@ def _read_after_entities(pattern: Pattern, rule: Rule, data: bytes,
             found.append((rule.entity, span[0], span[1]))
             heapq.heappush(ends, span[1])
     return found
+
+
+def _unmasked_digits(data: bytes, accepted: list[tuple[str, int, int]],
+                     extra: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """The readings of ``extra`` that hold a digit no reading of ``accepted`` covers and
+    are phones without a keyword's help."""
+    return [reading for reading in extra
+            if _uncovered_digit(data, accepted, reading[1], reading[2]) and phone_strong(data[reading[1]:reading[2]])]
+
+
+def _uncovered_digit(data: bytes, readings: list[tuple[str, int, int]], start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` holds a digit that none of ``readings`` covers."""
+    covered = _Covered.union([(r[1], r[2]) for r in readings if r[1] < end and start < r[2]])
+    position = start
+    while position < end:
+        stop = covered.end_of(position)
+        if stop is None:
+            if 0x30 <= data[position] <= 0x39:
+                return True
+            position += 1
+        else:
+            position = stop
+    return False
+
+
+def _after_first_group(data: bytes, start: int, end: int) -> int:
+    """Where the first digit run at or after ``start`` ends (``end`` if none ends before)."""
+    segment = data[start:end]
+    digits = segment.lstrip(_NOT_DIGITS)
+    return end - len(digits.lstrip(b"0123456789"))
 
 
 def _last_word(data: bytes, start: int, end: int) -> int:
@@ -557,6 +626,11 @@ class _Covered:
     def overlaps(self, span: tuple[int, int]) -> bool:
         index = bisect.bisect_left(self._starts, span[1]) - 1
         return index >= 0 and self._ends[index] > span[0]
+
+    def end_within(self, start: int, end: int) -> int | None:
+        """The end of the first interval that starts after ``start`` and ends before ``end``."""
+        index = bisect.bisect_right(self._starts, start)
+        return self._ends[index] if index < len(self._starts) and self._ends[index] < end else None
 
     def end_of(self, position: int) -> int | None:
         """The end of the interval holding ``position``, or None."""

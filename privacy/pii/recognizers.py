@@ -197,11 +197,16 @@ _PH_EXT = r"(?:[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6})?"
 # number is no candidate) or one run of 7-15 digits; never inside a longer number. The
 # first group may be a whole run: "+14155550132 12 times" is a candidate whose window
 # finds the number (otherwise a run followed by any number was never masked).
+_PH_GROUPS = rf"(?:{_PH_PAREN}|[0-9]{{1,6}}{_PH_SEP}?){{0,6}}[0-9]{{1,6}}"
 _PH_BODY = (
     rf"(?:\+[ \t]?|00[ \t]?)?"
-    rf"(?:(?:{_PH_PAREN}|[0-9]{{1,15}}(?:{_PH_SEP}|[ \t]?{_PH_PAREN}))(?:{_PH_PAREN}|[0-9]{{1,6}}{_PH_SEP}?){{0,6}}"
-    rf"[0-9]{{1,6}}|[0-9]{{7,15}}){_PH_EXT}"
+    rf"(?:(?:{_PH_PAREN}|[0-9]{{1,15}}(?:{_PH_SEP}|[ \t]?{_PH_PAREN})){_PH_GROUPS}|[0-9]{{7,15}}){_PH_EXT}"
 )
+# The same, opening with "+" (then anything _PH_BODY reads after its prefix) or with "(".
+_PH_BODY_PLUS = (
+    rf"\+[ \t]?(?:(?:{_PH_PAREN}|[0-9]{{1,15}}(?:{_PH_SEP}|[ \t]?{_PH_PAREN})){_PH_GROUPS}|[0-9]{{7,15}}){_PH_EXT}"
+)
+_PH_BODY_PAREN = rf"{_PH_PAREN}{_PH_GROUPS}{_PH_EXT}"
 # Any separator ends a candidate, also one before more digits: what follows may be a
 # word ("... 0958 2nd floor"), a long run ("... 0958 00000000") or another entity, and
 # requiring a non-digit there left such phones unmasked (found by security_tests/fuzz).
@@ -214,8 +219,19 @@ PHONE_SOURCE: Final = _bounded(r"^|[^0-9A-Za-z_+]", _PH_BODY, r"$|[^0-9A-Za-z_.\
 # ("105-58-9855-838 563 1769": the rule above reads one candidate from "105" and refuses it
 # whole, as it must for an IBAN's groups). A second reading of every phone candidate found
 # weak keyword readings the first rule had passed over ("Call +33 3 58 41 32 94 / 4720-...").
+# SECURITY: also a phone written right after a value with no space (issue 5): one that
+# opens with "+" after a letter or digit ("born 08.08.1930+17425248733") or with "(" after a
+# digit ("...2210(11) 99918-1565"), and one followed by a letter ("020 7082 4043Jan 18,
+# 1939"). The rule above refuses a word character on either side, and left every such
+# phone in clear; the phone's own start ("+", "(") or a letter after it cannot continue the
+# number, so only the check's verdict on the phone itself decides.
 _PH_AFTER_GLUED = r"$|[^0-9A-Za-z.\-/_ \t]|[.\-/_ \t]"
-PHONE_GLUED_SOURCE: Final = f"{_bounded('_', _PH_BODY, _PH_AFTER_GLUED)}|{_bounded(r'^|[^0-9A-Za-z_+]', _PH_BODY, '_')}"
+PHONE_GLUED_SOURCE: Final = "|".join((
+    _bounded("_", _PH_BODY, _PH_AFTER_GLUED),
+    _bounded(r"^|[^0-9A-Za-z_+]", _PH_BODY, "_|[A-Za-z]"),
+    _bounded("[0-9A-Za-z]", _PH_BODY_PLUS, _PH_AFTER_GLUED + "|[A-Za-z]"),
+    _bounded("[0-9]", _PH_BODY_PAREN, _PH_AFTER_GLUED + "|[A-Za-z]"),
+))
 PHONE_AFTER_ENTITY_SOURCE: Final = _bounded(r"[.\-]", _PH_BODY, _PH_AFTER_GLUED)
 _PH_EXT_RE: Final = re.compile(rb"[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6}$")
 _PH_TOKEN: Final = re.compile(rb"\([ \t]?[0-9]+[ \t]?\)|[0-9]+")
@@ -273,6 +289,18 @@ def _looks_like_date(sizes: list[int], groups: list[bytes], chunk: bytes) -> boo
     return False
 
 
+def phone_strong_within(chunk: bytes) -> bool:
+    """Can a reading inside ``chunk`` pass :func:`phone_strong`? A necessary condition: its
+    shape is found in the chunk's (see :func:`_maybe_strong`), a "00" prefix anywhere."""
+    return b"00" in chunk or _maybe_strong(chunk)
+
+
+def phone_strong(chunk: bytes) -> bool:
+    """Is this reading a phone without a keyword's help (an extension cut off)?"""
+    extension = _PH_EXT_RE.search(chunk) if b"x" in chunk or b"#" in chunk else None
+    return phone_valid(chunk[:len(chunk) - len(extension.group())] if extension else chunk)
+
+
 def phone_valid(chunk: bytes, keyword: bool = False, *, inner: bool = False) -> bool:
     """Is this exact text (no extension) a phone number? ``keyword``: the text says so.
 
@@ -327,7 +355,9 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
     if len(_digits_only(chunk)) < 7:
         return None  # most candidates in prose ("pages 12 - 20"): cheapest test first
     keyword: bool | None = None  # a phone keyword before the candidate; looked up once, if needed
-    if not _maybe_strong(chunk):
+    # The separator right before the candidate, if any: where a value before it ends.
+    lead = data[start - 1:start] if start > 0 and data[start - 1] in _PH_SEPARATORS else b""
+    if not _maybe_strong(lead + chunk):
         if chunk.isdigit() and len(chunk) not in (10, 11):
             return None  # one run, not led by 0: only 10 or 11 digits pass, keyword or not
         keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
@@ -377,16 +407,52 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
             weak = True
         elif len(groups) >= 2:
             weak = True
-    if not weak:
-        return None
-    if keyword is None:
-        keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
-    if not keyword:
-        return None  # a keyword admits only the shapes above or two or more groups
-    for text, groups, inner, begin, stop in ((whole, runs, False, start, end), *windows):
-        if _phone_ok(text, groups, True, inner):
-            return begin, stop
+    if weak:
+        if keyword is None:
+            keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
+        if keyword:  # a keyword admits only the shapes above or two or more groups
+            for text, groups, inner, begin, stop in ((whole, runs, False, start, end), *windows):
+                if _phone_ok(text, groups, True, inner):
+                    return begin, stop
+    # SECURITY: no reading passed; a group after a change of separator may open a phone
+    # of its own ("10/26/32 0044 20 7667 7897", "born 1992-01-14 1-216-861-7379"): what
+    # comes before is another value, and the phone is read as it would be alone (a
+    # leading "00" included) where the leftover rule refused it (issue 5). Only windows
+    # that run to the candidate's end, so the search resumes where it did when the
+    # candidate was refused: what was masked before still is.
+    fresh = _fresh_windows(body, tokens, runs, lead, start, end)
+    for text, groups, inner, begin, stop in fresh:
+        if text[:1] in (b"+", b"(") or groups[0][:1] == b"0" or tuple(map(len, groups)) in _NANP_LAYOUTS:
+            if _phone_ok(text, groups, False, inner):
+                return begin, stop
+            weak = True
+        elif len(groups) >= 2:
+            weak = True
+    if fresh and weak:
+        if keyword is None:
+            keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
+        if keyword:
+            for text, groups, inner, begin, stop in fresh:
+                if _phone_ok(text, groups, True, inner):
+                    return begin, stop
     return None
+
+
+def _fresh_windows(body: bytes, tokens: list[tuple[int, int]], runs: list[bytes], lead: bytes,
+                   start: int, end: int) -> list[tuple[bytes, list[bytes], bool, int, int]]:
+    """The readings of a candidate from a group that opens a value (:func:`_opens`) to
+    its end, leftmost first: text, groups, ``inner`` (False), span."""
+    found: list[tuple[bytes, list[bytes], bool, int, int]] = []
+    digits = 0
+    for first in range(len(tokens) - 1, 0, -1):
+        digits += len(runs[first])
+        if digits > 15:
+            break
+        if digits >= 7 and _opens(body, tokens, first, lead):
+            begin = _group_start(body, tokens, first)
+            found.append((body[begin:].strip(), runs[first:], False, start + begin, end))
+    found.reverse()
+    return found
 
 
 # A digit run led by 0 then 1-9 (the same answer on a candidate and on its shape), and the
@@ -398,6 +464,8 @@ _NANP_SIZES: Final = re.compile(b"|".join(re.escape(bytes(layout)) for layout in
 # run sizes) and nothing more of the number. Number-dense text repeats few shapes.
 _SHAPE: Final = bytes.maketrans(b"23456789", b"11111111")
 _STRONG_SHAPES: Final[dict[bytes, bool]] = {}
+# What may separate a phone's groups (_PH_SEP), as single bytes.
+_PH_SEPARATORS: Final = frozenset(b" \t.-/")
 _STRONG_SHAPES_MAX: Final = 4096
 
 
@@ -422,13 +490,42 @@ def _maybe_strong(chunk: bytes) -> bool:
     return known
 
 
-def _strong_shape(chunk: bytes) -> bool:
+def _strong_shape(shape: bytes) -> bool:
+    # A shape may open with the separator byte before the candidate (``lead``): a candidate
+    # itself opens with "+", "(" or a digit.
+    chunk = shape[1:] if shape[:1] and shape[0] in _PH_SEPARATORS else shape
     # A run led by 0 is strong only as a trunk prefix ("020", "01") or as "00" opening the
     # candidate: inside it, "00" is no international prefix (``inner``), and a lone "0" or
     # "00..." is no trunk prefix. ISBNs ("978-0-9511532-1-5") end here, not in 16 readings.
     if b"+" in chunk or b"(" in chunk or len(chunk) > 255 or chunk[:2] == b"00" or _TRUNK_LED.search(chunk):
         return True  # (a run of 256+ digits would not fit a size byte: the full test decides)
+    if b"00" in chunk and _opens_with_00(shape):
+        return True
     return _NANP_SIZES.search(bytes(map(len, _DIGIT_RUN.findall(chunk)))) is not None
+
+
+def _opens_with_00(shape: bytes) -> bool:
+    """Whether a group led by "00" opens a window read as if alone (:func:`_fresh_windows`),
+    where "00" is an international prefix."""
+    lead = shape[:1] if shape[:1] and shape[0] in _PH_SEPARATORS else b""
+    chunk = shape[len(lead):]
+    tokens = [t.span() for t in _DIGIT_RUN.finditer(chunk)]
+    digits = len(chunk.translate(None, _NOT_DIGITS))
+    return any(chunk[begin:begin + 2] == b"00" and _opens(chunk, tokens, index, lead)
+               and digits - len(chunk[:begin].translate(None, _NOT_DIGITS)) >= 10
+               for index, (begin, _) in enumerate(tokens) if index > 0)
+
+
+def _opens(body: bytes, tokens: list[tuple[int, int]], index: int, lead: bytes) -> bool:
+    """Whether group ``index`` may open a value of its own: after a change of separator,
+    or as "00" after one lone group ("ref 2020 0044 20 7196 4855") unless the groups are
+    in an IBAN's print layout, fours and a shorter last ("3704 0044 0532 0130 00")."""
+    if _separator_changes(body, tokens, index, lead):
+        return True
+    if index != 1 or body[tokens[1][0]:tokens[1][0] + 2] != b"00":
+        return False
+    sizes = [end - begin for begin, end in tokens]
+    return not (all(size == 4 for size in sizes[:-1]) and sizes[-1] <= 4)
 
 
 def _phone_windows(body: bytes, tokens: list[tuple[int, int]],
@@ -461,6 +558,21 @@ def _phone_windows(body: bytes, tokens: list[tuple[int, int]],
                 continue  # too short, or the whole candidate (already the first reading)
             spans.append((_group_start(body, tokens, first), tokens[last][1], first, last))
         yield from reversed(spans)
+
+
+def _separator(body: bytes, tokens: list[tuple[int, int]], index: int) -> bytes:
+    """What separates group ``index`` (1 or more) from the group before it."""
+    return body[tokens[index - 1][1]:_group_start(body, tokens, index)]
+
+
+def _separator_changes(body: bytes, tokens: list[tuple[int, int]], index: int, lead: bytes = b"") -> bool:
+    """Whether the separator before group ``index`` differs from the one before the
+    previous group (``lead`` before the first: the separator character right before the
+    candidate, if any) or from the one after this group: where one written value ends."""
+    before = _separator(body, tokens, index)
+    previous = _separator(body, tokens, index - 1) if index >= 2 else lead
+    return ((bool(previous) and previous != before)
+            or (index + 1 < len(tokens) and _separator(body, tokens, index + 1) != before))
 
 
 def _group_start(body: bytes, tokens: list[tuple[int, int]], index: int) -> int:
@@ -727,6 +839,17 @@ _IPV4_BODY = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
 IPV4_SOURCE: Final = _bounded(r"^|[^0-9A-Za-z_.]", _IPV4_BODY, r"$|[^0-9A-Za-z_.]|\.(?:$|[^0-9])")
 # Glued by "_" ("10.0.0.1_10.0.0.2"), which the rule above reads as a word character.
 IPV4_GLUED_SOURCE: Final = _glued(r"^|[^0-9A-Za-z.]", _IPV4_BODY, r"$|[^0-9A-Za-z.]|\.(?:$|[^0-9])", glue="_")
+# SECURITY: two addresses glued by "." ("10.1.2.3.10.1.2.4"), which the rule above reads as
+# one longer dotted number: each is read with the other as its context (two rules, one
+# group each), and both must be addresses. Exactly eight octets: in 453 MB of local text
+# (site-packages, docs) such a run occurred twice, an eight-arc OID, against 12,745
+# four-octet runs the rule above already reads.
+_IPV4_END = r"$|[^0-9A-Za-z_.]|\.(?:$|[^0-9])"
+IPV4_PAIR_FIRST_SOURCE: Final = _bounded(r"^|[^0-9A-Za-z_.]", _IPV4_BODY, rf"\.{_IPV4_BODY}(?:{_IPV4_END})")
+IPV4_PAIR_SECOND_SOURCE: Final = _bounded(rf"(?:^|[^0-9A-Za-z_.]){_IPV4_BODY}\.", _IPV4_BODY, _IPV4_END)
+# SECURITY: stdlib ``re`` anchored on a bounded slice.
+_IPV4_NEXT: Final = re.compile(rb"\.([0-9]{1,3}(?:\.[0-9]{1,3}){3})")
+_IPV4_PREVIOUS: Final = re.compile(rb"([0-9]{1,3}(?:\.[0-9]{1,3}){3})\.$")
 _HEX = r"[0-9A-Fa-f]{0,4}"
 IPV6_SOURCE: Final = _bounded(
     r"^|[^0-9A-Za-z_:]",
@@ -743,6 +866,20 @@ def _octets_ok(chunk: bytes) -> bool:
 
 def _check_ipv4(data: bytes, start: int, end: int) -> Span | None:
     return (start, end) if _octets_ok(data[start:end]) else None
+
+
+def _check_ipv4_first(data: bytes, start: int, end: int) -> Span | None:
+    """The first of two addresses glued by "." (both must be addresses)."""
+    following = _IPV4_NEXT.match(data, end, end + 16)
+    ok = following is not None and _octets_ok(following.group(1)) and _octets_ok(data[start:end])
+    return (start, end) if ok else None
+
+
+def _check_ipv4_second(data: bytes, start: int, end: int) -> Span | None:
+    """The second of two addresses glued by "." (both must be addresses)."""
+    previous = _IPV4_PREVIOUS.search(data, max(0, start - 16), start)
+    ok = previous is not None and _octets_ok(previous.group(1)) and _octets_ok(data[start:end])
+    return (start, end) if ok else None
 
 
 def _check_ipv6(data: bytes, start: int, end: int) -> Span | None:
@@ -926,6 +1063,8 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule(IBAN, "iban", IBAN_SOURCE, _check_iban, needs_digit=True),
     Rule(IP, "ipv4", IPV4_SOURCE, _check_ipv4, needs_digit=True),
     Rule(IP, "ipv4_glued", IPV4_GLUED_SOURCE, _check_ipv4, group=-1, needs_digit=True, glued=True),
+    Rule(IP, "ipv4_pair_first", IPV4_PAIR_FIRST_SOURCE, _check_ipv4_first, needs_digit=True, glued=True),
+    Rule(IP, "ipv4_pair_second", IPV4_PAIR_SECOND_SOURCE, _check_ipv4_second, needs_digit=True, glued=True),
     Rule(IP, "ipv6", IPV6_SOURCE, _check_ipv6),
     *(Rule(SECRET, name, _bounded(_NOT_AFTER_ALNUM, source, ""), _check_prefixed_secret)
       for name, source in _SECRET_PREFIXED),
