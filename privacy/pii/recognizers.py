@@ -90,6 +90,12 @@ class Rule:
     # as separators already ("-", "." for a phone): elsewhere ("94 3167-0433 (214) 280-6666")
     # a second reading found windows the plain rule refuses ("0433 (214) 280").
     after_entity: bool = False
+    # For an ``after_entity`` rule: every byte its entity group can open with (the byte
+    # right after the glue). The engine tries no anchored match where the byte after an
+    # entity's glue is none of them (a sentence's full stop after a phone: "... 0132. Then").
+    # SECURITY: a superset of what the pattern admits, or a candidate is never read
+    # (tests/privacy/test_pii_fastpaths.py checks every other byte refuses).
+    opens_with: bytes | None = None
 
 
 # --- byte helpers ---------------------------------------------------------------------
@@ -233,6 +239,8 @@ PHONE_GLUED_SOURCE: Final = "|".join((
     _bounded("[0-9]", _PH_BODY_PAREN, _PH_AFTER_GLUED + "|[A-Za-z]"),
 ))
 PHONE_AFTER_ENTITY_SOURCE: Final = _bounded(r"[.\-]", _PH_BODY, _PH_AFTER_GLUED)
+# What _PH_BODY opens with: its "+" or "00" prefix, a "(" group or a digit group.
+PHONE_OPENS_WITH: Final = b"+(0123456789"
 _PH_EXT_RE: Final = re.compile(rb"[ \t]*(?:x|ext\.?|extension|#)[ \t]*[0-9]{1,6}$")
 _PH_TOKEN: Final = re.compile(rb"\([ \t]?[0-9]+[ \t]?\)|[0-9]+")
 _PHONE_KEYWORDS: Final = _keywords(
@@ -1055,7 +1063,7 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule(PHONE, "phone", PHONE_SOURCE, _check_phone, needs_digit=True),
     Rule(PHONE, "phone_glued", PHONE_GLUED_SOURCE, _check_phone, group=-1, needs_digit=True, glued=True),
     Rule(PHONE, "phone_after_entity", PHONE_AFTER_ENTITY_SOURCE, _check_phone, needs_digit=True, glued=True,
-         after_entity=True),
+         after_entity=True, opens_with=PHONE_OPENS_WITH),
     Rule(CARD, "card", CARD_SOURCE, _check_card, needs_digit=True),
     Rule(CARD, "card_spread", CARD_SPREAD_SOURCE, _check_card_spread, needs_digit=True),
     Rule(SSN, "ssn", SSN_SOURCE, _check_ssn, needs_digit=True),

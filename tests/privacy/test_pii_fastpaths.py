@@ -104,3 +104,24 @@ def test_rules_that_need_a_digit_never_match_without_one(rule: recognizers.Rule)
     table = str.maketrans("", "", string.digits)
     assert all(pattern.search(text.translate(table).encode()) is None for text in texts)
     assert any(pattern.search(text.encode()) is not None for text in texts)
+
+
+@pytest.mark.parametrize("rule", [rule for rule in RULES if rule.opens_with is not None], ids=lambda rule: rule.name)
+def test_after_entity_rules_open_only_with_their_declared_bytes(rule: recognizers.Rule) -> None:
+    """Evidence for ``opens_with`` (the proof is the pattern's first byte after its glue):
+    after "-" or ".", every byte outside the declared ones refuses the phone that follows,
+    and each declared byte opens a candidate that the anchored pattern finds."""
+    assert rule.opens_with is not None
+    pattern = Pattern(rule.source)
+    tails = (b"415-555-0132 ", b"4155550132 ", b" 415 555 0132 ", b"0 20 7946 0958 ", b"(415) 555-0132 ")
+    for glue in (b"-", b"."):
+        for byte in range(256):
+            if byte in rule.opens_with:
+                continue
+            for tail in tails:
+                data = b"ab" + glue + bytes([byte]) + tail
+                assert pattern.spans_at(data, 2, len(data))[0][0] < 0, data
+        for opener, tail in ((b"+", b"44 20 7946 0958 "), (b"(", b"415) 555-0132 "), (b"0", b"20 7946 0958 "),
+                             *((str(d).encode(), b"15-555-0132 ") for d in range(1, 10))):
+            data = b"ab" + glue + opener + tail
+            assert pattern.spans_at(data, 2, len(data))[0][0] == 2, data
