@@ -395,8 +395,18 @@ def _glued_cover(accepted: list[tuple[str, int, int]], entity: str) -> tuple[_Co
     """For a glued reading of ``entity``: what this type and stronger ones found (a
     candidate inside is skipped), and what stronger ones found (searched on after)."""
     rank = _RANK[entity]
-    return (_Covered.union([(a[1], a[2]) for a in accepted if _RANK[a[0]] <= rank]),
-            _Covered.union([(a[1], a[2]) for a in accepted if _RANK[a[0]] < rank]))
+    stronger: list[tuple[int, int]] = []
+    same: list[tuple[int, int]] = []
+    for found, start, end in accepted:
+        found_rank = _RANK[found]
+        if found_rank < rank:
+            stronger.append((start, end))
+        elif found_rank == rank:
+            same.append((start, end))
+    cover = _Covered.union(stronger)
+    # Without a find of this type the two are the same intervals: built once, shared
+    # (neither is changed while the rule runs; ``covered`` is what grows).
+    return (_Covered.union(stronger + same) if same else cover), cover
 
 
 def _read_after_entities(pattern: Pattern, rule: Rule, data: bytes,
