@@ -147,6 +147,7 @@ class PiiEngine:
             skip = stronger = covered
             pending = rule.glued and covered is not None  # the two are built on a first candidate
             before = len(accepted)
+            coverage: _Coverage | None = None  # built on the first re-read window of this rule
             # (position, end, where readings go, digits it is searched for) still to search
             windows: list[_Window] = []
             if rule.after_entity:
@@ -156,8 +157,11 @@ class PiiEngine:
             limit = digits_end - 1 if rule.needs_digit else size
             while windows:
                 position, end, sink, tail = windows.pop()
-                if tail is not None and not _uncovered_digit(data, accepted + extra, *tail):
-                    continue  # what the reading left of its candidate was masked since
+                if tail is not None:
+                    if coverage is None:
+                        coverage = _Coverage(covered, (accepted, before), (extra, 0))
+                    if not _uncovered_digit(data, coverage, *tail):
+                        continue  # what the reading left of its candidate was masked since
                 stop = end if end < limit else limit  # (builtin min and max cost a call each)
                 while position <= stop:
                     spans = search(data, position, end)
@@ -463,13 +467,13 @@ def _unmasked_digits(data: bytes, accepted: list[tuple[str, int, int]],
                      extra: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     """The readings of ``extra`` that hold a digit no reading of ``accepted`` covers and
     are phones without a keyword's help."""
+    covered = _Covered.union([(r[1], r[2]) for r in accepted])  # once: O(n log n), not per reading
     return [reading for reading in extra
-            if _uncovered_digit(data, accepted, reading[1], reading[2]) and phone_strong(data[reading[1]:reading[2]])]
+            if _uncovered_digit(data, covered, reading[1], reading[2]) and phone_strong(data[reading[1]:reading[2]])]
 
 
-def _uncovered_digit(data: bytes, readings: list[tuple[str, int, int]], start: int, end: int) -> bool:
-    """Whether ``data[start:end]`` holds a digit that none of ``readings`` covers."""
-    covered = _Covered.union([(r[1], r[2]) for r in readings if r[1] < end and start < r[2]])
+def _uncovered_digit(data: bytes, covered: _Covered | _Coverage, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` holds a digit that ``covered`` does not cover."""
     position = start
     while position < end:
         stop = covered.end_of(position)
@@ -480,6 +484,49 @@ def _uncovered_digit(data: bytes, readings: list[tuple[str, int, int]], start: i
         else:
             position = stop
     return False
+
+
+class _Coverage:
+    """What a scan has masked so far, asked position by position while a rule still adds
+    readings: the merged intervals of the earlier rules, and the readings of lists that
+    grow (indexed as they come, in buckets by start).
+
+    SECURITY: built to keep the scan linear. Asking the lists themselves (a union of every
+    reading on each question) cost O(readings) per re-read window: 790 ms for 64 KiB of
+    phones glued back to back, quadratic in the text (issue 5, PII-08).
+    """
+
+    __slots__ = ("_buckets", "_covered", "_indexed", "_lists", "_longest")
+
+    _WIDTH: Final = 64  # bytes of text per bucket
+
+    def __init__(self, covered: _Covered | None,
+                 *sources: tuple[list[tuple[str, int, int]], int]) -> None:
+        self._covered = covered
+        self._lists = [readings for readings, _ in sources]
+        self._indexed = [first for _, first in sources]  # how far each list is indexed
+        self._buckets: dict[int, list[tuple[int, int]]] = {}
+        self._longest = 0
+
+    def _sync(self) -> None:
+        for number, readings in enumerate(self._lists):
+            if self._indexed[number] == len(readings):
+                continue
+            for _, start, end in readings[self._indexed[number]:]:
+                self._buckets.setdefault(start // self._WIDTH, []).append((start, end))
+                if end - start > self._longest:
+                    self._longest = end - start
+            self._indexed[number] = len(readings)
+
+    def end_of(self, position: int) -> int | None:
+        """The furthest end of what covers ``position``, or None."""
+        self._sync()
+        best = self._covered.end_of(position) if self._covered is not None else None
+        for bucket in range((position - self._longest) // self._WIDTH, position // self._WIDTH + 1):
+            for start, end in self._buckets.get(bucket, ()):
+                if start <= position < end and (best is None or end > best):
+                    best = end
+        return best
 
 
 def _after_first_group(data: bytes, start: int, end: int) -> int:
