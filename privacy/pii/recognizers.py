@@ -392,36 +392,29 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
     # first, and its windows only when it fails (the usual phone needs none).
     whole = body.strip()
     weak = len(runs) >= 2
-    if whole[:1] in (b"+", b"(") or runs[0][:1] == b"0" or tuple(map(len, runs)) in _NANP_LAYOUTS:
-        if _phone_ok(whole, runs, False, False):
-            return start, end
-        weak = True
+    passed, shaped = _unaided((whole, runs, False, start, end))
+    if passed:
+        return start, end
+    weak = weak or shaped
     if tokens is None:
         tokens = [t.span() for t in _DIGIT_RUN.finditer(body)]
     # A window that ends with the body's last group keeps the extension after it. Windows
     # are made as they are read, and kept for the keyword pass: the first one usually
     # passes, and making all of them (each with its leftover test) cost ~20 µs a candidate
     # on phones glued back to back ("415-555-0132-415-555-0132-...").
-    windows: list[tuple[bytes, list[bytes], bool, int, int]] = []
+    windows: list[_PhoneReading] = []
     for s, e, first, last in _phone_windows(body, tokens, runs):
         windows.append((body[s:e].strip(), runs[first:last + 1], s > 0, start + s,
                         end if last == len(tokens) - 1 else start + e))
-        text, groups, inner, begin, stop = windows[-1]
-        # Without a keyword only these shapes can pass (+cc, 00cc, trunk 0, "(", NANP
-        # layouts; see _phone_ok): the rest skip the full test.
-        if text[:1] in (b"+", b"(") or groups[0][:1] == b"0" or tuple(map(len, groups)) in _NANP_LAYOUTS:
-            if _phone_ok(text, groups, False, inner):
-                return begin, stop
-            weak = True
-        elif len(groups) >= 2:
-            weak = True
+        passed, maybe = _unaided(windows[-1])
+        if passed:
+            return windows[-1][3], windows[-1][4]
+        weak = weak or maybe
     if weak:
-        if keyword is None:
-            keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
-        if keyword:  # a keyword admits only the shapes above or two or more groups
-            for text, groups, inner, begin, stop in ((whole, runs, False, start, end), *windows):
-                if _phone_ok(text, groups, True, inner):
-                    return begin, stop
+        keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS) if keyword is None else keyword
+        found = _keyed((whole, runs, False, start, end), *windows) if keyword else None
+        if found is not None:
+            return found
     # SECURITY: no reading passed; a group after a change of separator may open a phone
     # of its own ("10/26/32 0044 20 7667 7897", "born 1992-01-14 1-216-861-7379"): what
     # comes before is another value, and the phone is read as it would be alone (a
@@ -429,28 +422,49 @@ def _check_phone(data: bytes, start: int, end: int) -> Span | None:
     # that run to the candidate's end, so the search resumes where it did when the
     # candidate was refused: what was masked before still is.
     fresh = _fresh_windows(body, tokens, runs, lead, start, end)
-    for text, groups, inner, begin, stop in fresh:
-        if text[:1] in (b"+", b"(") or groups[0][:1] == b"0" or tuple(map(len, groups)) in _NANP_LAYOUTS:
-            if _phone_ok(text, groups, False, inner):
-                return begin, stop
-            weak = True
-        elif len(groups) >= 2:
-            weak = True
+    for reading in fresh:
+        passed, maybe = _unaided(reading)
+        if passed:
+            return reading[3], reading[4]
+        weak = weak or maybe
     if fresh and weak:
-        if keyword is None:
-            keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS)
+        keyword = _has_keyword(_before(data, start), _PHONE_KEYWORDS) if keyword is None else keyword
         if keyword:
-            for text, groups, inner, begin, stop in fresh:
-                if _phone_ok(text, groups, True, inner):
-                    return begin, stop
+            return _keyed(*fresh)
+    return None
+
+
+# A reading of a phone candidate: its text, digit groups, ``inner`` (it starts after other
+# digits of the candidate) and its span in the scanned bytes.
+_PhoneReading = tuple[bytes, list[bytes], bool, int, int]
+
+
+def _unaided(reading: _PhoneReading) -> tuple[bool, bool]:
+    """Whether ``reading`` passes without a keyword, and whether a keyword could admit it.
+
+    Without a keyword only these shapes can pass (+cc, 00cc, trunk 0, "(", NANP layouts;
+    see _phone_ok): the rest skip the full test. A keyword admits only those shapes or
+    two or more groups.
+    """
+    text, groups, inner, _, _ = reading
+    if text[:1] in (b"+", b"(") or groups[0][:1] == b"0" or tuple(map(len, groups)) in _NANP_LAYOUTS:
+        return _phone_ok(text, groups, False, inner), True
+    return False, len(groups) >= 2
+
+
+def _keyed(*readings: _PhoneReading) -> Span | None:
+    """The span of the first of ``readings`` that passes with a phone keyword before it."""
+    for text, groups, inner, begin, stop in readings:
+        if _phone_ok(text, groups, True, inner):
+            return begin, stop
     return None
 
 
 def _fresh_windows(body: bytes, tokens: list[tuple[int, int]], runs: list[bytes], lead: bytes,
-                   start: int, end: int) -> list[tuple[bytes, list[bytes], bool, int, int]]:
+                   start: int, end: int) -> list[_PhoneReading]:
     """The readings of a candidate from a group that opens a value (:func:`_opens`) to
     its end, leftmost first: text, groups, ``inner`` (False), span."""
-    found: list[tuple[bytes, list[bytes], bool, int, int]] = []
+    found: list[_PhoneReading] = []
     digits = 0
     for first in range(len(tokens) - 1, 0, -1):
         digits += len(runs[first])
