@@ -40,6 +40,7 @@ from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers, State
 from gateway.resilience.connection_gate import ConnectionGate
 from gateway.resilience.loop_lag import monitor as loop_lag_monitor
+from gateway.secret_strength import raw_key_problem
 from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.stages.authn import TrustedIssuer
@@ -135,9 +136,11 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
                      repo_dir=settings.profiles_dir(),
                      reinfer=reinfer, detector_metrics=metrics,
                      pii_hmac_key=read_or_create(settings.state_dir / "pii-hmac.key", lambda: os.urandom(32),
-                                                 allow_insecure=settings.allow_insecure_secret_files),
+                                                 allow_insecure=settings.allow_insecure_secret_files,
+                                                 check=raw_key_problem),
                      pii_token_key=read_or_create(settings.state_dir / "pii-token.key", lambda: os.urandom(32),
-                                                  allow_insecure=settings.allow_insecure_secret_files))
+                                                  allow_insecure=settings.allow_insecure_secret_files,
+                                                  check=raw_key_problem))
 
     drift = DriftMonitor(metrics, settings.profiles_dir())
 

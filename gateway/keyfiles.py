@@ -39,11 +39,13 @@ class InsecureSecretFile(Exception):
     """An existing secret file other users can read or change (CATALOGUE SEC-04)."""
 
 
-def read_or_create(path: Path, make: Callable[[], bytes], *, allow_insecure: bool = False) -> bytes:
+def read_or_create(path: Path, make: Callable[[], bytes], *, allow_insecure: bool = False,
+                   check: Callable[[bytes], str | None] | None = None) -> bytes:
     """The file's bytes; on first use, ``make()`` is written there atomically.
 
     An existing file is refused when others may read or change it, unless ``allow_insecure``
-    (the operator's ``--allow-insecure-secret-files``, reported by gateway/startup_checks.py).
+    (the operator's ``--allow-insecure-secret-files``, reported by gateway/startup_checks.py),
+    and when ``check`` finds a problem with what it holds.
     """
     if path.exists():
         problem = secret_file_problem(path)
@@ -51,7 +53,13 @@ def read_or_create(path: Path, make: Callable[[], bytes], *, allow_insecure: boo
             # SECURITY: a key another user could read is already disclosed; one they could
             # write is theirs. Either way the gateway must not keep using it silently.
             raise InsecureSecretFile(f"{path}: {problem}")
-        return path.read_bytes()
+        data = path.read_bytes()
+        weak = check(data) if check is not None else None
+        if weak is not None:
+            # SECURITY: a key file an operator filled by hand ("aaaa...", a short hex string)
+            # is no key; no override, as a permission problem has (the fix is one command).
+            raise InsecureSecretFile(f"{path}: {weak}")
+        return data
     path.parent.mkdir(parents=True, exist_ok=True)
     data = make()
     # SECURITY: created 0600; never world-readable, even briefly. Written whole under a

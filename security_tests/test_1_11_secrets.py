@@ -7,6 +7,7 @@ import importlib.metadata as md
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from gateway.observability.metrics import Metrics
 from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import PolicyError, load_policy_dir
 from gateway.policy.schema import MetricsPolicy
+from gateway.secret_strength import raw_key_problem
 from gateway.settings import Settings
 from gateway.startup_checks import StartupRefused, check_upstream_transport, writable_policy_files
 from gateway.tls import TlsSettings
@@ -58,6 +60,40 @@ def test_sec_01_weak_hs_secret(world: World, tmp_path: Path, monkeypatch: pytest
     policy = load_policy_dir(_policies(world, tmp_path, HS_ISSUER.format(algs="HS256")))
     with pytest.raises(PolicyError, match="at least 32 bytes"):
         compile_pipeline(policy, Metrics(), CompileEnv(repo_dir=world.settings.profiles if world.settings else None))
+
+
+# Long enough, guessable all the same: one byte repeated, a word repeated, a counting
+# sequence, a keyboard walk, a passphrase, a "strong password" padded to length.
+GUESSABLE_LONG = {
+    "one_byte": "a" * 48,
+    "word_repeated": "password" * 4,
+    "hex_sequence": "0123456789abcdef" * 2,
+    "keyboard_walk": "qwertyuiopasdfghjklzxcvbnm123456",
+    "passphrase": "correct horse battery staple now",
+    "padded_password": "MySuperSecretPassword2026!!!!!!!",
+    "changeme": "changeme" * 6,
+}
+
+
+@pytest.mark.parametrize("secret", list(GUESSABLE_LONG.values()), ids=list(GUESSABLE_LONG))
+def test_sec_01_long_but_guessable_hs_secret(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             secret: str) -> None:
+    monkeypatch.setenv("SECTEST_WEAK_SECRET", secret)
+    policy = load_policy_dir(_policies(world, tmp_path, HS_ISSUER.format(algs="HS256")))
+    with pytest.raises(PolicyError, match="guessable") as refused:
+        compile_pipeline(policy, Metrics(), CompileEnv(repo_dir=world.settings.profiles if world.settings else None))
+    assert secret not in str(refused.value)  # the refusal never quotes the secret
+
+
+@pytest.mark.parametrize("make", [lambda: secrets.token_urlsafe(32), lambda: secrets.token_hex(32),
+                                  lambda: secrets.token_hex(16)], ids=["base64url_32", "hex_32", "hex_16"])
+def test_sec_01_random_hs_secret_starts(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        make: Callable[[], str]) -> None:
+    monkeypatch.setenv("SECTEST_WEAK_SECRET", make())
+    policy = load_policy_dir(_policies(world, tmp_path, HS_ISSUER.format(algs="HS256")))
+    pipeline = compile_pipeline(policy, Metrics(),
+                                CompileEnv(repo_dir=world.settings.profiles if world.settings else None))
+    assert pipeline is not None
 
 
 def test_sec_02_one_family_per_issuer(world: World, tmp_path: Path) -> None:
@@ -355,6 +391,27 @@ def test_sec_04_gateway_refuses_to_start(world: World, tmp_path: Path, where: st
     settings = _side_settings(world, tmp_path, **over)
     with pytest.raises(StartupRefused, match="--allow-insecure-secret-files"):
         build_service(settings)
+
+
+@pytest.mark.parametrize("content", [b"a" * 32, b"0123456789abcdef" * 2, bytes(32), b"changeme" * 4],
+                         ids=["one_byte", "hex_text", "zeros", "word"])
+@pytest.mark.parametrize("name", ["pii-hmac.key", "pii-token.key"])
+def test_sec_04_hand_filled_pii_key_refused(world: World, tmp_path: Path, name: str, content: bytes) -> None:
+    """A PII key file with strict permissions but typed by hand holds no key: refused at
+    start, with no override, and the refusal does not quote the file."""
+    key = tmp_path / "state" / name
+    key.parent.mkdir(parents=True)
+    key.write_bytes(content)
+    key.chmod(0o600)
+    with pytest.raises(InsecureSecretFile, match="random bytes") as refused:
+        build_service(_side_settings(world, tmp_path, allow_insecure_secret_files=True))
+    assert content.decode("latin-1") not in str(refused.value)
+
+
+def test_sec_04_generated_pii_keys_pass_the_randomness_check(world: World, tmp_path: Path) -> None:
+    build_service(_side_settings(world, tmp_path))
+    for name in ("pii-hmac.key", "pii-token.key"):
+        assert raw_key_problem((tmp_path / "state" / name).read_bytes()) is None
 
 
 def test_sec_04_override_warns_and_counts(world: World, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from gateway.pipeline import BoundStage, Pipeline
 from gateway.policy.grant_outputs import check_grant_outputs, repo_outputs
 from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet
 from gateway.policy.schema import IssuerPolicy
+from gateway.secret_strength import text_secret_problem
 from gateway.stages.adversarial import AdversarialDetector, DetectorMetrics, Reinfer, build_adversarial_stage
 from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKeys, TrustedIssuer, VerifyKey, key_fits
 from gateway.stages.authz import build_authorizer, compile_grants
@@ -38,7 +39,6 @@ from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger
 # Builds (or reuses across revisions) a fetching key source for a JWKS/discovery issuer.
 KeySourceFactory = Callable[[IssuerPolicy], KeyResolver]
 
-MIN_HS_SECRET_BYTES = 32
 
 T = TypeVar("T")
 
@@ -59,12 +59,13 @@ def _static_keys(cfg: IssuerPolicy) -> StaticKeys:
             parsed = jwt.PyJWK(jwk)
             keys[jwk.get("kid")] = parsed.key
     elif source.hs_secret_env is not None:
-        secret = os.environ.get(source.hs_secret_env, "")
-        # SECURITY: HS is accepted only with a real shared secret (RFC 7518 §3.2: >= the hash size).
-        if len(secret.encode()) < MIN_HS_SECRET_BYTES:
-            raise ValueError(f"environment variable {source.hs_secret_env} must hold a secret of at least "
-                             f"{MIN_HS_SECRET_BYTES} bytes")
-        keys[None] = secret.encode()
+        secret = os.environ.get(source.hs_secret_env, "").encode()
+        # SECURITY: HS is accepted only with a real shared secret: at least the hash size
+        # (RFC 7518 §3.2) and not guessable (RFC 8725 §3.5), or any token it signed is forgeable.
+        problem = text_secret_problem(secret)
+        if problem is not None:
+            raise ValueError(f"environment variable {source.hs_secret_env}: {problem}")
+        keys[None] = secret
     for key in keys.values():
         if not all(key_fits(alg, key) for alg in cfg.algorithms):
             raise ValueError(f"a key of type {type(key).__name__} does not fit algorithms {list(cfg.algorithms)}")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -1016,7 +1017,7 @@ def test_k8s_policy_configmap_is_a_valid_policy(tmp_path: Path, monkeypatch: pyt
     for issuer in policy.identity.issuers:
         if issuer.keys.hs_secret_env:
             assert issuer.keys.hs_secret_env in env, f"{issuer.keys.hs_secret_env} is not set by the Deployment"
-            monkeypatch.setenv(issuer.keys.hs_secret_env, "x" * 48)
+            monkeypatch.setenv(issuer.keys.hs_secret_env, secrets.token_urlsafe(32))
     compile_pipeline(policy, Metrics())
 
 
