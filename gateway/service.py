@@ -47,6 +47,7 @@ from gateway.stages.model_exposure import UNKNOWN_MODEL
 from gateway.state.base import SharedState, StateUnavailable
 from gateway.upstream.base import Upstream
 from privacy.dp.ledger import BudgetLedger, LedgerUnavailable
+from privacy.pii.redact import redact_text
 
 log = structlog.get_logger("gateway.service")
 
@@ -311,8 +312,10 @@ class InferenceService:
             "transport": ctx.transport,
             "route": route,
             "action": ctx.action.value,
-            "model": ctx.model,
-            "model_version": ctx.version or None,
+            # SECURITY: the model name and version come from the client's path; an unknown
+            # one ("/v2/models/078-05-1120/infer") is whatever the client typed (PII-04).
+            "model": redact_text(ctx.model) if ctx.model else ctx.model,
+            "model_version": redact_text(ctx.version) if ctx.version else None,
             "tenant": principal.tenant if principal else None,
             # Pseudonymized and encrypted by the audit log (the person's key; erasable).
             "subject_id": principal.subject if principal else None,

@@ -156,3 +156,68 @@ async def test_pii_09_masker_failure_fails_closed(gw: Client, world: World, toke
     assert r.status in (500, 503)
     assert world.upstream_calls() == 0
     assert not any(n.encode() in r.body for n in FORBIDDEN)
+
+
+# --- outsider variants (session 6) -----------------------------------------------------
+
+SPLIT_OUTPUT = (b"x", b"203.0.", b"113.77", b"7", b"AKIAIOSFOD", b"NN7EXAMPLE", b"ab1", b"(415) ", b"555-0199",
+                b"x", b"GB82 WEST ", b"1234 5698 7654 32", b"7", b"2001:db8::", b"ff00:42:8329", b".")
+SPLIT_PIECES = ("203.0.", "113.77", "AKIAIOSFOD", "NN7EXAMPLE", "555-0199", "GB82 WEST", "5698 7654", "ff00:42:8329")
+
+
+async def test_pii_05_split_output_glued_to_neighbours(gw: Client, world: World, tokens: Tokens) -> None:
+    """PII-05 variant: a model's output elements join into entities whose neighbours glue
+    to them ("x" + "203.0." + "113.77" + "7"); every piece is masked all the same."""
+    world.fake.set(ok(lambda _inputs: {"text": np.array(SPLIT_OUTPUT, dtype=np.object_)}))
+    r = await gw.infer("txt_echo", text_body("hello"), token=tokens.u1())
+    assert r.status == 200
+    out = r.json()["outputs"][0]["data"]
+    assert len(out) == len(SPLIT_OUTPUT)
+    assert not [p for p in SPLIT_PIECES if any(p in t for t in out)], out
+
+
+@pytest.mark.parametrize("text", [
+    "john&#46;doe&#64;example&#46;com", "john.doe&commat;example&period;com", "john.doe&#x40;example&#x2E;com",
+    "john.doe%EF%BC%A0example.com", "john.doe @ example.com", "4111%201111%201111%201111",
+    "4111&#32;1111&#32;1111&#32;1111", "SSN 078&#45;05&#45;1120", "john.doe\\u0040example.com",
+], ids=["html_dec_dots", "html_named", "html_hex", "pct_utf8_fullwidth_at", "spaced_at", "pct_card", "html_card",
+        "html_ssn", "json_escape"])
+async def test_pii_03_decoded_references(gw: Client, world: World, tokens: Tokens, text: str) -> None:
+    """PII-03 variant: every character reference a decoder would read (percent, HTML
+    decimal/hex/named, backslash escapes) is decoded on the detection copy, anywhere."""
+    world.fake.set(echo())
+    r = await gw.infer("txt_echo", text_body(f"reach {text} today"), token=tokens.u1())
+    assert r.status == 200
+    sent = upstream_texts(world)
+    assert sent
+    for t in sent + r.json()["outputs"][0]["data"]:
+        assert t.startswith("reach ") and t.endswith(" today")
+        # CARD keeps its last 4 digits under this policy (mask, keep_last: 4): never more.
+        assert text not in t and "john" not in t and "4111" not in t and "1120" not in t
+        assert sum(c.isdigit() for c in t) <= 4, t
+
+
+@pytest.mark.parametrize("path", ["/v2/models/078-05-1120/infer", "/v2/models/078-05-1120",
+                                  "/v2/models/txt_echo/versions/4111111111111111/infer"])
+async def test_pii_04_model_name_not_in_audit(gw: Client, world: World, tokens: Tokens, path: str) -> None:
+    """PII-04 variant: an unknown model name or version is whatever the client typed; the
+    audit record keeps it only redacted (the invariants check the canary everywhere too)."""
+    world.fake.set(echo())
+    method = "POST" if path.endswith("/infer") else "GET"
+    r = await gw.request(method, path, json_body=text_body("hello") if method == "POST" else None,
+                         token=tokens.u1())
+    assert r.status == 404
+    records = world.audit_for(r)
+    assert records and all(n not in json.dumps(rec) for rec in records for n in ("078-05-1120", "4111111111111111"))
+    assert world.upstream_calls() == 0
+
+
+@pytest.mark.parametrize("text", ["DOB: 14-Mar-1985", "DOB 19850314", "born on March 14, 1985", "birthdate 1985/03/14"])
+async def test_pii_01_dates_of_birth(gw: Client, world: World, tokens: Tokens, text: str) -> None:
+    """PII-01 variant: a date of birth near its keyword, in the forms people and forms write."""
+    world.fake.set(echo())
+    r = await gw.infer("txt_echo", text_body(f"patient {text}."), token=tokens.u1())
+    assert r.status == 200
+    for t in upstream_texts(world) + r.json()["outputs"][0]["data"]:
+        assert "1985" not in t and "85" not in t.split()[-1], t
+        assert "[DOB]" in t

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from privacy.pii.normalize import Normalized, normalize
+from privacy.pii.normalize import Normalized, decode_references, normalize
 from privacy.pii.operators import Operator, Replace
 from privacy.pii.recognizers import (
     DEFAULT_ENTITIES,
@@ -117,6 +117,10 @@ class PiiEngine:
             # SECURITY: a right-to-left override shows one order and feeds a program the
             # other; the model reads logical order, the client's screen display order.
             found.extend(self._scan_copy(normalize(text, display_order=False)))
+        decoded = decode_references(text)
+        if decoded is not None:
+            # SECURITY: "john.doe&#64;example&#46;com" is an address to whoever decodes it.
+            found.extend(self._scan_copy(decoded))
         return found
 
     def _scan_copy(self, normalized: Normalized) -> list[tuple[str, int, int]]:
@@ -320,6 +324,8 @@ class PiiEngine:
             joined = separator.join(texts)
             starts = _element_starts(texts, len(separator))
             readings = self._readings(joined)
+            if not separator:
+                readings += self._window_readings(texts, starts)
             for detection in merge(readings):
                 kept = [detection]
                 if alone and self._reads_on(detection, alone, texts, starts):
@@ -352,8 +358,73 @@ class PiiEngine:
     @staticmethod
     def _reads_on(reading: Detection, alone: list[dict[str, _Covered]], texts: Sequence[str],
                   starts: list[int]) -> bool:
-        """Whether an element already holds ``reading``'s entity, alone, where it lies."""
-        return any(_same_entity(alone[i], reading.entity, piece) for i, piece in _split(reading, texts, starts))
+        """Whether an element already holds ``reading``'s entity, alone, where it lies.
+
+        SECURITY: not when that entity ends the element on a joiner (``2001:db8::`` +
+        ``ff00:42:8329``, ``203.0.`` + ``113.77``): it is open, the next element goes on with it.
+        """
+        pieces = _split(reading, texts, starts)
+        last = pieces[-1][0] if pieces else -1
+        return any(_same_entity(alone[i], reading.entity, piece)
+                   and not (i != last and piece[1] == len(texts[i]) and texts[i][-1:] in _JOINERS)
+                   for i, piece in pieces)
+
+    def _window_readings(self, texts: Sequence[str], starts: list[int]) -> list[Detection]:
+        """Readings across element boundaries in windows of 2 and 3 neighbouring elements,
+        offsets into the elements joined with "".
+
+        SECURITY: in the whole join an entity split across elements is glued to its
+        neighbours ("x" + "203.0." + "113.77" + "7" reads "x203.0.113.777"), so the
+        recognizers' boundaries refuse it; a window starts and ends where its elements do.
+        Windows are scanned as one text (line breaks between them), and only the last and
+        first ``_WINDOW_EDGE`` characters of the outer elements go in: linear in the input.
+        """
+        windows, positions, origins, cut = _windows(texts, starts)
+        if not windows:
+            return []
+        text = ELEMENT_BARRIER.join(windows)
+        out: list[Detection] = []
+        for entity, start, end in self._spans(text):
+            k = bisect.bisect_right(positions, start) - 1
+            begin = positions[k]
+            end = min(end, begin + len(windows[k]))
+            if cut[k] and start == begin:
+                continue  # starts where a long element was cut, not where its text does
+            shift = origins[k] - begin
+            out.append(Detection(entity, start + shift, end + shift))
+        return [d for d in out if len(_split(d, texts, starts)) > 1]
+
+
+# An entity that ends an element on one of these is not whole: the next element may go on.
+_JOINERS: Final = frozenset(":.-@/_+")
+# How much of a long element a window of neighbours takes: an entity split across
+# elements is at most this long on either side of the boundary (PEM keys, split anywhere,
+# are read in the whole join; their lines carry no boundary).
+_WINDOW_EDGE: Final = 128
+
+
+def _windows(texts: Sequence[str], starts: list[int]) -> tuple[list[str], list[int], list[int], list[bool]]:
+    """Windows of 2 and 3 neighbouring elements: their texts, their offsets in the text
+    :meth:`PiiEngine._window_readings` scans, in the "" join, and whether the first was cut."""
+    windows: list[str] = []
+    positions: list[int] = []
+    origins: list[int] = []
+    cut: list[bool] = []
+    position = 0
+    count = len(texts)
+    for i in range(count - 1):
+        first = texts[i]
+        head = first[-_WINDOW_EDGE:]
+        for j in (i + 1, i + 2):
+            if j >= count or (j == i + 2 and len(texts[i + 1]) > _WINDOW_EDGE):
+                break
+            window = head + "".join(texts[i + 1:j]) + texts[j][:_WINDOW_EDGE]
+            windows.append(window)
+            positions.append(position)
+            origins.append(starts[i] + len(first) - len(head))
+            cut.append(len(head) < len(first))
+            position += len(window) + len(ELEMENT_BARRIER)
+    return windows, positions, origins, cut
 
 
 # Rules whose patterns share one RE2 set. One set of every pattern builds DFA states for

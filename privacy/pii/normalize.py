@@ -14,6 +14,7 @@ checked by one linear scan; otherwise each other character is folded through a c
 
 from __future__ import annotations
 
+import html.entities
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -106,6 +107,9 @@ class Normalized:
     text: str
     starts: npt.NDArray[np.int64] | None = None
     reordered: bool = False  # a right-to-left override run was put in display order
+    # Where the original characters of copy character ``i`` end (exclusive), when one copy
+    # character stands for several (a decoded ``&#64;``); None: ``starts[i] + 1``.
+    ends: npt.NDArray[np.int64] | None = None
 
     @property
     def identity(self) -> bool:
@@ -122,6 +126,8 @@ class Normalized:
         if self.reordered:
             window = starts[start:end]
             return int(window.min()), int(window.max()) + 1
+        if self.ends is not None:
+            return int(starts[start]), int(self.ends[end - 1])
         return int(starts[start]), int(starts[end - 1]) + 1
 
 
@@ -254,3 +260,81 @@ def _display_order(points: npt.NDArray[np.uint32], out: npt.NDArray[np.uint32],
 def skeleton(text: str) -> str:
     """The detection copy alone, for canonical forms (pseudonyms, masks) of short values."""
     return normalize(text).text
+
+
+# --- character references -------------------------------------------------------------
+
+# SECURITY: each alternative is a fixed prefix and one bounded run of a single class (or
+# a run of one fixed-width unit): one linear pass in any engine, whatever the text.
+_REFERENCE: Final = re.compile(
+    r"%[0-7][0-9A-Fa-f]|(?:%[89A-Fa-f][0-9A-Fa-f])+|&#[0-9]{1,7};?|&#[xX][0-9A-Fa-f]{1,6};?"
+    r"|&[A-Za-z][A-Za-z0-9]{1,31};|\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2}"
+)
+_NAMED: Final = html.entities.html5
+# The printable ASCII characters' percent and decimal/hex references, precomputed: a text
+# made of them (tens of thousands) then costs one dict lookup per reference.
+_VALUES: Final[dict[str, str]] = {
+    form: chr(code) for code in range(0x20, 0x7F)
+    for form in (f"%{code:02X}", f"%{code:02x}", f"&#{code};", f"&#x{code:x};", f"&#x{code:X};", f"&#X{code:x};")
+}
+
+
+def decode_references(text: str) -> Normalized | None:
+    """A detection copy of ``text`` with percent-encoding, HTML character references
+    (decimal, hex, named) and ``\\uXXXX``/``\\xXX`` escapes decoded, then folded like
+    :func:`normalize` (logical order); None when ``text`` has none.
+
+    SECURITY: "john.doe&#64;example&#46;com", "4111%201111%201111%201111" and
+    "078&#45;05&#45;1120" are what a browser, a URL decoder or a model reads as the entity;
+    decoded once (the recognizers read ``%40`` themselves, so ``%2540`` is caught too). The
+    copy is scanned in addition to the plain one, so decoding can only add detections.
+    Every character a reference decodes to maps back to the whole reference.
+    """
+    if "%" not in text and "&" not in text and "\\" not in text:
+        return None
+    found: list[tuple[int, int, int]] = []  # start, end, decoded length
+
+    def decode(match: re.Match[str]) -> str:
+        reference = match.group()
+        value = _VALUES.get(reference) or _reference_value(reference)
+        if not value:
+            return reference
+        found.append((match.start(), match.end(), len(value)))
+        return value
+
+    decoded = _REFERENCE.sub(decode, text)
+    if not found:
+        return None
+    size = len(text)
+    spans = np.array(found, dtype=np.int64)
+    # Per original character: how many copy characters it stands for, and their span.
+    counts = np.ones(size, dtype=np.int64)
+    inside = np.zeros(size + 1, dtype=np.int64)
+    inside[spans[:, 0]] += 1  # matches do not overlap: starts (and ends) are distinct
+    inside[spans[:, 1]] -= 1
+    counts[np.cumsum(inside[:size]) > 0] = 0
+    counts[spans[:, 0]] = spans[:, 2]
+    first = np.arange(size, dtype=np.int64)
+    last = first + 1
+    last[spans[:, 0]] = spans[:, 1]
+    starts, ends = np.repeat(first, counts), np.repeat(last, counts)
+    folded = normalize(decoded, display_order=False)
+    if folded.starts is not None:
+        starts, ends = starts[folded.starts], ends[folded.starts]
+    return Normalized(text, folded.text, starts, False, ends)
+
+
+def _reference_value(reference: str) -> str | None:
+    """What one reference or escape stands for (None: not one we read)."""
+    if len(reference) == 3 and reference[0] == "%":
+        return chr(int(reference[1:], 16))
+    if reference[0] == "%":
+        data = bytes.fromhex(reference.replace("%", ""))
+        return data.decode("utf-8", "replace") if data[0] >= 0x80 else chr(data[0])
+    if reference.startswith("&#"):
+        body = reference[2:].rstrip(";")
+        number = int(body[1:], 16) if body[:1] in ("x", "X") else int(body)
+        return chr(number) if 0 < number <= 0x10FFFF else None
+    if reference[0] == "&":
+        return _NAMED.get(reference[1:])
+    return chr(int(reference[2:], 16))

@@ -179,7 +179,8 @@ def luhn_valid(digits: bytes) -> bool:
 
 # --- EMAIL ----------------------------------------------------------------------------
 
-_AT = r"(?:@|%40|&#0*64;|&#[xX]0*40;|&commat;|[ \t]?[\[({<][ \t]?(?i:at)[ \t]?[\])}>][ \t]?)"
+# "john.doe @ example.com": spaces around a bare "@" are an old obfuscation, not a break.
+_AT = r"(?:[ \t]{0,2}@[ \t]{0,2}|%40|&#0*64;|&#[xX]0*40;|&commat;|[ \t]?[\[({<][ \t]?(?i:at)[ \t]?[\])}>][ \t]?)"
 _DOT = r"(?:\.|%2[eE]|&#0*46;|[ \t]?[\[({<][ \t]?(?i:dot)[ \t]?[\])}>][ \t]?)"
 _LABEL = r"[\p{L}\p{N}](?:[\p{L}\p{N}-]*[\p{L}\p{N}])?"
 _TLD = r"(?:(?i:xn--)[a-zA-Z0-9-]+|\p{L}\p{L}+)"
@@ -985,6 +986,11 @@ _DATE_BODY = (
     r"|[0-9]{4}[/.\-][0-9]{1,2}[/.\-][0-9]{1,2}"
     rf"|(?i:[0-9]{{1,2}}(?:st|nd|rd|th)?[ \t]+(?:of[ \t]+)?{_MONTHS},?[ \t]+[0-9]{{4}})"
     rf"|(?i:{_MONTHS}[ \t]+[0-9]{{1,2}}(?:st|nd|rd|th)?,?[ \t]+[0-9]{{4}})"
+    # "14-Mar-1985", "14/mar/85", "Mar-14-1985": forms and databases (DD-MON-YY)
+    rf"|(?i:[0-9]{{1,2}}[\-/]{_MONTHS}[\-/](?:[0-9]{{4}}|[0-9]{{2}}))"
+    rf"|(?i:{_MONTHS}[\-/][0-9]{{1,2}}[\-/](?:[0-9]{{4}}|[0-9]{{2}}))"
+    # "19850314" (ISO 8601 basic), "14031985": read as a date only after a DOB keyword
+    r"|[0-9]{8}"
 )
 DATE_SOURCE: Final = _bounded(_NOT_AFTER_DIGIT, _DATE_BODY, _NOT_BEFORE_NUMBER)
 # Glued by "-", "." or "_" to a number after it ("born 01/02/1990-415-555-0132").
@@ -1020,6 +1026,11 @@ def date_valid(chunk: bytes) -> bool:
                    if w in _MONTH_NAMES]
     if month_words:
         return len(numbers) == 2 and _date_ok(numbers[0], month_words[0], numbers[1])
+    if len(runs) == 1 and len(runs[0]) == 8:
+        run = runs[0]
+        return (_date_ok(int(run[6:]), int(run[4:6]), int(run[:4]))  # yyyymmdd
+                or _date_ok(int(run[:2]), int(run[2:4]), int(run[4:]))  # ddmmyyyy
+                or _date_ok(int(run[2:4]), int(run[:2]), int(run[4:])))  # mmddyyyy
     if len(numbers) != 3:
         return False
     first, second, third = numbers
