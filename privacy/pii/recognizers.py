@@ -981,6 +981,9 @@ _MONTHS = (
     r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?"
     r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
 )
+_YEAR8 = r"(?:18[89][0-9]|19[0-9]{2}|20[0-9]{2}|2100)"
+_MONTH2 = r"(?:0[1-9]|1[0-2])"
+_DAY2 = r"(?:0[1-9]|[12][0-9]|3[01])"
 _DATE_BODY = (
     r"[0-9]{1,2}[/.\-][0-9]{1,2}[/.\-](?:[0-9]{4}|[0-9]{2})"
     r"|[0-9]{4}[/.\-][0-9]{1,2}[/.\-][0-9]{1,2}"
@@ -989,8 +992,10 @@ _DATE_BODY = (
     # "14-Mar-1985", "14/mar/85", "Mar-14-1985": forms and databases (DD-MON-YY)
     rf"|(?i:[0-9]{{1,2}}[\-/]{_MONTHS}[\-/](?:[0-9]{{4}}|[0-9]{{2}}))"
     rf"|(?i:{_MONTHS}[\-/][0-9]{{1,2}}[\-/](?:[0-9]{{4}}|[0-9]{{2}}))"
-    # "19850314" (ISO 8601 basic), "14031985": read as a date only after a DOB keyword
-    r"|[0-9]{8}"
+    # "19850314" (ISO 8601 basic), "14031985", "03141985": read as a date only after a DOB
+    # keyword. Only runs whose parts are in range (year 1880-2100, as ``_date_ok``): any
+    # eight digits made every order number a candidate (+12% on number-dense text).
+    rf"|{_YEAR8}{_MONTH2}{_DAY2}|{_DAY2}{_MONTH2}{_YEAR8}|{_MONTH2}{_DAY2}{_YEAR8}"
 )
 DATE_SOURCE: Final = _bounded(_NOT_AFTER_DIGIT, _DATE_BODY, _NOT_BEFORE_NUMBER)
 # Glued by "-", "." or "_" to a number after it ("born 01/02/1990-415-555-0132").
