@@ -98,6 +98,7 @@ class InferenceService:
             self._shed_if_full(snap)
             if snap.pipeline.preauth is not None:
                 await snap.pipeline.preauth.admit(ctx.client_addr, ctx)
+            _refuse_malformed_credential(ctx)
             self.in_flight += 1
             try:
                 await snap.pipeline.admit(ctx)
@@ -345,6 +346,17 @@ class InferenceService:
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
             raise
         self.metrics.child(self.metrics.audit_records, decision).inc()
+
+
+def _refuse_malformed_credential(ctx: RequestContext) -> None:
+    """Raise the front's credential error, if it found one.
+
+    # SECURITY (RL-13): called after the pre-auth limit, so a malformed credential (an
+    # ``Authorization: Basic ...``, two Authorization headers) is counted per address
+    # before its refusal: such a flood is throttled like a flood of bad tokens.
+    """
+    if ctx.credential_error is not None:
+        raise ctx.credential_error
 
 
 def _epsilon(ctx: RequestContext) -> float:
