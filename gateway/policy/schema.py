@@ -79,7 +79,9 @@ class UpstreamPolicy(StrictModel):
 
 class ModelPolicy(StrictModel):
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
-        None, description="Versions that may be called explicitly; omitted = any the upstream serves.",
+        None, description="Versions that may be called; a call naming no version goes to the newest listed one "
+                          "the upstream serves (never to an unlisted upstream default). Omitted = any the upstream "
+                          "serves.",
     )
     max_in_flight: PositiveInt | None = Field(
         None, description="Inference calls to this model processed at once by one gateway process; beyond it "
@@ -371,7 +373,8 @@ class Grant(StrictModel):
     actions: tuple[Action | Literal["*"], ...] = Field(min_length=1)
     models: tuple[StrictStr, ...] = Field(("*",), description="Model names, or * for every model of the tenant.")
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
-        None, description="Versions that may be called explicitly; omitted = any.",
+        None, description="Versions that may be called; a call naming no version goes to the newest granted one "
+                          "the upstream serves (404 if none). Omitted = any.",
     )
     outputs: tuple[Annotated[StrictStr, Field(pattern=OUTPUT_NAME_PATTERN)], ...] | None = Field(
         None, min_length=1,
