@@ -83,6 +83,18 @@ async def test_authz_04_version_scoped_grant(gw: Client, world: World, tokens: T
     assert ok.status == 200
 
 
+@pytest.mark.parametrize("query", ["tenant=alpha&tenant=beta", "tenant=beta&tenant=alpha"])
+async def test_authz_02_duplicate_tenant_query_parameter(gw: Client, world: World, tokens: Tokens,
+                                                         query: str) -> None:
+    """AUTHZ-02 variant (parameter pollution): two ``tenant`` parameters on the budget route
+    are a 400, not "first wins" here and "last wins" in whatever reads the URL next."""
+    for token in (tokens.u1(), tokens.ops()):
+        r = await gw.request("GET", f"/v2/privacy/budget?{query}", token=token)
+        assert r.status == 400
+        assert world.audit_for(r)[0]["reason"] == "query_duplicate"
+    assert (await gw.request("GET", "/v2/privacy/budget?tenant=alpha", token=tokens.u1())).status == 200
+
+
 @pytest.mark.parametrize("who", ["u1", "ops"])
 async def test_authz_04_unversioned_call_is_pinned(gw: Client, world: World, tokens: Tokens, who: str) -> None:
     """AUTHZ-04 variant: leave the version out. Triton would serve its default (the newest,

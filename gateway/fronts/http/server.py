@@ -248,7 +248,12 @@ class HttpFront:
         if route.kind == "model_metadata":
             return _json_response(200, (await self.service.caller_metadata(ctx, snap)).to_json(), rid)
         if route.kind == "privacy_budget":
-            tenant = request.query.get("tenant")
+            tenants = request.query.getall("tenant", [])
+            if len(tenants) > 1:
+                # SECURITY (AUTHZ-02): parameter pollution; first-wins here, last-wins in a
+                # proxy or log parser: one tenant per question or a 400.
+                raise MalformedRequest("more than one tenant query parameter", reason="query_duplicate")
+            tenant = tenants[0] if tenants else None
             return _json_response(200, await self.service.privacy_budget(ctx, snap, tenant), rid)
         if route.kind == "policy":
             return _json_response(200, self.service.policy_status(ctx, snap), rid)
