@@ -154,6 +154,15 @@ class PayloadTooLarge(GatewayError):
     default_reason = "input_too_large"
 
 
+class HeadersTooLarge(GatewayError):
+    """The request's header section is larger than the gateway accepts (RFC 6585 §5)."""
+
+    http_status = 431
+    grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+    public_message = "request header fields too large"
+    default_reason = "http_headers_too_large"
+
+
 class UnsupportedMediaType(GatewayError):
     http_status = 415
     grpc_code = GrpcCode.INVALID_ARGUMENT

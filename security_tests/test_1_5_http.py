@@ -177,6 +177,20 @@ async def test_http_11_oversize(gw: Client, world: World, variant: str) -> None:
     assert b"aaaaaaaaaa" not in raw  # nothing of the input echoed (THREAT_MODEL 1.11)
 
 
+@pytest.mark.parametrize(("fields", "status"), [(4, 200), (5, 431), (90, 431)])
+async def test_http_11_header_section_total(gw: Client, world: World, tokens: Tokens, fields: int,
+                                            status: int) -> None:
+    """HTTP-11 variant: every field under the 8 KiB cap and fewer than 100 of them, but the
+    section over 32 KiB (§0.3): 431, nothing echoed, nothing upstream. 4 x 7,000 bytes plus
+    the request's own headers stays under the cap and is served."""
+    extra = "".join(f"X-Pad-{i}: {'b' * 7000}\r\n" for i in range(fields))
+    raw = await gw.raw((f"{INFER}Authorization: Bearer {tokens.u1()}\r\n{extra}Content-Type: application/json\r\n"
+                        f"Content-Length: {len(BODY)}\r\nConnection: close\r\n\r\n{BODY}").encode())
+    assert first_status(raw) == status
+    assert b"bbbbbbbb" not in raw
+    assert world.upstream_calls() == (1 if status == 200 else 0)
+
+
 @pytest.mark.parametrize("line", ["GET / HTTP/0.9", "GET / HTTP/2.0", "GET / HTTP/1.2", "PRI * HTTP/2.0"])
 async def test_http_15_versions(gw: Client, world: World, line: str) -> None:
     raw = await gw.raw(f"{line}\r\nHost: gw\r\n\r\n".encode() + (b"SM\r\n\r\n" if line.startswith("PRI") else b""))

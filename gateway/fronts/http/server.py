@@ -34,7 +34,7 @@ from gateway.fronts.decode_pool import PROCESS_DECODE_BYTES, DecodePool
 from gateway.fronts.http.body import check_content_type, read_body
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
 from gateway.fronts.http.openapi import openapi_bytes
-from gateway.fronts.http.protocol import check_framing, check_host, request_host
+from gateway.fronts.http.protocol import check_framing, check_header_size, check_host, request_host
 from gateway.fronts.http.routes import Route, resolve
 from gateway.fronts.metrics_access import metrics_allowed
 from gateway.fronts.metrics_access import render as render_metrics
@@ -118,6 +118,7 @@ class HttpFront:
         self.metrics.in_flight.inc()
         try:
             try:
+                check_header_size(request)
                 check_framing(request)
                 host = request_host(request)
                 route = resolve(request.method, request.raw_path)
