@@ -139,6 +139,14 @@ async def test_http_08_host_syntax_and_allowlist(gw: Client, world: World, token
         assert [(r["decision"], r["reason"]) for r in recs] == [("deny", reason)]
 
 
+async def test_http_08_http10_without_host_is_not_let_through(gw: Client, world: World, tokens: Tokens) -> None:
+    """HTTP/1.0 may omit Host; with an allowlist set, no host is not an allowed host (421)."""
+    raw = await gw.raw((f"POST /v2/models/pub_clf/infer HTTP/1.0\r\nAuthorization: Bearer {tokens.u1()}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n{BODY}").encode())
+    assert first_status(raw) == 421
+    assert world.upstream_calls() == 0
+
+
 async def test_http_08_health_answers_any_well_formed_host(gw: Client, world: World) -> None:
     """Kubelets probe pods by IP: health is not held to the allowlist, only to the syntax."""
     ok = await gw.raw(b"GET /v2/health/live HTTP/1.1\r\nHost: 10.1.2.3:8000\r\nConnection: close\r\n\r\n")

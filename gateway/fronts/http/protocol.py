@@ -192,10 +192,14 @@ def request_host(request: web.BaseRequest) -> str | None:
 
 
 def check_host(host: str | None, allowed: tuple[str, ...]) -> None:
-    """421 when ``allowed`` (gateway.yaml ``http.allowed_hosts``) is set and ``host`` is not in it."""
-    if not allowed or host is None:
+    """421 when ``allowed`` (gateway.yaml ``http.allowed_hosts``) is set and ``host`` is not in it.
+
+    # SECURITY: fail closed: with an allowlist, an HTTP/1.0 request naming no host at all
+    # is not let through for want of a name to check.
+    """
+    if not allowed:
         return
-    if host not in allowed and _canonical_ip(host) not in allowed:
+    if host is None or (host not in allowed and _canonical_ip(host) not in allowed):
         raise MisdirectedRequest("this gateway does not serve that host")
 
 
