@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from gateway.errors import InternalError
+from gateway.errors import GatewayError, InternalError
 from gateway.ids import random_hex
 
 # SECURITY: a client-supplied request id is echoed in headers, logs and audit records,
@@ -89,6 +89,10 @@ class RequestContext:
     # SECURITY: the raw bearer credential lives here only for the authentication stage;
     # it is cleared once verified and is never logged or audited.
     bearer: str | None = None
+    # A credential the front could not even parse (two Authorization headers, a Basic
+    # scheme): refused by the service after the per-address pre-auth limit has counted
+    # it, like any other bad credential.
+    credential_error: GatewayError | None = None
     principal: Principal | None = None
     started: float = field(default_factory=time.monotonic)
     records: list[StageRecord] = field(default_factory=list)

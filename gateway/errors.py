@@ -138,11 +138,29 @@ class ExpectationFailed(GatewayError):
     default_reason = "expect_unsupported"
 
 
+class MisdirectedRequest(GatewayError):
+    """The request names a host this gateway does not serve (RFC 9110 §15.5.20)."""
+
+    http_status = 421
+    grpc_code = GrpcCode.INVALID_ARGUMENT
+    public_message = "misdirected request"
+    default_reason = "http_host_not_allowed"
+
+
 class PayloadTooLarge(GatewayError):
     http_status = 413
     grpc_code = GrpcCode.RESOURCE_EXHAUSTED
     public_message = "request too large"
     default_reason = "input_too_large"
+
+
+class HeadersTooLarge(GatewayError):
+    """The request's header section is larger than the gateway accepts (RFC 6585 §5)."""
+
+    http_status = 431
+    grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+    public_message = "request header fields too large"
+    default_reason = "http_headers_too_large"
 
 
 class UnsupportedMediaType(GatewayError):

@@ -7,6 +7,7 @@ never re-parses JSON or bytes. BYTES tensors are object arrays of ``bytes``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -153,6 +154,11 @@ class ServerMetadata:
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def newest_version(versions: Iterable[str]) -> str:
+    """The highest of some decimal version strings (Triton's default policy serves the newest)."""
+    return max(versions, key=int)
 
 
 def element_count(shape: tuple[int, ...]) -> int:

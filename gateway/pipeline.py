@@ -159,6 +159,17 @@ class Pipeline:
                 return released(ctx)  # type: ignore[no-any-return]
         return None
 
+    def visible_versions(self, ctx: RequestContext) -> frozenset[str] | None:
+        """Versions of ``ctx.model`` the caller may learn of: what every restricting stage
+        (model exposure, version-scoped grants) allows; None = no stage restricts."""
+        visible: frozenset[str] | None = None
+        for bound in self.stages:
+            restrict = getattr(bound.stage, "visible_versions", None)
+            found = restrict(ctx) if restrict is not None else None
+            if found is not None:
+                visible = found if visible is None else visible & found
+        return visible
+
     async def admit(self, ctx: RequestContext) -> None:
         """Run every stage's ``on_call``: authentication and authorization of any call.
 

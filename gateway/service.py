@@ -33,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.fronts.client_addr import NO_PROXIES, TrustedProxies
 from gateway.identity.registry import KeySourceRegistry
-from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata
+from gateway.kserve import InferRequest, InferResponse, ModelMetadata, ServerMetadata, newest_version
 from gateway.observability import tracing
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import Tracing
@@ -99,6 +99,7 @@ class InferenceService:
             self._shed_if_full(snap)
             if snap.pipeline.preauth is not None:
                 await snap.pipeline.preauth.admit(ctx.client_addr, ctx)
+            _refuse_malformed_credential(ctx)
             self.in_flight += 1
             try:
                 await snap.pipeline.admit(ctx)
@@ -232,6 +233,29 @@ class InferenceService:
         return await self.catalog.get(ctx.model, ctx.version, ttl_s=float(up.metadata_cache_s),
                                       timeout_s=float(up.metadata_timeout_s))
 
+    async def pin_version(self, ctx: RequestContext, snap: Snapshot) -> None:
+        """Name the version of a call that names none, when policy restricts versions.
+
+        # SECURITY (AUTHZ-04): a call naming no version is served by the upstream's
+        # default (Triton: the newest version it has loaded), which may be a version the
+        # caller's grant or the model's exposure does not allow: a v1-only grant would be
+        # bypassed by leaving the version out. When some versions are off limits, the
+        # gateway picks the version itself: the newest allowed one the upstream serves
+        # (the upstream's own default whenever that one is allowed). None allowed: 404.
+        """
+        if ctx.version or ctx.model is None:
+            return
+        allowed = snap.pipeline.visible_versions(ctx)
+        if allowed is None:
+            return  # every version is allowed: the upstream's default is fine
+        served = (await self.model_metadata(ctx, snap)).versions
+        # An upstream that lists no versions (MLServer) is asked for the newest allowed one.
+        candidates = [v for v in served if v in allowed] if served else list(allowed)
+        if not candidates:
+            raise NotFound(UNKNOWN_MODEL, reason="model_version_not_allowed")
+        ctx.version = newest_version(candidates)
+        ctx.note("version_pinned", ctx.version)
+
     async def caller_metadata(self, ctx: RequestContext, snap: Snapshot) -> ModelMetadata:
         """The model's metadata as this caller may see it.
 
@@ -239,7 +263,12 @@ class InferenceService:
         # so a restricted role learns neither their names nor their shapes. A role that may
         # read metadata but not infer (nothing released) sees the declared interface.
         """
+        await self.pin_version(ctx, snap)
         meta = await self.model_metadata(ctx, snap)
+        versions = snap.pipeline.visible_versions(ctx)
+        if versions is not None:
+            # SECURITY (AUTHZ-04): versions the caller may not call are not listed either.
+            meta = replace(meta, versions=tuple(v for v in meta.versions if v in versions))
         released = snap.pipeline.released_outputs(ctx)
         if not released:
             return meta
@@ -247,6 +276,7 @@ class InferenceService:
 
     async def model_ready(self, ctx: RequestContext, snap: Snapshot) -> bool:
         assert ctx.model is not None  # noqa: S101
+        await self.pin_version(ctx, snap)
         await self.model_metadata(ctx, snap)  # unknown model -> NotFound, like Triton's 400/404
         return await self._timed(
             "model_ready",
@@ -255,6 +285,11 @@ class InferenceService:
         )
 
     async def infer(self, ctx: RequestContext, snap: Snapshot, req: InferRequest) -> InferResponse:
+        await self.pin_version(ctx, snap)
+        if not req.version and ctx.version and req.model == ctx.model:
+            # The version admission routed to (a flag) or pin_version chose is the one the
+            # upstream is asked for, never its own default.
+            req = replace(req, version=ctx.version)
         meta = await self.model_metadata(ctx, snap)
         check_request(req, meta)
         ctx.declared_outputs = tuple(spec.name for spec in meta.outputs)
@@ -348,6 +383,17 @@ class InferenceService:
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
             raise
         self.metrics.child(self.metrics.audit_records, decision).inc()
+
+
+def _refuse_malformed_credential(ctx: RequestContext) -> None:
+    """Raise the front's credential error, if it found one.
+
+    # SECURITY (RL-13): called after the pre-auth limit, so a malformed credential (an
+    # ``Authorization: Basic ...``, two Authorization headers) is counted per address
+    # before its refusal: such a flood is throttled like a flood of bad tokens.
+    """
+    if ctx.credential_error is not None:
+        raise ctx.credential_error
 
 
 def _epsilon(ctx: RequestContext) -> float:

@@ -66,7 +66,7 @@ async def test_authn_02_alg_none(gw: Client, world: World, tokens: Tokens, alg: 
     r = await gw.infer("pub_clf", PUB_BODY, token=token)
     assert r.status == 401 and world.upstream_calls() == 0
     recs = world.audit_for(r)
-    assert len(recs) == 1 and recs[0]["decision"] == "deny" and recs[0]["reason"].startswith("authn_")
+    assert len(recs) == 1 and recs[0]["decision"] == "deny" and recs[0]["reason"] == "authn_alg_not_allowed"
     assert recs[0].get("tenant") is None  # claims never recorded as an authenticated principal
 
 
@@ -155,6 +155,37 @@ async def test_authn_11_expiry_boundary(gw: Client, world: World, tokens: Tokens
     if status == 401:
         assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_token_expired"
         assert world.upstream_calls() == 0
+
+
+@pytest.mark.parametrize(("claim", "literal"), [("exp", "NaN"), ("iat", "NaN"), ("nbf", "NaN"), ("exp", "Infinity"),
+                                                ("iat", "-Infinity")])
+async def test_authn_11_13_non_finite_numeric_dates(gw: Client, world: World, tokens: Tokens, claim: str,
+                                                     literal: str) -> None:
+    """AUTHN-11/13 variant: a signed token whose date is NaN or infinite (Python's JSON
+    parser accepts both literals). NaN fails every comparison, so ``exp: NaN`` never
+    expired and ``iat: NaN`` slipped past the lifetime cap; the token must be refused."""
+    claims = world.tokens.claims(sub=tokens.sub("u1"))
+    if claim == "iat":
+        claims["exp"] = claims["iat"] + 10 * 365 * 86400  # refused as too long-lived unless iat is not a number
+    text = json.dumps(claims).replace(f'"{claim}": {claims[claim]}', f'"{claim}": {literal}')
+    assert f'"{claim}": {literal}' in text
+    head = {"alg": "RS256", "kid": "rs-1", "typ": "at+jwt"}
+    await refused(gw, world, tokens.remember(forge(head, b64u(text.encode()), rs256(world.keys.rs1))))
+
+
+@pytest.mark.parametrize(("typ", "status"), [("application/at+jwt", 200), ("Application/AT+JWT", 200),
+                                             ("application/jwt", 401), ("application/x/at+jwt", 401),
+                                             ("at+jwt; charset=x", 401)])
+async def test_authn_20_typ_full_media_type(gw: Client, world: World, tokens: Tokens, typ: str, status: int) -> None:
+    """AUTHN-20 variant: RFC 7515 §4.1.9 lets ``typ`` carry the full ``application/at+jwt``
+    (RFC 9068 §4 names it so), which is the same type as ``at+jwt``; no other type passes."""
+    token = tokens.remember(forge({"alg": "RS256", "kid": "rs-1", "typ": typ},
+                                  world.tokens.claims(sub=tokens.sub("u1")), rs256(world.keys.rs1)))
+    r = await gw.infer("pub_clf", PUB_BODY, token=token)
+    assert r.status == status, r.body[:200]
+    assert world.upstream_calls() == (1 if status == 200 else 0)
+    if status == 401:
+        assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_wrong_token_type"
 
 
 @pytest.mark.parametrize("claim", ["nbf", "iat"])

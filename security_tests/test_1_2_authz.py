@@ -83,6 +83,33 @@ async def test_authz_04_version_scoped_grant(gw: Client, world: World, tokens: T
     assert ok.status == 200
 
 
+@pytest.mark.parametrize("query", ["tenant=alpha&tenant=beta", "tenant=beta&tenant=alpha"])
+async def test_authz_02_duplicate_tenant_query_parameter(gw: Client, world: World, tokens: Tokens,
+                                                         query: str) -> None:
+    """AUTHZ-02 variant (parameter pollution): two ``tenant`` parameters on the budget route
+    are a 400, not "first wins" here and "last wins" in whatever reads the URL next."""
+    for token in (tokens.u1(), tokens.ops()):
+        r = await gw.request("GET", f"/v2/privacy/budget?{query}", token=token)
+        assert r.status == 400
+        assert world.audit_for(r)[0]["reason"] == "query_duplicate"
+    assert (await gw.request("GET", "/v2/privacy/budget?tenant=alpha", token=tokens.u1())).status == 200
+
+
+@pytest.mark.parametrize("who", ["u1", "ops"])
+async def test_authz_04_unversioned_call_is_pinned(gw: Client, world: World, tokens: Tokens, who: str) -> None:
+    """AUTHZ-04 variant: leave the version out. Triton would serve its default (the newest,
+    v2, neither granted to u1 nor exposed); the gateway names v1 itself, for the v1-only
+    grant (u1) and for the v1-only exposure (ops, whose grant covers every version)."""
+    token = tokens.u1() if who == "u1" else tokens.ops()
+    r = await gw.request("POST", "/v2/models/alpha_fraud/infer", json_body=PUB_BODY, token=token)
+    assert r.status == 200
+    assert [(q.model_name, q.model_version) for q in world.fake.requests] == [("alpha_fraud", "1")]
+    assert world.audit_for(r)[0]["model_version"] == "1"
+    meta = await gw.request("GET", "/v2/models/alpha_fraud", token=token)
+    assert meta.status == 200 and meta.json()["versions"] == ["1"]  # v2 is not even listed
+    assert (await gw.request("GET", "/v2/models/alpha_fraud/ready", token=token)).json() == {"ready": True}
+
+
 @pytest.mark.parametrize(("method", "path"), [
     ("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/pub_clf/load"),
     ("POST", "/v2/repository/models/pub_clf/unload"), ("POST", "/v2/systemsharedmemory/region/r/register"),

@@ -240,3 +240,29 @@ async def test_rl_13_invalid_token_flood(gw: Client, world: World, tokens: Token
     assert key_lookups == statuses.count(401)  # every RSA verification belongs to an admitted request
     assert len(world.audit_records()) - audit_before < 100  # denials aggregated, not 600 lines
     assert world.upstream_calls() == 0
+
+
+@pytest.mark.parametrize("authorization", ["Basic dTE6cHc=", "Bearer", "Negotiate YWJj", "Bearer a b"])
+async def test_rl_13_malformed_credentials_count_against_pre_auth(gw: Client, world: World,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   authorization: str) -> None:
+    """RL-13 variant: a flood whose Authorization header is not even a bearer token (Basic,
+    an empty Bearer, another scheme) was refused before the pre-auth limit saw it, so it was
+    never throttled. Every such request must be counted per address, then refused."""
+    from gateway.stages.ratelimit import PreAuthLimiter
+
+    counted: list[str] = []
+    admit = PreAuthLimiter.admit
+
+    async def counting(self: PreAuthLimiter, client_addr: str, ctx: Any = None) -> None:
+        counted.append(client_addr)
+        await admit(self, client_addr, ctx)
+
+    monkeypatch.setattr(PreAuthLimiter, "admit", counting)
+    got = await gather_limited(80, lambda _i: gw.request("POST", "/v2/models/pub_clf/infer", json_body=PUB_BODY,
+                                                         headers={"Authorization": authorization}), limit=20)
+    statuses = [r.status for r in got]
+    assert set(statuses) <= {401, 429}
+    assert counted.count(gw.addr) == 80  # every one went through the per-address limit
+    assert 429 in statuses  # 20/s per address, burst 20: the flood is throttled
+    assert world.upstream_calls() == 0

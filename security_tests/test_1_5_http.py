@@ -115,6 +115,45 @@ async def test_http_08_host(gw: Client, world: World, tokens: Tokens, variant: s
     assert world.upstream_calls() == 0
 
 
+@pytest.mark.parametrize(("host", "status"), [
+    ("", 400),  # HTTP/1.1 without Host
+    ("Host: \r\n", 400), ("Host: gw@evil\r\n", 400), ("Host: gw, evil\r\n", 400), ("Host: gw:abc\r\n", 400),
+    ("Host: gw:99999\r\n", 400), ("Host: gw/x\r\n", 400), ("Host: [1::2::3]\r\n", 400), ("Host: gw:\r\n", 400),
+    ("Host: evil.example\r\n", 421), ("Host: gw.evil\r\n", 421), ("Host: [::2]\r\n", 421),
+    ("Host: GW:8080\r\n", 200), ("Host: gw.\r\n", 200), ("Host: 127.0.0.1:1\r\n", 200),
+])
+async def test_http_08_host_syntax_and_allowlist(gw: Client, world: World, tokens: Tokens, host: str,
+                                                 status: int) -> None:
+    """HTTP-08 variants: a missing, empty or malformed Host is a 400; a well-formed host
+    outside gateway.yaml ``http.allowed_hosts`` a 421 (case, port and a trailing dot aside)."""
+    raw = await gw.raw((f"POST /v2/models/pub_clf/infer HTTP/1.1\r\n{host}Authorization: Bearer {tokens.u1()}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\nConnection: close"
+                        f"\r\n\r\n{BODY}").encode())
+    assert first_status(raw) == status
+    assert world.upstream_calls() == (1 if status == 200 else 0)
+    if status != 200 and host:  # (no Host at all: aiohttp's parser refuses it before the app)
+        rid = re.search(rb"X-Request-ID: ([0-9a-f]+)", raw, re.IGNORECASE)
+        assert rid is not None
+        recs = [r for r in world.audit_records() if r.get("request_id") == rid.group(1).decode()]
+        reason = "http_host_invalid" if status == 400 else "http_host_not_allowed"
+        assert [(r["decision"], r["reason"]) for r in recs] == [("deny", reason)]
+
+
+async def test_http_08_http10_without_host_is_not_let_through(gw: Client, world: World, tokens: Tokens) -> None:
+    """HTTP/1.0 may omit Host; with an allowlist set, no host is not an allowed host (421)."""
+    raw = await gw.raw((f"POST /v2/models/pub_clf/infer HTTP/1.0\r\nAuthorization: Bearer {tokens.u1()}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n{BODY}").encode())
+    assert first_status(raw) == 421
+    assert world.upstream_calls() == 0
+
+
+async def test_http_08_health_answers_any_well_formed_host(gw: Client, world: World) -> None:
+    """Kubelets probe pods by IP: health is not held to the allowlist, only to the syntax."""
+    ok = await gw.raw(b"GET /v2/health/live HTTP/1.1\r\nHost: 10.1.2.3:8000\r\nConnection: close\r\n\r\n")
+    bad = await gw.raw(b"GET /v2/health/live HTTP/1.1\r\nHost: gw@evil\r\nConnection: close\r\n\r\n")
+    assert (first_status(ok), first_status(bad)) == (200, 400)
+
+
 async def test_http_09_hop_by_hop_and_identity_headers(gw: Client, world: World, tokens: Tokens) -> None:
     r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={
         "Connection": "close, Authorization, X-Forwarded-For", "X-Forwarded-For": "10.0.0.1", "X-User": "admin",
@@ -144,6 +183,20 @@ async def test_http_11_oversize(gw: Client, world: World, variant: str) -> None:
     raw = await gw.raw(data.encode())
     assert first_status(raw) in (400, 414, 431)
     assert b"aaaaaaaaaa" not in raw  # nothing of the input echoed (THREAT_MODEL 1.11)
+
+
+@pytest.mark.parametrize(("fields", "status"), [(4, 200), (5, 431), (90, 431)])
+async def test_http_11_header_section_total(gw: Client, world: World, tokens: Tokens, fields: int,
+                                            status: int) -> None:
+    """HTTP-11 variant: every field under the 8 KiB cap and fewer than 100 of them, but the
+    section over 32 KiB (§0.3): 431, nothing echoed, nothing upstream. 4 x 7,000 bytes plus
+    the request's own headers stays under the cap and is served."""
+    extra = "".join(f"X-Pad-{i}: {'b' * 7000}\r\n" for i in range(fields))
+    raw = await gw.raw((f"{INFER}Authorization: Bearer {tokens.u1()}\r\n{extra}Content-Type: application/json\r\n"
+                        f"Content-Length: {len(BODY)}\r\nConnection: close\r\n\r\n{BODY}").encode())
+    assert first_status(raw) == status
+    assert b"bbbbbbbb" not in raw
+    assert world.upstream_calls() == (1 if status == 200 else 0)
 
 
 @pytest.mark.parametrize("line", ["GET / HTTP/0.9", "GET / HTTP/2.0", "GET / HTTP/1.2", "PRI * HTTP/2.0"])

@@ -127,8 +127,9 @@ class TestRbac:
         text = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}
         # text_echo has no routing flag: the request's own version is what is authorized
         assert (await gw.post("/v2/models/text_echo/versions/1/infer", json=text, headers=headers)).status == 403
-        # no explicit version: the server's version policy decides, the grant is on the model
-        assert (await gw.post("/v2/models/text_echo/infer", json=text, headers=headers)).status == 200
+        # no explicit version: never the server's default (text_echo's only version, 1, is not
+        # granted); the gateway pins the newest granted version the server has: none here
+        assert (await gw.post("/v2/models/text_echo/infer", json=text, headers=headers)).status == 404
         # digits and risk are routed by their flags to version 1, which this grant does not cover
         assert (await gw.post("/v2/models/digits/infer", json=DIGITS, headers=headers)).status == 403
         assert (await gw.post("/v2/models/risk/infer", json=RISK, headers=headers)).status == 403

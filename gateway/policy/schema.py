@@ -79,7 +79,9 @@ class UpstreamPolicy(StrictModel):
 
 class ModelPolicy(StrictModel):
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
-        None, description="Versions that may be called explicitly; omitted = any the upstream serves.",
+        None, description="Versions that may be called; a call naming no version goes to the newest listed one "
+                          "the upstream serves (never to an unlisted upstream default). Omitted = any the upstream "
+                          "serves.",
     )
     max_in_flight: PositiveInt | None = Field(
         None, description="Inference calls to this model processed at once by one gateway process; beyond it "
@@ -209,11 +211,40 @@ class MetricsPolicy(StrictModel):
         return value
 
 
+_HOST_NAME_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*")
+
+
+class HttpPolicy(StrictModel):
+    """The REST front's view of the hosts it serves (CATALOGUE HTTP-08)."""
+
+    allowed_hosts: tuple[StrictStr, ...] = Field(
+        (),
+        description="Host names (or IP literals, IPv6 without brackets) authenticated requests may name in "
+                    "their Host header, port ignored, case-insensitive; any other host gets 421. Health "
+                    "probes and /metrics are not held to it (kubelets address pods by IP). () = any "
+                    "well-formed Host; a malformed Host is a 400 either way.",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            ip_ok = True
+            try:
+                ipaddress.ip_address(entry)
+            except ValueError:
+                ip_ok = False
+            if not ip_ok and not _HOST_NAME_RE.fullmatch(entry):
+                raise ValueError(f"{entry!r} is not a lower-case host name or IP address (no port, no scheme)")
+        return value
+
+
 class GatewayPolicy(StrictModel):
     """``gateway.yaml``: limits, upstream deadlines and the models the gateway exposes."""
 
     audit: AuditPolicy = AuditPolicy()
     metrics: MetricsPolicy = MetricsPolicy()
+    http: HttpPolicy = HttpPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     upstream: UpstreamPolicy = UpstreamPolicy()
     stages: StagesPolicy = StagesPolicy()
@@ -342,7 +373,8 @@ class Grant(StrictModel):
     actions: tuple[Action | Literal["*"], ...] = Field(min_length=1)
     models: tuple[StrictStr, ...] = Field(("*",), description="Model names, or * for every model of the tenant.")
     versions: tuple[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,19}$")], ...] | None = Field(
-        None, description="Versions that may be called explicitly; omitted = any.",
+        None, description="Versions that may be called; a call naming no version goes to the newest granted one "
+                          "the upstream serves (404 if none). Omitted = any.",
     )
     outputs: tuple[Annotated[StrictStr, Field(pattern=OUTPUT_NAME_PATTERN)], ...] | None = Field(
         None, min_length=1,

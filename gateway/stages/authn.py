@@ -14,6 +14,7 @@ import binascii
 import functools
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -120,6 +121,24 @@ def _unverified_header(token: str) -> dict[str, Any]:
     return header
 
 
+def _media_type(typ: str) -> str:
+    """The ``typ`` header as the short media type policy lists, lower case.
+
+    RFC 7515 §4.1.9: ``typ`` omits the ``application/`` prefix when it has no other ``/``,
+    and a recipient must treat ``at+jwt`` and ``application/at+jwt`` alike (RFC 9068 §4
+    names the full form); an IdP sending the full form is not sending another type.
+    """
+    lowered = typ.lower()
+    if lowered.startswith("application/") and "/" not in lowered[len("application/"):]:
+        return lowered[len("application/"):]
+    return lowered
+
+
+def _finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite."""
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
 def _fail(reason: str, detail: str = "invalid token") -> AuthenticationFailed:
     return AuthenticationFailed(detail, reason=reason)
 
@@ -200,12 +219,12 @@ class JwtAuthenticator(Stage):
         # not an access token; only the configured `typ` values are accepted.
         if issuer.token_types is not None:
             typ = header.get("typ")
-            if not isinstance(typ, str) or typ.lower() not in issuer.token_types:
+            if not isinstance(typ, str) or _media_type(typ) not in issuer.token_types:
                 raise _fail("authn_wrong_token_type")
         alg = header.get("alg")
         # SECURITY: algorithms come from policy, never from the token (RFC 8725 §2.1).
         if not isinstance(alg, str) or alg not in issuer.algorithms:
-            raise _fail("authn_invalid_token")
+            raise _fail("authn_alg_not_allowed")
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             raise _fail("authn_malformed_token")
@@ -231,8 +250,11 @@ class JwtAuthenticator(Stage):
                    now: float) -> tuple[Principal, float]:
         exp, iat = claims.get("exp"), claims.get("iat")
         nbf = claims.get("nbf", iat)
-        # SECURITY: numeric dates must be numbers (RFC 7519 §2), never strings or booleans.
-        if not all(type(v) in (int, float) for v in (exp, iat, nbf)):
+        # SECURITY: numeric dates must be finite numbers (RFC 7519 §2), never strings or
+        # booleans, and never NaN: the JSON parser accepts the literal NaN, and every
+        # comparison with NaN is False, so `exp: NaN` would never expire and `iat: NaN`
+        # would slip past the lifetime cap.
+        if not all(_finite_number(v) for v in (exp, iat, nbf)):
             raise _fail("authn_invalid_token")
         assert isinstance(exp, int | float) and isinstance(iat, int | float)  # noqa: S101 - checked above
         assert isinstance(nbf, int | float)  # noqa: S101

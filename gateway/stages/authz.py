@@ -104,6 +104,19 @@ class RoleAuthorizer(Stage):
             raise NotFound(UNKNOWN_MODEL, reason="authz_model_not_visible")
         raise PermissionDenied(f"not allowed to {action} this model", reason="authz_denied")
 
+    def visible_versions(self, ctx: RequestContext) -> frozenset[str] | None:
+        """Versions of ``ctx.model`` the caller's grants for ``ctx.action`` cover (None = any)."""
+        principal = ctx.require_principal()
+        versions: set[str] = set()
+        for role in principal.roles:
+            for grant in self.grants.get(principal.tenant, {}).get(role, {}).get(ctx.model or "", ()):
+                if ctx.action.value not in grant.actions:
+                    continue
+                if grant.versions is ANY_VERSION:
+                    return None
+                versions |= grant.versions
+        return frozenset(versions)
+
     def allows(self, ctx: RequestContext, permission: str) -> bool:
         """For gateway-level permissions (audit:read, budget:admin, ...), not model actions."""
         principal = ctx.require_principal()

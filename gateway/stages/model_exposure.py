@@ -32,3 +32,8 @@ class ModelExposure(Stage):
             raise NotFound(UNKNOWN_MODEL, reason="model_not_exposed")
         if ctx.version and policy.versions is not None and ctx.version not in policy.versions:
             raise NotFound(UNKNOWN_MODEL, reason="model_version_not_exposed")
+
+    def visible_versions(self, ctx: RequestContext) -> frozenset[str] | None:
+        """The listed versions of ``ctx.model`` (None: not restricted here)."""
+        policy = self.models.get(ctx.model or "")
+        return frozenset(policy.versions) if policy is not None and policy.versions is not None else None

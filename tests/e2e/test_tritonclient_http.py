@@ -138,3 +138,48 @@ def test_audit_trail_verifies_after_traffic(gateway: GatewayProcess, tmp_path: P
     out = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", str(gateway.audit_dir)],
                          capture_output=True, check=False)
     assert out.returncode == 0, out.stderr
+
+
+def test_async_infer(client: httpclient.InferenceServerClient, headers: dict[str, str]) -> None:
+    x = _digits(2)
+    inp = httpclient.InferInput("pixels", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    pending = client.async_infer("digits", [inp], headers=headers, request_id="async-1")
+    result = pending.get_result()
+    assert result.as_numpy("probabilities").shape == (2, 10)
+    assert result.get_response()["id"] == "async-1"
+
+
+def _refused_401(call: object) -> None:
+    assert callable(call)
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    assert info.value.status() == "401"
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_every_call_refuses_a_bad_token(client: httpclient.InferenceServerClient, bearer: str, binary: bool) -> None:
+    """Each tritonclient path that reaches a model or the server's metadata refuses a token
+    whose signature was altered (is_model_ready answers False, as for any refusal)."""
+    bad = {"Authorization": f"Bearer {bearer[:-4]}AAAA" if not bearer.endswith("AAAA") else f"Bearer {bearer[:-4]}BBBB"}
+    x = _digits(1)
+    inp = httpclient.InferInput("pixels", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = httpclient.InferRequestedOutput("probabilities", binary_data=binary)
+    text = httpclient.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array(["hello"], dtype=np.object_), binary_data=binary)
+    _refused_401(lambda: client.get_server_metadata(headers=dict(bad)))
+    _refused_401(lambda: client.get_model_metadata("digits", headers=dict(bad)))
+    _refused_401(lambda: client.get_model_metadata("digits", "1", headers=dict(bad)))
+    _refused_401(lambda: client.infer("digits", [inp], outputs=[out], headers=dict(bad)))
+    _refused_401(lambda: client.async_infer("digits", [inp], outputs=[out], headers=dict(bad)).get_result())
+    _refused_401(lambda: client.infer("text_echo", [text], headers=dict(bad)))
+    assert not client.is_model_ready("digits", headers=dict(bad))
+
+
+def test_model_config_is_not_served(client: httpclient.InferenceServerClient, headers: dict[str, str]) -> None:
+    """get_model_config is Triton's config extension: never proxied (CATALOGUE AUTHZ-05), so
+    the client gets a plain 404; get_model_metadata carries the shapes and datatypes."""
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config("digits", headers=headers)
+    assert info.value.status() == "404"

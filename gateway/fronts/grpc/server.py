@@ -470,7 +470,8 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         try:
             ctx.bearer = bearer_from_metadata(metadata)
         except GatewayError as exc:
-            raise await self._refused_early(context, exc, request_id, route.template, route) from None
+            # Refused by the service, after the pre-auth limit (service._call).
+            ctx.credential_error = exc
         task = asyncio.ensure_future(
             self.service.call(ctx, snap, route.template, lambda: _within(deadline, work(ctx, snap))))
         self._calls.add(task)

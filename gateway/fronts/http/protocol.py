@@ -11,6 +11,8 @@ exception's class name, and sized requests get their own status (414/431).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -21,7 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from gateway.errors import MalformedRequest
+from gateway.errors import HeadersTooLarge, MalformedRequest, MisdirectedRequest
 
 log = structlog.get_logger("gateway.http.parser")
 
@@ -136,6 +138,76 @@ class GatewayRunner(web.AppRunner):
 async def set_server_header(_request: web.Request, response: web.StreamResponse) -> None:
     """# SECURITY: no library or Python versions in ``Server`` (API8:2023)."""
     response.headers["Server"] = SERVER_HEADER
+
+
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ]. Names are DNS-style labels
+# (underscores tolerated: some internal service names carry them); IPv6 literals in brackets.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_RE = re.compile(rf"(?P<name>{_LABEL}(?:\.{_LABEL})*\.?|\[(?P<ip6>[0-9A-Fa-f:.]{{2,45}})\])"
+                      r"(?::(?P<port>[0-9]{1,5}))?")
+
+
+# CATALOGUE §0.3: 8 KiB per field (aiohttp's max_field_size), 100 fields (max_headers) and
+# 32 KiB for the whole header section, which aiohttp does not bound by itself.
+MAX_HEADER_BYTES = 32 * 1024
+
+
+def check_header_size(request: web.BaseRequest) -> None:
+    """431 when the header section (names, values, ``: `` and CRLF) passes MAX_HEADER_BYTES.
+
+    # SECURITY (HTTP-11): each field under the per-field cap, 100 of them still make
+    # 800 KiB per request; nothing of the request is looked at beyond this point.
+    """
+    total = 0
+    for name, value in request.raw_headers:
+        total += len(name) + len(value) + 4
+        if total > MAX_HEADER_BYTES:
+            raise HeadersTooLarge(f"header section larger than {MAX_HEADER_BYTES} bytes")
+
+
+def request_host(request: web.BaseRequest) -> str | None:
+    """The Host header's host, lower case, without port or trailing dot; None when absent
+    (HTTP/1.0). Raises 400 for a missing (HTTP/1.1), repeated or malformed Host.
+
+    # SECURITY (HTTP-08): the Host decides nothing here, but anything behind the gateway
+    # (logs, an upstream, a cache) may trust it; one well-formed value or a 400, never a
+    # guess: "gw@evil", "gw, evil", "gw/x", "gw:abc" and empty values are refused.
+    """
+    values = request.headers.getall("Host", [])
+    if not values:
+        if request.version >= (1, 1):
+            raise MalformedRequest("an HTTP/1.1 request needs a Host header", reason="http_host_invalid")
+        return None
+    if len(values) > 1:
+        raise MalformedRequest("more than one Host header", reason="http_host_invalid")
+    match = _HOST_RE.fullmatch(values[0])
+    if match is None or (match["port"] is not None and int(match["port"]) > 65535):
+        raise MalformedRequest("the Host header is not a host[:port]", reason="http_host_invalid")
+    if match["ip6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(match["ip6"]))
+        except ValueError:
+            raise MalformedRequest("the Host header is not a host[:port]", reason="http_host_invalid") from None
+    return str(match["name"]).lower().rstrip(".")
+
+
+def check_host(host: str | None, allowed: tuple[str, ...]) -> None:
+    """421 when ``allowed`` (gateway.yaml ``http.allowed_hosts``) is set and ``host`` is not in it.
+
+    # SECURITY: fail closed: with an allowlist, an HTTP/1.0 request naming no host at all
+    # is not let through for want of a name to check.
+    """
+    if not allowed:
+        return
+    if host is None or (host not in allowed and _canonical_ip(host) not in allowed):
+        raise MisdirectedRequest("this gateway does not serve that host")
+
+
+def _canonical_ip(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 def check_framing(request: web.Request) -> None:

@@ -34,7 +34,7 @@ from gateway.fronts.decode_pool import PROCESS_DECODE_BYTES, DecodePool
 from gateway.fronts.http.body import check_content_type, read_body
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
 from gateway.fronts.http.openapi import openapi_bytes
-from gateway.fronts.http.protocol import check_framing
+from gateway.fronts.http.protocol import check_framing, check_header_size, check_host, request_host
 from gateway.fronts.http.routes import Route, resolve
 from gateway.fronts.metrics_access import metrics_allowed
 from gateway.fronts.metrics_access import render as render_metrics
@@ -118,10 +118,16 @@ class HttpFront:
         self.metrics.in_flight.inc()
         try:
             try:
+                check_header_size(request)
                 check_framing(request)
+                host = request_host(request)
                 route = resolve(request.method, request.raw_path)
+                route_label = route.template
+                if route.authenticated:
+                    # Health probes and /metrics answer whatever host a kubelet or scraper names.
+                    check_host(host, self.service.pin().policy.gateway.http.allowed_hosts)
             except GatewayError as exc:
-                response = await self._refuse_early(request, exc, request_id, route_label)
+                response = await self._refuse_early(request, exc, request_id, route_label, route)
             else:
                 route_label = route.template
                 if not route.authenticated:
@@ -219,7 +225,8 @@ class HttpFront:
         try:
             ctx.bearer = _bearer(request)
         except GatewayError as exc:
-            return await self._refuse_early(request, exc, request_id, route.template, route)
+            # Refused by the service, after the pre-auth limit (service._call).
+            ctx.credential_error = exc
         try:
             response = await self.service.call(ctx, snap, route.template,
                                                lambda: self._dispatch(request, route, ctx, snap))
@@ -242,7 +249,12 @@ class HttpFront:
         if route.kind == "model_metadata":
             return _json_response(200, (await self.service.caller_metadata(ctx, snap)).to_json(), rid)
         if route.kind == "privacy_budget":
-            tenant = request.query.get("tenant")
+            tenants = request.query.getall("tenant", [])
+            if len(tenants) > 1:
+                # SECURITY (AUTHZ-02): parameter pollution; first-wins here, last-wins in a
+                # proxy or log parser: one tenant per question or a 400.
+                raise MalformedRequest("more than one tenant query parameter", reason="query_duplicate")
+            tenant = tenants[0] if tenants else None
             return _json_response(200, await self.service.privacy_budget(ctx, snap, tenant), rid)
         if route.kind == "policy":
             return _json_response(200, self.service.policy_status(ctx, snap), rid)

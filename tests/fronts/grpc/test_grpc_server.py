@@ -182,11 +182,28 @@ class TestAuthorizationMetadata:
         ("basic_scheme", ("Basic YWxpY2U6cGFzcw==",)),
         ("empty_token", ("Bearer  ",)),
     ])
-    async def test_malformed_authorization(self, gw: Gateway, case: str, values: tuple[str, ...]) -> None:
+    async def test_malformed_authorization(self, gw: Gateway, case: str, values: tuple[str, ...],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        from gateway.stages.ratelimit import PreAuthLimiter
+
+        counted: list[str] = []
+        admit = PreAuthLimiter.admit
+
+        async def counting(self: PreAuthLimiter, client_addr: str, ctx: Any = None) -> None:
+            counted.append(client_addr)
+            await admit(self, client_addr, ctx)
+
+        monkeypatch.setattr(PreAuthLimiter, "admit", counting)
+        shutil.copy(POLICIES / "limits.yaml", gw.settings.policies / "limits.yaml")  # a pre_auth limit
+        assert await gw.service.store.reload("test")
+        assert gw.service.pin().pipeline.preauth is not None
         if case == "two_values":
             values = tuple(f"Bearer {gw.token()}" for _ in values)  # even two valid tokens
         metadata = (*(("authorization", v) for v in values), ("x-request-id", case))
         exc = await refused(gw.stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="digits"), metadata=metadata))
+        # SECURITY (RL-13): refused after the per-address pre-auth limit counted it, so a flood
+        # of malformed credentials is throttled like one of bad tokens.
+        assert len(counted) == 1
         assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
         assert trailers(exc)["www-authenticate"] == 'Bearer realm="infergate", error="invalid_token"'
         record = gw.record(case)
