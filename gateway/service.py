@@ -19,8 +19,8 @@ import structlog
 from gateway import __version__
 from gateway.audit import AuditAggregator, AuditLog
 from gateway.catalog import ModelCatalog
-from gateway.conformance import check_request
-from gateway.context import Action, RequestContext
+from gateway.conformance import check_request, check_response
+from gateway.context import Action, RequestContext, RequestIds
 from gateway.drift.monitor import DriftMonitor
 from gateway.errors import (
     ClientGone,
@@ -70,6 +70,7 @@ class InferenceService:
     tracing: Tracing = field(default_factory=Tracing)
     drift: DriftMonitor | None = None
     model_slots: ModelSlots = field(default_factory=ModelSlots)
+    request_ids: RequestIds = field(default_factory=RequestIds)
     # The revision whose breaker thresholds are in force: they are set once per revision.
     _breakers_for: Snapshot | None = field(default=None, init=False, repr=False)
 
@@ -268,12 +269,16 @@ class InferenceService:
             c.notes["upstream_called"] = True
             try:
                 if tracing.active():
-                    return await tracing.upstream("infer", r, lambda: self.breakers.call(
+                    resp = await tracing.upstream("infer", r, lambda: self.breakers.call(
                         r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout))))
-                return await self.breakers.call(
-                    r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout)))
+                else:
+                    resp = await self.breakers.call(
+                        r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout)))
             except NotFound as exc:
                 raise NotFound(UNKNOWN_MODEL, reason="model_unknown") from exc
+            # SECURITY: the answer is checked against the request before any response stage.
+            check_response(resp, r, meta)
+            return resp
 
         # Drift sees the request as sent upstream and the raw answer (before DP noise), sampled.
         observed = call_upstream if self.drift is None else self.drift.observing(call_upstream)

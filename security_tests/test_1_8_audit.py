@@ -397,3 +397,17 @@ async def test_aud_11_wall_clock_steps(audit_side: AuditSide, world: World, toke
     assert ahead.status == 200
     _strict_nl(side, [*before, *back, ahead], [])
     _verify_after_stop(side, tmp_path)
+
+
+async def test_aud_01_replayed_request_id_keys_one_request(gw: Client, world: World, tokens: Tokens) -> None:
+    """A client-chosen X-Request-ID is echoed once; a replay (a retry, or an id seen on
+    another tenant's request) gets a fresh id, so each request id keys exactly one record."""
+    rid = f"replay-{tokens.suffix}"
+    first = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"X-Request-ID": rid})
+    again = await gw.infer("pub_clf", PUB_BODY, token=tokens.u2(), headers={"X-Request-ID": rid})
+    assert first.status == again.status == 200
+    assert first.headers["X-Request-ID"] == rid
+    assert again.headers["X-Request-ID"] != rid and len(again.headers["X-Request-ID"]) == 32
+    mine = [r for r in world.audit_records() if r.get("request_id") == rid]
+    assert [r["tenant"] for r in mine] == ["alpha"]
+    assert [r["tenant"] for r in world.audit_for(again)] == ["beta"]
