@@ -13,10 +13,16 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from gateway.errors import InternalError
 from gateway.ids import random_hex
+
+# The model name the client asked for, when a routing flag sent the call to another model
+# (a ``_`` note: per-request working state, never audited). Limits scoped to a model apply
+# to calls for it under either name, so a blue-green flag is no way around a query cap.
+NOTE_REQUESTED_MODEL: Final = "_requested_model"
+
 
 # SECURITY: a client-supplied request id is echoed in headers, logs and audit records,
 # so only a short, header-safe token is accepted; anything else is replaced.

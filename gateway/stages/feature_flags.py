@@ -66,7 +66,7 @@ from openfeature.flag_evaluation import FlagValueType
 from openfeature.provider import FeatureProvider
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from gateway.context import Action, Principal, RequestContext
+from gateway.context import NOTE_REQUESTED_MODEL, Action, Principal, RequestContext
 from gateway.errors import GatewayError, NotFound
 from gateway.flags.provider import (
     VARIANT_PATTERN,
@@ -477,6 +477,8 @@ class FeatureFlags(Stage):
                     raise NotFound(UNKNOWN_MODEL, reason="flags_variant_not_assigned")
                 variant, reason = route.stable, "client_pinned"  # opting out to stable is always allowed
         target = route.targets[variant]
+        if target.model != model:
+            ctx.notes[NOTE_REQUESTED_MODEL] = model
         ctx.model, ctx.version = target.model, target.version
         ctx.note(NOTE_KEY, {"flag": route.flag, "variant": variant, "reason": reason})
 
