@@ -411,3 +411,50 @@ async def test_aud_01_replayed_request_id_keys_one_request(gw: Client, world: Wo
     mine = [r for r in world.audit_records() if r.get("request_id") == rid]
     assert [r["tenant"] for r in mine] == ["alpha"]
     assert [r["tenant"] for r in world.audit_for(again)] == ["beta"]
+
+
+def _audit_cli(*args: str) -> tuple[int, str]:
+    """``infergate audit ...`` as a privacy officer runs it (its own process)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gateway", "audit", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+async def test_aud_10_officer_export_erase_verify(side_gateways: Any, world: World, tokens: Tokens,
+                                                  tmp_path: Path) -> None:
+    """Export a subject, erase them, verify: still ok, their personal fields unreadable; an
+    unknown or already-erased subject is a clear exit 1 that records nothing."""
+    side: SideGateway = side_gateways("officer")
+    client, subject = side.client(), tokens.sub("officer-victim")
+    for i in range(4):
+        await client.infer("pub_clf", PUB_BODY, token=world.tokens.rs(sub=subject) if i % 2 else tokens.u1())
+    assert side.service is not None
+    cfg = side.service.audit_log.config
+    side.stop()  # the log is free: erasure records are appended directly
+    where = [str(cfg.log_dir), "--anchors", str(cfg.anchor_dir), "--keys", str(cfg.key_dir)]
+
+    code, out = _audit_cli("export", *where, "--subject", subject, "--out", str(tmp_path / "before"))
+    assert code == 0 and "2 record(s) (0 with erased" in out
+    assert subject in (tmp_path / "before").joinpath(next(p.name for p in (tmp_path / "before").glob("*.csv"))
+                                                     ).read_text()
+    records_before = len(side.audit_records())
+
+    code, out = _audit_cli("erase", *where, "--subject", f"nobody-{tokens.suffix}")
+    assert code == 1 and "nothing to erase" in out
+    assert len(side.audit_records()) == records_before  # nothing recorded for a mistyped id
+
+    code, out = _audit_cli("erase", *where, "--subject", subject)
+    assert code == 0 and "1 key(s) destroyed" in out
+    code, out = _audit_cli("verify", *where)
+    assert code == 0 and out.startswith("ok")
+
+    code, out = _audit_cli("export", *where, "--subject", subject, "--out", str(tmp_path / "after"))
+    assert code == 0 and "(2 with erased personal data)" in out
+    assert subject not in (tmp_path / "after").joinpath(next(p.name for p in (tmp_path / "after").glob("*.csv"))
+                                                        ).read_text()
+    assert subject.encode() not in b"".join(p.read_bytes() for p in cfg.log_dir.rglob("*") if p.is_file())
+
+    code, out = _audit_cli("erase", *where, "--subject", subject)
+    assert code == 1 and "erased already" in out
