@@ -265,20 +265,22 @@ class InferenceService:
             self.breakers.configure(up.breaker_failures, float(up.breaker_cooldown_s))
             self._breakers_for = snap
 
+        async def checked(r: InferRequest) -> InferResponse:
+            resp = await self.upstream.infer(r, timeout_s=timeout)
+            # SECURITY: the answer is checked against the request before any response stage
+            # (a bad answer counts as an upstream failure for the breaker, like a garbled one).
+            check_response(resp, r, meta)
+            return resp
+
         async def call_upstream(c: RequestContext, r: InferRequest) -> InferResponse:
             c.notes["upstream_called"] = True
             try:
                 if tracing.active():
-                    resp = await tracing.upstream("infer", r, lambda: self.breakers.call(
-                        r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout))))
-                else:
-                    resp = await self.breakers.call(
-                        r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout)))
+                    return await tracing.upstream("infer", r, lambda: self.breakers.call(
+                        r.model, lambda: self._timed("infer", checked(r))))
+                return await self.breakers.call(r.model, lambda: self._timed("infer", checked(r)))
             except NotFound as exc:
                 raise NotFound(UNKNOWN_MODEL, reason="model_unknown") from exc
-            # SECURITY: the answer is checked against the request before any response stage.
-            check_response(resp, r, meta)
-            return resp
 
         # Drift sees the request as sent upstream and the raw answer (before DP noise), sampled.
         observed = call_upstream if self.drift is None else self.drift.observing(call_upstream)
