@@ -124,3 +124,22 @@ async def test_dp_non_finite_upstream_answer_is_502_and_refunded(side_gateways: 
     [record] = side.audit_for(r)
     assert (record["reason"], record["eps"]) == ("upstream_non_finite", 0.0)
     assert await remaining(client, token) == 5.0  # the reservation was refunded
+
+
+async def test_dp_raw_score_in_an_upstream_error_reaches_no_log(gw: Client, world: World, tokens: Tokens,
+                                                               fresh_breakers: None) -> None:
+    """DP-09's error-text side door, on the operator's side: an upstream that quotes the raw
+    output in its error message (a Python backend's exception, a shape check) must not put
+    the DP model's raw values into a log line (NO-LEAK covers logs)."""
+    import grpc
+
+    from tests.support.fake_triton import error
+
+    start = len(world.logs.text())
+    world.fake.set(error(grpc.StatusCode.INTERNAL, "probs=[0.8123456, 1.876544e-01] for x at 0x7f00deadbeef"),
+                   model="tab_dp")
+    r = await gw.infer("tab_dp", dp_body(), token=tokens.u2())
+    assert r.status == 502 and b"0.81" not in r.body
+    logged = world.logs.text()[start:]
+    assert "upstream_grpc_error" in logged  # the operator still learns that and how it failed
+    assert "0.8123456" not in logged and "1.876544" not in logged and "8123456" not in logged

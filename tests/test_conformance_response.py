@@ -46,3 +46,11 @@ def test_unknown_batching_checks_values_only() -> None:
     """An upstream that does not say it batches (max_batch_size 0) keeps its leading dimension."""
     meta = ModelMetadata("m", ("1",), "x", META.inputs, META.outputs, max_batch_size=0)
     check_response(answer(np.zeros((5, 3), np.float32)), request(2), meta)
+
+
+def test_upstream_text_keeps_shapes_and_drops_values() -> None:
+    from gateway.observability.logging import UPSTREAM_TEXT_MAX, upstream_text
+
+    text = upstream_text("input x: expected shape [1,20] got [1,19]; probs=0.8123 -1e-05 .5 3E2 1234567")
+    assert text == "input x: expected shape [1,20] got [1,19]; probs=<num> <num> <num> <num> <num>"
+    assert len(upstream_text("9" * 10_000 + "a" * 10_000)) <= UPSTREAM_TEXT_MAX
