@@ -175,10 +175,14 @@ class InferenceService:
         return True
 
     async def ready(self) -> bool:
-        """Ready when a policy is active and the upstream says it is ready."""
+        """Ready when a policy is active, the audit trail can be written and the upstream
+        says it is ready. (Live stays 200 throughout: nothing a restart would fix.)"""
         try:
             self.store.current  # noqa: B018 - raises before the first load
         except RuntimeError:
+            return False
+        if not self.audit_log.healthy:
+            # SECURITY (AUD-08): every inference would be a 503 audit_unavailable; say so.
             return False
         if self.state.backend != "memory":
             try:

@@ -458,3 +458,26 @@ async def test_aud_10_officer_export_erase_verify(side_gateways: Any, world: Wor
 
     code, out = _audit_cli("erase", *where, "--subject", subject)
     assert code == 1 and "erased already" in out
+
+
+async def test_aud_08_not_ready_while_the_sink_fails(audit_side: AuditSide, world: World, tokens: Tokens) -> None:
+    """/live stays 200 (a restart fixes nothing) but /ready is 503 while every inference
+    could only be a 503 audit_unavailable, so a load balancer drains the gateway; ready
+    again once the disk heals, without a restart."""
+    from tests.support.liveness import eventually
+
+    side, gw = audit_side, audit_side.client()
+    assert (await gw.request("GET", "/v2/health/ready")).status == 200
+    answered = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "ok"))]
+    side.faults.fail["write"] = errno.ENOSPC
+    refused = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "full"))]
+    assert _audit_503(refused[0]), (refused[0].status, refused[0].body)
+    assert (await gw.request("GET", "/v2/health/ready")).status == 503
+    assert (await gw.request("GET", "/v2/health/live")).status == 200
+    del side.faults.fail["write"]
+    await eventually(lambda: side.log.healthy, "audit writer healthy again after the disk healed", expected_s=2.0)
+    assert (await gw.request("GET", "/v2/health/ready")).status == 200
+    answered.append(await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "healed")))
+    assert answered[-1].status == 200
+    await _wait_records(side, refused)
+    _strict_nl(side, answered, refused)
