@@ -1,4 +1,4 @@
-"""FileBudgetLedger: the single-process DP ledger survives a restart and fails closed."""
+"""FileBudgetLedger (no Redis): budgets survive a restart, are shared by workers, and fail closed."""
 
 from __future__ import annotations
 
@@ -75,3 +75,23 @@ async def test_a_charge_that_cannot_be_saved_is_undone_and_refused(tmp_path: Pat
         await unwritable.reserve("dp:alpha:tab_dp", PERIOD, (0.5,), LIMIT)
     assert await unwritable.usage("dp:alpha:tab_dp", PERIOD, 1) == (0.0,)
     assert unwritable.open_reservations() == 0
+
+
+async def test_two_workers_on_one_file_share_one_budget(tmp_path: Path) -> None:
+    """``--workers 2`` without Redis: two ledgers (two open file descriptions, as two
+    processes) racing on one file admit exactly the budget, not twice it."""
+    import asyncio
+
+    path = tmp_path / "dp-ledger.json"
+    workers = [ledger(path), ledger(path)]
+    results = await asyncio.gather(*(workers[i % 2].reserve("dp:alpha:tab_dp", PERIOD, (0.5,), LIMIT)
+                                     for i in range(40)))
+    granted = [r for r in results if isinstance(r, Reservation)]
+    assert len(granted) == 10
+    assert await workers[0].usage("dp:alpha:tab_dp", PERIOD, 1) == (5.0,)
+    index, held = next((i, r) for i, r in enumerate(results) if isinstance(r, Reservation))
+    owner, other = workers[index % 2], workers[1 - index % 2]
+    await other.refund(held)  # not its reservation: nothing happens
+    assert await workers[0].usage("dp:alpha:tab_dp", PERIOD, 1) == (5.0,)
+    await owner.refund(held)
+    assert await workers[0].usage("dp:alpha:tab_dp", PERIOD, 1) == (4.5,)
