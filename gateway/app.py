@@ -47,10 +47,11 @@ from gateway.stages.authn import TrustedIssuer
 from gateway.stages.feature_flags import FlagsRuntime
 from gateway.startup_checks import report_startup_findings
 from gateway.state import open_state
+from gateway.state.dp_file_ledger import LEDGER_FILE, FileBudgetLedger
 from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.tls import server_ssl_context
 from gateway.upstream.base import Upstream
-from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger
+from privacy.dp.ledger import BudgetLedger
 
 log = structlog.get_logger("gateway.app")
 
@@ -126,7 +127,9 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
     # No I/O here: the gateway starts while Redis is down and refuses (fail closed) meanwhile.
     state = open_state(settings.redis_url, observer=metrics)
     # SECURITY: with a shared store every replica spends the same privacy budget.
-    dp_ledger: BudgetLedger = StateBudgetLedger(state) if settings.redis_url else InMemoryBudgetLedger()
+    # Without it, the ledger is a file in the state directory: a restart never refills budgets.
+    dp_ledger: BudgetLedger = (StateBudgetLedger(state) if settings.redis_url
+                               else FileBudgetLedger(settings.state_dir / LEDGER_FILE))
     flag_hooks = _FlagHooks(metrics)
     # SECURITY: with a shared store a canary rolled back on one replica is rolled back on all.
     rollbacks = StateRollbackStore(state) if settings.redis_url else None

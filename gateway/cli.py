@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", default="var", help="local state such as the dev key (default ./var)")
     serve.add_argument("--dev", action="store_true", help="trust the local dev token issuer")
     serve.add_argument("--workers", type=int, default=1,
-                       help="processes sharing the port (limits and budgets are exact across them with --redis)")
+                       help="processes sharing the port (DP budgets are shared through --state-dir; rate limits are "
+                            "exact across them only with --redis)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--policy-trusted-key", action="append", default=[], metavar="PUB.pem",
                        help="load only policy bundles signed by this Ed25519 key (repeatable, for rotation)")

@@ -1,4 +1,5 @@
-"""Check a decoded request against the model's declared metadata, before the upstream.
+"""Check a decoded request against the model's declared metadata, before the upstream,
+and the upstream's answer against the request, before any response stage.
 
 Always on (not a policy stage): a tensor the model did not declare is never forwarded.
 The adversarial and sanitizing stages build on this; this module only enforces the
@@ -7,10 +8,13 @@ contract Triton itself would enforce, so both upstreams behave alike.
 
 from __future__ import annotations
 
+import math
 import re
 
-from gateway.errors import InputRejected
-from gateway.kserve import InferRequest, ModelMetadata
+import numpy as np
+
+from gateway.errors import InputRejected, UpstreamBadResponse
+from gateway.kserve import FLOAT_TYPES, InferRequest, InferResponse, ModelMetadata
 
 
 def check_request(req: InferRequest, meta: ModelMetadata) -> None:
@@ -46,6 +50,38 @@ def check_request(req: InferRequest, meta: ModelMetadata) -> None:
         if out.name not in outputs:
             raise InputRejected(f"output '{_safe(out.name)}' is not an output of this model",
                                 reason="output_unknown_name")
+
+
+def check_response(resp: InferResponse, req: InferRequest, meta: ModelMetadata) -> None:
+    """Refuse (502) an upstream answer that is not an answer to ``req``, before the response
+    stages see it.
+
+    Why here and not only in the front's encoder: the response stages (DP noise, PII
+    masking, output detectors) run before encoding. A NaN clamped and noised by DP would
+    leave as a valid-looking, charged answer; rows the client did not ask for (a batching
+    bug upstream mixing in another request's rows) would be released as if they were its own.
+    """
+    batch = _request_batch(req) if meta.max_batch_size > 0 and meta.name == req.model else None
+    for tensor in resp.outputs:
+        if batch is not None and meta.output(tensor.name) is not None and (
+                not tensor.shape or tensor.shape[0] != batch):
+            # SECURITY: one row out per row in; more would be someone else's answer (AV-04).
+            raise UpstreamBadResponse("the model answered another batch size than was asked",
+                                      reason="upstream_wrong_batch")
+        data = np.asarray(tensor.data)
+        if tensor.datatype in FLOAT_TYPES and data.size and data.dtype.kind == "f":
+            low, high = float(data.min()), float(data.max())
+            if not (math.isfinite(low) and math.isfinite(high)):
+                # SECURITY: NaN/inf never reach DP/PII code as if they were values (AV-04).
+                raise UpstreamBadResponse("the model answered non-finite values", reason="upstream_non_finite")
+
+
+def _request_batch(req: InferRequest) -> int | None:
+    """The batch size of a batched request (``check_request`` made the inputs agree)."""
+    for tensor in req.inputs:
+        if tensor.shape:
+            return tensor.shape[0]
+    return None
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import enum
 import re
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from gateway.errors import GatewayError, InternalError
 from gateway.ids import random_hex
+
+# The model name the client asked for, when a routing flag sent the call to another model
+# (a ``_`` note: per-request working state, never audited). Limits scoped to a model apply
+# to calls for it under either name, so a blue-green flag is no way around a query cap.
+NOTE_REQUESTED_MODEL: Final = "_requested_model"
+
 
 # SECURITY: a client-supplied request id is echoed in headers, logs and audit records,
 # so only a short, header-safe token is accepted; anything else is replaced.
@@ -37,6 +45,35 @@ def new_request_id(offered: str | None = None) -> str:
     if offered is not None and _REQUEST_ID_RE.fullmatch(offered):
         return offered
     return random_hex(16)
+
+
+class RequestIds:
+    """Request ids of one gateway process: the client's when well-formed and not seen lately.
+
+    Why: the request id keys the audit trail (one terminal record per request, catalogue
+    NL) and a data subject's export. A client replaying an id (a retry, or another
+    tenant's id read from somewhere) would give two requests one key; such a request gets
+    a fresh id instead, echoed as usual in ``X-Request-ID``. The memory is bounded (the
+    last ``window`` accepted ids), so a replay older than that is echoed again.
+    """
+
+    def __init__(self, window: int = 16384) -> None:
+        self.window = window
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def assign(self, offered: str | None) -> str:
+        request_id = new_request_id(offered)
+        if request_id != offered:
+            return request_id  # generated: 128 random bits, never a collision worth a lookup
+        with self._lock:
+            if request_id in self._recent:
+                # SECURITY: one id, one request in the audit trail; a replayed id is replaced.
+                return random_hex(16)
+            self._recent[request_id] = None
+            if len(self._recent) > self.window:
+                self._recent.popitem(last=False)
+        return request_id
 
 
 class Action(enum.StrEnum):

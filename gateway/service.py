@@ -19,8 +19,8 @@ import structlog
 from gateway import __version__
 from gateway.audit import AuditAggregator, AuditLog
 from gateway.catalog import ModelCatalog
-from gateway.conformance import check_request
-from gateway.context import Action, RequestContext
+from gateway.conformance import check_request, check_response
+from gateway.context import Action, RequestContext, RequestIds
 from gateway.drift.monitor import DriftMonitor
 from gateway.errors import (
     ClientGone,
@@ -71,6 +71,7 @@ class InferenceService:
     tracing: Tracing = field(default_factory=Tracing)
     drift: DriftMonitor | None = None
     model_slots: ModelSlots = field(default_factory=ModelSlots)
+    request_ids: RequestIds = field(default_factory=RequestIds)
     # The revision whose breaker thresholds are in force: they are set once per revision.
     _breakers_for: Snapshot | None = field(default=None, init=False, repr=False)
 
@@ -176,10 +177,14 @@ class InferenceService:
         return True
 
     async def ready(self) -> bool:
-        """Ready when a policy is active and the upstream says it is ready."""
+        """Ready when a policy is active, the audit trail can be written and the upstream
+        says it is ready. (Live stays 200 throughout: nothing a restart would fix.)"""
         try:
             self.store.current  # noqa: B018 - raises before the first load
         except RuntimeError:
+            return False
+        if not self.audit_log.healthy:
+            # SECURITY (AUD-08): every inference would be a 503 audit_unavailable; say so.
             return False
         if self.state.backend != "memory":
             try:
@@ -300,14 +305,20 @@ class InferenceService:
             self.breakers.configure(up.breaker_failures, float(up.breaker_cooldown_s))
             self._breakers_for = snap
 
+        async def checked(r: InferRequest) -> InferResponse:
+            resp = await self.upstream.infer(r, timeout_s=timeout)
+            # SECURITY: the answer is checked against the request before any response stage
+            # (a bad answer counts as an upstream failure for the breaker, like a garbled one).
+            check_response(resp, r, meta)
+            return resp
+
         async def call_upstream(c: RequestContext, r: InferRequest) -> InferResponse:
             c.notes["upstream_called"] = True
             try:
                 if tracing.active():
                     return await tracing.upstream("infer", r, lambda: self.breakers.call(
-                        r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout))))
-                return await self.breakers.call(
-                    r.model, lambda: self._timed("infer", self.upstream.infer(r, timeout_s=timeout)))
+                        r.model, lambda: self._timed("infer", checked(r))))
+                return await self.breakers.call(r.model, lambda: self._timed("infer", checked(r)))
             except NotFound as exc:
                 raise NotFound(UNKNOWN_MODEL, reason="model_unknown") from exc
 

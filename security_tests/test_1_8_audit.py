@@ -397,3 +397,87 @@ async def test_aud_11_wall_clock_steps(audit_side: AuditSide, world: World, toke
     assert ahead.status == 200
     _strict_nl(side, [*before, *back, ahead], [])
     _verify_after_stop(side, tmp_path)
+
+
+async def test_aud_01_replayed_request_id_keys_one_request(gw: Client, world: World, tokens: Tokens) -> None:
+    """A client-chosen X-Request-ID is echoed once; a replay (a retry, or an id seen on
+    another tenant's request) gets a fresh id, so each request id keys exactly one record."""
+    rid = f"replay-{tokens.suffix}"
+    first = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"X-Request-ID": rid})
+    again = await gw.infer("pub_clf", PUB_BODY, token=tokens.u2(), headers={"X-Request-ID": rid})
+    assert first.status == again.status == 200
+    assert first.headers["X-Request-ID"] == rid
+    assert again.headers["X-Request-ID"] != rid and len(again.headers["X-Request-ID"]) == 32
+    mine = [r for r in world.audit_records() if r.get("request_id") == rid]
+    assert [r["tenant"] for r in mine] == ["alpha"]
+    assert [r["tenant"] for r in world.audit_for(again)] == ["beta"]
+
+
+def _audit_cli(*args: str) -> tuple[int, str]:
+    """``infergate audit ...`` as a privacy officer runs it (its own process)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gateway", "audit", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+async def test_aud_10_officer_export_erase_verify(side_gateways: Any, world: World, tokens: Tokens,
+                                                  tmp_path: Path) -> None:
+    """Export a subject, erase them, verify: still ok, their personal fields unreadable; an
+    unknown or already-erased subject is a clear exit 1 that records nothing."""
+    side: SideGateway = side_gateways("officer")
+    client, subject = side.client(), tokens.sub("officer-victim")
+    for i in range(4):
+        await client.infer("pub_clf", PUB_BODY, token=world.tokens.rs(sub=subject) if i % 2 else tokens.u1())
+    assert side.service is not None
+    cfg = side.service.audit_log.config
+    side.stop()  # the log is free: erasure records are appended directly
+    where = [str(cfg.log_dir), "--anchors", str(cfg.anchor_dir), "--keys", str(cfg.key_dir)]
+
+    code, out = _audit_cli("export", *where, "--subject", subject, "--out", str(tmp_path / "before"))
+    assert code == 0 and "2 record(s) (0 with erased" in out
+    assert subject in (tmp_path / "before").joinpath(next(p.name for p in (tmp_path / "before").glob("*.csv"))
+                                                     ).read_text()
+    records_before = len(side.audit_records())
+
+    code, out = _audit_cli("erase", *where, "--subject", f"nobody-{tokens.suffix}")
+    assert code == 1 and "nothing to erase" in out
+    assert len(side.audit_records()) == records_before  # nothing recorded for a mistyped id
+
+    code, out = _audit_cli("erase", *where, "--subject", subject)
+    assert code == 0 and "1 key(s) destroyed" in out
+    code, out = _audit_cli("verify", *where)
+    assert code == 0 and out.startswith("ok")
+
+    code, out = _audit_cli("export", *where, "--subject", subject, "--out", str(tmp_path / "after"))
+    assert code == 0 and "(2 with erased personal data)" in out
+    assert subject not in (tmp_path / "after").joinpath(next(p.name for p in (tmp_path / "after").glob("*.csv"))
+                                                        ).read_text()
+    assert subject.encode() not in b"".join(p.read_bytes() for p in cfg.log_dir.rglob("*") if p.is_file())
+
+    code, out = _audit_cli("erase", *where, "--subject", subject)
+    assert code == 1 and "erased already" in out
+
+
+async def test_aud_08_not_ready_while_the_sink_fails(audit_side: AuditSide, world: World, tokens: Tokens) -> None:
+    """/live stays 200 (a restart fixes nothing) but /ready is 503 while every inference
+    could only be a 503 audit_unavailable, so a load balancer drains the gateway; ready
+    again once the disk heals, without a restart."""
+    from tests.support.liveness import eventually
+
+    side, gw = audit_side, audit_side.client()
+    assert (await gw.request("GET", "/v2/health/ready")).status == 200
+    answered = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "ok"))]
+    side.faults.fail["write"] = errno.ENOSPC
+    refused = [await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "full"))]
+    assert _audit_503(refused[0]), (refused[0].status, refused[0].body)
+    assert (await gw.request("GET", "/v2/health/ready")).status == 503
+    assert (await gw.request("GET", "/v2/health/live")).status == 200
+    del side.faults.fail["write"]
+    await eventually(lambda: side.log.healthy, "audit writer healthy again after the disk healed", expected_s=2.0)
+    assert (await gw.request("GET", "/v2/health/ready")).status == 200
+    answered.append(await gw.infer("pub_clf", PUB_BODY, token=side.token(world, tokens, "healed")))
+    assert answered[-1].status == 200
+    await _wait_records(side, refused)
+    _strict_nl(side, answered, refused)

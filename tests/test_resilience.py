@@ -159,3 +159,40 @@ async def test_graceful_shutdown_drains_in_flight(fake: FakeTriton, tmp_path: Pa
     records = [r for r in iter_records(gw.audit_dir) if "request_id" in r]
     assert records[-1]["decision"] == "allow"
     assert records[-1]["status"] == 200
+
+
+async def test_sigterm_with_a_full_house_in_flight_answers_and_records_each_once(fake: FakeTriton,
+                                                                                 tmp_path: Path) -> None:
+    """AV-10: SIGTERM with as many calls in flight as the shipped policy admits (tenant
+    concurrency 16), 6 of them charging the DP budget of ``risk``: every call is answered,
+    each has exactly one terminal audit record with its status, and the ε on disk (the
+    budget ledger without Redis) is the ε of the answers."""
+    from tests.support.liveness import eventually
+
+    fake.set(slow(1.5))
+    gw = await asyncio.to_thread(start_gateway, tmp_path, backend=f"grpc://{fake.url}")
+    token = await asyncio.to_thread(gw.token)
+    risk = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
+
+    async def call(session: aiohttp.ClientSession, model: str, body: object) -> tuple[int, str]:
+        async with session.post(f"http://{gw.url}/v2/models/{model}/infer", json=body,
+                                headers={"Authorization": f"Bearer {token}"}) as resp:
+            await resp.read()
+            return resp.status, resp.headers["X-Request-ID"]
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        calls = [asyncio.create_task(call(session, "digits", DIGITS)) for _ in range(10)]
+        calls += [asyncio.create_task(call(session, "risk", risk)) for _ in range(6)]
+        await eventually(lambda: fake.counts["ModelInfer"] >= 16, "16 calls in flight at the upstream",
+                         expected_s=5.0)
+        gw.proc.send_signal(signal.SIGTERM)
+        answers = await asyncio.gather(*calls)
+    assert await asyncio.to_thread(gw.proc.wait, 30) == 0
+    assert [status for status, _ in answers] == [200] * 16
+    records = [r for r in iter_records(gw.audit_dir) if r.get("type") == "request"]
+    for status, rid in answers:
+        assert [r["status"] for r in records if r.get("request_id") == rid] == [status], rid
+    charged = sum(float(r["eps"]) for r in records if r.get("model") == "risk")
+    ledger = json.loads((gw.state_dir / "dp-ledger.json").read_bytes())
+    [account] = [a for a in ledger["accounts"] if a["key"] == "dp:acme:risk"]
+    assert charged == account["used"][0] == 3.0

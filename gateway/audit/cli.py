@@ -100,6 +100,19 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if not config.key_dir.is_dir():
         print(f"no key store at {config.key_dir}: nothing recorded, nothing to erase", file=sys.stderr)
         return 1
+    owner = subject_owner(subject_id) if subject_id is not None else address_owner(client_addr)
+    try:
+        held = KeyStore(config.key_dir, create=False).holds(owner)
+    except KeyStoreError as exc:
+        print(f"cannot erase: {exc}", file=sys.stderr)
+        return 2
+    if not held:
+        # Why not exit 0: a mistyped id would read as a completed erasure. Nothing is
+        # written either: the trail holds nothing readable about this id.
+        who = "subject" if subject_id is not None else "client address"
+        print(f"nothing to erase: no personal data of this {who} is held (never recorded, or erased "
+              "already); check the id. Nothing was recorded.", file=sys.stderr)
+        return 1
     if not _locked(config.log_dir):
         try:
             notice = asyncio.run(_erase_offline(config, subject_id, client_addr))
@@ -108,7 +121,6 @@ def cmd_erase(args: argparse.Namespace) -> int:
         else:
             print(f"erased: {len(notice['key_ids'])} key(s) destroyed; erasure recorded at seq {notice['seq']}")
             return 0
-    owner = subject_owner(subject_id) if subject_id is not None else address_owner(client_addr)
     try:
         erasure = KeyStore(config.key_dir, create=False).erase_owner(owner)
         notice = erasure_notice(AnchorKeys(config.key_dir, create=False), erasure.owner_pseudonyms,

@@ -245,6 +245,11 @@ class SubjectKeys:
             for kid in [k for k in self._by_kid if k.startswith(pseudonym + ".")]:
                 del self._by_kid[kid]
 
+    def held(self, pseudonym: str) -> bool:
+        """True if any key of this pseudonym exists (its records can still be read)."""
+        folder = self.root / pseudonym
+        return bool(_PSEUDONYM_RE.fullmatch(pseudonym)) and folder.is_dir() and any(folder.glob("*.key"))
+
     def erase(self, pseudonym: str) -> list[str]:
         """Destroy every key of one pseudonym; return the destroyed key ids."""
         if not _PSEUDONYM_RE.fullmatch(pseudonym):
@@ -293,6 +298,10 @@ class KeyStore:
     def all_pseudonyms(self, owner: str) -> list[str]:
         """The owner's pseudonym under every pseudonym key still held (for export, erasure)."""
         return sorted({_pseudonym(key, owner) for key in self.pseudonyms.all().values()})
+
+    def holds(self, owner: str) -> bool:
+        """True if personal data of this owner can still be read (some subject key exists)."""
+        return any(self.subjects.held(p) for p in self.all_pseudonyms(owner))
 
     def erase_owner(self, owner: str) -> Erasure:
         """Crypto-shred every subject key of an owner, across pseudonym epochs."""

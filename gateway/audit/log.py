@@ -202,6 +202,8 @@ class AuditLog:
         self._start_lock = asyncio.Lock()
         self._retry_at = 0.0
         self._retry_start_at = 0.0
+        self._start_failed = False
+        self._write_failing = False
         self._commit_started: float | None = None  # time.monotonic() of the batch in the writer thread
         self._deferred_dropped = 0
         self._tick_s = min(1.0, config.checkpoint_interval_s)
@@ -230,6 +232,16 @@ class AuditLog:
         return started is not None and time.monotonic() - started >= self.config.append_timeout_s
 
     @property
+    def healthy(self) -> bool:
+        """False while records cannot be written: the last start or batch write failed, or
+        the writer is stalled. Readiness reports it (``/v2/health/ready`` 503), so a load
+        balancer drains a gateway that can only answer 503 ``audit_unavailable``; the writer
+        retries its deferred refusal records every second, so a healed disk turns it back."""
+        if self._state in ("closing", "closed"):
+            return False
+        return not (self._start_failed or self._write_failing or self.stalled)
+
+    @property
     def file_sink(self) -> FileSink:
         """The segment writer (tests set its ``fault_hook`` to inject disk faults, AUD-08)."""
         return self._file
@@ -255,7 +267,9 @@ class AuditLog:
                 await self._executor.run(self._open_sync)
             except BaseException:
                 self._retry_start_at = time.monotonic() + 1.0  # lazy start retries, not in a tight loop
+                self._start_failed = True
                 raise
+            self._start_failed = False
             self._wake = asyncio.Event()
             self._state = "running"
             self._task = loop.create_task(self._writer(), name="audit-writer")
@@ -453,6 +467,7 @@ class AuditLog:
         except Exception as exc:  # noqa: BLE001 - any failure refuses the batch (fail closed)
             self._commit_started = None
             self._stats.failures += 1
+            self._write_failing = True
             self._retry_at = time.monotonic() + 1.0
             log.error("audit_write_failed", error=type(exc).__name__, detail=str(exc),  # noqa: TRY400
                       records=len(records))
@@ -468,6 +483,7 @@ class AuditLog:
                     self._defer_refusal(item.record, "audit_timeout")  # rolled back: never written
             return
         self._commit_started = None
+        self._write_failing = False
         self._stats.batches += 1
         self._stats.records += len(records)
         self._stats.last_batch = len(records)

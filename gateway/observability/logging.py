@@ -7,9 +7,10 @@ Never log a token, a secret or a raw input; stages log reason codes and counts. 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -19,6 +20,23 @@ from privacy.pii.redact import redact_value
 _SAFE_KEYS = frozenset({"event", "level", "timestamp", "request_id", "route", "reason", "status", "transport",
                         "revision", "active_revision", "model", "stage", "operation", "code"})
 _FORBIDDEN_KEYS = frozenset({"authorization", "token", "bearer", "password", "secret", "api_key"})
+
+
+# A number with a fraction or an exponent, or a long digit run: what a model's output
+# looks like when an upstream quotes it in an error text.
+_VALUE_RE = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?\d+[eE][-+]?\d+|\d{6,}")
+UPSTREAM_TEXT_MAX: Final = 300
+
+
+def upstream_text(raw: str) -> str:
+    """An upstream's (or model runtime's) error text as it may be logged.
+
+    Why: that text is written by code we do not control and may quote tensor values, and
+    a DP-protected model's raw output must not reach a log line any more than a response
+    (catalogue DP-09, NO-LEAK). Values become ``<num>`` (short integers such as shapes and
+    dimensions stay, for the operator), and the text is cut to a bounded length.
+    """
+    return _VALUE_RE.sub("<num>", raw[: UPSTREAM_TEXT_MAX * 4])[:UPSTREAM_TEXT_MAX]
 
 
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

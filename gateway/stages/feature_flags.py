@@ -55,7 +55,7 @@ import hmac
 import itertools
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, Protocol
 
@@ -66,7 +66,7 @@ from openfeature.flag_evaluation import FlagValueType
 from openfeature.provider import FeatureProvider
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from gateway.context import Action, Principal, RequestContext
+from gateway.context import NOTE_REQUESTED_MODEL, Action, Principal, RequestContext
 from gateway.errors import GatewayError, NotFound
 from gateway.flags.provider import (
     VARIANT_PATTERN,
@@ -225,8 +225,12 @@ class CompiledFlags:
 
 
 def compile_flags(raw: bytes, models: Mapping[str, ModelPolicy], profile: Profile, *,
-                  name: str = FLAGS_FILE) -> CompiledFlags:
-    """Validate the flag file against the exposed models and the profile; :class:`FlagFileError` if not."""
+                  name: str = FLAGS_FILE, dp_models: Collection[str] = ()) -> CompiledFlags:
+    """Validate the flag file against the exposed models and the profile; :class:`FlagFileError` if not.
+
+    ``dp_models``: the models of ``privacy.yaml``. A route that touches one of them may only
+    choose among versions of that one model (see :func:`_check_dp_route`).
+    """
     flag_set = parse_flag_file(raw, name=name)
     issues: list[str] = []
     routes: dict[str, Route] = {}
@@ -245,6 +249,8 @@ def compile_flags(raw: bytes, models: Mapping[str, ModelPolicy], profile: Profil
             if route.model in routes:
                 issues.append(f"{where}: model {route.model!r} is already routed by {routes[route.model].flag!r}")
                 continue
+            if not _check_dp_route(route, dp_models, issues, where):
+                continue
             routes[route.model] = route
     targets = {t.model for r in routes.values() for t in r.targets.values()}
     for route in routes.values():
@@ -257,6 +263,23 @@ def compile_flags(raw: bytes, models: Mapping[str, ModelPolicy], profile: Profil
         raise FlagFileError(issues)
     return CompiledFlags(flag_set=flag_set, routes=routes, kill_switches=kill_switches,
                          route_only=frozenset(targets - set(routes)))
+
+
+def _check_dp_route(route: Route, dp_models: Collection[str], issues: list[str], where: str) -> bool:
+    """A route on or to a DP-protected model stays within that model's versions.
+
+    Why: noise and budget are looked up by the *routed* model name. A blue-green flag from
+    ``tab_dp`` to ``tab_dp_green`` (not in privacy.yaml) would release raw, uncharged
+    outputs under the protected name; to another protected model, it would open a second
+    budget for the same clients (twice the averaging).
+    """
+    touched = {route.model, *(t.model for t in route.targets.values())}
+    if not touched & set(dp_models) or touched == {route.model}:
+        return True
+    # SECURITY: no routing flag may take a request out of (or across) a model's DP budget.
+    issues.append(f"{where}: model {route.model!r} or a target is DP-protected (privacy.yaml); its variants "
+                  "may only be versions of that one model")
+    return False
 
 
 def _check_kill_switch(key: str, flag: CompiledFlag, profile: Profile, out: dict[str, str], issues: list[str],
@@ -454,6 +477,8 @@ class FeatureFlags(Stage):
                     raise NotFound(UNKNOWN_MODEL, reason="flags_variant_not_assigned")
                 variant, reason = route.stable, "client_pinned"  # opting out to stable is always allowed
         target = route.targets[variant]
+        if target.model != model:
+            ctx.notes[NOTE_REQUESTED_MODEL] = model
         ctx.model, ctx.version = target.model, target.version
         ctx.note(NOTE_KEY, {"flag": route.flag, "variant": variant, "reason": reason})
 
@@ -636,7 +661,8 @@ def build_flags_stage(raw: bytes, policy: PolicySet, runtime: FlagsRuntime, *, p
         raise PolicyError([PolicyIssue(name, 1, 1, "missing while routing flags are active; to remove every "
                                        "flag write {\"flags\": {}}", "restore the file")])
     try:
-        compiled = compile_flags(raw or b'{"flags": {}}', policy.gateway.models, profile, name=name)
+        compiled = compile_flags(raw or b'{"flags": {}}', policy.gateway.models, profile, name=name,
+                                 dp_models=frozenset(policy.privacy.models))
     except FlagFileError as exc:
         tracker.flag_file_failed("; ".join(exc.issues))
         raise PolicyError([PolicyIssue(name, 1, 1, issue.removeprefix(f"{name}: ")) for issue in exc.issues]) from exc

@@ -37,7 +37,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal, Protocol
 import structlog
 from pydantic import Field, StrictFloat, StrictInt, StrictStr, model_validator
 
-from gateway.context import Principal, RequestContext
+from gateway.context import NOTE_REQUESTED_MODEL, Principal, RequestContext
 from gateway.errors import DependencyUnavailable, GatewayError, PayloadTooLarge, RateLimited
 from gateway.fronts.client_addr import address_bucket
 from gateway.kserve import InferRequest, Tensor, element_count
@@ -323,7 +323,9 @@ class _Compiled:
             return False
         if self.roles is not None and not (principal.roles & self.roles):
             return False
-        if self.models is not None and ctx.model not in self.models:
+        if self.models is not None and ctx.model not in self.models and (
+                ctx.notes.get(NOTE_REQUESTED_MODEL) not in self.models):
+            # SECURITY: a rule on a model also binds calls routed from it to another model.
             return False
         return not ("model" in self.per and ctx.model is None)
 

@@ -56,6 +56,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.kserve import DTYPES, InferRequest, InferResponse, ModelMetadata, NDArray, ServerMetadata, Tensor
+from gateway.observability.logging import upstream_text
 from gateway.upstream.model_repo import (
     ModelRepoError,
     ModelRepository,
@@ -578,7 +579,7 @@ def _ort_error(served: _Served, version: str, exc: BaseException, run_options: A
         model=served.model.name,
         version=version,
         error_type=type(exc).__name__,
-        error=str(exc),
+        error=upstream_text(str(exc)),
     )
     if isinstance(exc, OrtInvalidArgument):  # onnxruntime's own input checks
         return InputRejected("the model rejected the input", reason="input_rejected_by_model")

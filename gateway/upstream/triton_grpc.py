@@ -67,6 +67,7 @@ from gateway.kserve import (
     TensorSpec,
     element_count,
 )
+from gateway.observability.logging import upstream_text
 from gateway.upstream.model_repo import requested_outputs, shape_matches, validate_request
 
 log = structlog.get_logger("gateway.upstream.triton_grpc")
@@ -141,7 +142,7 @@ def upstream_error(exc: BaseException, *, operation: str, model: str | None = No
         model=model,
         code=code,
         error_type=type(exc).__name__,
-        error=raw,
+        error=upstream_text(raw),
     )
     if code == "NOT_FOUND":
         return NotFound(reason="model_unknown")
@@ -280,7 +281,7 @@ class TritonGrpcUpstream:
         try:
             metadata = _metadata_from_proto(response)
         except (TypeError, ValueError) as exc:
-            log.warning("upstream_bad_metadata", model=model, error=str(exc))
+            log.warning("upstream_bad_metadata", model=model, error=upstream_text(str(exc)))
             raise UpstreamBadResponse(reason="upstream_bad_metadata") from exc
         if metadata.name and metadata.name != model:
             log.warning("upstream_bad_metadata", model=model, error="metadata for another model")
@@ -318,7 +319,8 @@ class TritonGrpcUpstream:
             raise
         except Exception as exc:  # anything odd in a response is the upstream's fault
             log.warning(
-                "upstream_bad_response", model=request.model, error_type=type(exc).__name__, error=str(exc)
+                "upstream_bad_response", model=request.model, error_type=type(exc).__name__,
+                error=upstream_text(str(exc)),
             )
             raise UpstreamBadResponse(reason="upstream_bad_response") from exc
         if response.model_name and response.model_name != request.model:

@@ -45,7 +45,7 @@ import structlog
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.context import Action, RequestContext, new_request_id, traceparent_for
+from gateway.context import Action, RequestContext, traceparent_for
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -411,7 +411,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     async def _unimplemented(self, context: Any, rpc: str) -> NoReturn:
         # SECURITY: model control, shared memory and settings RPCs would let a client
         # reconfigure or read the upstream; none is forwarded, for anyone.
-        request_id = new_request_id(_first(_metadata(context), "x-request-id"))
+        request_id = self.service.request_ids.assign(_first(_metadata(context), "x-request-id"))
         label = f"grpc:{rpc}"  # bounded: the generated servicer's fixed set of names
         exc = MethodNotAllowed(f"{rpc} is not available through this gateway", reason="rpc_unimplemented")
         answer = await self._refused_early(context, exc, request_id, label, None)
@@ -424,7 +424,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         """Resolve, authenticate, run through the service, answer; errors become statuses."""
         started = time.perf_counter()
         metadata = _metadata(context)
-        request_id = new_request_id(_first(metadata, "x-request-id"))
+        request_id = self.service.request_ids.assign(_first(metadata, "x-request-id"))
         deadline = asyncio.get_running_loop().time() + _budget(context.time_remaining())
         structlog.contextvars.bind_contextvars(request_id=request_id)
         label = "unmatched"

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.context import Action, RequestContext, new_request_id, traceparent_for
+from gateway.context import Action, RequestContext, traceparent_for
 from gateway.errors import (
     AuthenticationFailed,
     ExpectationFailed,
@@ -109,7 +109,7 @@ class HttpFront:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = new_request_id(request.headers.get("X-Request-ID"))
+        request_id = self.service.request_ids.assign(request.headers.get("X-Request-ID"))
         structlog.contextvars.bind_contextvars(request_id=request_id)
         route_label = "unmatched"
         route: Route | None = None
