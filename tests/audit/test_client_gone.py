@@ -40,7 +40,7 @@ class StallFsync:
 
 def _request(rid: str, bearer: str) -> bytes:
     body = json.dumps(DIGITS_BODY).encode()
-    head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {bearer}\r\n"
+    head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {bearer}\r\n"
             f"X-Request-ID: {rid}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 

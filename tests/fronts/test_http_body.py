@@ -331,13 +331,13 @@ async def test_declared_length_over_cap_is_refused_before_reading(server: Server
     No body ever comes, so a server that waited for it would never answer (the hang bound
     of ``_status_line`` fails the test); ``refused_after_bytes`` shows it read none.
     """
-    line = await _status_line(server.port, b"POST /echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 209715200\r\n\r\n")
+    line = await _status_line(server.port, b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 209715200\r\n\r\n")
     assert line.startswith(b"HTTP/1.1 413 ")
     assert server.seen.refused_after_bytes == [0]
 
 
 async def test_gzip_declared_length_over_cap_is_refused_before_reading(server: Server) -> None:
-    line = await _status_line(server.port, b"POST /echo HTTP/1.1\r\nHost: gw\r\nContent-Encoding: gzip\r\n"
+    line = await _status_line(server.port, b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Encoding: gzip\r\n"
                                            b"Content-Length: 209715200\r\n\r\n")
     assert line.startswith(b"HTTP/1.1 413 ")
 
@@ -345,7 +345,7 @@ async def test_gzip_declared_length_over_cap_is_refused_before_reading(server: S
 async def test_chunked_flood_is_not_buffered_past_the_cap(short_linger_server: Server) -> None:
     """IN-10: a 200 MB chunked stream is refused once the cap is passed, not buffered."""
     reader, writer = await asyncio.open_connection("127.0.0.1", short_linger_server.port)
-    writer.write(b"POST /echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
     frame = b"%x\r\n" % READ_CHUNK + b"\0" * READ_CHUNK + b"\r\n"
 
     async def pump() -> None:

@@ -58,7 +58,7 @@ async def _refused_while_sending(port: int, head: bytes, rounds: int = 30) -> by
 
 
 async def test_oversize_header_answer_survives_further_input(port: int) -> None:
-    answer = await _refused_while_sending(port, b"GET / HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20_000)
+    answer = await _refused_while_sending(port, b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20_000)
     assert answer[:13] in (b"HTTP/1.1 431 ", b"HTTP/1.0 431 "), answer[:60]
     assert b"aaaa" not in answer
 
@@ -72,7 +72,7 @@ async def test_linger_is_bounded(port: int, monkeypatch: pytest.MonkeyPatch) -> 
     """A client that never stops sending is cut after the linger time, not served forever."""
     monkeypatch.setattr(protocol, "LINGER_AFTER_REFUSAL_S", 0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET / HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20_000)
+    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20_000)
     cut = False
     try:
         async with asyncio.timeout(10):

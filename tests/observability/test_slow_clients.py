@@ -63,7 +63,7 @@ async def gateway(settings: Settings, policy_dir: Path) -> AsyncIterator[Gateway
 
 def _request(token_header: str, body: dict[str, Any], request_id: str) -> bytes:
     payload = json.dumps(body).encode()
-    head = (f"POST /v2/models/text_echo/infer HTTP/1.1\r\nHost: gw\r\nAuthorization: {token_header}\r\n"
+    head = (f"POST /v2/models/text_echo/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: {token_header}\r\n"
             f"Content-Type: application/json\r\nX-Request-ID: {request_id}\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n")
     return head.encode() + payload
