@@ -331,7 +331,7 @@ async def test_declared_length_over_cap_is_refused_before_reading(server: Server
     No body ever comes, so a server that waited for it would never answer (the hang bound
     of ``_status_line`` fails the test); ``refused_after_bytes`` shows it read none.
     """
-    line = await _status_line(server.port, b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 209715200\r\n\r\n")
+    line = await _status_line(server.port, b"POST /echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 209715200\r\n\r\n")
     assert line.startswith(b"HTTP/1.1 413 ")
     assert server.seen.refused_after_bytes == [0]
 

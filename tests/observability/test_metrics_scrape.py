@@ -133,7 +133,8 @@ def _leave_mid_response(port: int, authorization: str) -> bytes:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
         sock.connect(("127.0.0.1", port))
-        sock.sendall(b"POST /v2/models/text_echo/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + authorization.encode()
+        sock.sendall(b"POST /v2/models/text_echo/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
+                     + authorization.encode()
                      + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(payload)).encode()
                      + b"\r\n\r\n" + payload)
         first = sock.recv(1024)
