@@ -341,3 +341,43 @@ async def test_rl_13_malformed_credentials_count_against_pre_auth(gw: Client, wo
     assert counted.count(gw.addr) == 80  # every one went through the per-address limit
     assert 429 in statuses  # 20/s per address, burst 20: the flood is throttled
     assert world.upstream_calls() == 0
+
+
+# -- Variant: --workers N without Redis ------------------------------------------------------------
+
+def test_rl_workers_without_redis_warns_at_start(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--workers 2`` without ``--redis``: each worker enforces the limits alone, so a client
+    spread over the workers gets twice each. The command says so before serving (it used to
+    say nothing); with Redis, or with no limits at all, it stays quiet."""
+    import dataclasses
+    from pathlib import Path
+
+    from gateway import app as gateway_app
+    from gateway.cli import main
+    from gateway.policy.loader import load_policy_dir
+    from gateway.settings import Settings
+    from gateway.stages.ratelimit import RateLimitPolicy
+    from gateway.startup_checks import per_worker_limits_warning
+
+    policies = Path(__file__).resolve().parents[1] / "policies"
+    limits = load_policy_dir(policies).limits
+    assert limits.limits or limits.pre_auth is not None  # the shipped set has limits
+    settings = Settings(policies=policies)
+    message = per_worker_limits_warning(settings, 2, limits)
+    assert message is not None and "--redis" in message and "2 times" in message
+    assert per_worker_limits_warning(settings, 1, limits) is None
+    assert per_worker_limits_warning(dataclasses.replace(settings, redis_url="redis://127.0.0.1:1"), 2, limits) is None
+    assert per_worker_limits_warning(settings, 2, RateLimitPolicy()) is None
+
+    started: list[int] = []
+
+    def serve_workers(_settings: Settings, workers: int, **_kw: Any) -> int:
+        started.append(workers)  # stands in for the worker processes: nothing is served
+        return 0
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gateway_app, "serve_workers", serve_workers)
+        code = main(["serve", "--policies", str(policies), "--workers", "2", "--backend", "local:triton_repo",
+                     "--audit-dir", str(tmp_path / "audit"), "--state-dir", str(tmp_path / "state")])
+    assert code == 0 and started == [2]
+    assert "WARNING: --workers 2 without --redis" in capsys.readouterr().err
