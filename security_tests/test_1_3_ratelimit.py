@@ -354,6 +354,7 @@ def test_rl_workers_without_redis_warns_at_start(tmp_path: Any, capsys: pytest.C
 
     from gateway import app as gateway_app
     from gateway.cli import main
+    from gateway.observability import logging as gateway_logging
     from gateway.policy.loader import load_policy_dir
     from gateway.settings import Settings
     from gateway.stages.ratelimit import RateLimitPolicy
@@ -377,6 +378,8 @@ def test_rl_workers_without_redis_warns_at_start(tmp_path: Any, capsys: pytest.C
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gateway_app, "serve_workers", serve_workers)
+        # The command configures process-wide logging; the world's gateway logs through it.
+        mp.setattr(gateway_logging, "configure_logging", lambda _level: None)
         code = main(["serve", "--policies", str(policies), "--workers", "2", "--backend", "local:triton_repo",
                      "--audit-dir", str(tmp_path / "audit"), "--state-dir", str(tmp_path / "state")])
     assert code == 0 and started == [2]
