@@ -65,9 +65,13 @@ def _serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             # Validate once in the parent so a bad policy fails fast, not N times.
             from gateway.policy.bundle import BundleVerifier, load_bundle
+            from gateway.startup_checks import per_worker_limits_warning
 
             keys = settings.policy_trusted_keys
-            load_bundle(settings.policies, BundleVerifier.from_files(keys) if keys else None)
+            policy_set, _info = load_bundle(settings.policies, BundleVerifier.from_files(keys) if keys else None)
+            per_worker = per_worker_limits_warning(settings, args.workers, policy_set.limits)
+            if per_worker is not None:
+                print(f"infergate: WARNING: {per_worker}", file=sys.stderr)
             return serve_workers(settings, args.workers, log_level=args.log_level, ready_message="\n".join(lines))
         asyncio.run(serve(settings, ready_message="\n".join(lines)))
     except PolicyError as exc:

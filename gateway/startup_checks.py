@@ -23,6 +23,7 @@ from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.observability.metrics import Metrics
+    from gateway.stages.ratelimit import RateLimitPolicy
 
 log = structlog.get_logger("gateway.startup")
 
@@ -75,6 +76,24 @@ def check_upstream_transport(settings: Settings) -> str | None:
             "if a private network protects the channel")
     return (f"INSECURE: plaintext gRPC to {settings.backend} (--upstream-insecure): tensors and answers are "
             "readable and forgeable by anyone on that network path")
+
+
+def per_worker_limits_warning(settings: Settings, workers: int, limits: RateLimitPolicy) -> str | None:
+    """The warning to print when ``--workers N`` would multiply the rate limits by N.
+
+    # SECURITY: without Redis each worker keeps its limits in its own memory, and the kernel
+    # spreads connections over the workers (SO_REUSEPORT): a client opening fresh
+    # connections gets up to N times every rate, quota, concurrency and pre-auth limit.
+    # DP budgets are not affected (shared through the state directory). Not refused, since
+    # the limits still bind each worker; but the operator must hear it at start-up.
+    """
+    if workers <= 1 or (settings.redis_url not in (None, "memory://")):
+        return None
+    if not limits.limits and limits.pre_auth is None:
+        return None
+    return (f"--workers {workers} without --redis: each worker enforces the rate limits, quotas, concurrency "
+            f"caps and pre-auth limit of limits.yaml on its own, so a client spread over the workers gets up to "
+            f"{workers} times each; use --redis for limits exact across workers")
 
 
 # --------------------------------------------------------------------------- SEC-04

@@ -223,6 +223,81 @@ async def test_rl_12_redis_slow_times_out_to_fail_mode(redis_gw: RedisSide, worl
     assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub("after")))).status == 200
 
 
+# -- Variants: a limit's kind changed on reload; one key of the wrong type (WRONGTYPE) -----------
+
+RULES = {
+    "rate": "  - name: subject_rate\n    kind: rate\n    per: [tenant, subject]\n    rate: 1\n    burst: 10\n",
+    "quota": "  - name: subject_rate\n    kind: quota\n    per: [tenant, subject]\n    limit: 100\n    period: day\n",
+    "concurrency": "  - name: subject_rate\n    kind: concurrency\n    per: [tenant, subject]\n    limit: 5\n",
+}
+
+
+@pytest.mark.parametrize(("old", "new"), [("rate", "quota"), ("quota", "rate"), ("rate", "concurrency")])
+async def test_rl_limit_kind_change_on_reload_redis(redis_gw: RedisSide, world: World, tokens: Tokens,
+                                                    old: str, new: str) -> None:
+    """An operator keeps a limit's name and changes its kind. The old bucket (a GCRA time, a
+    quota hash, a lease set) used to sit under the same Redis key: every caller with a live
+    bucket got 503 (WRONGTYPE) until it expired, a day for a daily quota. Now the new limit
+    has its own keys and applies at once."""
+    side = redis_gw
+    if old != "rate":
+        side.gateway.edit_policy("limits.yaml", RULES["rate"], RULES[old])
+    gw = side.gateway.client()
+    token = tokens.u1()
+    assert (await gw.infer("pub_clf", PUB_BODY, token=token)).status == 200  # a live bucket of the old kind
+    side.gateway.edit_policy("limits.yaml", RULES[old], RULES[new])
+    after = [await gw.infer("pub_clf", PUB_BODY, token=token) for _ in range(3)]
+    assert [r.status for r in after] == [200, 200, 200], [r.body for r in after]
+    assert all(side.gateway.audit_for(r)[0]["decision"] == "allow" for r in after)
+
+
+async def test_rl_limit_kind_change_on_reload_memory(gw: Client, world: World, tokens: Tokens) -> None:
+    """The same on the in-process store (no Redis): it refused the old structure as Redis does."""
+    assert world.settings is not None
+    path = world.settings.policies / "limits.yaml"
+    old = path.read_text()
+    token = tokens.u1()
+    assert (await gw.infer("pub_clf", PUB_BODY, token=token)).status == 200
+    path.write_text(old.replace(RULES["rate"], RULES["quota"]))
+    assert world.reload() is True
+    try:
+        after = [(await gw.infer("pub_clf", PUB_BODY, token=token)).status for _ in range(3)]
+    finally:
+        path.write_text(old)
+        world.reload()
+    assert after == [200, 200, 200]
+
+
+async def test_av_08_wrongtype_on_one_key_stays_with_its_caller(redis_gw: RedisSide, world: World,
+                                                                 tokens: Tokens) -> None:
+    """AV-08 variant: a WRONGTYPE reply (one limiter key holding another structure). Its
+    caller fails closed (503, audited, never a 500); but the error is about one key, not
+    Redis: counted by the store's breaker, 30 such calls opened it and every other tenant
+    got 503 for the cooldown."""
+    from gateway.state.base import StateKey
+
+    side = redis_gw
+    assert side.gateway.service is not None
+    state = side.gateway.service.state
+    sub = tokens.sub("u1")
+    key = state.key(StateKey("t:alpha", "rl.subject_rate.rate", ("alpha", sub)))  # type: ignore[attr-defined]
+    side.server.cli("HSET", key, "x", "1")
+    try:
+        clients = [side.gateway.client() for _ in range(10)]
+        poisoned = await asyncio.gather(*(clients[i % 10].infer("pub_clf", PUB_BODY, token=tokens.u1())
+                                          for i in range(30)))
+        others = [await side.gateway.client().infer("pub_clf", PUB_BODY, token=tokens.u2(sub=tokens.sub(f"o{i}")))
+                  for i in range(3)]
+    finally:
+        side.server.cli("DEL", key)
+    assert {r.status for r in poisoned} == {503}
+    rec = side.gateway.audit_for(poisoned[0])
+    assert len(rec) == 1 and rec[0]["decision"] == "deny" and "unavailable" in rec[0]["reason"]
+    assert [r.status for r in others] == [200, 200, 200]  # the breaker stayed closed for everyone else
+    assert state._breaker.failures == 0  # type: ignore[attr-defined]
+    assert world.upstream_calls() == 3
+
+
 # -- RL-13: invalid-token flood from one address -----------------------------------------------
 
 async def test_rl_13_invalid_token_flood(gw: Client, world: World, tokens: Tokens) -> None:
@@ -266,3 +341,46 @@ async def test_rl_13_malformed_credentials_count_against_pre_auth(gw: Client, wo
     assert counted.count(gw.addr) == 80  # every one went through the per-address limit
     assert 429 in statuses  # 20/s per address, burst 20: the flood is throttled
     assert world.upstream_calls() == 0
+
+
+# -- Variant: --workers N without Redis ------------------------------------------------------------
+
+def test_rl_workers_without_redis_warns_at_start(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--workers 2`` without ``--redis``: each worker enforces the limits alone, so a client
+    spread over the workers gets twice each. The command says so before serving (it used to
+    say nothing); with Redis, or with no limits at all, it stays quiet."""
+    import dataclasses
+    from pathlib import Path
+
+    from gateway import app as gateway_app
+    from gateway.cli import main
+    from gateway.observability import logging as gateway_logging
+    from gateway.policy.loader import load_policy_dir
+    from gateway.settings import Settings
+    from gateway.stages.ratelimit import RateLimitPolicy
+    from gateway.startup_checks import per_worker_limits_warning
+
+    policies = Path(__file__).resolve().parents[1] / "policies"
+    limits = load_policy_dir(policies).limits
+    assert limits.limits or limits.pre_auth is not None  # the shipped set has limits
+    settings = Settings(policies=policies)
+    message = per_worker_limits_warning(settings, 2, limits)
+    assert message is not None and "--redis" in message and "2 times" in message
+    assert per_worker_limits_warning(settings, 1, limits) is None
+    assert per_worker_limits_warning(dataclasses.replace(settings, redis_url="redis://127.0.0.1:1"), 2, limits) is None
+    assert per_worker_limits_warning(settings, 2, RateLimitPolicy()) is None
+
+    started: list[int] = []
+
+    def serve_workers(_settings: Settings, workers: int, **_kw: Any) -> int:
+        started.append(workers)  # stands in for the worker processes: nothing is served
+        return 0
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gateway_app, "serve_workers", serve_workers)
+        # The command configures process-wide logging; the world's gateway logs through it.
+        mp.setattr(gateway_logging, "configure_logging", lambda _level: None)
+        code = main(["serve", "--policies", str(policies), "--workers", "2", "--backend", "local:triton_repo",
+                     "--audit-dir", str(tmp_path / "audit"), "--state-dir", str(tmp_path / "state")])
+    assert code == 0 and started == [2]
+    assert "WARNING: --workers 2 without --redis" in capsys.readouterr().err

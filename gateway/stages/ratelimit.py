@@ -333,7 +333,7 @@ class _Compiled:
         """One key per bucket the call falls in (several when per: role and several roles match)."""
         roles = sorted(principal.roles & self.roles) if "role" in self.per and self.roles else [""]
         group = self._group(principal, ctx.model)
-        kind = f"rl.{self.name}"
+        kind = self.state_kind
         for role in roles:
             parts: list[str] = []
             for dim in self.per:
@@ -346,6 +346,20 @@ class _Compiled:
                 else:
                     parts.append(ctx.model or "")
             yield StateKey(group, kind, tuple(parts))
+
+    @property
+    def state_kind(self) -> str:
+        """The key namespace of this limit: its name and, but for quotas, its kind.
+
+        # SECURITY: a policy revision may keep a limit's name and change its kind (rate to
+        # quota, quota to concurrency...). Each kind stores another structure (a GCRA time,
+        # a counter hash, a lease set), so a shared key name made every principal with a live
+        # bucket meet a WRONGTYPE (503) until the old key expired: up to a day for a daily
+        # quota. The kind in the name gives the new limit fresh buckets. Quotas keep the bare
+        # name so that their long-lived counters survive an upgrade (a reset would hand out a
+        # second quota); the others hold at most seconds of state.
+        """
+        return f"rl.{self.name}" if self.kind == "quota" else f"rl.{self.name}.{self.kind}"
 
     def _group(self, principal: Principal, model: str | None) -> str:
         # Everything a tenant's call charges shares the tenant's slot: one script, one round trip.

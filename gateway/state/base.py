@@ -73,8 +73,8 @@ class StateUnavailable(Exception):
     """The shared store could not answer in time or at all.
 
     ``kind`` is a short, bounded code for metrics and logs: ``timeout``, ``connection``,
-    ``readonly``, ``oom``, ``busy``, ``error``, ``circuit_open``, ``full``. The message never
-    contains a URL, a password or a key.
+    ``readonly``, ``oom``, ``busy``, ``wrongtype`` (one key holds another structure), ``error``,
+    ``circuit_open``, ``full``. The message never contains a URL, a password or a key.
     """
 
     def __init__(self, op: str, kind: str, message: str | None = None) -> None:

@@ -280,7 +280,7 @@ class MemoryState:
             return None
         if not isinstance(entry.value, kind):
             # Redis answers WRONGTYPE here; a caller reusing a key kind for two structures is a bug.
-            raise StateUnavailable(op, "error", "state key holds another kind of value")
+            raise StateUnavailable(op, "wrongtype", "state key holds another kind of value")
         return entry.value
 
     def _put(self, key: StateKey, value: Any, expires_at: int, *, evictable: bool = True) -> None:

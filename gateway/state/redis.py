@@ -375,6 +375,8 @@ def classify(exc: BaseException) -> str:
         return "cluster"
     if isinstance(exc, ResponseError) and str(exc).startswith("BUSY"):
         return "busy"
+    if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):
+        return "wrongtype"  # inside a script the reply reads "ERR ... WRONGTYPE ...", so not startswith
     if isinstance(exc, RedisError):
         return "error"
     return "client_error"
@@ -680,12 +682,15 @@ class RedisState:
             # down by a concurrent reset while another command was sending on it), and the
             # caller's fail mode must apply to it too.
             kind = classify(exc)
-            if isinstance(exc, _LoopLagTimeout):
-                self._breaker.record_neutral()  # the loop's overload, not a Redis failure
+            if isinstance(exc, _LoopLagTimeout) or kind == "wrongtype":
+                # The loop's overload, or one key holding another structure: not a Redis
+                # failure. SECURITY: counting a per-key error would let the callers of one
+                # bad key open the breaker and fail every tenant's calls for the cooldown.
+                self._breaker.record_neutral()
             else:
                 self._breaker.record(False)
             self._observe(op, time.perf_counter() - start, kind)
-            if kind in {"error", "client_error"}:
+            if kind in {"error", "client_error", "wrongtype"}:
                 log.warning("state_backend_error", op=op, kind=kind, error=type(exc).__name__)
             raise StateUnavailable(op, kind) from exc
         self._breaker.record(True)
