@@ -20,7 +20,7 @@ import structlog
 
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
-from gateway.policy.bundle import BundleInfo, BundleVerifier, load_bundle
+from gateway.policy.bundle import BundleInfo, BundleVerifier, check_not_replayed, load_bundle
 from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet, check_vanished
 
@@ -40,7 +40,7 @@ class Snapshot:
 class ReloadFailure:
     """The last refused reload, kept after later successes for ``GET /v2/policy``."""
 
-    reason: str  # invalid | vanished | error | unsigned | untrusted | tampered
+    reason: str  # invalid | vanished | error | unsigned | untrusted | tampered | replayed
     error: str
     at: float
 
@@ -70,6 +70,8 @@ class PolicyStore:
 
     def build(self) -> Snapshot:
         policy, bundle = load_bundle(self.directory, self.verifier)
+        if self._current is not None:
+            check_not_replayed(self._current.bundle, bundle)
         # A signed bundle's file set is what its signer reviewed (a half-written file fails
         # the signature); unsigned, an emptied protective file must not go live unnoticed.
         if self._current is not None and bundle is None:
