@@ -279,3 +279,51 @@ async def test_av_12_shared_rollback_store_down_serves_stable(world: World, toke
     redis_flags.heal()
     r = await caller.until("canary")  # the store answers again: routing resumes
     assert version_of(r) == "2"
+
+
+# -- flag-file edits that could only fail at request time -------------------------------------
+
+
+@pytest.mark.parametrize("split", [
+    [["stable", 110], ["canary", -10]],  # negative weight
+    [["stable", 0], ["canary", 0]],  # nothing to split
+    [["stabel", 100], ["canary", 0]],  # misspelt variant: the "rollback" would never land
+    [["stable", 99.5], ["canary", 0.5]],  # fractional weights are whole numbers
+], ids=["negative_weight", "all_zero", "misspelt_variant", "float_weight"])
+async def test_av_12_unusable_split_refused_at_reload_and_stable_served(world: World, tokens: Tokens,
+                                                                       canary_side: SideGateway,
+                                                                       split: list[list[Any]]) -> None:
+    """A split flagd could only evaluate to an error is refused when the file is loaded,
+    with the place named, and the active revision serves stable (never the canary, never a
+    silent "error" per call)."""
+    side = canary_side
+    assert side.settings is not None and side.service is not None
+    doc = flags_doc(100, 0)
+    doc["flags"][FLAG]["targeting"] = {"fractional": split}
+    (side.settings.policies / "flags.json").write_text(json.dumps(doc))
+    assert side.world.loop is not None
+    assert await side.service.store.reload("test") is False
+    side.install_clock()
+    error = side.service.store.last_error or ""
+    assert f"flags.json:1:1: flags.{FLAG}.targeting: fractional:" in error, error
+    r = await Caller(side, tokens).call()
+    assert_stable(side, world, r, "flag_file_unusable")
+
+
+@pytest.mark.parametrize("attribute", ["headers.x-canary", "header", "query.variant", "cookie.variant", "canary"])
+async def test_authz_17_targeting_on_client_controlled_input_never_matches(
+        world: World, tokens: Tokens, side_gateways: Callable[..., SideGateway], attribute: str) -> None:
+    """A rule written against request input (header, query, cookie) finds nothing: only
+    verified identity is in the evaluation context, so the client cannot opt into a canary."""
+    side = side_gateways("client-input")
+    assert side.settings is not None
+    doc = flags_doc(100, 0)
+    doc["flags"][FLAG]["targeting"] = {"if": [{"in": ["canary", {"cat": [{"var": attribute}]}]}, "canary", "stable"]}
+    (side.settings.policies / "flags.json").write_text(json.dumps(doc))
+    reload(side)
+    token = tokens.u1(sub=tokens.sub("forcer"))
+    r = await side.client().request(
+        "POST", "/v2/models/pub_clf/infer?variant=canary&canary=1", json_body=PUB_BODY, token=token,
+        headers={"X-Canary": "canary", "Header": "canary", "Cookie": "variant=canary; canary=canary",
+                 "X-Model-Variant": "canary"})
+    assert_stable(side, world, r, "targeting_match")

@@ -594,8 +594,10 @@ def _edit(world: World, name: str, text: str) -> str:
     "tenants: {}\ntenants: {}\nroles: {}\n",
     "tenants: !!python/object/apply:os.system [\"id\"]\nroles: {}\n",
     "non_enumeration: true\ntenants:\n  alpha:\n    models: [pub_clf]\nrolse: {}\n",
+    # A duplicate key in disguise: the merged `non_enumeration` silently loses to the explicit one.
+    "non_enumeration: true\n<<: {non_enumeration: false}\ntenants: {}\nroles: {}\n",
 ], ids=["13_syntax", "14_alias_bomb", "15_unknown_key", "15_string_models", "15_duplicate_key", "15_python_tag",
-        "15_typo"])
+        "15_typo", "15_merge_key"])
 async def test_authz_13_15_bad_policy_keeps_last_good(gw: Client, world: World, tokens: Tokens, broken: str) -> None:
     assert world.service is not None
     revision = world.service.store.current.policy.revision
@@ -659,3 +661,122 @@ async def test_authz_17_canary_forcing(gw: Client, world: World, tokens: Tokens,
     else:
         assert r.status == 200
         assert [req.model_version for req in world.fake.requests] == ["1"]  # stable
+
+
+def _metric(world: World, name: str, **labels: str) -> float:
+    assert world.service is not None
+    value = world.service.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def _empty(path: Path) -> None:
+    path.write_text("")
+
+
+def _comments_only(path: Path) -> None:
+    path.write_text("# being rewritten\n")
+
+
+def _deleted(path: Path) -> None:
+    path.unlink()
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize(("name", "breakage"), [
+    ("privacy.yaml", _empty), ("privacy.yaml", _directory), ("pii.yaml", _comments_only),
+    ("inputs.yaml", _deleted), ("limits.yaml", _empty), ("inputs.yaml", _directory),
+], ids=["privacy_empty", "privacy_directory", "pii_comments_only", "inputs_deleted", "limits_empty",
+        "inputs_directory"])
+async def test_authz_13_protective_file_emptied_keeps_last_good(gw: Client, world: World, tokens: Tokens,
+                                                                 name: str, breakage: Any) -> None:
+    """The first step of truncate-then-write (or a deleted file, or a directory in its place)
+    must not go live: empty privacy.yaml = no DP noise, empty inputs.yaml = no caps."""
+    assert world.service is not None and world.settings is not None
+    store = world.service.store
+    revision = store.current.policy.revision
+    path = world.settings.policies / name
+    saved = path.read_bytes()
+    failures = _metric(world, "gateway_policy_reload_failures_total",
+                       reason="invalid" if breakage is _directory else "vanished")
+    try:
+        breakage(path)
+        assert world.reload() is False
+        assert store.current.policy.revision == revision
+        assert store.last_failure is not None and name in store.last_failure.error
+        assert _metric(world, "gateway_policy_reload_failures_total",
+                       reason="invalid" if breakage is _directory else "vanished") == failures + 1
+        assert store.current.policy.privacy.models and store.current.policy.inputs.sanitize.defaults.caps.max_batch
+        assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1())).status == 200
+        assert (await gw.infer("beta_fraud", PUB_BODY, token=tokens.u1())).status in DENIED
+    finally:
+        if path.is_dir():
+            path.rmdir()
+        path.write_bytes(saved)
+        world.reload()
+    assert store.current.policy.revision == revision and store.last_error is None
+
+
+async def test_authz_16_emptied_access_file_on_reload_denies_all(gw: Client, world: World, tokens: Tokens) -> None:
+    """An empty access.yaml is deny-all (never allow-all, never refused as "vanished")."""
+    assert world.service is not None
+    revision = world.service.store.current.policy.revision
+    old = _edit(world, "access.yaml", "")
+    try:
+        assert world.reload() is True
+        assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1())).status in DENIED
+        assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.ops())).status in DENIED
+        assert world.upstream_calls() == 0
+    finally:
+        _edit(world, "access.yaml", old)
+        world.reload()
+    assert world.service.store.current.policy.revision == revision
+
+
+async def test_authz_13_unreadable_file_or_build_error_keeps_last_good(
+        gw: Client, world: World, tokens: Tokens, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Permission denied (mode 000 under a non-root gateway), a file renamed away between
+    listing and opening, or any other error while building: a refused reload, never an
+    exception that ends the policy watcher."""
+    assert world.service is not None
+    store = world.service.store
+    revision = store.current.policy.revision
+    real_open = Path.open
+
+    def deny(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name == "access.yaml":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "open", deny)
+        assert world.reload() is False
+    assert store.last_failure is not None and "access.yaml:1:1: cannot be read: Permission denied" in (
+        store.last_failure.error)
+    assert store.current.policy.revision == revision
+
+    import gateway.policy.store as store_module
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "compile_pipeline", boom)
+        # A real edit, so the candidate differs from the active revision.
+        assert world.settings is not None
+        original = (world.settings.policies / "access.yaml").read_text()
+        old = _edit(world, "access.yaml", original + "# edited\n")
+        try:
+            assert world.reload() is False
+        finally:
+            _edit(world, "access.yaml", old)
+    failure = store.last_failure
+    assert failure is not None
+    assert failure.reason == "error"
+    assert store.current.policy.revision == revision
+    assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1())).status == 200
+    world.reload()
+    assert store.last_error is None

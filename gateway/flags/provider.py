@@ -203,6 +203,8 @@ def parse_flag_file(raw: bytes, *, name: str = "flags.json") -> FlagSet:
             before = len(issues)
             check_logic(expanded, issues, f"{name}: flags.{key}.targeting")
             if len(issues) == before:
+                check_fractional(expanded, frozenset(flag.variants), issues, f"{name}: flags.{key}.targeting")
+            if len(issues) == before:
                 targeting = expanded
         definition: dict[str, Json] = {
             "state": flag.state, "variants": _as_json(flag.variants), "defaultVariant": flag.default_variant,
@@ -320,6 +322,51 @@ def check_logic(node: Json, issues: list[str], where: str) -> None:
         walk(node, 0)
     except FlagFileError as exc:
         issues.extend(exc.issues)
+
+
+def check_fractional(node: Json, variants: frozenset[str], issues: list[str], where: str) -> None:
+    """Refuse at load time a ``fractional`` split that could only fail at request time.
+
+    # SECURITY: a negative weight, an all-zero split or a misspelt variant (``canray``)
+    # makes every evaluation an error that silently serves the default; the operator
+    # believes a canary (or a rollback) is live when it is not. Literal entries only:
+    # computed variants or weights are judged at request time (and fail to stable).
+    """
+    if isinstance(node, list):
+        for item in node:
+            check_fractional(item, variants, issues, where)
+        return
+    if not isinstance(node, dict):
+        return
+    ((op, raw_args),) = node.items()
+    args: list[Json] = raw_args if isinstance(raw_args, list) else [raw_args]
+    if op != "fractional":
+        check_fractional(args, variants, issues, where)
+        return
+    first = args[0] if args else None
+    distribution = args[1:] if first is None or isinstance(first, str | dict) else args
+    total: int | None = 0
+    for entry in distribution:
+        if not isinstance(entry, list) or not entry:
+            issues.append(f"{where}: fractional: each bucket is [variant, weight], got {json.dumps(entry)}")
+            return
+        variant = entry[0]
+        if isinstance(variant, str) and variant not in variants:
+            issues.append(f"{where}: fractional: {variant!r} is not one of the variants {sorted(variants)}")
+        weight = entry[1] if len(entry) > 1 else 1
+        if isinstance(weight, dict):
+            total = None  # computed: judged when evaluated
+            continue
+        number = _number(weight) if weight is not None else 1.0
+        if number is None or not number.is_integer() or number < 0:
+            issues.append(f"{where}: fractional: the weight of {_text(variant)!r} must be a whole number >= 0, "
+                          f"got {json.dumps(weight)}")
+            total = None
+        elif total is not None:
+            total += int(number)
+    if total is not None and not 0 < total <= MAX_WEIGHT_SUM:
+        issues.append(f"{where}: fractional: the weights must add up to between 1 and {MAX_WEIGHT_SUM}, got {total} "
+                      "(for a full rollback write [[\"stable\", 100], [\"canary\", 0]])")
 
 
 def _truthy(value: Json) -> bool:

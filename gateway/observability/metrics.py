@@ -60,7 +60,7 @@ class Metrics:
         )
         self.policy_reload_failures = Counter(
             "gateway_policy_reload_failures_total",
-            "Refused policy reloads, by reason (invalid|unsigned|untrusted|tampered).",
+            "Refused policy reloads, by reason (invalid|vanished|error|unsigned|untrusted|tampered|replayed).",
             ["reason"], registry=r,
         )
         self.policy_info = Gauge(

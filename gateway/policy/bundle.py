@@ -12,8 +12,9 @@ file the manifest does not list: the loader reads no byte that was not verified.
 Refusal reasons (the ``reason`` label of ``gateway_policy_reload_failures_total``):
 ``unsigned`` (no ``BUNDLE.sig``), ``untrusted`` (signed, but by no trusted key),
 ``tampered`` (signature does not match, or a file changed, appeared or disappeared
-after signing). Not covered: replaying an *older* bundle signed by a trusted key; rotate
-the key to revoke old bundles.
+after signing), ``replayed`` (a trusted signature older than the active bundle's: a
+rollback attack, refused while the gateway runs; across restarts, rotate the key to
+revoke old bundles).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ MAX_BUNDLE_FILE_BYTES = 256 * 1024
 PRIVATE_KEY_NAME = "policy-signing.key"
 PUBLIC_KEY_NAME = "policy-signing.pub"
 
-Reason = Literal["unsigned", "untrusted", "tampered"]
+Reason = Literal["unsigned", "untrusted", "tampered", "replayed"]
 
 
 class BundleError(PolicyError):
@@ -83,7 +84,34 @@ _SUMMARIES = {
     "unsigned": "the policy bundle is not signed",
     "untrusted": "the policy bundle is not signed by a trusted key",
     "tampered": "the policy bundle does not match its signature",
+    "replayed": "the policy bundle was signed before the active one",
 }
+
+
+def _signed_time(info: BundleInfo) -> datetime | None:
+    try:
+        return datetime.strptime(info.signed_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def check_not_replayed(active: BundleInfo | None, candidate: BundleInfo | None) -> None:
+    """Refuse a candidate signed before the active bundle.
+
+    # SECURITY: an attacker who can write the policy directory but holds no key can still
+    # put back an older bundle a trusted key once signed (say, before a role was removed);
+    # its signature is valid. Signing times only move forward (TUF's rollback rule), so a
+    # deliberate return to an old policy is re-signed, and a replay is refused.
+    """
+    if active is None or candidate is None:
+        return
+    now, then = _signed_time(active), _signed_time(candidate)
+    if then is None:
+        raise _refuse("replayed", f"signed_at {candidate.signed_at!r} is not a signing time")
+    if now is not None and then < now:
+        raise _refuse("replayed", f"signed at {candidate.signed_at}, before the active bundle "
+                                  f"(revision {active.revision}, signed at {active.signed_at}); "
+                                  "re-sign the policy to go back to it")
 
 
 def refusal_summary(exc: PolicyError) -> str:

@@ -69,6 +69,8 @@ class PolicySet:
     pii: PiiPolicy
     privacy: DpPolicy
     flags_raw: bytes = b""
+    # Files holding a YAML document (not missing, empty or comments only): see check_vanished.
+    documents: frozenset[str] = frozenset()
 
 
 def _strict_yaml(text: str, name: str) -> tuple[Any, yaml.Node | None]:
@@ -132,6 +134,14 @@ def _check_duplicates(node: yaml.Node, name: str) -> None:
         if isinstance(current, yaml.MappingNode):
             seen: dict[str, int] = {}
             for key, value in current.value:
+                if key.tag == "tag:yaml.org,2002:merge":
+                    # SECURITY: `<<: {key: value}` merges keys the mapping may also spell out
+                    # (the explicit one silently wins): a duplicate key in disguise.
+                    raise PolicyError([PolicyIssue(
+                        name, key.start_mark.line + 1, key.start_mark.column + 1,
+                        "YAML merge keys (<<) are not allowed",
+                        "write the keys out in the mapping itself",
+                    )])
                 if isinstance(key, yaml.ScalarNode):
                     if key.value in seen:
                         raise PolicyError([PolicyIssue(
@@ -235,14 +245,28 @@ def read_policy_dir(directory: Path) -> dict[str, bytes]:
     if not directory.is_dir():
         raise PolicyError([PolicyIssue(str(directory), 1, 1, "policy directory not found")])
     # SECURITY (SEC-10): policy others could have written is refused (policy/pathsafety.py).
-    unsafe = unsafe_directory(directory)
+    try:
+        unsafe = unsafe_directory(directory)
+    except OSError as exc:
+        raise PolicyError([_unreadable(str(directory), exc)]) from exc
     if unsafe is not None:
         raise PolicyError([PolicyIssue(str(directory), 1, 1, f"unsafe policy directory: {unsafe}",
                                        "chmod o-w (and g-w) the directories leading to the policies")])
     raw: dict[str, bytes] = {}
     issues: list[PolicyIssue] = []
-    for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise PolicyError([_unreadable(str(directory), exc)]) from exc
+    for path in entries:
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            if path.name in POLICY_FILES or path.name == FLAGS_FILE:
+                # SECURITY: a policy file replaced by a directory is not "no file" (defaults:
+                # no DP, no input caps); it is a broken deployment, refused like any other.
+                issues.append(PolicyIssue(path.name, 1, 1, "a directory where a policy file belongs",
+                                          "replace the directory by the policy file"))
             continue
         if path.name != FLAGS_FILE and path.suffix not in {".yaml", ".yml", ".json"}:
             continue
@@ -250,13 +274,19 @@ def read_policy_dir(directory: Path) -> dict[str, bytes]:
             issues.append(PolicyIssue(path.name, 1, 1, "not a regular file"))
             continue
         # SECURITY: read once, bounded; callers verify and parse these same bytes (no TOCTOU).
-        with path.open("rb") as handle:
-            unsafe = unsafe_policy_file(path, os.fstat(handle.fileno()))
-            if unsafe is not None:
-                issues.append(PolicyIssue(path.name, 1, 1, f"unsafe policy file: {unsafe}",
-                                          "chmod go-w the file (or the target of the link)"))
-                continue
-            content = handle.read(MAX_POLICY_FILE_BYTES + 1)
+        try:
+            with path.open("rb") as handle:
+                unsafe = unsafe_policy_file(path, os.fstat(handle.fileno()))
+                if unsafe is not None:
+                    issues.append(PolicyIssue(path.name, 1, 1, f"unsafe policy file: {unsafe}",
+                                              "chmod go-w the file (or the target of the link)"))
+                    continue
+                content = handle.read(MAX_POLICY_FILE_BYTES + 1)
+        except OSError as exc:
+            # SECURITY: permissions 000, a file renamed away between listing and opening, an
+            # I/O error: a refused reload (last-known-good kept), never a dead policy watcher.
+            issues.append(_unreadable(path.name, exc))
+            continue
         if len(content) > MAX_POLICY_FILE_BYTES:
             issues.append(PolicyIssue(path.name, 1, 1, "policy file larger than 1 MiB"))
             continue
@@ -264,6 +294,35 @@ def read_policy_dir(directory: Path) -> dict[str, bytes]:
     if issues:
         raise PolicyError(issues)
     return raw
+
+
+def _unreadable(name: str, exc: OSError) -> PolicyIssue:
+    reason = exc.strerror or type(exc).__name__
+    return PolicyIssue(name, 1, 1, f"cannot be read: {reason}",
+                       "make the file readable by the gateway's user (and keep it in place while it loads)")
+
+
+# Files whose empty document already means "deny everything" (no tenant, no issuer).
+EMPTY_MEANS_DENY = frozenset({"access.yaml", "identity.yaml"})
+
+
+def check_vanished(active: PolicySet, candidate: PolicySet) -> list[PolicyIssue]:
+    """Files the active revision had content in and the candidate lacks (missing, empty,
+    comments only).
+
+    # SECURITY: an empty ``privacy.yaml``, ``pii.yaml``, ``inputs.yaml`` or ``limits.yaml``
+    # means "no DP / no masking / no caps / no limits". An editor that truncates then
+    # writes, a deploy that copies files one by one, or a deleted file would make that
+    # live for a moment, or for good; so a hot reload refuses it and the last-known-good
+    # revision keeps serving. To drop a file's protection, write it out explicitly
+    # (``models: {}``). Empty ``access.yaml``/``identity.yaml`` deny everything (AUTHZ-16)
+    # and stay allowed; ``flags.json`` has its own rule (``build_flags_stage``).
+    """
+    lost = sorted(active.documents - candidate.documents - EMPTY_MEANS_DENY - {FLAGS_FILE})
+    return [PolicyIssue(name, 1, 1, "missing or empty, but the active policy has content in it "
+                        "(a truncated write or a deleted file?)",
+                        "restore the file; to drop its settings on purpose, write them out explicitly "
+                        "(for example `models: {}`)") for name in lost]
 
 
 def load_policy_bytes(raw: dict[str, bytes]) -> PolicySet:
@@ -311,6 +370,7 @@ def build_policy_set(raw: dict[str, bytes]) -> PolicySet:
     sections: dict[str, BaseModel] = {}
     nodes: dict[str, yaml.Node | None] = {}
     issues: list[PolicyIssue] = []
+    documents: set[str] = set()
     for name, (field_name, model) in POLICY_FILES.items():
         content = raw.get(name)
         try:
@@ -323,13 +383,15 @@ def build_policy_set(raw: dict[str, bytes]) -> PolicySet:
                 raise PolicyError([PolicyIssue(name, 1, 1, "policy files must be UTF-8",
                                                "save the file as UTF-8")]) from exc
             data, nodes[name] = _strict_yaml(text, name)
+            if nodes[name] is not None:
+                documents.add(name)
             sections[field_name] = _validate(model, data, nodes[name], name)
         except PolicyError as exc:
             issues.extend(exc.issues)
     if issues:
         raise PolicyError(issues)
     policy = PolicySet(revision=revision_of(raw), flags_raw=raw.get(FLAGS_FILE, b""),
-                       **sections)  # type: ignore[arg-type]  # typed by the registry
+                       documents=frozenset(documents), **sections)  # type: ignore[arg-type]  # typed by the registry
     contradictions = check_contradictions(policy, nodes)
     if contradictions:
         raise PolicyError(contradictions)

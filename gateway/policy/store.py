@@ -20,9 +20,9 @@ import structlog
 
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
-from gateway.policy.bundle import BundleInfo, BundleVerifier, load_bundle
+from gateway.policy.bundle import BundleInfo, BundleVerifier, check_not_replayed, load_bundle
 from gateway.policy.compile import CompileEnv, compile_pipeline
-from gateway.policy.loader import PolicyError, PolicySet
+from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet, check_vanished
 
 log = structlog.get_logger("gateway.policy")
 
@@ -40,7 +40,7 @@ class Snapshot:
 class ReloadFailure:
     """The last refused reload, kept after later successes for ``GET /v2/policy``."""
 
-    reason: str  # invalid | unsigned | untrusted | tampered
+    reason: str  # invalid | vanished | error | unsigned | untrusted | tampered | replayed
     error: str
     at: float
 
@@ -70,6 +70,16 @@ class PolicyStore:
 
     def build(self) -> Snapshot:
         policy, bundle = load_bundle(self.directory, self.verifier)
+        if self._current is not None:
+            check_not_replayed(self._current.bundle, bundle)
+        # A signed bundle's file set is what its signer reviewed (a half-written file fails
+        # the signature); unsigned, an emptied protective file must not go live unnoticed.
+        if self._current is not None and bundle is None:
+            lost = check_vanished(self._current.policy, policy)
+            if lost:
+                error = PolicyError(lost)
+                error.reason = "vanished"
+                raise error
         previous = self._current.pipeline if self._current is not None else None
         pipeline = compile_pipeline(policy, self.metrics, self.env, previous=previous)
         return Snapshot(policy=policy, pipeline=pipeline, applied_at=time.time(), bundle=bundle)
@@ -85,7 +95,18 @@ class PolicyStore:
         """Build a candidate and swap it in; on any error keep the current one."""
         async with self._lock:
             try:
-                candidate = self.build()
+                try:
+                    candidate = self.build()
+                except (OSError, ValueError, RuntimeError) as exc:
+                    # SECURITY: fail closed on the unforeseen too: an error while building a
+                    # candidate is a refused reload (last-known-good keeps serving, metric,
+                    # log), never an exception that kills the watcher or the SIGHUP task.
+                    log.error("policy_reload_error", reason=reason,  # noqa: TRY400 - refused, kept serving
+                              error=f"{type(exc).__name__}: {exc}")
+                    error = PolicyError([PolicyIssue(str(self.directory), 1, 1,
+                                                     f"reload failed: {type(exc).__name__}")])
+                    error.reason = "error"
+                    raise error from exc
             except PolicyError as exc:
                 self.last_error = str(exc)
                 self.last_failure = ReloadFailure(reason=exc.reason, error=str(exc), at=time.time())

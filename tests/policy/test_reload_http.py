@@ -360,3 +360,32 @@ def test_sighup_on_a_real_process_refuses_tampering_and_applies_a_signed_bundle(
     finally:
         assert gw.stop() == 0
 
+
+
+async def test_an_older_trusted_bundle_put_back_is_refused_as_a_replay(gw: Gateway) -> None:
+    """Rollback attack: the files and BUNDLE.sig of an earlier revision, validly signed by
+    the trusted key, are copied back. Refused (reason ``replayed``); the newer revision
+    keeps serving; going back on purpose means signing the old content again."""
+    from datetime import UTC, datetime, timedelta
+
+    store = gw.service.store
+    old_revision = store.current.policy.revision
+    saved = {name: (gw.policies / name).read_bytes() for name in ("gateway.yaml", BUNDLE_FILE)}
+    later = datetime.now(UTC) + timedelta(hours=1)
+    valid_edit(gw.policies, "removes a grant")
+    sign_bundle(gw.policies, gw.key.private, now=later)
+    assert await store.reload("test") is True
+    newer = store.current.policy.revision
+    for name, content in saved.items():
+        (gw.policies / name).write_bytes(content)
+    assert await store.reload("test") is False
+    assert store.current.policy.revision == newer
+    failure = store.last_failure
+    assert failure is not None and failure.reason == "replayed"
+    assert "before the active bundle" in failure.error
+    assert 'gateway_policy_reload_failures_total{reason="replayed"} 1.0' in await gw.metrics()
+    resp = await gw.client.post(ECHO_PATH, json=ECHO, headers=gw.headers())
+    assert resp.status == 200
+    sign_bundle(gw.policies, gw.key.private, now=later + timedelta(minutes=1))
+    assert await store.reload("test") is True
+    assert store.current.policy.revision == old_revision
