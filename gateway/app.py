@@ -36,6 +36,7 @@ from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import Tracing
 from gateway.policy.bundle import BundleVerifier
 from gateway.policy.compile import CompileEnv
+from gateway.policy.rollback import RollbackGuard
 from gateway.policy.store import PolicyStore, Snapshot
 from gateway.resilience.breaker import Breakers, State
 from gateway.resilience.connection_gate import ConnectionGate
@@ -152,7 +153,9 @@ def build_service(settings: Settings, *, upstream: Upstream | None = None) -> In
         drift.configure({model: p.drift for model, p in snapshot.policy.gateway.models.items()})
 
     verifier = BundleVerifier.from_files(settings.policy_trusted_keys) if settings.policy_trusted_keys else None
-    store = PolicyStore(settings.policies, metrics, env, on_change=on_change, verifier=verifier)
+    rollback = (RollbackGuard(settings.state_dir, allow_insecure=settings.allow_insecure_secret_files)
+                if verifier is not None else None)
+    store = PolicyStore(settings.policies, metrics, env, on_change=on_change, verifier=verifier, rollback=rollback)
     store.load_initial()
     audit_policy = store.current.policy.gateway.audit
     overrides: dict[str, Any] = {"stdout": audit_policy.stdout,

@@ -65,10 +65,13 @@ def _serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             # Validate once in the parent so a bad policy fails fast, not N times.
             from gateway.policy.bundle import BundleVerifier, load_bundle
+            from gateway.policy.rollback import RollbackGuard
             from gateway.startup_checks import per_worker_limits_warning
 
             keys = settings.policy_trusted_keys
-            policy_set, _info = load_bundle(settings.policies, BundleVerifier.from_files(keys) if keys else None)
+            policy_set, info = load_bundle(settings.policies, BundleVerifier.from_files(keys) if keys else None)
+            if info is not None:
+                RollbackGuard(settings.state_dir, allow_insecure=settings.allow_insecure_secret_files).check(info)
             per_worker = per_worker_limits_warning(settings, args.workers, policy_set.limits)
             if per_worker is not None:
                 print(f"infergate: WARNING: {per_worker}", file=sys.stderr)
@@ -130,7 +133,15 @@ def _policy_check(args: argparse.Namespace) -> int:
             print(issue, file=sys.stderr)
         print(f"{len(exc.issues)} error(s)", file=sys.stderr)
         return 1
-    print(f"ok: revision {policy.revision}")
+    from gateway.policy.lint import wildcard_grants
+
+    warnings = wildcard_grants(Path(args.dir))
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if warnings and args.strict:
+        print(f"{len(warnings)} warning(s), failing (--strict)", file=sys.stderr)
+        return 1
+    print(f"ok: revision {policy.revision}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 0
 
 
@@ -196,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = policy_sub.add_parser("check", help="validate and compile a policy directory")
     check.add_argument("dir")
     check.add_argument("--profiles", default="triton_repo", help="model profiles to check detectors against")
+    check.add_argument("--strict", action="store_true",
+                       help="fail (exit 1) on warnings too, such as a wildcard grant outside the admin role")
     check.set_defaults(func=_policy_check)
     from gateway.policy.workflow_cli import add_workflow_commands
 

@@ -13,8 +13,8 @@ Refusal reasons (the ``reason`` label of ``gateway_policy_reload_failures_total`
 ``unsigned`` (no ``BUNDLE.sig``), ``untrusted`` (signed, but by no trusted key),
 ``tampered`` (signature does not match, or a file changed, appeared or disappeared
 after signing), ``replayed`` (a trusted signature older than the active bundle's: a
-rollback attack, refused while the gateway runs; across restarts, rotate the key to
-revoke old bundles).
+rollback attack, refused while the gateway runs; across restarts and between workers
+through gateway/policy/rollback.py).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ _SUMMARIES = {
     "untrusted": "the policy bundle is not signed by a trusted key",
     "tampered": "the policy bundle does not match its signature",
     "replayed": "the policy bundle was signed before the active one",
+    "error": "the policy could not be loaded",
 }
 
 

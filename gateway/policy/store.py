@@ -23,6 +23,7 @@ from gateway.pipeline import Pipeline
 from gateway.policy.bundle import BundleInfo, BundleVerifier, check_not_replayed, load_bundle
 from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet, check_vanished
+from gateway.policy.rollback import RollbackGuard
 
 log = structlog.get_logger("gateway.policy")
 
@@ -48,13 +49,16 @@ class ReloadFailure:
 class PolicyStore:
     def __init__(self, directory: Path, metrics: Metrics, env: CompileEnv | None = None, *,
                  on_change: Callable[[Snapshot], None] | None = None,
-                 verifier: BundleVerifier | None = None) -> None:
+                 verifier: BundleVerifier | None = None, rollback: RollbackGuard | None = None) -> None:
         self.directory = directory
         self.metrics = metrics
         self.env = env or CompileEnv()
         self.on_change = on_change
         # SECURITY: with a verifier every load (startup, poll, SIGHUP) needs a trusted signature.
         self.verifier = verifier
+        # SECURITY: with a guard the newest accepted signing time outlives the process: an
+        # older bundle put back while the gateway was down is refused at the next start.
+        self.rollback = rollback
         self.last_error: str | None = None
         self.last_failure: ReloadFailure | None = None
         self.reload_counts: dict[str, int] = {"applied": 0, "rejected": 0, "unchanged": 0}
@@ -72,6 +76,8 @@ class PolicyStore:
         policy, bundle = load_bundle(self.directory, self.verifier)
         if self._current is not None:
             check_not_replayed(self._current.bundle, bundle)
+        if bundle is not None and self.rollback is not None:
+            self.rollback.check(bundle)  # early, before compiling
         # A signed bundle's file set is what its signer reviewed (a half-written file fails
         # the signature); unsigned, an emptied protective file must not go live unnoticed.
         if self._current is not None and bundle is None:
@@ -82,6 +88,10 @@ class PolicyStore:
                 raise error
         previous = self._current.pipeline if self._current is not None else None
         pipeline = compile_pipeline(policy, self.metrics, self.env, previous=previous)
+        if bundle is not None and self.rollback is not None:
+            # Recorded only once the candidate compiled (a bundle that never went live must
+            # not block the one serving now at the next start); compare-and-advance is atomic.
+            self.rollback.advance(bundle)
         return Snapshot(policy=policy, pipeline=pipeline, applied_at=time.time(), bundle=bundle)
 
     def load_initial(self) -> Snapshot:

@@ -129,3 +129,84 @@ def test_unknown_policy_file_hint(policy_dir: Path, capsys: pytest.CaptureFixtur
     assert code == 1
     assert issues[0]["file"] == "limit.yaml"
     assert "did you mean limits.yaml" in issues[0]["hint"]
+
+
+WARNING = re.compile(r"^WARNING: access\.yaml:(?P<line>\d+):(?P<col>\d+): (?P<message>.*) \(hint: (?P<hint>.+)\)$")
+WILDCARD_ROLES = """\
+roles:
+  admin:
+    - actions: ["*"]
+      models: ["*"]
+  helpdesk:
+    - actions: [metadata, "*"]
+      models: [digits]
+  Admin:
+    - actions: [infer]
+      models: [digits, "*"]
+  scorer:
+    - actions: [infer]
+  auditor:
+    - actions: ["audit:read"]
+  narrow:
+    - actions: [infer]
+      models: [digits]
+  \u0430dmin:
+    - actions: [infer]
+      models: [digits]
+    - actions:
+        - metadata
+        - '*'
+"""
+
+
+def _warnings(policy_dir: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, list[re.Match[str]]]:
+    code = main(["policy", "check", str(policy_dir), "--profiles", str(TRITON_REPO), *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("WARNING: ")]
+    matches = [WARNING.match(line) for line in lines]
+    assert all(matches), err
+    return code, [m for m in matches if m is not None]
+
+
+def _with_roles(policy_dir: Path, roles: str) -> None:
+    access = policy_dir / "access.yaml"
+    text = access.read_text()
+    access.write_text(text[:text.index("roles:")] + roles)
+
+
+def test_wildcard_grants_outside_admin_are_warned_with_their_line(
+    policy_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reviewer sees every role given "*" (actions or models, explicit or by omission) on
+    the check's own output; admin, and a grant with only operator actions, stay quiet."""
+    _with_roles(policy_dir, WILDCARD_ROLES)
+    code, warnings = _warnings(policy_dir, capsys)
+    assert code == 0  # a warning, not an error
+    rows = (policy_dir / "access.yaml").read_text().splitlines()
+    found = {(rows[int(m["line"]) - 1].strip(), m["message"].split("'")[1]) for m in warnings}
+    assert found == {
+        ('- actions: [metadata, "*"]', "helpdesk"),
+        ('models: [digits, "*"]', "Admin"),
+        ("- actions: [infer]", "scorer"),
+        ("- '*'", "\\u0430dmin"),  # a lookalike of admin is warned, and shown escaped
+        ("- actions:", "\\u0430dmin"),  # ... and its grant without models: is every model
+    }, [m.group(0) for m in warnings]
+    scorer = next(m for m in warnings if "'scorer'" in m["message"])
+    assert "no models: listed" in scorer["message"]
+    assert all("list the" in m["hint"] for m in warnings)
+
+
+def test_strict_fails_on_a_wildcard_grant(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _with_roles(policy_dir, WILDCARD_ROLES)
+    code, warnings = _warnings(policy_dir, capsys, "--strict")
+    assert code == 1 and len(warnings) == 5
+    _with_roles(policy_dir, WILDCARD_ROLES.split("  helpdesk:")[0] + "  narrow:\n    - actions: [infer]\n"
+                "      models: [digits]\n")
+    code, warnings = _warnings(policy_dir, capsys, "--strict")
+    assert (code, warnings) == (0, [])
+
+
+def test_the_shipped_viewer_wildcard_is_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    code, warnings = _warnings(POLICIES, capsys)
+    assert code == 0
+    assert [m["message"].split("'")[1] for m in warnings] == ["viewer"]
