@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from gateway.policy.loader import PolicyIssue, parse_yaml_document, read_policy_dir
-from gateway.policy.schema import MODEL_ACTIONS, AccessPolicy
+from gateway.policy.schema import AccessPolicy
 
 ACCESS_FILE = "access.yaml"
 # Roles expected to hold everything; any other role granted "*" is worth a second look.
@@ -20,8 +20,8 @@ WILDCARD_ROLES = frozenset({"admin"})
 
 
 def wildcard_grants(directory: Path) -> list[PolicyIssue]:
-    """Grants outside ``admin`` that give ``actions: ["*"]`` or every model (``models: ["*"]``
-    or no ``models`` at all, which defaults to ``*``), each at its file:line.
+    """Grants outside ``admin`` that give ``actions: ["*"]``, or ``infer`` on every model
+    (``models: ["*"]`` or no ``models`` at all, which defaults to ``*``), each at its file:line.
 
     # SECURITY: the role name is compared exactly: ``Admin`` or ``admin `` is another role,
     # and a wildcard there is exactly what this warning is for.
@@ -50,8 +50,10 @@ def wildcard_grants(directory: Path) -> list[PolicyIssue]:
                      f"role {shown} is granted every action (actions: [\"*\"]), including the operator "
                      "permissions (audit, budgets, PII unmasking, policy)",
                      "list the actions this role needs")
-            model_scoped = "*" in grant.actions or bool(MODEL_ACTIONS.intersection(grant.actions))
-            if "*" in grant.models and model_scoped:
+            # Reading every model's metadata (the shipped ``viewer``) is by design; running every
+            # model, including ones added later, is what a reviewer must see.
+            runs_models = "*" in grant.actions or "infer" in grant.actions
+            if "*" in grant.models and runs_models:
                 explicit = grant.models != ("*",) or _node_at(node, (*base, "models")) is not None
                 where = (*base, "models", grant.models.index("*")) if explicit else base
                 said = "models: [\"*\"]" if explicit else "no models: listed, which means \"*\""
