@@ -13,7 +13,11 @@ so the existing dashboards and alerts cover both fronts.
 Served: ServerLive, ServerReady (open, like ``/v2/health/*``), ServerMetadata,
 ModelMetadata, ModelReady, ModelInfer. Every other Triton RPC (streaming, model
 control, shared memory, statistics, trace and log settings) is refused with
-UNIMPLEMENTED, audited, before authentication (as the REST front answers an unknown path).
+UNIMPLEMENTED, audited, before authentication (as the REST front answers an unknown path);
+so is any method of another service or an unknown name (:class:`_UnknownMethods`).
+Unary RPCs are registered as stream-unary so that a message gRPC refuses as over the size
+limit still reaches the front, which records it as the REST front records a body over its
+limit (413 ``input_too_large``; :func:`_first_message`).
 
 Errors: ``context.abort`` with the taxonomy's gRPC code and the REST front's client
 message; trailing metadata carries ``x-request-id``, ``www-authenticate`` for
@@ -35,7 +39,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -408,6 +412,32 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     async def LogSettings(self, request: Any, context: Any) -> NoReturn:
         await self._unimplemented(context, "LogSettings")
 
+    async def refuse_missing_message(self, context: Any, rpc: str) -> NoReturn:
+        """A unary RPC whose request message never arrived: gRPC refused it as larger than
+        the message limit (then gRPC has already answered RESOURCE_EXHAUSTED and only the
+        record and log line are added here), or a hand-made client sent none."""
+        request_id = self.service.request_ids.assign(_first(_metadata(context), "x-request-id"))
+        # SECURITY: the REST front's answer and reason for a body over the limit, so an
+        # oversized or compressed-bomb message leaves a record whichever front it came to.
+        exc = PayloadTooLarge(f"message larger than {self.max_message_bytes} bytes, or no message",
+                              reason="input_too_large")
+        label = "unmatched"  # the model is in the message that never arrived
+        self.metrics.requests.labels(route=label, code=str(exc.http_status)).inc()
+        # gRPC has usually ended the call already and cancels this handler: the record is
+        # written to its end regardless (a refusal, not an abandoned answer).
+        answer = await asyncio.shield(self._refused_early(context, exc, request_id, label, None))
+        await _abort(context, answer, request_id)
+
+    async def refuse_unknown_method(self, context: Any) -> NoReturn:
+        """A method of no service this front serves; see :class:`_UnknownMethods`."""
+        request_id = self.service.request_ids.assign(_first(_metadata(context), "x-request-id"))
+        # The method name is the client's: kept out of the metric label, record and log.
+        label = "grpc:unknown"
+        exc = MethodNotAllowed("this method is not available through this gateway", reason="rpc_unimplemented")
+        answer = await self._refused_early(context, exc, request_id, label, None)
+        self.metrics.requests.labels(route=label, code=str(answer.http_status)).inc()
+        await _abort(context, answer, request_id)
+
     async def _unimplemented(self, context: Any, rpc: str) -> NoReturn:
         # SECURITY: model control, shared memory and settings RPCs would let a client
         # reconfigure or read the upstream; none is forwarded, for anyone.
@@ -585,21 +615,62 @@ def _lenient(message_class: Any, rpc: str, data: bytes) -> Any:
     return message
 
 
+def _first_message(front: GrpcFront, rpc: str) -> Callable[[AsyncIterator[Any], Any], Awaitable[Any]]:
+    """A unary RPC served as client-streaming, so that a message gRPC refused is seen.
+
+    Registered as unary, a message over ``grpc.max_receive_message_length`` (plain or
+    once decompressed) is answered by gRPC core and the handler never runs: no audit
+    record, no log line, no request id. Served as stream-unary (the same wire format:
+    a unary client sends one message on an HTTP/2 stream), the handler runs and sees no
+    message, and refuses the call like the REST front refuses a body over its limit.
+    Only the first message is read, as a unary handler would.
+    """
+    method = getattr(front, rpc)
+
+    async def handler(requests: AsyncIterator[Any], context: Any) -> Any:
+        async for request in requests:
+            return await method(request, context)
+        return await front.refuse_missing_message(context, rpc)
+
+    return handler
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpcio is untyped
+    """Every method no registered handler serves (another service, a misspelt RPC, the
+    standard health or reflection services): refused UNIMPLEMENTED, audited and logged,
+    as the REST front answers an unknown path. gRPC's own answer would be unaudited."""
+
+    def __init__(self, front: GrpcFront) -> None:
+        self.front = front
+
+    def service(self, handler_call_details: Any) -> Any:
+        async def refuse(_requests: AsyncIterator[Any], context: Any) -> NoReturn:
+            await self.front.refuse_unknown_method(context)
+
+        # Stream-stream reads nothing: whatever the client's method type, nothing is parsed.
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 def add_front_to_server(front: GrpcFront, server: Any) -> None:
     """Register ``front`` for every RPC of Triton's service, as the generated
-    ``add_GRPCInferenceServiceServicer_to_server`` does, but with :func:`_lenient` parsing."""
+    ``add_GRPCInferenceServiceServicer_to_server`` does, but with :func:`_lenient` parsing,
+    unary RPCs read as streams (:func:`_first_message`) and unknown methods audited."""
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers: dict[str, Any] = {}
     for method in service.methods:
         request_class = getattr(service_pb2, method.input_type.name)
         response_class = getattr(service_pb2, method.output_type.name)
-        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(
-            getattr(front, method.name),
-            request_deserializer=functools.partial(_lenient, request_class, method.name),
-            response_serializer=response_class.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE_NAME, handlers),))
+        deserializer = functools.partial(_lenient, request_class, method.name)
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(front, method.name), request_deserializer=deserializer,
+                response_serializer=response_class.SerializeToString)
+        else:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                _first_message(front, method.name), request_deserializer=deserializer,
+                response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE_NAME, handlers),
+                                     _UnknownMethods(front)))
     server.add_registered_method_handlers(_SERVICE_NAME, handlers)
 
 

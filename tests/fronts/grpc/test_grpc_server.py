@@ -271,9 +271,35 @@ async def test_unparseable_message_is_invalid_argument_and_audited(gw: Gateway, 
     assert (record["route"], record["reason"], record["status"]) == ("unmatched", "request_invalid_protobuf", 400)
 
 
-async def test_unknown_method_is_unimplemented(gw: Gateway) -> None:
-    call = gw.channel.unary_unary("/inference.GRPCInferenceService/Nope")(b"")
-    assert (await refused(call)).code() == grpc.StatusCode.UNIMPLEMENTED
+@pytest.mark.parametrize("method", [
+    "/inference.GRPCInferenceService/Nope",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/inference.GRPCInferenceService/modelinfer",  # the name's case matters to gRPC
+])
+async def test_unknown_method_is_unimplemented_and_audited(gw: Gateway, method: str) -> None:
+    """As the REST front answers an unknown path: refused, with a request id, audited and
+    logged (gRPC's own "Method not found!" is none of these). The method name is the
+    client's and stays out of the record."""
+    call = gw.channel.unary_unary(method)(b"\x0a\x06digits", metadata=gw.auth("unknown-method"))
+    exc = await refused(call)
+    assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert exc.details() == "method not allowed: this method is not available through this gateway"
+    assert trailers(exc) == {"x-request-id": "unknown-method"}
+    record = gw.record("unknown-method")
+    assert (record["route"], record["reason"], record["status"]) == ("grpc:unknown", "rpc_unimplemented", 405)
+    assert method.rsplit("/", 1)[1] not in str(record)
+
+
+async def test_unknown_streaming_method_is_refused(gw: Gateway) -> None:
+    async def messages() -> AsyncIterator[bytes]:
+        yield b"\x0a\x06digits"
+
+    nope = gw.channel.stream_stream("/inference.GRPCInferenceService/Nope")
+    call = nope(messages(), metadata=gw.auth("unknown-stream"))
+    exc = await refused(call.read())
+    assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert gw.record("unknown-stream")["reason"] == "rpc_unimplemented"
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,13 +331,37 @@ async def test_message_over_the_limit_is_refused(tmp_path: Path, compression: An
     gateway = await open_gateway(make_settings(tmp_path), max_message_bytes=64 * 1024)
     try:
         message = digits_request(rows=400)  # ~100 KiB of ones, a few hundred bytes gzipped
-        exc = await refused(gateway.stub.ModelInfer(message, metadata=gateway.auth(), compression=compression))
+        exc = await refused(gateway.stub.ModelInfer(message, metadata=gateway.auth("too-big"), compression=compression))
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # gRPC core answers before any handler; the front still records it, as the REST
+        # front records a body over its limit (same status and reason).
+        record = await gateway.wait_record("too-big")
+        assert (record["decision"], record["reason"], record["status"]) == ("deny", "input_too_large", 413)
+        assert (record["route"], record["transport"]) == ("unmatched", "grpc")
+        assert [r for r in gateway.audit() if r["request_id"] == "too-big"] == [record]  # no abandoned marker
         ok = await gateway.stub.ModelInfer(digits_request(rows=2), metadata=gateway.auth("small"),
                                            compression=compression)
         assert list(ok.outputs[0].shape) == [2, 10]
     finally:
         await close_gateway(gateway)
+
+
+@pytest.mark.parametrize("rpc", ["ModelInfer", "ModelMetadata", "ServerMetadata"])
+async def test_a_unary_call_without_a_message_is_refused_and_audited(gw: Gateway, rpc: str) -> None:
+    """A hand-made client half-closes without sending the request message."""
+    async def nothing() -> AsyncIterator[bytes]:
+        empty: tuple[bytes, ...] = ()
+        for message in empty:
+            yield message
+
+    unary = gw.channel.stream_unary(f"/inference.GRPCInferenceService/{rpc}")
+    call = unary(nothing(), metadata=gw.auth(f"none-{rpc}"))
+    exc = await refused(call)
+    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert exc.details() == "request too large: message larger than 8388608 bytes, or no message"
+    assert trailers(exc)["x-request-id"] == f"none-{rpc}"
+    record = gw.record(f"none-{rpc}")
+    assert (record["reason"], record["status"], record["route"]) == ("input_too_large", 413, "unmatched")
 
 
 async def test_policy_body_limit_applies_to_grpc(tmp_path: Path) -> None:
