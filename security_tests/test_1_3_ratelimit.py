@@ -13,6 +13,7 @@ import pytest
 from security_tests.conftest import Tokens
 from security_tests.support.side import RedisSide
 from security_tests.support.world import PUB_BODY, Client, World, gather_limited
+from tests.support.preauth import count_preauth_admits
 
 BURST = 10
 INVALID = "invalid.token.x"
@@ -324,16 +325,7 @@ async def test_rl_13_malformed_credentials_count_against_pre_auth(gw: Client, wo
     """RL-13 variant: a flood whose Authorization header is not even a bearer token (Basic,
     an empty Bearer, another scheme) was refused before the pre-auth limit saw it, so it was
     never throttled. Every such request must be counted per address, then refused."""
-    from gateway.stages.ratelimit import PreAuthLimiter
-
-    counted: list[str] = []
-    admit = PreAuthLimiter.admit
-
-    async def counting(self: PreAuthLimiter, client_addr: str, ctx: Any = None) -> None:
-        counted.append(client_addr)
-        await admit(self, client_addr, ctx)
-
-    monkeypatch.setattr(PreAuthLimiter, "admit", counting)
+    counted = count_preauth_admits(monkeypatch)
     got = await gather_limited(80, lambda _i: gw.request("POST", "/v2/models/pub_clf/infer", json_body=PUB_BODY,
                                                          headers={"Authorization": authorization}), limit=20)
     statuses = [r.status for r in got]

@@ -18,12 +18,12 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.audit._fs import write_private
 from gateway.keyfiles import secret_file_problem
 from gateway.policy.bundle import BundleError, BundleInfo
 from gateway.policy.loader import PolicyError, PolicyIssue
@@ -144,17 +144,9 @@ class RollbackGuard:
     def _write(self, mark: HighWater) -> None:
         body = json.dumps({"format": FORMAT, "signed_at": mark.signed_at, "revision": mark.revision,
                            "key_id": mark.key_id}, sort_keys=True).encode() + b"\n"
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(8)}")
         try:
             # SECURITY: 0600 from creation, written whole then renamed: a crash leaves the
             # old mark or the new one, never a torn file (which would refuse start-up).
-            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(body)
-                handle.flush()
-                os.fsync(handle.fileno())
-            staging.replace(self.path)
+            write_private(self.path, body, replace=True)
         except OSError as exc:
             raise self._error(f"cannot record the policy rollback state: {exc.strerror}") from exc
-        finally:
-            staging.unlink(missing_ok=True)

@@ -23,7 +23,6 @@ Rules (fail closed, as the Redis ledger's epoch marker):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import math
@@ -38,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from gateway.audit._fs import write_private
 from privacy.dp.ledger import (
     DAY_S,
     LEDGER_RELATIVE_TOLERANCE,
@@ -197,21 +197,7 @@ class FileBudgetLedger:
             {"key": key, "period": {"id": period.id, "start_s": period.start_s, "end_s": period.end_s},
              "used": used.tolist()}
             for (key, _pid), (period, used) in accounts.items() if period.end_s + self._keep_s >= now]}
-        data = json.dumps(doc, separators=(",", ":")).encode()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            with contextlib.suppress(OSError):
-                os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private(self.path, json.dumps(doc, separators=(",", ":")).encode(), replace=True)
 
 
 def _parse(raw: bytes) -> _Accounts:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit import _fs as fs_module
 from gateway.state.dp_file_ledger import FileBudgetLedger
 from privacy.dp.ledger import LedgerUnavailable, PeriodScheme, Refused, Reservation
 
@@ -55,10 +56,9 @@ async def test_a_charge_that_cannot_be_saved_is_undone_and_refused(tmp_path: Pat
     import errno
     import os
 
-    import gateway.state.dp_file_ledger as module
 
     class _FailingOs:
-        """The module's ``os`` with an fsync that fails (a dying disk)."""
+        """The ``os`` of the module that writes the file, with an fsync that fails (a dying disk)."""
 
         def __init__(self, fsync: object) -> None:
             self.fsync = fsync
@@ -70,7 +70,7 @@ async def test_a_charge_that_cannot_be_saved_is_undone_and_refused(tmp_path: Pat
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     unwritable = ledger(tmp_path / "dp-ledger.json")
-    monkeypatch.setattr(module, "os", _FailingOs(failing_fsync))
+    monkeypatch.setattr(fs_module, "os", _FailingOs(failing_fsync))
     with pytest.raises(LedgerUnavailable):
         await unwritable.reserve("dp:alpha:tab_dp", PERIOD, (0.5,), LIMIT)
     assert await unwritable.usage("dp:alpha:tab_dp", PERIOD, 1) == (0.0,)

@@ -39,6 +39,7 @@ from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.upstream.triton_grpc import TritonGrpcUpstream
 from tests.support.fake_triton import CANARY, FakeTriton, error, slow
+from tests.support.preauth import count_preauth_admits
 
 from ...conftest import POLICIES, TRITON_REPO
 
@@ -184,16 +185,7 @@ class TestAuthorizationMetadata:
     ])
     async def test_malformed_authorization(self, gw: Gateway, case: str, values: tuple[str, ...],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-        from gateway.stages.ratelimit import PreAuthLimiter
-
-        counted: list[str] = []
-        admit = PreAuthLimiter.admit
-
-        async def counting(self: PreAuthLimiter, client_addr: str, ctx: Any = None) -> None:
-            counted.append(client_addr)
-            await admit(self, client_addr, ctx)
-
-        monkeypatch.setattr(PreAuthLimiter, "admit", counting)
+        counted = count_preauth_admits(monkeypatch)
         shutil.copy(POLICIES / "limits.yaml", gw.settings.policies / "limits.yaml")  # a pre_auth limit
         assert await gw.service.store.reload("test")
         assert gw.service.pin().pipeline.preauth is not None
