@@ -1,16 +1,18 @@
 """Process secrets kept in the state directory (dev issuer key, PII keys).
 
-One way to create them: generated once, written 0600 with O_EXCL so nothing can read
-them in between and two workers starting together agree on one key.
+One way to create them: generated once, written 0600 under a private name and linked
+into place (``gateway.files.write_private``), so nothing can read them in between and two
+workers starting together agree on one key.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from gateway.files import write_private
 
 
 def secret_file_problem(path: Path) -> str | None:
@@ -64,19 +66,8 @@ def read_or_create(path: Path, make: Callable[[], bytes], *, allow_insecure: boo
     data = make()
     # SECURITY: created 0600; never world-readable, even briefly. Written whole under a
     # private name, then linked into place: another process (a second worker starting at
-    # the same moment) sees no file or the whole key, never a half-written one. link()
+    # the same moment) sees no file or the whole key, never a half-written one. The link
     # fails if another process won the race; its key is the one everybody uses.
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(staging, path)
-        except FileExistsError:
-            return path.read_bytes()
-    finally:
-        staging.unlink(missing_ok=True)
+    if not write_private(path, data, replace=False):
+        return path.read_bytes()
     return data

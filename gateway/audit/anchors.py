@@ -37,9 +37,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.audit._fs import ensure_dir, fsync_dir, read_private, write_private
 from gateway.audit.crypto import KeyStoreError
 from gateway.audit.records import GENESIS, RecordFormatError, canonical, normalize
+from gateway.files import ensure_dir, fsync_dir, read_private, write_private
 
 CHECKPOINT_FILE = "checkpoints.jsonl"
 _ANCHOR_KID_RE = re.compile(r"a-[0-9a-f]{16}")

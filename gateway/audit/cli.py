@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.audit._fs import ensure_dir, fsync_dir
 from gateway.audit.anchors import AnchorKeys, load_public_pem, valid_anchor_kid
 from gateway.audit.config import AuditConfig
 from gateway.audit.crypto import KeyStore, KeyStoreError, address_owner, subject_owner
@@ -32,6 +31,7 @@ from gateway.audit.export import access_report, export_subject
 from gateway.audit.log import INBOX, LOCK_FILE, AuditIntegrityError, AuditLog, KeyFamilyName, erasure_notice
 from gateway.audit.records import canonical, parse_time, utc_now_iso
 from gateway.audit.verify import verify
+from gateway.files import ensure_dir, fsync_dir
 
 DEFAULT_DIR = "var/audit"
 _DESCRIPTION = """Audit trail tools. DIR is the log directory (default var/audit); the anchor

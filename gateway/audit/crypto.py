@@ -33,8 +33,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway.audit._fs import ensure_dir, fsync_dir, read_private, secure_delete, write_private
 from gateway.audit.records import canonical
+from gateway.files import ensure_dir, fsync_dir, read_private, secure_delete, write_private
 
 ENC_ALG = "A256GCM"
 _NONCE_BYTES = 12

@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit._fs import ensure_dir
 from gateway.audit.crypto import KeyStore, Unreadable, address_owner, subject_owner, unseal
 from gateway.audit.records import iter_records, parse_time
 from gateway.audit.verify import verify
+from gateway.files import ensure_dir
 
 ERASED = "[erased]"
 # Columns shown first in the CSV; any other field follows in name order.

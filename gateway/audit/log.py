@@ -53,7 +53,6 @@ from typing import Any, Literal, TypeVar
 import structlog
 
 from gateway.audit import retention
-from gateway.audit._fs import ensure_dir, fsync_dir, write_private
 from gateway.audit._thread import WriterThread
 from gateway.audit.anchors import (
     AnchorKeys,
@@ -79,6 +78,7 @@ from gateway.audit.records import (
 )
 from gateway.audit.sinks import FileSink, Sink, StdoutSink
 from gateway.errors import DependencyUnavailable
+from gateway.files import ensure_dir, fsync_dir, write_private
 
 log = structlog.get_logger("gateway.audit")
 

@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit._fs import fsync_dir
 from gateway.audit.records import RecordFormatError, list_segments, parse_line, parse_time
+from gateway.files import fsync_dir
 
 _TAIL_CHUNK = 64 * 1024
 

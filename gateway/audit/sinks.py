@@ -21,8 +21,8 @@ from typing import BinaryIO, Protocol
 
 import structlog
 
-from gateway.audit._fs import fsync_dir
 from gateway.audit.records import segment_name
+from gateway.files import fsync_dir
 
 log = structlog.get_logger("gateway.audit")
 

@@ -37,7 +37,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gateway.audit._fs import InsecurePermissions
 from gateway.audit.anchors import (
     CHECKPOINT_FILE,
     AnchorError,
@@ -52,6 +51,7 @@ from gateway.audit.anchors import (
 )
 from gateway.audit.crypto import KeyStore, KeyStoreError
 from gateway.audit.records import GENESIS, ParsedLine, RecordFormatError, iter_lines, list_segments, parse_line
+from gateway.files import InsecurePermissions
 
 _SIGNED_TYPES = frozenset({"tombstone", "erasure"})
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.audit._fs import write_private
+from gateway.files import write_private
 from gateway.keyfiles import secret_file_problem
 from gateway.policy.bundle import BundleError, BundleInfo
 from gateway.policy.loader import PolicyError, PolicyIssue

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from gateway.audit._fs import write_private
+from gateway.files import write_private
 from privacy.dp.ledger import (
     DAY_S,
     LEDGER_RELATIVE_TOLERANCE,

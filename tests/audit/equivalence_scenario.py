@@ -28,9 +28,9 @@ from typing import Any
 
 import gateway.audit.crypto as audit_crypto
 from gateway.audit import AuditConfig, AuditLog, list_segments
-from gateway.audit._fs import ensure_dir, write_private
 from gateway.audit.crypto import _pseudonym, address_owner, subject_owner
 from gateway.errors import DependencyUnavailable
+from gateway.files import ensure_dir, write_private
 
 MAC_KID = "m-00112233445566aa"
 PSEUDONYM_KID = "p-00112233445566bb"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import _fs as fs_module
+from gateway import files as fs_module
 from gateway.state.dp_file_ledger import FileBudgetLedger
 from privacy.dp.ledger import LedgerUnavailable, PeriodScheme, Refused, Reservation
 

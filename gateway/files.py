@@ -1,4 +1,5 @@
-"""Small, careful filesystem operations the audit trail relies on for durability.
+"""Small, careful filesystem operations for private, durable files (audit trail, keys,
+the DP ledger, the policy high-water mark).
 
 A record is durable when its bytes *and* the directory entry of the file holding them
 have reached stable storage, so every file we create is followed by an fsync of its
