@@ -308,30 +308,45 @@ class _History:
 
 
 @dataclass(slots=True)
+class _FlagRing:
+    """The last ``len(flags)`` suspicious/ordinary flags of one caller and how many are set."""
+
+    flags: bytearray  # one 0/1 per query, a ring
+    pos: int = 0
+    size: int = 0
+    count: int = 0  # ones currently in the ring
+
+    def push(self, values: list[bool]) -> None:
+        flags, capacity = self.flags, len(self.flags)
+        if not capacity:
+            return
+        for value in values[-capacity:]:
+            self.count += value - flags[self.pos]
+            flags[self.pos] = value
+            self.pos = (self.pos + 1) % capacity
+        self.size = min(self.size + len(values), capacity)
+
+    def clear(self) -> None:
+        self.flags[:] = bytes(len(self.flags))
+        self.pos = self.size = self.count = 0
+
+
+@dataclass(slots=True)
 class _Caller:
-    """Per-tenant (or per-principal) state: own history and a window of near-duplicate flags."""
+    """Per-tenant (or per-principal) state: own history, a window of near-duplicate flags
+    (the share rule) and a longer ring of them (the count rule)."""
 
     history: _History
-    window: bytearray  # one 0/1 per query, a ring
-    window_pos: int = 0
-    window_size: int = 0
-    flagged: int = 0  # ones currently in the window
+    recent: _FlagRing
+    long: _FlagRing
     cooldown_until: float = 0.0
-
-    def push_flags(self, flags: list[bool]) -> None:
-        window, capacity = self.window, len(self.window)
-        for value in flags[-capacity:]:
-            self.flagged += value - window[self.window_pos]
-            window[self.window_pos] = value
-            self.window_pos = (self.window_pos + 1) % capacity
-        self.window_size = min(self.window_size + len(flags), capacity)
 
     def rate(self) -> float:
         """Share of flagged queries among the last ``window`` (fewer until the window fills)."""
-        return self.flagged / self.window_size if self.window_size else 0.0
+        return self.recent.count / self.recent.size if self.recent.size else 0.0
 
     def nbytes(self) -> int:
-        return self.history.nbytes() + len(self.window)
+        return self.history.nbytes() + len(self.recent.flags) + len(self.long.flags)
 
 
 @dataclass(slots=True)
@@ -350,8 +365,18 @@ class QueryPatternDetector:
     suspicious share over the caller's last ``window`` queries; it fires at ``threshold``
     once ``min_queries`` were seen, and stays fired for ``cooldown_s``.
 
+    The share alone is diluted: a searcher who interleaves ordinary queries (or pads each
+    batch with ordinary rows) keeps it under ``threshold`` for ever, while each of its
+    search queries is still suspicious (the ordinary ones are far away and never among its
+    nearest neighbours). ``max_suspicious`` adds a count rule: it also fires once that many
+    suspicious queries are among the caller's last ``suspicious_window``, whatever their
+    share. Firing by count clears that ring, so after the cooldown the caller is served again
+    and a search that goes on fires again after the next ``max_suspicious`` suspicious
+    queries: at most that many search queries per cooldown, however diluted.
+
     Memory is fixed at construction: ``max_callers`` states (least recently used evicted)
-    of ``history * (4 * sketch_dims + 16) + window`` bytes, plus the global ring.
+    of ``history * (4 * sketch_dims + 16) + window + suspicious_window`` bytes (the last
+    term only with ``max_suspicious``), plus the global ring.
 
     # SECURITY: the projection is seeded from ``secrets`` unless a seed is given (tests), so
     # an attacker cannot compute which perturbations collide in sketch space. Sketches are
@@ -373,6 +398,8 @@ class QueryPatternDetector:
     max_callers: int = 256
     cross_tenant: bool = True
     ignore_exact_repeats: bool = True
+    max_suspicious: int | None = None
+    suspicious_window: int = 1000
     seed: int | None = None
     clock: Callable[[], float] = time.monotonic
     _projection: FloatArray = field(init=False, repr=False)
@@ -387,11 +414,13 @@ class QueryPatternDetector:
         for name, value in (("sketch_dims", self.sketch_dims), ("history", self.history),
                             ("global_history", self.global_history), ("window", self.window),
                             ("neighbours", self.neighbours),
-                            ("max_callers", self.max_callers)):
+                            ("max_callers", self.max_callers), ("suspicious_window", self.suspicious_window)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 < self.threshold <= 1 or self.radius <= 0 or not 1 <= self.min_queries <= self.window:
             raise ValueError("need 0 < threshold <= 1, radius > 0 and 1 <= min_queries <= window")
+        if self.max_suspicious is not None and not 1 <= self.max_suspicious <= self.suspicious_window:
+            raise ValueError("need 1 <= max_suspicious <= suspicious_window")
         rng = np.random.default_rng(self.seed if self.seed is not None else secrets.randbits(128))
         gaussian = rng.standard_normal((d, self.sketch_dims)) / math.sqrt(self.sketch_dims)
         # Fold the standardisation into the projection: sketch = x @ P - offset.
@@ -429,12 +458,19 @@ class QueryPatternDetector:
         if self.cross_tenant and self._global.size and not _ALL(flags):
             flags |= self._knn_mean(sketches, norms, self._global, exclude_owner=owner,
                                     within_batch=False) <= self.radius
-        state.push_flags(flags.tolist())
+        values = flags.tolist()
+        state.recent.push(values)
+        state.long.push(values)
         state.history.add(sketches, norms, owner)
         self._global.add(sketches, norms, owner)
         rate = state.rate()
-        if state.window_size >= self.min_queries and rate >= self.threshold:
+        if state.recent.size >= self.min_queries and rate >= self.threshold:
             state.cooldown_until = now + self.cooldown_s
+        if self.max_suspicious is not None and state.long.count >= self.max_suspicious:
+            # SECURITY: the count rule; ordinary queries interleaved with a search (or rows
+            # padded into its batches) dilute the share above but not this count.
+            state.cooldown_until = now + self.cooldown_s
+            state.long.clear()
         remaining = max(state.cooldown_until - now, 0.0)
         return QueryVerdict(score=rate, fired=remaining > 0.0, retry_after_s=remaining)
 
@@ -451,7 +487,7 @@ class QueryPatternDetector:
 
     def memory_bound_bytes(self) -> int:
         """The most :meth:`memory_bytes` can ever return with this configuration."""
-        per_caller = _History.empty(self.history, self.sketch_dims).nbytes() + self.window
+        per_caller = _History.empty(self.history, self.sketch_dims).nbytes() + self.window + self._long_size()
         return self._global.nbytes() + self.max_callers * per_caller
 
     @property
@@ -463,11 +499,15 @@ class QueryPatternDetector:
         if state is None:
             if len(self._callers) >= self.max_callers:
                 self._callers.popitem(last=False)
-            state = _Caller(_History.empty(self.history, self.sketch_dims), bytearray(self.window))
+            state = _Caller(_History.empty(self.history, self.sketch_dims), _FlagRing(bytearray(self.window)),
+                            _FlagRing(bytearray(self._long_size())))
             self._callers[caller] = state
         else:
             self._callers.move_to_end(caller)
         return state
+
+    def _long_size(self) -> int:
+        return self.suspicious_window if self.max_suspicious is not None else 0
 
     def _knn_mean(self, s: Float32Array, norms: Float32Array, hist: _History, *,
                   exclude_owner: int | None = None, within_batch: bool = True) -> Float32Array:

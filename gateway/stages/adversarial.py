@@ -14,7 +14,8 @@ input domain, or an all-constant row → 422 ``input_out_of_range``), ``training
 ``grid`` and ``mahalanobis`` (→ 422 ``input_adversarial``; the client is never told which
 detector), ``squeezing`` (one more upstream call, on the response path, only after the
 request itself was answered, so a request refused later never reaches the upstream) and
-``query_pattern`` (stateful, per tenant and across tenants: ``flag``, ``slow_down``,
+``query_pattern`` (stateful, per tenant and across tenants, by share and by count of
+near-duplicate queries so interleaved ordinary queries do not hide a search: ``flag``, ``slow_down``,
 ``block`` → 429, or ``lower_precision`` of the outputs while it cools down). Measured
 rates: ``security_tests/ml/detector_eval.py``.
 
@@ -206,6 +207,13 @@ class QueryPatternCheck(StrictModel):
         0.5, description="Share of suspicious queries in the window that fires.")
     window: Annotated[StrictInt, Field(ge=10, le=10_000)] = 100
     min_queries: Annotated[StrictInt, Field(ge=1, le=10_000)] = 20
+    max_suspicious: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = Field(
+        30, description="Also fire once this many suspicious queries are among the caller's last "
+                        "`suspicious_window`, whatever their share: ordinary queries interleaved with a "
+                        "search (or padded into its batches) dilute the share but not this count. Firing by "
+                        "count starts the count anew. null = the share rule only.")
+    suspicious_window: Annotated[StrictInt, Field(ge=10, le=100_000)] = Field(
+        1000, description="Queries over which `max_suspicious` counts (one byte each per caller).")
     sketch_dims: Annotated[StrictInt, Field(ge=4, le=128)] = 32
     history: Annotated[StrictInt, Field(ge=32, le=8192)] = 512
     global_history: Annotated[StrictInt, Field(ge=32, le=65_536)] = Field(
@@ -569,6 +577,8 @@ def _query_rule(model: str, num: NumericProfile, check: QueryPatternCheck, previ
                 clock: Callable[[], float]) -> _QueryRule:
     if check.min_queries > check.window:
         raise ValueError("query_pattern.min_queries must not exceed window")
+    if check.max_suspicious is not None and check.max_suspicious > check.suspicious_window:
+        raise ValueError("query_pattern.max_suspicious must not exceed suspicious_window")
     old = previous.models.get(model) if previous is not None else None
     if old is not None and old.query is not None and old.query.config == check \
             and old.n_features == num.n_features:
@@ -579,5 +589,6 @@ def _query_rule(model: str, num: NumericProfile, check: QueryPatternCheck, previ
             history=check.history, global_history=check.global_history, window=check.window,
             min_queries=check.min_queries, threshold=float(check.threshold), cooldown_s=float(check.cooldown_s),
             max_callers=check.max_callers, cross_tenant=check.cross_tenant,
-            ignore_exact_repeats=check.ignore_exact_repeats, seed=check.seed, clock=clock)
+            ignore_exact_repeats=check.ignore_exact_repeats, max_suspicious=check.max_suspicious,
+            suspicious_window=check.suspicious_window, seed=check.seed, clock=clock)
     return _QueryRule(detector=detector, config=check, lowered=check.lowered_output.build())

@@ -220,7 +220,8 @@ def query_detector(profile: NumericProfile, check: QueryPatternCheck, seed: int)
         history=check.history, global_history=check.global_history, window=check.window,
         min_queries=check.min_queries, threshold=float(check.threshold), cooldown_s=float(check.cooldown_s),
         max_callers=check.max_callers, cross_tenant=check.cross_tenant,
-        ignore_exact_repeats=check.ignore_exact_repeats, seed=seed, clock=lambda: 0.0)
+        ignore_exact_repeats=check.ignore_exact_repeats, max_suspicious=check.max_suspicious,
+        suspicious_window=check.suspicious_window, seed=seed, clock=lambda: 0.0)
 
 
 def first_fire(detector: QueryPatternDetector, stream: F, caller: str = "attacker", limit: int = 1500) -> int | None:

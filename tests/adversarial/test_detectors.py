@@ -210,6 +210,71 @@ def test_never_fires_on_clean_test_and_training_traffic() -> None:
     assert not any(fired)
 
 
+def _diluted(search: F, ordinary: F, ratio: int) -> tuple[F, F]:
+    """``ratio`` ordinary queries after each search query; also which rows are the search's."""
+    rows: list[F] = []
+    is_search: list[bool] = []
+    for index, row in enumerate(search):
+        rows.append(row)
+        is_search.append(True)
+        for k in range(ratio):
+            rows.append(ordinary[(index * ratio + k) % len(ordinary)])
+            is_search.append(False)
+    return np.asarray(rows), np.asarray(is_search)
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 9])
+def test_ordinary_queries_interleaved_with_a_search_do_not_hide_it(ratio: int) -> None:
+    """EV-02/EX-03 variant: a search diluted with ordinary digits keeps the suspicious
+    *share* low, but each search query is still suspicious: the count rule fires within
+    about as many search queries as the undiluted search needs."""
+    x_train, x_test = digits_split()
+    stream, is_search = _diluted(hsj_like_stream(x_test[5], np.random.default_rng(5)), x_train, ratio)
+    counting = _detector(max_suspicious=30)
+    first = _first_fire(counting, "acme", stream)
+    assert first is not None
+    assert int(is_search[:first].sum()) <= 100
+    if ratio >= 3:  # the share alone (the rule before) never reaches its threshold
+        assert _first_fire(_detector(), "acme", stream) is None
+
+
+def test_batches_padded_with_ordinary_rows_do_not_hide_a_search() -> None:
+    x_train, x_test = digits_split()
+    stream, is_search = _diluted(hsj_like_stream(x_test[6], np.random.default_rng(6)), x_train, 7)
+    first = _first_fire(_detector(max_suspicious=30), "acme", stream, batch=8)
+    assert first is not None and int(is_search[:first].sum()) <= 100
+    assert _first_fire(_detector(), "acme", stream, batch=8) is None
+
+
+def test_count_rule_starts_anew_after_it_fires() -> None:
+    """After the cooldown the caller is served; a search that goes on fires again after at
+    most ``max_suspicious`` more search queries (however diluted)."""
+    clock = Clock()
+    x_train, x_test = digits_split()
+    stream, is_search = _diluted(hsj_like_stream(x_test[9], np.random.default_rng(9)), x_train, 3)
+    detector = _detector(clock, max_suspicious=30, cooldown_s=60.0)
+    first = _first_fire(detector, "acme", stream)
+    assert first is not None
+    clock.now += 61
+    assert not detector.observe("acme", x_test[0][None, :]).fired
+    again = _first_fire(detector, "acme", stream[first:])
+    assert again is not None
+    # 30 suspicious ones, plus the few of the search that had no close neighbours
+    assert int(is_search[first:first + again].sum()) <= 40
+
+
+def test_count_rule_never_fires_on_clean_traffic() -> None:
+    x_train, x_test = digits_split()
+    stream = np.vstack([x_test, x_train])[np.random.default_rng(1).permutation(len(x_train) + len(x_test))]
+    detector = _detector(max_suspicious=30)
+    assert not any(detector.observe("acme", row[None, :]).fired for row in stream)
+
+
+def test_count_rule_needs_a_window_that_can_hold_it() -> None:
+    with pytest.raises(ValueError, match="max_suspicious"):
+        _detector(max_suspicious=30, suspicious_window=20)
+
+
 def test_exact_repeats_are_not_a_search() -> None:
     detector = _detector()
     verdicts = [detector.observe("acme", _digit(3)) for _ in range(200)]
@@ -248,8 +313,10 @@ def test_cooldown_holds_then_expires() -> None:
     assert detector.cooling_down("never-seen") == 0.0
 
 
-def test_memory_bound_holds_after_100k_queries() -> None:
-    detector = _detector(history=64, global_history=256, max_callers=32, sketch_dims=16, window=50)
+@pytest.mark.parametrize("count_rule", [None, 30], ids=["share-only", "with-count-rule"])
+def test_memory_bound_holds_after_100k_queries(count_rule: int | None) -> None:
+    detector = _detector(history=64, global_history=256, max_callers=32, sketch_dims=16, window=50,
+                         max_suspicious=count_rule, suspicious_window=200)
     bound = detector.memory_bound_bytes()
     rng = np.random.default_rng(0)
     x_test = digits_split()[1]

@@ -392,6 +392,8 @@ def test_shipped_policy_builds_with_every_detector_it_names() -> None:
                  id="unknown-fpr"),
     pytest.param({"digits": {"mode": "block", "query_pattern": {"window": 50, "min_queries": 80}}},
                  "min_queries", id="min-over-window"),
+    pytest.param({"digits": {"mode": "block", "query_pattern": {"suspicious_window": 20, "max_suspicious": 30}}},
+                 "max_suspicious", id="count-over-its-window"),
 ])
 def test_policies_the_repository_contradicts(models: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -406,6 +408,7 @@ def test_policies_the_repository_contradicts(models: dict[str, Any], message: st
     pytest.param({"digits": {"mode": "block", "mahalanobis": {"fpr": 0.01, "threshold": 3}}}, id="two-thresholds"),
     pytest.param({"digits": {"mode": "block", "query_pattern": {"action": "ban"}}}, id="unknown-action"),
     pytest.param({"digits": {"mode": "block", "query_pattern": {"delay_s": 60}}}, id="delay-too-long"),
+    pytest.param({"digits": {"mode": "block", "query_pattern": {"max_suspicious": 0}}}, id="count-zero"),
     pytest.param({"digits": {"mode": "block", "rnage": {}}}, id="misspelt-detector"),
     pytest.param({"digits": {"output": {"top_k": 0}}}, id="top-k-zero"),
     pytest.param({"digits": {"squeezing": {}}}, id="squeeze-without-threshold"),
