@@ -829,3 +829,19 @@ def test_an_unknown_parameter_is_refused_in_plain_words(body: bytes, wording: st
     with pytest.raises(MalformedRequest) as info:
         _decode(body)
     assert info.value.client_message().startswith(wording)
+
+
+def test_a_stale_header_length_on_a_json_body_is_named() -> None:
+    """tritonclient.http writes Inference-Header-Content-Length into the caller's headers
+    dict; reused for a plain JSON request it cuts valid JSON short. Refused (the upstream
+    would split the body at that length too), saying which bytes were read as JSON."""
+    body = _req()
+    with pytest.raises(MalformedRequest) as info:
+        _decode(body, header_length="10")
+    assert info.value.reason == "json_invalid"
+    assert info.value.client_message() == (
+        "malformed request: the JSON header is not valid JSON (the body's first 10 bytes, "
+        "as Inference-Header-Content-Length says)")
+    with pytest.raises(MalformedRequest) as plain:
+        _decode(body[:10])
+    assert plain.value.client_message() == "malformed request: the body is not valid JSON"
