@@ -110,7 +110,8 @@ def output_label(index: int, name: object) -> str:
 
 
 def parameter_label(key: str) -> str:
-    return f"parameter '{key}'" if key in _KNOWN_PARAMETERS else "an unknown parameter"
+    # The fronts write "request " or "input 'x': " before it: a noun phrase without an article.
+    return f"parameter '{key}'" if key in _KNOWN_PARAMETERS else "parameter with an unknown name"
 
 
 def valid_tensor_name(name: object) -> TypeGuard[str]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -39,6 +41,7 @@ from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.tls import TlsSettings, server_ssl_context
 from gateway.upstream.base import Upstream
+from tests.support.liveness import hang_bound
 
 from ..conftest import DIGIT_ZERO, POLICIES, TRITON_REPO
 
@@ -620,3 +623,64 @@ def test_refusals(front: FrontClient, http: FrontClient, gw: GatewayThread, toke
     assert record["status"] == status and record["decision"] == "deny"
     assert record["upstream_called"] is False
     assert_same_audit(gw, front, front_id, http.last_request_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming: refused cleanly, whatever the client flavour
+# ---------------------------------------------------------------------------------------
+
+STREAM_REFUSAL = "method not allowed: ModelStreamInfer is not available through this gateway"
+
+
+def _grpc_input(data: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("pixels", list(data.shape), "FP32")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+@pytest.mark.parametrize("requests", [1, 2, 3, 5])
+def test_aio_stream_infer_is_refused_unimplemented(gw: GatewayThread, tokens: dict[str, str], requests: int) -> None:
+    """tritonclient.grpc.aio ``stream_infer`` with several requests: UNIMPLEMENTED each time.
+    The front used to end the stream at once, and grpcio's aio client then failed a request
+    still being written with INTERNAL "Internal error from Core" (about one call in three).
+    Each case streams several times, as the old failure was random."""
+
+    async def stream_once() -> grpc.aio.AioRpcError:
+        client = grpcclient_aio.InferenceServerClient(gw.grpc_url)
+        try:
+            async def inputs() -> Any:
+                for _ in range(requests):
+                    yield {"model_name": "digits", "inputs": [_grpc_input(DIGIT)]}
+
+            # tritonclient.grpc.aio lets the stream's AioRpcError through (no
+            # InferenceServerException): a client library choice, not the gateway's.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _result, _error in client.stream_infer(inputs(), headers={
+                        "authorization": f"Bearer {tokens['analyst']}"}):
+                    pass
+            return info.value
+        finally:
+            await client.close()
+
+    for _ in range(5):
+        exc = asyncio.run(stream_once())
+        assert (exc.code(), exc.details()) == (grpc.StatusCode.UNIMPLEMENTED, STREAM_REFUSAL)
+
+
+def test_sync_stream_is_refused_through_the_callback(gw: GatewayThread, tokens: dict[str, str]) -> None:
+    import queue
+
+    client = grpcclient.InferenceServerClient(gw.grpc_url)
+    got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    try:
+        client.start_stream(callback=lambda result, error: got.put((result, error)),
+                            headers={"authorization": f"Bearer {tokens['analyst']}"})
+        for _ in range(3):
+            client.async_stream_infer("digits", [_grpc_input(DIGIT)])
+        result, error = got.get(timeout=hang_bound())  # a hang bound, not a speed check
+        client.stop_stream()
+    finally:
+        client.close()
+    assert result is None
+    assert isinstance(error, InferenceServerException)
+    assert (error.status(), error.message()) == ("StatusCode.UNIMPLEMENTED", STREAM_REFUSAL)

@@ -183,3 +183,25 @@ def test_model_config_is_not_served(client: httpclient.InferenceServerClient, he
     with pytest.raises(InferenceServerException) as info:
         client.get_model_config("digits", headers=headers)
     assert info.value.status() == "404"
+
+
+def test_a_headers_dict_reused_after_a_binary_call(client: httpclient.InferenceServerClient, bearer: str) -> None:
+    """Client code that keeps one headers dict: tritonclient.http leaves the binary call's
+    Inference-Header-Content-Length in it, and the next, all-JSON, call sends it with a
+    JSON body. A clear 400 naming the header (not "the body is not valid JSON"); calls
+    without a body ignore it."""
+    shared = {"Authorization": f"Bearer {bearer}"}
+    x = _digits(1)
+    binary = httpclient.InferInput("pixels", list(x.shape), "FP32")
+    binary.set_data_from_numpy(x, binary_data=True)
+    assert client.infer("digits", [binary], headers=shared).as_numpy("probabilities").shape == (1, 10)
+    assert "Inference-Header-Content-Length" in shared  # the client library's doing
+    as_json = httpclient.InferInput("pixels", list(x.shape), "FP32")
+    as_json.set_data_from_numpy(x, binary_data=False)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("digits", [as_json], headers=shared,
+                     outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=False)])
+    assert info.value.status() == "400"
+    assert "as Inference-Header-Content-Length says" in str(info.value.message())
+    assert client.is_model_ready("digits", headers=shared)
+    assert client.get_model_metadata("digits", headers=shared)["name"] == "digits"

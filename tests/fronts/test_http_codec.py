@@ -161,7 +161,7 @@ REFUSALS: list[tuple[bytes, str | None, type[GatewayError], str]] = [
     (_req(parameters={"triton_enable_empty_final_response": True}), None, MalformedRequest,
      "'triton_enable_empty_final_response'"),
     # AUTHZ-02 tenant smuggled as a parameter: unknown, not echoed
-    (_req(parameters={"tenant": "beta"}), None, MalformedRequest, "unknown parameter"),
+    (_req(parameters={"tenant": "beta"}), None, MalformedRequest, "parameter with an unknown name"),
     # binary_data_output must be a real boolean
     (_req(parameters={"binary_data_output": 1}), None, MalformedRequest, "true or false"),
     (_req(parameters={"binary_data_output": "true"}), None, MalformedRequest, "true or false"),
@@ -226,7 +226,7 @@ REFUSALS: list[tuple[bytes, str | None, type[GatewayError], str]] = [
     # input parameters: shared memory and unknown keys are refused
     (_req(_input(parameters={"shared_memory_region": "r"})), None, MalformedRequest,
      "'shared_memory_region' is not allowed"),
-    (_req(_input(parameters={"evil": 1})), None, MalformedRequest, "unknown parameter"),
+    (_req(_input(parameters={"evil": 1})), None, MalformedRequest, "parameter with an unknown name"),
     (_req(_input(parameters=[1])), None, MalformedRequest, "parameters must be"),
     # binary_data_size of the wrong type or sign
     (_req(_input(data=_DROP, parameters={"binary_data_size": -1})), None, MalformedRequest, "non-negative"),
@@ -299,7 +299,7 @@ REFUSALS: list[tuple[bytes, str | None, type[GatewayError], str]] = [
     (_req(outputs=[{"name": "y", "parameters": {"classification": 3}}]), None, MalformedRequest,
      "not supported"),
     # IN-16 outputs[].parameters.foo
-    (_req(outputs=[{"name": "y", "parameters": {"foo": 1}}]), None, MalformedRequest, "unknown parameter"),
+    (_req(outputs=[{"name": "y", "parameters": {"foo": 1}}]), None, MalformedRequest, "parameter with an unknown name"),
     (_req(outputs=[{"name": "y", "parameters": {"shared_memory_region": "r"}}]), None, MalformedRequest,
      "'shared_memory_region' is not allowed"),
     (_req(outputs=[{"name": "y", "parameters": {"binary_data": "yes"}}]), None, MalformedRequest,
@@ -815,3 +815,33 @@ def test_limits_are_configurable() -> None:
     with pytest.raises(MalformedRequest, match="2 digits"):
         _decode(_req(_input(shape=[1], data=[100])), limits=limits)
     assert _decode(_req(_input(shape=[1], data=[99]), id="ab"), limits=limits).id == "ab"
+
+
+@pytest.mark.parametrize(("body", "wording"), [
+    (_req(parameters={"foo": 1}),
+     "malformed request: request parameter with an unknown name is not allowed (only binary_data_output)"),
+    (_req(_input(parameters={"foo": 1})),
+     "malformed request: input 'x': parameter with an unknown name is not allowed"),
+])
+def test_an_unknown_parameter_is_refused_in_plain_words(body: bytes, wording: str) -> None:
+    """tritonclient.http's ``parameters={"foo": 1}``: the name is not echoed, and the
+    sentence reads as one (it used to say "request an unknown parameter is not allowed")."""
+    with pytest.raises(MalformedRequest) as info:
+        _decode(body)
+    assert info.value.client_message().startswith(wording)
+
+
+def test_a_stale_header_length_on_a_json_body_is_named() -> None:
+    """tritonclient.http writes Inference-Header-Content-Length into the caller's headers
+    dict; reused for a plain JSON request it cuts valid JSON short. Refused (the upstream
+    would split the body at that length too), saying which bytes were read as JSON."""
+    body = _req()
+    with pytest.raises(MalformedRequest) as info:
+        _decode(body, header_length="10")
+    assert info.value.reason == "json_invalid"
+    assert info.value.client_message() == (
+        "malformed request: the JSON header is not valid JSON (the body's first 10 bytes, "
+        "as Inference-Header-Content-Length says)")
+    with pytest.raises(MalformedRequest) as plain:
+        _decode(body[:10])
+    assert plain.value.client_message() == "malformed request: the body is not valid JSON"

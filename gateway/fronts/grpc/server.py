@@ -105,6 +105,11 @@ MAX_CALL_S: Final = 60.0
 OFFLOAD_DECODE_BYTES: Final = 256 * 1024
 # Server-wide ceiling on RPCs in progress, as a multiple of the per-connection stream cap.
 RPCS_PER_STREAM_LIMIT: Final = 4
+# A refused client-streaming call (ModelStreamInfer, an unknown streaming method) is
+# answered once the client has finished sending, within these bounds (see _drain).
+DRAIN_MESSAGES: Final = 64
+DRAIN_BYTES: Final = 1024 * 1024
+DRAIN_S: Final = 1.0
 
 _UNAUTHENTICATED_CHALLENGE: Final = 'Bearer realm="infergate"'
 _INVALID_TOKEN_CHALLENGE: Final = 'Bearer realm="infergate", error="invalid_token"'  # noqa: S105 - a header value
@@ -199,6 +204,36 @@ async def _within(deadline: float, call: Awaitable[R]) -> R:
         if timeout.expired():
             raise UpstreamTimeout("the call's deadline passed", reason="client_deadline") from None
         raise
+
+
+async def _drain(requests: AsyncIterator[Any] | None) -> None:
+    """Read, unparsed, what a streaming client is still sending before it is refused.
+
+    Triton never ends a stream before the client has half-closed it, and grpcio's aio
+    client breaks if the server does: a request written while the refusal's trailers are
+    on their way fails inside the client (``Failed "execute_batch"``) and the call ends
+    INTERNAL "Internal error from Core" instead of the refusal, at random (a
+    ``tritonclient.grpc.aio`` ``stream_infer`` of two requests, one time in six). Reading
+    until the client's half-close makes the answer the refusal every time.
+    """
+    if requests is None:
+        return
+
+    async def read() -> None:
+        messages = received = 0
+        async for message in requests:
+            messages += 1
+            received += len(message) if isinstance(message, bytes) else 0
+            # SECURITY: this happens before authentication: the bounds cap what an
+            # anonymous client can make the front read (the bytes are never parsed) and
+            # how long it holds the stream; past them it is refused all the same.
+            if messages >= DRAIN_MESSAGES or received >= DRAIN_BYTES:
+                return
+
+    # A client that keeps the stream open, or whose stream breaks, is answered anyway;
+    # the call is refused whatever happened here.
+    with contextlib.suppress(TimeoutError, grpc.RpcError):
+        await asyncio.wait_for(read(), DRAIN_S)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -371,7 +406,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     # ------------------------------------------------------------------ refused (UNIMPLEMENTED)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> NoReturn:
-        await self._unimplemented(context, "ModelStreamInfer")
+        await self._unimplemented(context, "ModelStreamInfer", request_iterator)
 
     async def ModelConfig(self, request: Any, context: Any) -> NoReturn:
         await self._unimplemented(context, "ModelConfig")
@@ -428,7 +463,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         answer = await asyncio.shield(self._refused_early(context, exc, request_id, label, None))
         await _abort(context, answer, request_id)
 
-    async def refuse_unknown_method(self, context: Any) -> NoReturn:
+    async def refuse_unknown_method(self, context: Any, requests: AsyncIterator[Any] | None = None) -> NoReturn:
         """A method of no service this front serves; see :class:`_UnknownMethods`."""
         request_id = self.service.request_ids.assign(_first(_metadata(context), "x-request-id"))
         # The method name is the client's: kept out of the metric label, record and log.
@@ -436,9 +471,10 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         exc = MethodNotAllowed("this method is not available through this gateway", reason="rpc_unimplemented")
         answer = await self._refused_early(context, exc, request_id, label, None)
         self.metrics.requests.labels(route=label, code=str(answer.http_status)).inc()
+        await _drain(requests)  # after the record: a client that leaves now is recorded
         await _abort(context, answer, request_id)
 
-    async def _unimplemented(self, context: Any, rpc: str) -> NoReturn:
+    async def _unimplemented(self, context: Any, rpc: str, requests: AsyncIterator[Any] | None = None) -> NoReturn:
         # SECURITY: model control, shared memory and settings RPCs would let a client
         # reconfigure or read the upstream; none is forwarded, for anyone.
         request_id = self.service.request_ids.assign(_first(_metadata(context), "x-request-id"))
@@ -446,6 +482,7 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         exc = MethodNotAllowed(f"{rpc} is not available through this gateway", reason="rpc_unimplemented")
         answer = await self._refused_early(context, exc, request_id, label, None)
         self.metrics.requests.labels(route=label, code=str(answer.http_status)).inc()
+        await _drain(requests)  # after the record: a client that leaves now is recorded
         await _abort(context, answer, request_id)
 
     # ------------------------------------------------------------------ the call path
@@ -644,10 +681,11 @@ class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpcio i
         self.front = front
 
     def service(self, handler_call_details: Any) -> Any:
-        async def refuse(_requests: AsyncIterator[Any], context: Any) -> NoReturn:
-            await self.front.refuse_unknown_method(context)
+        async def refuse(requests: AsyncIterator[Any], context: Any) -> NoReturn:
+            await self.front.refuse_unknown_method(context, requests)
 
-        # Stream-stream reads nothing: whatever the client's method type, nothing is parsed.
+        # Stream-stream with no deserializer: whatever the client's method type, nothing
+        # is parsed (a unary client has half-closed after its one message; see _drain).
         return grpc.stream_stream_rpc_method_handler(refuse)
 
 
@@ -662,9 +700,9 @@ def add_front_to_server(front: GrpcFront, server: Any) -> None:
         response_class = getattr(service_pb2, method.output_type.name)
         deserializer = functools.partial(_lenient, request_class, method.name)
         if method.client_streaming:
+            # Refused (ModelStreamInfer): read as raw bytes by _drain, never parsed.
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                getattr(front, method.name), request_deserializer=deserializer,
-                response_serializer=response_class.SerializeToString)
+                getattr(front, method.name), response_serializer=response_class.SerializeToString)
         else:
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(
                 _first_message(front, method.name), request_deserializer=deserializer,

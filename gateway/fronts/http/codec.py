@@ -165,7 +165,7 @@ def _check_depth(raw: bytes, limit: int) -> None:
         depth = int(running[-1])
 
 
-def _load_json(raw: bytes, limits: CodecLimits, *, hint: str = "") -> Any:
+def _load_json(raw: bytes, limits: CodecLimits, *, hint: str = "", header_bytes: int | None = None) -> Any:
     # SECURITY: strict UTF-8 only. json.loads(bytes) would sniff UTF-16/32, and a BOM is
     # an interoperability trap (IN-15, RFC 8259 §8.1).
     if raw.startswith(_UTF8_BOM):
@@ -182,9 +182,20 @@ def _load_json(raw: bytes, limits: CodecLimits, *, hint: str = "") -> Any:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             raise MalformedRequest(f"trailing bytes after the JSON value{hint}", reason="json_invalid") from None
-        raise MalformedRequest("the body is not valid JSON", reason="json_invalid") from None
+        raise MalformedRequest(_not_json(header_bytes), reason="json_invalid") from None
     except (ValueError, RecursionError):
-        raise MalformedRequest("the body is not valid JSON", reason="json_invalid") from None
+        raise MalformedRequest(_not_json(header_bytes), reason="json_invalid") from None
+
+
+def _not_json(header_bytes: int | None) -> str:
+    """Which bytes were not JSON. With Inference-Header-Content-Length only its first N
+    bytes are: tritonclient.http writes that header into the caller's ``headers`` dict, so
+    a dict reused from a binary request sends a stale length with a plain JSON body, whose
+    JSON is valid and whose refusal must say why."""
+    if header_bytes is None:
+        return "the body is not valid JSON"
+    return (f"the JSON header is not valid JSON (the body's first {header_bytes} bytes, "
+            f"as Inference-Header-Content-Length says)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,7 +229,8 @@ def decode_infer_request(model: str, version: str, body: bytes, *, header_length
     else:
         split = _parse_header_length(header_length, len(body))
         header, binary = body[:split], memoryview(body)[split:]
-    doc = _load_json(bytes(header), limits, hint=_BINARY_HINT if header_length is None else "")
+    doc = _load_json(bytes(header), limits, hint=_BINARY_HINT if header_length is None else "",
+                     header_bytes=None if header_length is None else len(header))
     if type(doc) is not dict:
         raise MalformedRequest("the request must be a JSON object", reason="request_invalid")
     if not doc.keys() <= _TOP_KEYS:

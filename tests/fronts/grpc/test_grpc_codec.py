@@ -454,3 +454,15 @@ def test_bad_upstream_outputs_are_refused(tensor: Tensor, reason: str) -> None:
     with pytest.raises(UpstreamBadResponse) as info:
         encode_model_infer_response(InferResponse(model_name="m", model_version="1", outputs=[tensor]))
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(("where", "wording"), [
+    ("request", "malformed request: request parameter with an unknown name is not allowed"),
+    ("input", "malformed request: input 'x': parameter with an unknown name is not allowed"),
+])
+def test_an_unknown_parameter_is_refused_in_plain_words(where: str, wording: str) -> None:
+    """tritonclient's ``parameters={"foo": 1}``: the name is not echoed, and the sentence
+    reads as one (it used to say "request an unknown parameter is not allowed")."""
+    with pytest.raises(MalformedRequest) as info:
+        decode(_build(_param(where, "foo")))
+    assert info.value.client_message().startswith(wording)

@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.app import build_app, build_service, runner_for
 from gateway.audit import iter_records
 from gateway.devissuer import issue_token
+from gateway.fronts.grpc import server as grpc_server
 from gateway.fronts.grpc.server import (
     MAX_METADATA_BYTES,
     GrpcFront,
@@ -39,6 +40,7 @@ from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.upstream.triton_grpc import TritonGrpcUpstream
 from tests.support.fake_triton import CANARY, FakeTriton, error, slow
+from tests.support.liveness import no_hang
 from tests.support.preauth import count_preauth_admits
 
 from ...conftest import POLICIES, TRITON_REPO
@@ -292,6 +294,73 @@ async def test_unknown_streaming_method_is_refused(gw: Gateway) -> None:
     exc = await refused(call.read())
     assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
     assert gw.record("unknown-stream")["reason"] == "rpc_unimplemented"
+
+
+# A refused stream is answered once the client has finished sending (see server._drain):
+# grpcio's aio client turns a request written while the refusal arrives into INTERNAL
+# "Internal error from Core" (tritonclient.grpc.aio stream_infer, at random).
+STREAMS = {
+    "ModelStreamInfer": ("/inference.GRPCInferenceService/ModelStreamInfer", "grpc:ModelStreamInfer"),
+    "unknown": ("/inference.GRPCInferenceService/Nope", "grpc:unknown"),
+}
+
+
+def _open_stream(gw: Gateway, which: str, request_id: str) -> Any:
+    """A stream call in reader/writer style: the test writes and half-closes it itself."""
+    path, _label = STREAMS[which]
+    return gw.channel.stream_stream(path)(metadata=gw.auth(request_id))
+
+
+@pytest.mark.parametrize("which", list(STREAMS))
+async def test_a_refused_stream_waits_for_the_client_to_finish_sending(
+        gw: Gateway, which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grpc_server, "DRAIN_S", 600.0)  # only the half-close ends the wait here
+    call = _open_stream(gw, which, f"drain-{which}")
+    message = digits_request().SerializeToString()
+    await call.write(message)
+    record = await gw.wait_record(f"drain-{which}")  # the refusal is decided and recorded...
+    assert (record["route"], record["reason"]) == (STREAMS[which][1], "rpc_unimplemented")
+    for _ in range(3):
+        await call.write(message)  # ...yet the client can go on writing: no "execute_batch" failure
+    await call.done_writing()
+    async with no_hang("refusal after the half-close"):
+        code = await call.code()
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert (await call.details()).startswith("method not allowed: ")
+    assert trailers(await call.trailing_metadata()) == {"x-request-id": f"drain-{which}"}
+
+
+@pytest.mark.parametrize("bound", ["time", "messages", "bytes"])
+async def test_a_refused_stream_is_answered_within_the_drain_bounds(
+        gw: Gateway, bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that never half-closes (or keeps sending) is refused all the same: the
+    front reads, pre-auth and unparsed, at most DRAIN_MESSAGES / DRAIN_BYTES for DRAIN_S."""
+    monkeypatch.setattr(grpc_server, "DRAIN_S", 0.05 if bound == "time" else 600.0)
+    monkeypatch.setattr(grpc_server, "DRAIN_MESSAGES", 3 if bound == "messages" else 10**6)
+    monkeypatch.setattr(grpc_server, "DRAIN_BYTES", 1000 if bound == "bytes" else 10**9)
+    call = _open_stream(gw, "ModelStreamInfer", f"bound-{bound}")
+    writes = {"time": 1, "messages": 3, "bytes": 1}[bound]
+    for _ in range(writes):
+        await call.write(b"\x0a\x06digits" + b"\x00" * (2000 if bound == "bytes" else 0))
+    async with no_hang(f"refusal past the {bound} bound"):
+        code = await call.code()  # no half-close
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert gw.record(f"bound-{bound}")["reason"] == "rpc_unimplemented"
+
+
+async def test_a_stream_that_leaves_while_drained_is_audited_once(gw: Gateway,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is written before the drain, so a client that leaves then is recorded;
+    the cancelled handler leaves the front serving."""
+    monkeypatch.setattr(grpc_server, "DRAIN_S", 600.0)
+    call = _open_stream(gw, "ModelStreamInfer", "drain-left")
+    await call.write(digits_request().SerializeToString())
+    await gw.wait_record("drain-left")
+    call.cancel()
+    async with no_hang("cancelled stream"):
+        assert await call.code() == grpc.StatusCode.CANCELLED
+    assert (await gw.stub.ServerLive(service_pb2.ServerLiveRequest())).live
+    assert [r["reason"] for r in gw.audit() if r["request_id"] == "drain-left"] == ["rpc_unimplemented"]
 
 
 # ---------------------------------------------------------------------------------------
