@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.keyfiles import secret_file_problem
-from gateway.settings import Settings
+from gateway.settings import Settings, parse_backend
 
 if TYPE_CHECKING:
     from gateway.observability.metrics import Metrics
@@ -36,13 +36,15 @@ class StartupRefused(Exception):
 
 
 def upstream_host(backend: str) -> str | None:
-    """The host of a ``grpc://HOST:PORT`` backend; ``None`` for the in-process backend."""
-    if not backend.startswith("grpc://"):
-        return None
-    authority = backend[len("grpc://"):].split("/", 1)[0]
-    if authority.startswith("["):
-        return authority[1:authority.find("]")] if "]" in authority else authority
-    return authority.rpartition(":")[0] or authority
+    """The host of a ``grpc://HOST:PORT`` backend; ``None`` for the in-process backend.
+
+    Raises :class:`StartupRefused` for a backend that is neither (``settings.parse_backend``).
+    """
+    try:
+        target = parse_backend(backend)
+    except ValueError as exc:
+        raise StartupRefused(str(exc)) from None
+    return None if target is None else target.host
 
 
 def is_loopback_host(host: str) -> bool:
