@@ -315,7 +315,9 @@ def _worker(settings: Settings, log_level: str) -> None:
 
     configure_logging(log_level)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings, reuse_port=True))
+        from gateway.startup_checks import loop_debug
+
+        asyncio.run(serve(settings, reuse_port=True), debug=loop_debug(settings))  # SEC-06
 
 
 def serve_workers(settings: Settings, workers: int, *, log_level: str, ready_message: str | None) -> int:

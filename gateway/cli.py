@@ -95,7 +95,12 @@ def _serve_checked(args: argparse.Namespace) -> int:
             f"-d @examples/digits-request.json {base}/v2/models/digits/infer",
         ]
     try:
-        from gateway.startup_checks import check_secret_files, check_upstream_transport, state_secret_files
+        from gateway.startup_checks import (
+            check_secret_files,
+            check_upstream_transport,
+            loop_debug,
+            state_secret_files,
+        )
 
         # SECURITY: refused here, once, before any worker starts (SEC-04, SEC-07).
         insecure = check_upstream_transport(settings)
@@ -116,7 +121,7 @@ def _serve_checked(args: argparse.Namespace) -> int:
             if per_worker is not None:
                 print(f"infergate: WARNING: {per_worker}", file=sys.stderr)
             return serve_workers(settings, args.workers, log_level=args.log_level, ready_message="\n".join(lines))
-        asyncio.run(serve(settings, ready_message="\n".join(lines)))
+        asyncio.run(serve(settings, ready_message="\n".join(lines)), debug=loop_debug(settings))  # SEC-06
     except PolicyError as exc:
         from gateway.policy.bundle import refusal_summary
 

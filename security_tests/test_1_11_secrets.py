@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
+import structlog.testing
 import yaml
 
 from gateway.app import build_service, make_upstream
@@ -764,3 +765,34 @@ def test_sec_10_link_in_a_sticky_directory_judged_by_its_owner(world: World, tmp
         monkeypatch.setattr(os, "geteuid", lambda: real + 1)
     with pytest.raises(PolicyError, match="in sticky directory"):
         load_policy_dir(open_dir / "pol")
+
+
+# ------------------------------------------------------------------ SEC-06: no asyncio debug mode in production
+
+
+@pytest.mark.parametrize("how", ["PYTHONASYNCIODEBUG", "unset"])
+def test_sec_06_asyncio_debug_stays_off_outside_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Debug mode logs callback arguments (request bytes): ``serve`` runs its loop with ``debug=False``."""
+    if how == "unset":
+        monkeypatch.delenv("PYTHONASYNCIODEBUG", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONASYNCIODEBUG", "1")
+    ran: list[dict[str, Any]] = []
+
+    def fake_run(coro: Any, **kwargs: Any) -> None:
+        coro.close()
+        ran.append(kwargs)
+
+    monkeypatch.setattr("gateway.cli.asyncio.run", fake_run)
+    monkeypatch.setattr("gateway.observability.logging.configure_logging", lambda _level: None)
+    args = ["serve", "--backend", f"local:{ROOT / 'triton_repo'}", "--policies", str(ROOT / "policies"),
+            "--state-dir", str(tmp_path / "state"), "--audit-dir", str(tmp_path / "audit")]
+    with structlog.testing.capture_logs() as logged:
+        assert main(args) == 0
+    assert ran == [{"debug": False}]
+    warned = [e for e in logged if e["event"] == "asyncio_debug_disabled"]
+    assert len(warned) == (1 if how == "PYTHONASYNCIODEBUG" else 0)
+    assert all(e["log_level"] == "warning" for e in warned)
+    with structlog.testing.capture_logs():
+        assert main([*args, "--dev"]) == 0  # --dev leaves Python's own choice
+    assert ran[-1] == {"debug": None}
