@@ -125,6 +125,51 @@ def test_sec_05_dependency_floors() -> None:
         assert "yaml.Loader" not in text and "UnsafeLoader" not in text and "FullLoader" not in text, path
 
 
+_YAML_READERS = frozenset({"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all",
+                           "compose", "compose_all", "parse", "scan"})
+_SAFE_LOADERS = frozenset({"SafeLoader", "CSafeLoader"})
+
+
+def yaml_unsafe_uses(source: str) -> list[int]:
+    """Lines where PyYAML reads without a safe loader: any spelling, not only ``yaml.load(``.
+
+    ``from yaml import load``, ``import yaml as y; y.full_load(...)``, a ``Loader=`` other than
+    ``SafeLoader``/``CSafeLoader`` (``compose``/``parse`` default to the full ``Loader``).
+    """
+    import ast
+
+    tree = ast.parse(source)
+    aliases = {"yaml"} | {a.asname for node in ast.walk(tree) if isinstance(node, ast.Import)
+                          for a in node.names if a.name == "yaml" and a.asname}
+    bad: list[int] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "yaml":
+            bad += [node.lineno for a in node.names if a.name in _YAML_READERS or a.name in
+                    {"Loader", "FullLoader", "UnsafeLoader", "CLoader", "CFullLoader", "CUnsafeLoader"}]
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id in aliases
+                and node.func.attr in _YAML_READERS):
+            continue
+        positional = node.args[1] if len(node.args) > 1 else None
+        loader = next((k.value for k in node.keywords if k.arg == "Loader"), positional)
+        name = loader.attr if isinstance(loader, ast.Attribute) else loader.id if isinstance(loader, ast.Name) else None
+        if name not in _SAFE_LOADERS:
+            bad.append(node.lineno)
+    return bad
+
+
+def test_sec_05_yaml_only_through_safe_loaders() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for path in [*(root / "gateway").rglob("*.py"), *(root / "privacy").rglob("*.py")]:
+        assert yaml_unsafe_uses(path.read_text()) == [], path
+    # The scan sees the spellings a plain regex misses.
+    for sneaky in ["from yaml import load\nload(s)", "import yaml as y\ny.full_load(s)",
+                   "import yaml\nyaml.compose(s)", "import yaml\nyaml.load(s, Loader=yaml.Loader)",
+                   "import yaml\nyaml.load(s, yaml.FullLoader)", "from yaml import CLoader"]:
+        assert yaml_unsafe_uses(sneaky), sneaky
+    assert yaml_unsafe_uses("import yaml\nyaml.compose(s, Loader=yaml.CSafeLoader)\nyaml.safe_load(s)") == []
+
+
 @pytest.mark.parametrize("path", ["/debug", "/config", "/debug/pprof", "/_config", "/admin"])
 async def test_sec_06_production_exposure(gw: Client, world: World, path: str) -> None:
     r = await gw.request("GET", path)
