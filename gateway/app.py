@@ -43,7 +43,7 @@ from gateway.resilience.connection_gate import ConnectionGate
 from gateway.resilience.loop_lag import monitor as loop_lag_monitor
 from gateway.secret_strength import raw_key_problem
 from gateway.service import InferenceService
-from gateway.settings import Settings
+from gateway.settings import Settings, parse_backend
 from gateway.stages.authn import TrustedIssuer
 from gateway.stages.feature_flags import FlagsRuntime
 from gateway.startup_checks import report_startup_findings
@@ -66,23 +66,26 @@ HEADER_TIMEOUT_S = 10.0
 
 
 def make_upstream(backend: str, *, threads: int = 2, settings: Settings | None = None) -> Upstream:
-    """``local:DIR`` runs the repository in process; ``grpc://HOST:PORT`` calls Triton."""
-    if backend.startswith("local:"):
+    """``local:DIR`` runs the repository in process; ``grpc://HOST:PORT`` calls Triton.
+
+    The channel is built from :func:`parse_backend`'s value, the one the SEC-07 transport
+    check judged, never from the raw string; anything else raises ``ValueError``.
+    """
+    target = parse_backend(backend)
+    if target is None:
         from gateway.upstream.embedded import EmbeddedUpstream
 
-        return EmbeddedUpstream(Path(backend[len("local:"):]), workers=threads)
-    if backend.startswith("grpc://"):
-        from gateway.upstream.triton_grpc import TritonGrpcUpstream
+        return EmbeddedUpstream(Path(backend.partition(":")[2]), workers=threads)
+    from gateway.upstream.triton_grpc import TritonGrpcUpstream
 
-        if settings is not None and settings.upstream_tls:
-            return TritonGrpcUpstream(
-                backend[len("grpc://"):], ssl=True,
-                root_certificates=str(settings.upstream_ca) if settings.upstream_ca else None,
-                private_key=str(settings.upstream_key) if settings.upstream_key else None,
-                certificate_chain=str(settings.upstream_cert) if settings.upstream_cert else None,
-            )
-        return TritonGrpcUpstream(backend[len("grpc://"):])
-    raise ValueError(f"--backend must be local:DIR or grpc://HOST:PORT, got {backend!r}")
+    if settings is not None and settings.upstream_tls:
+        return TritonGrpcUpstream(
+            target.address, ssl=True,
+            root_certificates=str(settings.upstream_ca) if settings.upstream_ca else None,
+            private_key=str(settings.upstream_key) if settings.upstream_key else None,
+            certificate_chain=str(settings.upstream_cert) if settings.upstream_cert else None,
+        )
+    return TritonGrpcUpstream(target.address)
 
 
 class _FlagHooks:
@@ -312,7 +315,9 @@ def _worker(settings: Settings, log_level: str) -> None:
 
     configure_logging(log_level)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings, reuse_port=True))
+        from gateway.startup_checks import loop_debug
+
+        asyncio.run(serve(settings, reuse_port=True), debug=loop_debug(settings))  # SEC-06
 
 
 def serve_workers(settings: Settings, workers: int, *, log_level: str, ready_message: str | None) -> int:

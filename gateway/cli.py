@@ -4,13 +4,53 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 from gateway.settings import Settings
 
+REDIS_URL_ENV = "INFERGATE_REDIS_URL"
+
+
+def _redis_url(args: argparse.Namespace) -> str | None:
+    """``--redis``, else the ``INFERGATE_REDIS_URL`` environment variable; checked before start.
+
+    # SECURITY: a URL with a password belongs in the environment (a Kubernetes Secret), not
+    # on the command line, where every local user reads it in ``ps`` and ``/proc/PID/cmdline``.
+    # Given on the command line all the same, it still works, with a warning that never
+    # repeats the password.
+    """
+    from gateway.state.redis import parse_url
+
+    url: str | None = args.redis if args.redis is not None else (os.environ.get(REDIS_URL_ENV) or None)
+    if url is None or url == "memory://":
+        return url
+    target = parse_url(url)  # ValueError names the problem, never the password
+    if args.redis is not None and target.password:
+        print(f"infergate: WARNING: --redis carries a password, which any local user can read in the process list; "
+              f"pass the URL in the {REDIS_URL_ENV} environment variable instead", file=sys.stderr)
+    return url
+
 
 def _serve(args: argparse.Namespace) -> int:
+    from gateway.settings import parse_backend
+
+    # Settings that do not parse (--listen, --redis, --backend): a clear refusal, exit 2, not
+    # a traceback from deep in start-up (whose frames can show the value that did not parse).
+    try:
+        for listen in (args.listen, args.grpc_listen, args.metrics_listen):
+            if listen:
+                Settings.parse_listen(listen)
+        parse_backend(args.backend)
+        args.redis_url = _redis_url(args)
+    except ValueError as exc:
+        print(f"infergate: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    return _serve_checked(args)
+
+
+def _serve_checked(args: argparse.Namespace) -> int:
     from gateway.app import serve, serve_workers
     from gateway.keyfiles import InsecureSecretFile
     from gateway.observability.logging import configure_logging
@@ -36,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
         upstream_cert=Path(args.upstream_tls_cert) if args.upstream_tls_cert else None,
         upstream_key=Path(args.upstream_tls_key) if args.upstream_tls_key else None,
         host=host, port=port, policies=Path(args.policies), backend=args.backend,
-        redis_url=args.redis, audit_dir=Path(args.audit_dir), state_dir=Path(args.state_dir), dev=args.dev,
+        redis_url=args.redis_url, audit_dir=Path(args.audit_dir), state_dir=Path(args.state_dir), dev=args.dev,
         profiles=Path(args.profiles) if args.profiles else None,
         policy_trusted_keys=tuple(Path(k) for k in args.policy_trusted_key),
     )
@@ -55,7 +95,12 @@ def _serve(args: argparse.Namespace) -> int:
             f"-d @examples/digits-request.json {base}/v2/models/digits/infer",
         ]
     try:
-        from gateway.startup_checks import check_secret_files, check_upstream_transport, state_secret_files
+        from gateway.startup_checks import (
+            check_secret_files,
+            check_upstream_transport,
+            loop_debug,
+            state_secret_files,
+        )
 
         # SECURITY: refused here, once, before any worker starts (SEC-04, SEC-07).
         insecure = check_upstream_transport(settings)
@@ -76,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
             if per_worker is not None:
                 print(f"infergate: WARNING: {per_worker}", file=sys.stderr)
             return serve_workers(settings, args.workers, log_level=args.log_level, ready_message="\n".join(lines))
-        asyncio.run(serve(settings, ready_message="\n".join(lines)))
+        asyncio.run(serve(settings, ready_message="\n".join(lines)), debug=loop_debug(settings))  # SEC-06
     except PolicyError as exc:
         from gateway.policy.bundle import refusal_summary
 
@@ -174,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="warn (and count) instead of refusing secret files other users can read or own")
     serve.add_argument("--profiles", default=None,
                        help="directory of model profiles (profile.json); default: the local backend's repository")
-    serve.add_argument("--redis", default=None, help="redis://... for shared state (default: in memory)")
+    serve.add_argument("--redis", default=None,
+                       help=f"redis://... for shared state (default: ${REDIS_URL_ENV} if set, else in memory); "
+                            f"a URL with a password belongs in ${REDIS_URL_ENV}, not on the command line")
     serve.add_argument("--audit-dir", default="var/audit", help="audit trail directory (default ./var/audit)")
     serve.add_argument("--state-dir", default="var", help="local state such as the dev key (default ./var)")
     serve.add_argument("--dev", action="store_true", help="trust the local dev token issuer")

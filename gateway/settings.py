@@ -6,10 +6,68 @@ is what security teams edit and the gateway hot-reloads.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address
 from pathlib import Path
 
 from gateway.tls import TlsSettings
+
+# A DNS name as written (letters, digits, hyphens; dot-separated labels, one trailing dot).
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_AUTHORITY_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)(?P<zone>%[A-Za-z0-9_.-]{1,32})?\]|(?P<host>[^\[\]:/@%,]+))"
+                           r":(?P<port>[0-9]{1,5})/?$")
+BACKEND_FORMS = "local:DIR or grpc://HOST:PORT (HOST a DNS name, an IPv4 address or [IPv6])"
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcTarget:
+    """The one upstream a ``grpc://`` backend names: what the transport check judges is what is dialled."""
+
+    host: str  # a DNS name, an IPv4 address, or an IPv6 address (with its zone) without brackets
+    port: int
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as gRPC takes it (IPv6 in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_backend(backend: str) -> GrpcTarget | None:
+    """``None`` for ``local:DIR`` (in process); the host and port of ``grpc://HOST:PORT``.
+
+    Raises ``ValueError`` for anything else.
+
+    # SECURITY (SEC-07): the backend is parsed once, strictly, and the channel is built from
+    # the parsed value. A lax split let ``grpc://[::1]:8001,10.0.0.5:8001``,
+    # ``grpc://[::1]@10.0.0.5:8001`` or ``grpc://127.0.0.1%evil:8001`` pass the loopback check
+    # on one reading while gRPC was handed the whole string to read its own way; an upper-case
+    # ``GRPC://`` skipped the check and crashed start-up with a traceback instead of a refusal.
+    """
+    scheme, sep, rest = backend.partition(":")
+    if sep and scheme.lower() == "local" and not rest.startswith("//"):
+        if not rest:
+            raise ValueError(f"--backend must be {BACKEND_FORMS}; local: needs a directory")
+        return None
+    if not sep or scheme.lower() != "grpc" or not rest.startswith("//"):
+        raise ValueError(f"--backend must be {BACKEND_FORMS}")
+    match = _AUTHORITY_RE.fullmatch(rest[2:])
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"--backend must be {BACKEND_FORMS}, with one host, a port 1-65535 and nothing else")
+    if match["v6"] is not None:
+        try:
+            IPv6Address(match["v6"])
+        except ValueError:
+            raise ValueError(f"--backend: [{match['v6']}] is not an IPv6 address") from None
+        return GrpcTarget(match["v6"] + (match["zone"] or ""), int(match["port"]))
+    host = match["host"]
+    try:
+        ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"--backend must be {BACKEND_FORMS}; {host!r} is neither") from None
+    return GrpcTarget(host, int(match["port"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +112,8 @@ class Settings:
     def profiles_dir(self) -> Path:
         if self.profiles is not None:
             return self.profiles
-        if self.backend.startswith("local:"):
-            return Path(self.backend[len("local:"):])
+        if self.backend[:6].lower() == "local:":
+            return Path(self.backend[6:])
         return Path("triton_repo")
 
     @staticmethod

@@ -10,6 +10,7 @@ returns findings the caller logs loudly and counts in ``gateway_insecure_files``
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.keyfiles import secret_file_problem
-from gateway.settings import Settings
+from gateway.settings import Settings, parse_backend
 
 if TYPE_CHECKING:
     from gateway.observability.metrics import Metrics
@@ -36,13 +37,15 @@ class StartupRefused(Exception):
 
 
 def upstream_host(backend: str) -> str | None:
-    """The host of a ``grpc://HOST:PORT`` backend; ``None`` for the in-process backend."""
-    if not backend.startswith("grpc://"):
-        return None
-    authority = backend[len("grpc://"):].split("/", 1)[0]
-    if authority.startswith("["):
-        return authority[1:authority.find("]")] if "]" in authority else authority
-    return authority.rpartition(":")[0] or authority
+    """The host of a ``grpc://HOST:PORT`` backend; ``None`` for the in-process backend.
+
+    Raises :class:`StartupRefused` for a backend that is neither (``settings.parse_backend``).
+    """
+    try:
+        target = parse_backend(backend)
+    except ValueError as exc:
+        raise StartupRefused(str(exc)) from None
+    return None if target is None else target.host
 
 
 def is_loopback_host(host: str) -> bool:
@@ -94,6 +97,26 @@ def per_worker_limits_warning(settings: Settings, workers: int, limits: RateLimi
     return (f"--workers {workers} without --redis: each worker enforces the rate limits, quotas, concurrency "
             f"caps and pre-auth limit of limits.yaml on its own, so a client spread over the workers gets up to "
             f"{workers} times each; use --redis for limits exact across workers")
+
+
+# --------------------------------------------------------------------------- SEC-06
+
+
+def loop_debug(settings: Settings) -> bool | None:
+    """The ``debug=`` for ``asyncio.run``: ``False`` outside ``--dev`` (warned if asked for), else Python's choice.
+
+    # SECURITY (SEC-06): ``PYTHONASYNCIODEBUG=1`` or ``python -X dev`` left in a production
+    # environment would put the loop in debug mode, whose slow-callback warnings log the
+    # repr of each callback *with its arguments* (request bytes, a token being verified),
+    # and whose origin tracking costs every task a stack capture. Not refused (the variable
+    # is often inherited unnoticed), but never in effect and always said.
+    """
+    if settings.dev:
+        return None
+    if sys.flags.dev_mode or os.environ.get("PYTHONASYNCIODEBUG"):
+        log.warning("asyncio_debug_disabled", reason="PYTHONASYNCIODEBUG or -X dev outside --dev",
+                    message="asyncio debug mode stays off: it logs callback arguments (request data)")
+    return False
 
 
 # --------------------------------------------------------------------------- SEC-04

@@ -19,9 +19,11 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
+import structlog.testing
 import yaml
 
-from gateway.app import build_service
+from gateway.app import build_service, make_upstream
+from gateway.cli import REDIS_URL_ENV, _redis_url, build_parser, main
 from gateway.fronts.client_addr import NO_PROXIES, TrustedProxies
 from gateway.fronts.metrics_access import metrics_allowed, start_metrics_site
 from gateway.keyfiles import InsecureSecretFile, read_or_create, secret_file_problem
@@ -30,8 +32,9 @@ from gateway.policy.compile import CompileEnv, compile_pipeline
 from gateway.policy.loader import PolicyError, load_policy_dir
 from gateway.policy.schema import MetricsPolicy
 from gateway.secret_strength import raw_key_problem
-from gateway.settings import Settings
+from gateway.settings import GrpcTarget, Settings, parse_backend
 from gateway.startup_checks import StartupRefused, check_upstream_transport, writable_policy_files
+from gateway.state.redis import parse_url
 from gateway.tls import TlsSettings
 from security_tests.support.side import SideGateway
 from security_tests.support.world import ROOT, WORLD_DIR, Client, World
@@ -120,6 +123,51 @@ def test_sec_05_dependency_floors() -> None:
         text = path.read_text()
         assert not re.search(r"yaml\.(load|load_all|full_load|unsafe_load)\(", text), path
         assert "yaml.Loader" not in text and "UnsafeLoader" not in text and "FullLoader" not in text, path
+
+
+_YAML_READERS = frozenset({"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all",
+                           "compose", "compose_all", "parse", "scan"})
+_SAFE_LOADERS = frozenset({"SafeLoader", "CSafeLoader"})
+
+
+def yaml_unsafe_uses(source: str) -> list[int]:
+    """Lines where PyYAML reads without a safe loader: any spelling, not only ``yaml.load(``.
+
+    ``from yaml import load``, ``import yaml as y; y.full_load(...)``, a ``Loader=`` other than
+    ``SafeLoader``/``CSafeLoader`` (``compose``/``parse`` default to the full ``Loader``).
+    """
+    import ast
+
+    tree = ast.parse(source)
+    aliases = {"yaml"} | {a.asname for node in ast.walk(tree) if isinstance(node, ast.Import)
+                          for a in node.names if a.name == "yaml" and a.asname}
+    bad: list[int] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "yaml":
+            bad += [node.lineno for a in node.names if a.name in _YAML_READERS or a.name in
+                    {"Loader", "FullLoader", "UnsafeLoader", "CLoader", "CFullLoader", "CUnsafeLoader"}]
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id in aliases
+                and node.func.attr in _YAML_READERS):
+            continue
+        positional = node.args[1] if len(node.args) > 1 else None
+        loader = next((k.value for k in node.keywords if k.arg == "Loader"), positional)
+        name = loader.attr if isinstance(loader, ast.Attribute) else loader.id if isinstance(loader, ast.Name) else None
+        if name not in _SAFE_LOADERS:
+            bad.append(node.lineno)
+    return bad
+
+
+def test_sec_05_yaml_only_through_safe_loaders() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for path in [*(root / "gateway").rglob("*.py"), *(root / "privacy").rglob("*.py")]:
+        assert yaml_unsafe_uses(path.read_text()) == [], path
+    # The scan sees the spellings a plain regex misses.
+    for sneaky in ["from yaml import load\nload(s)", "import yaml as y\ny.full_load(s)",
+                   "import yaml\nyaml.compose(s)", "import yaml\nyaml.load(s, Loader=yaml.Loader)",
+                   "import yaml\nyaml.load(s, yaml.FullLoader)", "from yaml import CLoader"]:
+        assert yaml_unsafe_uses(sneaky), sneaky
+    assert yaml_unsafe_uses("import yaml\nyaml.compose(s, Loader=yaml.CSafeLoader)\nyaml.safe_load(s)") == []
 
 
 @pytest.mark.parametrize("path", ["/debug", "/config", "/debug/pprof", "/_config", "/admin"])
@@ -619,3 +667,177 @@ def test_sec_08_lint_catches_each_missing_protection() -> None:
     assert triton_problems([a.replace("shared-memory,", "") for a in args], user)
     assert triton_problems([a for a in args if a != "64"] + ["--grpc-max-response-pool-size=0"], user)
     assert triton_problems(args, 0) and triton_problems(args, "root")
+
+
+# ------------------------------------------------------------------ SEC-07: one parse of the backend
+
+# Spellings a lax split read as loopback (or skipped) while gRPC was handed the whole string.
+SMUGGLED_BACKENDS = ["grpc://[::1]:8001,10.0.0.5:8001", "grpc://[::1]@10.0.0.5:8001", "grpc://127.0.0.1%evil.test:8001",
+                     "grpc://[::1]x:8001", "grpc://[::1]:8001/10.0.0.5:1", "grpc://127.0.0.1:8001/../x",
+                     "grpc://localhost..:8001", "grpc://localhost:8001\n", "grpc://dns:///10.0.0.5:8001",
+                     "grpc://ipv4:10.0.0.5:8001", "grpcs://10.0.0.5:8001", "http://10.0.0.5:8001", "10.0.0.5:8001",
+                     "grpc://10.0.0.5", "grpc://127.0.0.1:0", "grpc://127.0.0.1:65536", "local:"]
+
+
+@pytest.mark.parametrize("backend", SMUGGLED_BACKENDS)
+def test_sec_07_backend_is_parsed_strictly(backend: str) -> None:
+    with pytest.raises(StartupRefused, match="--backend must be"):
+        check_upstream_transport(Settings(backend=backend, upstream_insecure=True))
+    with pytest.raises(ValueError, match="--backend must be"):
+        make_upstream(backend)
+
+
+@pytest.mark.parametrize("backend", ["GRPC://10.0.0.5:8001", "Grpc://[::ffff:10.0.0.5]:8001", "grpc://127.1:8001",
+                                     "grpc://0x7f000001:8001", "grpc://[fe80::1%eth0]:8001"])
+def test_sec_07_other_spellings_of_a_remote_upstream_refused(backend: str) -> None:
+    with pytest.raises(StartupRefused, match="--upstream-insecure"):
+        check_upstream_transport(Settings(backend=backend))
+
+
+def test_sec_07_channel_dials_the_parsed_target() -> None:
+    assert parse_backend("grpc://[::1]:8001/") == GrpcTarget("::1", 8001)
+    assert parse_backend("GRPC://LocalHost:8001") == GrpcTarget("LocalHost", 8001)
+    assert parse_backend("grpc://[::1]:8001").address == "[::1]:8001"  # type: ignore[union-attr]
+    assert parse_backend("local:triton_repo") is None
+    assert check_upstream_transport(Settings(backend="GRPC://localhost:8001")) is None
+
+
+@pytest.mark.parametrize("args", [["--backend", "grpc://[::1]:8001,10.0.0.5:8001"], ["--backend", "GRPC://10.0.0.5:8001"],
+                                  ["--listen", "127.0.0.1:0"], ["--metrics-listen", "nope"]])
+def test_sec_07_cli_refuses_bad_settings_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 args: list[str]) -> None:
+    assert main(["serve", "--policies", str(tmp_path / "none"), "--state-dir", str(tmp_path / "state"),
+                 "--audit-dir", str(tmp_path / "audit"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("infergate: refusing to start: ") and "Traceback" not in err
+    assert not (tmp_path / "audit").exists()
+
+
+# ------------------------------------------------------------------ SEC-03 / I3: the Redis URL and its password
+
+REDIS_PW = "s3cret-Redis-PW-7f1c"
+
+
+@pytest.mark.parametrize("url", [f"redis://127.0.0.1:6379?password={REDIS_PW}", f"redis://:x@h:1?db={REDIS_PW}",
+                                 f"redis://:{REDIS_PW}@h:1?ssl_ca_certs=/ca.pem", f"rediss://:{REDIS_PW}@h:1?ssl_cert_reqs=none",
+                                 f"redis://:{REDIS_PW}@h:1?db=0&db=1", f"unix://:{REDIS_PW}@/run/r.sock?db=x",
+                                 f"redis://:{REDIS_PW}@h:1?{REDIS_PW}", f"redis://:{REDIS_PW}@h:1?sentinel_password=x"])
+def test_sec_03_redis_url_settings_never_ignored_nor_quoted(url: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An ignored parameter is a setting that silently does not apply (``?password=`` = no AUTH)."""
+    with pytest.raises(ValueError, match="state URL") as refused:
+        parse_url(url)
+    assert REDIS_PW not in str(refused.value)
+    assert main(["serve", "--policies", str(tmp_path / "none"), "--state-dir", str(tmp_path / "state"),
+                 "--audit-dir", str(tmp_path / "audit"), "--redis", url]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to start: " in err and REDIS_PW not in err and "Traceback" not in err
+
+
+def test_sec_03_redis_url_stays_off_the_command_line(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"redis://default:{REDIS_PW}@redis:6379/0"
+    monkeypatch.setenv(REDIS_URL_ENV, url)
+    assert _redis_url(build_parser().parse_args(["serve"])) == url  # from the environment, silently
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv(REDIS_URL_ENV)
+    assert _redis_url(build_parser().parse_args(["serve"])) is None
+    assert _redis_url(build_parser().parse_args(["serve", "--redis", url])) == url  # works, but warns
+    err = capsys.readouterr().err
+    assert "WARNING" in err and REDIS_URL_ENV in err and REDIS_PW not in err
+    assert _redis_url(build_parser().parse_args(["serve", "--redis", "redis://redis:6379/0"])) is not None
+    assert capsys.readouterr().err == ""  # no password, nothing to warn about
+    k8s = next(d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway.yaml").read_text())
+               if d and d["kind"] == "Deployment")
+    container = next(c for c in k8s["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")
+    assert not any("REDIS" in str(a) or str(a).startswith("--redis") for a in container["args"])
+    assert REDIS_URL_ENV in {e["name"] for e in container["env"]}
+
+
+# ------------------------------------------------------------------ SEC-10: every link on the way
+
+
+def _links_world(world: World, tmp_path: Path) -> tuple[Path, Path, Path]:
+    policies = _copy_world_policies(world, tmp_path)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # anyone may replace what is in here
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o755)
+    return policies, open_dir, safe
+
+
+def test_sec_10_policy_dir_link_in_a_world_writable_directory_refused(world: World, tmp_path: Path) -> None:
+    policies, open_dir, _safe = _links_world(world, tmp_path)
+    (open_dir / "pol").symlink_to(policies)
+    with pytest.raises(PolicyError, match=r"unsafe policy directory: directory .*open is world-writable"):
+        load_policy_dir(open_dir / "pol")
+    (tmp_path / "pol").symlink_to(policies)  # the same link in a safe directory loads
+    assert load_policy_dir(tmp_path / "pol").revision == load_policy_dir(policies).revision
+
+
+@pytest.mark.parametrize("via", ["file_link", "dir_link"])
+def test_sec_10_link_chain_through_a_world_writable_directory_refused(world: World, tmp_path: Path,
+                                                                       via: str) -> None:
+    """``access.yaml -> open/x -> safe/access.yaml``: the target is safe, the middle link is anyone's."""
+    policies, open_dir, safe = _links_world(world, tmp_path)
+    shutil.move(policies / "access.yaml", safe / "access.yaml")
+    if via == "file_link":
+        (open_dir / "acc").symlink_to(safe / "access.yaml")
+        (policies / "access.yaml").symlink_to(open_dir / "acc")
+    else:
+        (open_dir / "d").symlink_to(safe)
+        (policies / "access.yaml").symlink_to(Path("..") / "open" / "d" / "access.yaml")
+    with pytest.raises(PolicyError, match=r"world-writable") as err:
+        load_policy_dir(policies)
+    assert err.value.issues[0].file == "access.yaml"
+    open_dir.chmod(0o755)
+    assert load_policy_dir(policies).revision
+
+
+def test_sec_10_link_in_a_sticky_directory_judged_by_its_owner(world: World, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sticky world-writable directory (mode 1777): a link there is safe only while it belongs
+    to root or the gateway's user (others may not rename or delete entries they do not own)."""
+    policies, open_dir, _safe = _links_world(world, tmp_path)
+    open_dir.chmod(0o1777)
+    (open_dir / "pol").symlink_to(policies)
+    assert load_policy_dir(open_dir / "pol").revision
+    if os.geteuid() == 0:
+        os.lchown(open_dir / "pol", 4242, -1)  # someone else's link
+    else:
+        real = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: real + 1)
+    with pytest.raises(PolicyError, match="in sticky directory"):
+        load_policy_dir(open_dir / "pol")
+
+
+# ------------------------------------------------------------------ SEC-06: no asyncio debug mode in production
+
+
+@pytest.mark.parametrize("how", ["PYTHONASYNCIODEBUG", "unset"])
+def test_sec_06_asyncio_debug_stays_off_outside_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Debug mode logs callback arguments (request bytes): ``serve`` runs its loop with ``debug=False``."""
+    if how == "unset":
+        monkeypatch.delenv("PYTHONASYNCIODEBUG", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONASYNCIODEBUG", "1")
+    ran: list[dict[str, Any]] = []
+
+    def fake_run(coro: Any, **kwargs: Any) -> None:
+        coro.close()
+        ran.append(kwargs)
+
+    monkeypatch.setattr("gateway.cli.asyncio.run", fake_run)
+    monkeypatch.setattr("gateway.observability.logging.configure_logging", lambda _level: None)
+    args = ["serve", "--backend", f"local:{ROOT / 'triton_repo'}", "--policies", str(ROOT / "policies"),
+            "--state-dir", str(tmp_path / "state"), "--audit-dir", str(tmp_path / "audit")]
+    with structlog.testing.capture_logs() as logged:
+        assert main(args) == 0
+    assert ran == [{"debug": False}]
+    warned = [e for e in logged if e["event"] == "asyncio_debug_disabled"]
+    assert len(warned) == (1 if how == "PYTHONASYNCIODEBUG" else 0)
+    assert all(e["log_level"] == "warning" for e in warned)
+    with structlog.testing.capture_logs():
+        assert main([*args, "--dev"]) == 0  # --dev leaves Python's own choice
+    assert ran[-1] == {"debug": None}

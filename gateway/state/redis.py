@@ -59,7 +59,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Final
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 import structlog
@@ -483,11 +483,11 @@ def parse_url(url: str) -> RedisTarget:
         user, sep, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if sep else None
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    query = _query(parts.query, mode=mode, tls=tls)
     if scheme == "unix":
         if not parts.path:
             raise ValueError("unix:// state URL needs a socket path")
-        return RedisTarget("redis", (), False, username, password, int(query.pop("db", "0")), None, parts.path,
+        return RedisTarget("redis", (), False, username, password, _db(query.pop("db", "0")), None, parts.path,
                            tuple(sorted(query.items())))
     nodes = tuple(_host_port(item) for item in hostlist.split(",") if item)
     if not nodes:
@@ -506,8 +506,39 @@ def parse_url(url: str) -> RedisTarget:
     if mode == "redis" and len(nodes) != 1:
         raise ValueError("redis:// names one server; use redis+sentinel:// or redis+cluster:// for several")
     if "db" in query:
-        db = int(query.pop("db"))
+        db = _db(query.pop("db"))
     return RedisTarget(mode, nodes, tls, username, password, db, service, None, tuple(sorted(query.items())))
+
+
+_TLS_PARAMS: Final = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
+
+
+def _query(raw: str, *, mode: str, tls: bool) -> dict[str, str]:
+    """The query parameters this gateway reads; any other one refuses the URL.
+
+    # SECURITY: an ignored parameter is a setting the operator believes in and the gateway
+    # does not apply: ``?password=...`` (redis-py's own spelling) would connect without
+    # AUTH, ``?ssl_ca_certs=`` on a ``redis://`` URL would leave the channel in the clear.
+    # The refusal names the parameter, never its value (a password, for ``?password=``).
+    """
+    allowed = {"db"} | (_TLS_PARAMS if tls else set()) | ({"sentinel_password"} if mode == "sentinel" else set())
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(raw, keep_blank_values=True):
+        if name not in allowed:
+            shown = repr(name) if name.isidentifier() and len(name) <= 32 else "(unprintable)"
+            hint = (" (the password goes in the userinfo: redis://[user]:PASSWORD@host)" if name == "password"
+                    else " (needs rediss://)" if name in _TLS_PARAMS else "")
+            raise ValueError(f"unsupported state URL parameter {shown}{hint}; allowed here: {sorted(allowed)}")
+        if name in query:
+            raise ValueError(f"state URL parameter {name!r} given twice")
+        query[name] = value
+    return query
+
+
+def _db(value: str) -> int:
+    if not value.isdigit() or len(value) > 5:
+        raise ValueError("state URL database number must be a small non-negative integer")
+    return int(value)
 
 
 def _host_port(item: str) -> tuple[str, int]:

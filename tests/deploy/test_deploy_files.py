@@ -705,7 +705,9 @@ def test_compose_gateway_build_and_wiring() -> None:
     args = gateway["command"]
     assert args[0] == "serve"
     assert "--backend=grpc://triton:8001" in args
-    assert any(a.startswith("--redis=redis://") and "@redis:6379" in a for a in args)
+    # The Redis URL (with its password) comes from the environment, never the command line.
+    assert not any(a.startswith("--redis") for a in args)
+    assert "@redis:6379" in gateway["environment"]["INFERGATE_REDIS_URL"]
     assert gateway["depends_on"]["triton"]["condition"] == "service_healthy"
     assert "../policies:/etc/infergate/policies:ro" in gateway["volumes"]
 
