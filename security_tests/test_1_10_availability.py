@@ -289,6 +289,25 @@ def _wait_states(socks: list[socket.socket], timeout_s: float) -> list[bytes | N
     return states
 
 
+async def _fill_to_cap(world: World, cap: int) -> list[socket.socket]:
+    """Idle connections opened one at a time until the gateway holds ``cap`` (each one is
+    admitted or refused; a refused one is closed by the gateway and costs nothing)."""
+    fillers: list[socket.socket] = []
+    for _ in range(64):
+        if _gauge(world, "gateway_connections_open") >= cap:
+            break
+        counted = _gauge(world, "gateway_connections_open") + _gauge(
+            world, "gateway_connections_refused_total", reason="max_connections")
+        fillers += await asyncio.to_thread(_open_idle, world.gateway_port, [world.next_addr()], 1)
+        for _ in range(200):  # until the gateway has admitted or refused it
+            if _gauge(world, "gateway_connections_open") + _gauge(
+                    world, "gateway_connections_refused_total", reason="max_connections") > counted:
+                break
+            await asyncio.sleep(0.01)
+    assert _gauge(world, "gateway_connections_open") >= cap, "could not fill the connection cap"
+    return fillers
+
+
 async def test_av_09_connection_flood_is_capped(world: World, tokens: Tokens) -> None:
     """10,000 idle connections: at most limits.max_connections are held, the rest get an
     immediate 503 and are closed; a request in flight completes; idle ones are reaped."""
@@ -329,7 +348,10 @@ async def test_av_09_connection_flood_is_capped(world: World, tokens: Tokens) ->
         socks = await asyncio.to_thread(_open_idle, world.gateway_port, sources, flood, seen)
         # Refused connections are answered at once, though they sent nothing.
         firsts = await asyncio.to_thread(_wait_states, socks, 1.0)
-        # A request over the cap is refused before its body is read.
+        # A request over the cap is refused before its body is read. Under load the flood can
+        # outlast the request in flight (3 s), whose connection then frees a slot: fill any free
+        # slot first, so that the next connection really is over the cap.
+        socks += await _fill_to_cap(world, cap)
         refused_mid = _gauge(world, "gateway_connections_refused_total", reason="max_connections")
         over = await asyncio.to_thread(_open_idle, world.gateway_port, [world.next_addr()], 1)
         over[0].sendall(b"POST /v2/models/pub_clf/infer HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n"
