@@ -143,3 +143,29 @@ async def test_dp_raw_score_in_an_upstream_error_reaches_no_log(gw: Client, worl
     logged = world.logs.text()[start:]
     assert "upstream_grpc_error" in logged  # the operator still learns that and how it failed
     assert "0.8123456" not in logged and "1.876544" not in logged and "8123456" not in logged
+
+
+async def test_dp_one_account_deleted_in_redis_fails_closed(side_gateways: Callable[..., SideGateway], world: World,
+                                                            tokens: Tokens, tmp_path: Path) -> None:
+    """DP-08 variant: not FLUSHALL but one account's budget key deleted (``DEL``; eviction,
+    ``EXPIRE`` and an older snapshot do the same), the epoch marker intact. The account
+    counter went back, so the gateway answers 503 (audited) instead of a fresh budget."""
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        raw_upstream(world)
+        side = side_gateways("redis", redis_url=server.url)
+        client, token = side.client(), tokens.u1()
+        assert (await client.infer("tab_dp", dp_body(K_MAX), token=token)).status == 200
+        assert (await client.infer("tab_dp", dp_body(), token=token)).status == 429
+        accounts = [k for k in server.cli("KEYS", "*").split() if ":dp.budget:" in k]
+        assert len(accounts) == 1, accounts  # the one (alpha, tab_dp) account (names are hashed)
+        assert server.cli("DEL", accounts[0]) == "1"
+        dp = await client.infer("tab_dp", dp_body(), token=token)
+        assert dp.status == 503 and "Retry-After" in dp.headers, dp.body
+        assert side.audit_for(dp)[0]["reason"] == "dp_ledger_unavailable"
+        assert (await client.infer("pub_clf", PUB_BODY, token=token)).status == 200  # only DP routes refuse
+        assert world.upstream_calls() == 2
+    finally:
+        server.kill()

@@ -202,6 +202,10 @@ class BudgetDecision:
     spent: float  # including this reservation when granted
     reset_s: float  # until the period ends and the budget is whole again
     reservation: Reservation | None = None
+    # The store's period index and the account's reservation counter in it (monotonic while
+    # the account exists; 0/None where the store keeps no counter, e.g. in process memory).
+    period: int | None = None
+    seq: int = 0
 
     @property
     def remaining(self) -> float:

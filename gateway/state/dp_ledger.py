@@ -18,9 +18,40 @@ store and remembers it; every later reserve/usage first checks that the marker i
 there and the same. ``FLUSHALL``, a Redis restart without persistence or a failover to an
 empty replica lose the marker with the budgets, and the ledger then raises
 :class:`LedgerUnavailable` (503) instead of granting a fresh full budget. Re-arming needs
-a restart of the gateway (an operator decision). Limits: the check is one extra round
-trip before the reserve script, not inside it (a loss between the two can grant one
-request), and a gateway *started* after the loss cannot tell it from a new deployment.
+a restart of the gateway (an operator decision).
+
+One account lost or rolled back (the marker survives): ``DEL``/``UNLINK`` of one budget
+key, an ``EXPIRE`` put on it, its eviction under a ``maxmemory-policy`` other than
+``noeviction`` (budget keys carry a TTL, so ``volatile-*`` policies evict them too), a
+restart from an older RDB/AOF snapshot, a failover to a lagging replica. Each account
+hash keeps ``q``, a counter of its reservations this period that the reserve script
+increments in the same atomic step and nothing ever lowers (refunds by other replicas
+legitimately lower the spend, so a lower spend proves nothing; a lower counter does).
+Every reply carries the store's period index and ``q``; this process remembers the
+highest pair it saw per account. A granted reservation whose ``q`` is not above it, any
+reply with a lower ``q`` in the same period, or a period *before* the one seen (a server
+clock gone back, which would otherwise open that day's budget again) means budget state
+was lost: the ledger latches :class:`LedgerUnavailable` for every account (503, logged
+``dp_budget_state_lost``) until a restart, like the marker. The reservation that revealed
+it stays spent (under-use, never overspend).
+
+Eviction: on arming (and every ``POLICY_RECHECK_S`` after) the ledger reads the server's
+``maxmemory-policy``; any policy but ``noeviction`` can silently drop budget keys, so DP
+calls are refused (503, ``dp_eviction_policy_unsafe``). Where ``CONFIG`` is forbidden
+(managed Redis) the policy is unknown: a warning is logged (``dp_eviction_policy_unknown``)
+and the counter above is the only guard; operators must set ``noeviction`` themselves.
+
+Which clock decides the period: the Redis server's ``TIME`` inside the scripts, never the
+gateway's clock, so a gateway skewed by an hour neither opens the next period early nor
+keeps the old one late (the gateway clock only labels the period in notes).
+
+Limits (what no single process can know): the marker check is one round trip before the
+reserve script, not inside it, so a loss between the two is caught only by the counter,
+for accounts this process has already seen; a gateway *started* after a loss (or one that
+never touched the account before it was rolled back) cannot tell it from a new
+deployment or a fresh account; a rollback that also rolled back everything every running
+replica saw is invisible. Persistence (AOF ``everysec`` or better) and ``noeviction`` are
+therefore deployment requirements of a shared DP ledger, not options.
 """
 
 from __future__ import annotations
@@ -28,6 +59,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
+from typing import Final
+
+import structlog
 
 from gateway.state.base import DocumentConflict, SharedState, StateKey, StateUnavailable
 from gateway.state.base import Reservation as StateReservation
@@ -41,8 +75,13 @@ from privacy.dp.ledger import (
     Reservation,
 )
 
+log = structlog.get_logger("gateway.state.dp_ledger")
+
 _KIND = "dp.budget"
 _EPOCH_KEY = StateKey("dp:epoch", "dp.epoch", ("epoch",))
+#: How often the server's eviction policy is read again (an operator can change it live).
+POLICY_RECHECK_S: Final = 60.0
+SAFE_EVICTION_POLICY: Final = "noeviction"
 
 
 class StateBudgetLedger:
@@ -54,9 +93,59 @@ class StateBudgetLedger:
         self._vectors = RedisVectorBudgets(state) if isinstance(state, ScriptRunner) else None
         self._local_vectors = InMemoryBudgetLedger(time.time) if self._vectors is None else None
         self._epoch: bytes | None = None
+        # account -> (store period index, highest reservation counter seen): see the docstring.
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._lost: str | None = None
+        self._policy_checked_at: float | None = None
+
+    def _witness(self, key: str, period: int | None, seq: int, *, granted_new: bool) -> None:
+        """Compare the store's counter for ``key`` with the highest this process saw.
+
+        # SECURITY: a counter that went down (or a granted reservation that did not raise
+        # it, or a period before the one seen) means the account was deleted, evicted,
+        # expired or rolled back: its spend is unknown, so nothing is granted any more.
+        """
+        if period is None or period < 0:
+            return  # a store without counters (process memory): nothing to compare
+        last = self._seen.get(key)
+        if last is not None:
+            last_period, last_seq = last
+            if period < last_period or (period == last_period and (seq < last_seq or
+                                                                   (granted_new and seq <= last_seq))):
+                self._lost = "budget state lost or rolled back: account counter went back, failing closed"
+                log.error("dp_budget_state_lost", account=key, period=period, seen_period=last_period,
+                          seq=seq, seen_seq=last_seq)
+                raise LedgerUnavailable(self._lost)
+            if period == last_period and seq <= last_seq:
+                return
+        self._seen[key] = (period, seq)
+
+    async def _check_policy(self) -> None:
+        """Refuse a server that may evict budget keys (see the module docstring)."""
+        read = getattr(self.state, "eviction_policy", None)
+        now = time.monotonic()
+        if read is None or (self._policy_checked_at is not None and now - self._policy_checked_at < POLICY_RECHECK_S):
+            return
+        try:
+            policy = await read()
+        except StateUnavailable as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+        if policy is None:
+            if self._policy_checked_at is None:
+                log.warning("dp_eviction_policy_unknown",
+                            hint="CONFIG GET maxmemory-policy refused; budgets need 'noeviction'")
+        elif policy != SAFE_EVICTION_POLICY:
+            # SECURITY: an evicted budget key is a fresh budget; refuse rather than over-grant.
+            log.error("dp_eviction_policy_unsafe", policy=policy, required=SAFE_EVICTION_POLICY)
+            raise LedgerUnavailable(f"redis maxmemory-policy {policy!r} can evict budget keys; "
+                                    f"the DP ledger needs {SAFE_EVICTION_POLICY!r}")
+        self._policy_checked_at = now
 
     async def _check_epoch(self) -> None:
         """Fail closed when the store lost the budgets (see the module docstring)."""
+        if self._lost is not None:
+            raise LedgerUnavailable(self._lost)
+        await self._check_policy()
         try:
             doc = await self.state.get_document(_EPOCH_KEY)
             if self._epoch is None:
@@ -107,6 +196,7 @@ class StateBudgetLedger:
                                                 period_s=self._period_s(period))
         except StateUnavailable as exc:
             raise LedgerUnavailable(str(exc)) from exc
+        self._witness(key, decision.period, decision.seq, granted_new=decision.granted)
         if not decision.granted or decision.reservation is None:
             return Refused(retry_after_s=max(decision.reset_s, 1.0), used=(decision.spent,))
         token = secrets.token_hex(16)
@@ -124,6 +214,7 @@ class StateBudgetLedger:
             decision = await self._vectors.reserve(self._key(key), amount, limit, self._period_s(period))
         except StateUnavailable as exc:
             raise LedgerUnavailable(str(exc)) from exc
+        self._witness(key, decision.period, decision.seq, granted_new=decision.status == 1)
         if decision.status < 0:
             # SECURITY: fail closed rather than start a fresh budget under another accounting.
             raise LedgerMismatch("budget account holds another kind of budget this period")
@@ -180,9 +271,11 @@ class StateBudgetLedger:
                 return await self._local_vectors.usage(key, period, size)
             assert self._vectors is not None  # noqa: S101 - one of the two is always set
             try:
-                status, used = await self._vectors.usage(self._key(key), size, self._period_s(period))
+                status, used, store_period, seq = await self._vectors.usage(self._key(key), size,
+                                                                            self._period_s(period))
             except StateUnavailable as exc:
                 raise LedgerUnavailable(str(exc)) from exc
+            self._witness(key, store_period, seq, granted_new=False)
             if status < 0:
                 raise LedgerMismatch("budget account holds another kind of budget this period")
             return used
@@ -193,6 +286,7 @@ class StateBudgetLedger:
             # A zero-cost reservation reads the period's spend atomically; settling it changes nothing.
             decision = await self.state.reserve(self._key(key), 0.0, capacity=1e18,
                                                 period_s=self._period_s(period), reservation_id=probe)
+            self._witness(key, decision.period, decision.seq, granted_new=decision.granted)
             if decision.reservation is not None:
                 await self.state.refund(decision.reservation)
         except StateUnavailable as exc:

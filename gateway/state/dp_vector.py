@@ -22,6 +22,7 @@ Layout: the account is the same Redis hash as the scalar (Laplace) account of th
 ``n``                 vector length (an account of another length fails closed)
 ``u``                 used = committed + open reservations, ``%.17g`` comma-separated
 ``s``                 ``1e308``: makes the scalar script refuse on this account
+``q``                 reservations this period (the scalar script's counter too)
 ``v:<id>``            one open reservation's vector (the request's amount)
 ====================  ===========================================================
 
@@ -59,7 +60,8 @@ end
 """
 
 # ARGV: now period_us reservation_id grace_us tolerance n amount limit (amount/limit as CSV).
-# Returns {status, used, period, reset_us, held}: status 1 granted, 0 refused, -1 mismatch.
+# Returns {status, used, period, reset_us, held, seq}: status 1 granted, 0 refused, -1 mismatch;
+# seq is the account's reservation counter ``q`` (see RESERVE_LUA in gateway/state/redis.py).
 RESERVE_VECTOR_LUA: Final = SCRIPT_PREAMBLE + _HELPERS + """
 local key = KEYS[1]
 local period_us, rid = tonumber(ARGV[2]), 'v:' .. ARGV[3]
@@ -68,13 +70,14 @@ local amount, limit = parse(ARGV[7]), parse(ARGV[8])
 local period = period_of(period_us)
 local stop = (period + 1) * period_us
 if #amount ~= n or #limit ~= n then return redis.error_reply('dp vector length') end
-local h = redis.call('HMGET', key, 'p', 'n', 'u')
-local used = {}
+local h = redis.call('HMGET', key, 'p', 'n', 'u', 'q')
+local used, seq = {}, 0
 if h[1] and tonumber(h[1]) == period then
-  if not h[2] or tonumber(h[2]) ~= n then return {-1, '', fmt(period), stop - now, ''} end
+  seq = tonumber(h[4]) or 0
+  if not h[2] or tonumber(h[2]) ~= n then return {-1, '', fmt(period), stop - now, '', fmt(seq)} end
   used = parse(h[3])
   local held = redis.call('HGET', key, rid)
-  if held then return {1, h[3], fmt(period), stop - now, held} end
+  if held then return {1, h[3], fmt(period), stop - now, held, fmt(seq)} end
 else
   if h[1] then redis.call('DEL', key) end
   for i = 1, n do used[i] = 0 end
@@ -86,12 +89,13 @@ for i = 1, n do
     break
   end
 end
-if not fits then return {0, pack(used), fmt(period), stop - now, ''} end
+if not fits then return {0, pack(used), fmt(period), stop - now, '', fmt(seq)} end
 for i = 1, n do used[i] = used[i] + amount[i] end
 local u = pack(used)
-redis.call('HSET', key, 'p', fmt(period), 'n', n, 'u', u, 's', '""" + SCALAR_LOCK + """', rid, ARGV[7])
+seq = seq + 1
+redis.call('HSET', key, 'p', fmt(period), 'n', n, 'u', u, 's', '""" + SCALAR_LOCK + """', 'q', fmt(seq), rid, ARGV[7])
 redis.call('PEXPIRE', key, ms(stop + grace - now))
-return {1, u, fmt(period), stop - now, ARGV[7]}
+return {1, u, fmt(period), stop - now, ARGV[7], fmt(seq)}
 """
 
 # ARGV: now reservation_id period refund ('1' = give the amount back, '' = commit) period_us.
@@ -112,12 +116,15 @@ end
 return 1
 """
 
-# ARGV: now period_us n. Returns {status, used}: 1 with '' for a fresh account, -1 mismatch.
+# ARGV: now period_us n. Returns {status, used, period, seq}: 1 with '' for a fresh account,
+# -1 mismatch.
 USAGE_VECTOR_LUA: Final = SCRIPT_PREAMBLE + """
-local h = redis.call('HMGET', KEYS[1], 'p', 'n', 'u')
-if not h[1] or tonumber(h[1]) ~= period_of(tonumber(ARGV[2])) then return {1, ''} end
-if not h[2] or tonumber(h[2]) ~= tonumber(ARGV[3]) then return {-1, ''} end
-return {1, h[3]}
+local h = redis.call('HMGET', KEYS[1], 'p', 'n', 'u', 'q')
+local period = period_of(tonumber(ARGV[2]))
+if not h[1] or tonumber(h[1]) ~= period then return {1, '', fmt(period), '0'} end
+local seq = fmt(tonumber(h[4]) or 0)
+if not h[2] or tonumber(h[2]) ~= tonumber(ARGV[3]) then return {-1, '', fmt(period), seq} end
+return {1, h[3], fmt(period), seq}
 """
 
 RESERVE_VECTOR: Final = Script("dp_vector_reserve", RESERVE_VECTOR_LUA)
@@ -149,6 +156,8 @@ class VectorDecision:
     used: tuple[float, ...]  # including this reservation when granted
     reset_s: float
     hold: VectorHold | None
+    period: int = -1  # the store's period index
+    seq: int = 0  # the account's reservation counter this period (``q``)
 
 
 def _csv(values: Sequence[float]) -> str:
@@ -177,9 +186,10 @@ class RedisVectorBudgets:
             [period_us, rid, PERIOD_GRACE_US, repr(LEDGER_RELATIVE_TOLERANCE), len(amount),
              _csv(amount), _csv(limit)],
         )
-        status, used, period, reset_us, _held = raw
+        status, used, period, reset_us, _held, seq = raw
         hold = VectorHold(key, rid, int(period), period_us) if int(status) == 1 else None
-        return VectorDecision(int(status), _parse(used, len(amount)), max(int(reset_us), 0) / 1e6, hold)
+        return VectorDecision(int(status), _parse(used, len(amount)), max(int(reset_us), 0) / 1e6, hold,
+                              int(period), int(seq))
 
     async def commit(self, hold: VectorHold) -> bool:
         return bool(await self._settle("dp_commit", hold, ""))
@@ -191,6 +201,8 @@ class RedisVectorBudgets:
         return await self.store.run_script(op, SETTLE_VECTOR, [hold.key],
                                            [hold.reservation_id, hold.period, refund, hold.period_us])
 
-    async def usage(self, key: StateKey, size: int, period_s: int) -> tuple[int, tuple[float, ...]]:
-        status, used = await self.store.run_script("dp_usage", USAGE_VECTOR, [key], [period_s * 1_000_000, size])
-        return int(status), _parse(used, size)
+    async def usage(self, key: StateKey, size: int, period_s: int) -> tuple[int, tuple[float, ...], int, int]:
+        """(status, used, store period index, reservation counter ``q``) without reserving."""
+        status, used, period, seq = await self.store.run_script("dp_usage", USAGE_VECTOR, [key],
+                                                                [period_s * 1_000_000, size])
+        return int(status), _parse(used, size), int(period), int(seq)

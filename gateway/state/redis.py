@@ -257,27 +257,30 @@ return table.concat(out, ',')
 """
 
 # Budget reserve. ARGV: now capacity period_us amount reservation_id grace_us epsilon.
-# Returns {granted, spent, period, reset_us, amount held ('' when refused)}.
+# Returns {granted, spent, period, reset_us, amount held ('' when refused), seq}. ``q`` (seq)
+# counts the account's reservations this period and never goes down (refunds lower ``s``,
+# not ``q``): a caller that saw a higher seq for this period knows the account was lost or
+# rolled back (DEL, eviction, expiry, an older snapshot; see gateway/state/dp_ledger.py).
 RESERVE_LUA: Final = _NOW + """
 local key = KEYS[1]
 local capacity, period_us, amount = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local rid, grace, eps = 'r:' .. ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local period = period_of(period_us)
 local stop = (period + 1) * period_us
-local h = redis.call('HMGET', key, 'p', 's')
-local spent = 0
+local h = redis.call('HMGET', key, 'p', 's', 'q')
+local spent, seq = 0, 0
 if h[1] and tonumber(h[1]) == period then
-  spent = tonumber(h[2])
+  spent, seq = tonumber(h[2]), tonumber(h[3]) or 0
   local held = redis.call('HGET', key, rid)
-  if held then return {1, fmt17(spent), fmt(period), stop - now, held} end
+  if held then return {1, fmt17(spent), fmt(period), stop - now, held, fmt(seq)} end
 elseif h[1] then
   redis.call('DEL', key)
 end
-if spent + amount > capacity * (1 + eps) then return {0, fmt17(spent), fmt(period), stop - now, ''} end
-spent = spent + amount
-redis.call('HSET', key, 'p', fmt(period), 's', fmt17(spent), rid, fmt17(amount))
+if spent + amount > capacity * (1 + eps) then return {0, fmt17(spent), fmt(period), stop - now, '', fmt(seq)} end
+spent, seq = spent + amount, seq + 1
+redis.call('HSET', key, 'p', fmt(period), 's', fmt17(spent), 'q', fmt(seq), rid, fmt17(amount))
 redis.call('PEXPIRE', key, ms(stop + grace - now))
-return {1, fmt17(spent), fmt(period), stop - now, fmt17(amount)}
+return {1, fmt17(spent), fmt(period), stop - now, fmt17(amount), fmt(seq)}
 """
 
 # Settle (commit or refund) a reservation of the current period.
@@ -938,9 +941,10 @@ class RedisState:
         raw = await self._script("reserve", _RESERVE, [self.key(key)],
                                  [repr(float(capacity)), period_s * 1_000_000, repr(float(amount)), rid,
                                   PERIOD_GRACE_US, repr(BUDGET_EPSILON)])
-        granted, spent, period, reset, held = raw
+        granted, spent, period, reset, held, seq = raw
         reservation = Reservation(key, rid, float(held), int(period), period_s) if granted else None
-        return BudgetDecision(bool(granted), capacity, float(spent), seconds(int(reset)), reservation)
+        return BudgetDecision(bool(granted), capacity, float(spent), seconds(int(reset)), reservation,
+                              period=int(period), seq=int(seq))
 
     async def commit(self, reservation: Reservation, *, actual: float | None = None) -> bool:
         refund = ""
@@ -974,6 +978,27 @@ class RedisState:
             raise DocumentConflict(int(version))
         return int(version)
 
+    # -- server configuration ---------------------------------------------------------
+
+    async def eviction_policy(self) -> str | None:
+        """The server's ``maxmemory-policy``, or None when it cannot be read.
+
+        Managed Redis services often forbid ``CONFIG`` (and a cluster answers per node):
+        None then, and the caller decides (the DP ledger warns; see gateway/state/dp_ledger.py).
+        A server that is down raises :class:`StateUnavailable` as every call does.
+        """
+        async def read() -> Any:
+            try:
+                if isinstance(self._client, RedisCluster):
+                    # Every master holds budget keys: read them all (the default is one random node).
+                    return await self._client.config_get("maxmemory-policy",
+                                                         target_nodes=RedisCluster.PRIMARIES)
+                return await self._client.config_get("maxmemory-policy")
+            except ResponseError:  # NOPERM, unknown command (renamed CONFIG): not an outage
+                return None
+
+        return eviction_policy_of(await self._call("config_get", read))
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def ping(self) -> None:
@@ -986,6 +1011,23 @@ class RedisState:
         await self._client.aclose()
         if self._on_close is not None:
             await self._on_close()
+
+
+def eviction_policy_of(reply: Any) -> str | None:
+    """``maxmemory-policy`` from a ``CONFIG GET`` reply: one server's ``{name: value}``, or a
+    cluster's ``{node: {name: value}}`` (then the first policy other than ``noeviction``, so
+    one evicting master is enough to refuse). None when absent or unreadable."""
+    if not isinstance(reply, dict):
+        return None
+    name = ("maxmemory-policy", b"maxmemory-policy")
+    direct = [reply[k] for k in name if k in reply]
+    if direct:
+        value = direct[0]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    found = [eviction_policy_of(v) for v in reply.values() if isinstance(v, dict)]
+    if not found or any(p is None for p in found):
+        return None
+    return next((p for p in found if p != "noeviction"), found[0])
 
 
 def _reap(background: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
