@@ -63,6 +63,19 @@ def _locked(log_dir: Path) -> bool:
     return False
 
 
+def _no_log(config: AuditConfig) -> bool:
+    """True (after saying so) if ``DIR`` is not an audit log directory.
+
+    SECURITY: every command but verify would otherwise run on a mistyped path: an
+    export or report of an empty "log" reads as "we hold nothing", and an erase would
+    destroy the person's keys and record the erasure in a new log nobody reads.
+    """
+    if config.log_dir.is_dir():
+        return False
+    print(f"no audit log at {config.log_dir} (check DIR)", file=sys.stderr)
+    return True
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     config = _config(args)
     if not config.log_dir.is_dir():
@@ -97,6 +110,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_erase(args: argparse.Namespace) -> int:
     config = _config(args)
     subject_id, client_addr = args.subject, args.client_addr
+    if _no_log(config):
+        return 2
     if not config.key_dir.is_dir():
         print(f"no key store at {config.key_dir}: nothing recorded, nothing to erase", file=sys.stderr)
         return 1
@@ -152,21 +167,32 @@ async def _erase_offline(config: AuditConfig, subject_id: str | None, client_add
 
 def cmd_export(args: argparse.Namespace) -> int:
     config = _config(args)
+    if _no_log(config):
+        return 2
     if not config.key_dir.is_dir():
         print(f"no key store at {config.key_dir}", file=sys.stderr)
         return 2
-    result = export_subject(config.log_dir, config.key_dir, Path(args.out), subject_id=args.subject,
-                            client_addr=args.client_addr,
-                            anchor_dir=config.anchor_dir if config.anchor_dir.is_dir() else None)
-    if not result.chain_ok:
-        print("warning: the audit chain does not verify; run `infergate audit verify`", file=sys.stderr)
+    try:
+        result = export_subject(config.log_dir, config.key_dir, Path(args.out), subject_id=args.subject,
+                                client_addr=args.client_addr, tenant=getattr(args, "tenant", None),
+                                anchor_dir=config.anchor_dir if config.anchor_dir.is_dir() else None)
+    except (OSError, KeyStoreError) as exc:
+        print(f"cannot export: {exc}", file=sys.stderr)
+        return 2
     print(f"{result.records} record(s) ({result.erased} with erased personal data) written to "
           f"{result.json_path} and {result.csv_path}")
+    if not result.chain_ok:
+        # Exit 1 as verify does: a script must not file this report as a clean one.
+        print("TAMPERED: the audit chain does not verify; rows from the first bad record on are marked "
+              "chain=UNVERIFIED; run `infergate audit verify`", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     config = _config(args)
+    if _no_log(config):
+        return 2
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
     report = access_report(config.log_dir, since=since, until=until)
@@ -187,6 +213,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
     config = _config(args)
+    if _no_log(config):
+        return 2
     if _locked(config.log_dir):
         print("the log is in use by a running gateway; rotate keys through it or stop it first", file=sys.stderr)
         return 2
@@ -205,6 +233,8 @@ async def _rotate_offline(config: AuditConfig, family: KeyFamilyName) -> str:
 
 def cmd_retention(args: argparse.Namespace) -> int:
     config = _config(args, retention_s=args.days * 86_400.0)
+    if _no_log(config):
+        return 2
     if _locked(config.log_dir):
         print("the log is in use by a running gateway (it applies retention itself)", file=sys.stderr)
         return 2
@@ -258,6 +288,7 @@ def add_audit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     _common(p)
     _who(p)
     p.add_argument("--out", default=".", help="output directory (default .)")
+    p.add_argument("--tenant", help="only this tenant's records (the same sub may be another person elsewhere)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="access per model, tenant and purpose for a period")
