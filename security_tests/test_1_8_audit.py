@@ -500,7 +500,7 @@ async def test_aud_10_officer_scoped_exports_leak_no_one_else(side_gateways: Any
                                                                            roles=("predictor",)))).status,
         (await client.infer("txt_echo", text, token=world.tokens.rs(sub=shared, tenant="alpha",
                                                                      roles=("predictor",)))).status,
-        (await client.infer("pub_clf", PUB_BODY, token="not.a.token")).status,
+        (await client.infer("pub_clf", PUB_BODY, token="not.a.token")).status,  # noqa: S106 - garbage on purpose
     ]
     assert statuses == [200, 200, 200, 401]
     assert side.service is not None

@@ -176,6 +176,7 @@ def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: s
         "pseudonyms": pseudonyms,
         "chain": {"ok": check.ok, "records": check.records, "first_bad_seq": check.first_bad_seq,
                   "problem": check.problem},
+        "categories": data_categories(rows),
         "records": rows,
         "count": len(rows),
         "erased_records": erased,
@@ -187,6 +188,34 @@ def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: s
     _write_private_text(json_path, json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     _write_private_text(csv_path, to_csv(rows))
     return ExportResult(json_path, csv_path, len(rows), erased, check.ok)
+
+
+def data_categories(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The categories of personal information the report holds (CCPA "right to know":
+    categories, sources, purposes), derived from the rows themselves, not a fixed text:
+    only what is really held is named, and an erased person's identifiers are not."""
+    rows = list(rows)
+    requests = [r for r in rows if r.get("type") == "request"]
+    purposes = sorted({str(r.get("purpose") or r.get("action") or "unspecified") for r in requests})
+    readable = [r for r in requests if r.get("personal_data") == "readable"]
+    source = "collected by the gateway from the person's own requests"
+    out: list[dict[str, Any]] = []
+    identifiers = [name for field, name in (("subject_id", "account identifier (the token's subject)"),
+                                            ("client_addr", "IP address"))
+                   if any(r.get(field) for r in readable)]
+    if identifiers:
+        out.append({"category": "identifiers", "items": identifiers, "source": source, "purposes": purposes,
+                    "protection": "encrypted under the person's own key; erasable (crypto-shredding)"})
+    if requests:
+        out.append({"category": "internet or other electronic network activity",
+                    "items": ["time of each request", "model and version used", "action and purpose",
+                              "access decision and status", "tenant and roles"],
+                    "source": source, "purposes": purposes,
+                    "protection": "linked only through a keyed pseudonym; no inputs, outputs or tokens kept"})
+    if any(r.get("eps") for r in requests):
+        out.append({"category": "privacy budget use", "items": ["differential-privacy epsilon spent per request"],
+                    "source": source, "purposes": purposes, "protection": "counts only"})
+    return out
 
 
 def _tenant_tag(tenant: str) -> str:

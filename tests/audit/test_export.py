@@ -197,3 +197,47 @@ class TestOfficerProbes:
         assert "no audit log at" in capsys.readouterr().err
         assert not wrong.exists() and not (mixed / "dsar").exists()
         assert sorted(p.relative_to(config.key_dir) for p in config.key_dir.rglob("*")) == keys_before
+
+    @pytest.mark.parametrize("argv", [
+        ["report", "{log}", "--since", "garbage"],
+        ["report", "{log}", "--since", "2025-13-45"],
+        ["report", "{log}", "--since", "2025-03-02", "--until", "2025-03-01"],
+        ["retention", "{log}", "--days", "-1"],
+        ["retention", "{log}", "--days", "nan"],
+        ["retention", "{log}", "--days", "0"],
+        ["export", "{log}", "--keys", "{log}", "--subject", "alice", "--out", "{tmp}/o"],
+        ["erase", "{log}", "--subject", ""],
+        ["export", "{log}", "--client-addr", "", "--out", "{tmp}/o"],
+    ])
+    def test_bad_arguments_are_exit_2_with_a_message_never_a_traceback(
+            self, mixed: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+        from gateway.cli import main
+
+        config = make_config(mixed)
+        args = [a.format(log=config.log_dir, tmp=mixed) for a in argv]
+        keys = [] if "--keys" in args else ["--keys", str(config.key_dir)]
+        args[2:2] = ["--anchors", str(config.anchor_dir), *keys]
+        try:
+            code = main(["audit", *args])
+        except SystemExit as exc:  # argparse's own usage errors
+            code = int(exc.code or 0)
+        err = capsys.readouterr().err
+        assert code == 2 and "error" in err and "Traceback" not in err
+        assert not (mixed / "o").exists()
+
+    async def test_the_report_names_the_categories_it_holds(self, mixed: Path) -> None:
+        """CCPA right to know: categories, source and purposes, from what is really held."""
+        config = make_config(mixed)
+        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "a", subject_id="alice")
+                            .json_path.read_text())
+        by_name = {c["category"]: c for c in report["categories"]}
+        assert by_name["identifiers"]["items"] == ["account identifier (the token's subject)", "IP address"]
+        assert by_name["identifiers"]["purposes"] == ["fraud", "scoring"]
+        assert "internet or other electronic network activity" in by_name
+        log = AuditLog(config)
+        await log.erase(subject_id="alice")
+        await log.close()
+        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "b", subject_id="alice")
+                            .json_path.read_text())
+        assert "identifiers" not in {c["category"] for c in report["categories"]}
+        assert report["erased_records"] == 2
