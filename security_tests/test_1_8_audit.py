@@ -481,3 +481,45 @@ async def test_aud_08_not_ready_while_the_sink_fails(audit_side: AuditSide, worl
     assert answered[-1].status == 200
     await _wait_records(side, refused)
     _strict_nl(side, answered, refused)
+
+
+async def test_aud_10_officer_scoped_exports_leak_no_one_else(side_gateways: Any, world: World, tokens: Tokens,
+                                                               tmp_path: Path) -> None:
+    """Through a real gateway: one sub in two tenants, and a client address shared by an
+    authenticated user and anonymous refusals. A tenant-scoped export holds nothing of the
+    other tenant; an address export holds the refusals only, never the user behind the
+    same address; both are 0600 and hold no masked PII."""
+    side: SideGateway = side_gateways("officer-scope")
+    client, shared = side.client(), tokens.sub("shared")
+    text = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                        "data": ["Contact john.doe@example.com, SSN 078-05-1120"]}]}
+    statuses = [
+        (await client.infer("pub_clf", PUB_BODY, token=world.tokens.rs(sub=shared, tenant="alpha",
+                                                                        roles=("predictor",)))).status,
+        (await client.infer("beta_fraud", PUB_BODY, token=world.tokens.rs(sub=shared, tenant="beta",
+                                                                           roles=("predictor",)))).status,
+        (await client.infer("txt_echo", text, token=world.tokens.rs(sub=shared, tenant="alpha",
+                                                                     roles=("predictor",)))).status,
+        (await client.infer("pub_clf", PUB_BODY, token="not.a.token")).status,  # noqa: S106 - garbage on purpose
+    ]
+    assert statuses == [200, 200, 200, 401]
+    assert side.service is not None
+    cfg = side.service.audit_log.config
+    addr = side.audit_records()[-1]["client"]
+    assert all(r["client"] == addr for r in side.audit_records())  # one address for all four
+    side.stop()
+    where = [str(cfg.log_dir), "--anchors", str(cfg.anchor_dir), "--keys", str(cfg.key_dir)]
+
+    code, out = _audit_cli("export", *where, "--subject", shared, "--tenant", "alpha", "--out", str(tmp_path / "a"))
+    assert code == 0 and "2 record(s)" in out
+    files = list((tmp_path / "a").iterdir())
+    dump = "".join(p.read_text() for p in files)
+    assert "beta" not in dump and shared in dump
+    assert "john.doe" not in dump and "078-05-1120" not in dump
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+
+    client_addr = next(iter(json.loads(next((tmp_path / "a").glob("*.json")).read_text())["records"]))["client_addr"]
+    code, out = _audit_cli("export", *where, "--client-addr", client_addr, "--out", str(tmp_path / "addr"))
+    assert code == 0 and "1 record(s)" in out
+    dump = "".join(p.read_text() for p in (tmp_path / "addr").iterdir())
+    assert shared not in dump and "authn" in dump

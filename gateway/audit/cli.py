@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import functools
 import json
+import math
 import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +43,59 @@ store and the key store default to DIR-anchors and DIR-keys (--anchors, --keys).
 Exit status: 0 success, 1 failure (tampering found, nothing to do), 2 usage error."""
 
 
+class _UsageError(Exception):
+    """A bad argument or directory layout: a one-line message and exit 2, never a traceback."""
+
+
+def _usage_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn a command's :class:`_UsageError` into ``error: …`` on stderr and exit status 2."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except _UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
 def _config(args: argparse.Namespace, **extra: Any) -> AuditConfig:
     overrides: dict[str, Any] = dict(extra)
     if getattr(args, "anchors", None):
         overrides["anchor_dir"] = Path(args.anchors)
     if getattr(args, "keys", None):
         overrides["key_dir"] = Path(args.keys)
-    return AuditConfig.for_dir(Path(args.dir), **overrides)
+    try:
+        return AuditConfig.for_dir(Path(args.dir), **overrides)
+    except ValueError as exc:  # key store inside the log, retention not positive, ...
+        raise _UsageError(str(exc)) from exc
+
+
+def _time_arg(name: str, value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise _UsageError(f"--{name} {value!r}: not an ISO date or timestamp (e.g. 2025-03-01 or "
+                          f"2025-03-01T10:00:00Z): {exc}") from exc
+
+
+def _who_arg(value: str) -> str:
+    """``--subject``/``--client-addr``: an empty id names no one (and would match nothing)."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def _days_arg(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of days") from exc
+    if not math.isfinite(days) or days <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of days")
+    return days
 
 
 def _locked(log_dir: Path) -> bool:
@@ -63,6 +113,20 @@ def _locked(log_dir: Path) -> bool:
     return False
 
 
+def _no_log(config: AuditConfig) -> bool:
+    """True (after saying so) if ``DIR`` is not an audit log directory.
+
+    SECURITY: every command but verify would otherwise run on a mistyped path: an
+    export or report of an empty "log" reads as "we hold nothing", and an erase would
+    destroy the person's keys and record the erasure in a new log nobody reads.
+    """
+    if config.log_dir.is_dir():
+        return False
+    print(f"no audit log at {config.log_dir} (check DIR)", file=sys.stderr)
+    return True
+
+
+@_usage_errors
 def cmd_verify(args: argparse.Namespace) -> int:
     config = _config(args)
     if not config.log_dir.is_dir():
@@ -94,9 +158,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+@_usage_errors
 def cmd_erase(args: argparse.Namespace) -> int:
     config = _config(args)
     subject_id, client_addr = args.subject, args.client_addr
+    if _no_log(config):
+        return 2
     if not config.key_dir.is_dir():
         print(f"no key store at {config.key_dir}: nothing recorded, nothing to erase", file=sys.stderr)
         return 1
@@ -150,25 +217,39 @@ async def _erase_offline(config: AuditConfig, subject_id: str | None, client_add
     return notice
 
 
+@_usage_errors
 def cmd_export(args: argparse.Namespace) -> int:
     config = _config(args)
+    if _no_log(config):
+        return 2
     if not config.key_dir.is_dir():
         print(f"no key store at {config.key_dir}", file=sys.stderr)
         return 2
-    result = export_subject(config.log_dir, config.key_dir, Path(args.out), subject_id=args.subject,
-                            client_addr=args.client_addr,
-                            anchor_dir=config.anchor_dir if config.anchor_dir.is_dir() else None)
-    if not result.chain_ok:
-        print("warning: the audit chain does not verify; run `infergate audit verify`", file=sys.stderr)
+    try:
+        result = export_subject(config.log_dir, config.key_dir, Path(args.out), subject_id=args.subject,
+                                client_addr=args.client_addr, tenant=getattr(args, "tenant", None),
+                                anchor_dir=config.anchor_dir if config.anchor_dir.is_dir() else None)
+    except (OSError, KeyStoreError) as exc:
+        print(f"cannot export: {exc}", file=sys.stderr)
+        return 2
     print(f"{result.records} record(s) ({result.erased} with erased personal data) written to "
           f"{result.json_path} and {result.csv_path}")
+    if not result.chain_ok:
+        # Exit 1 as verify does: a script must not file this report as a clean one.
+        print("TAMPERED: the audit chain does not verify; rows from the first bad record on are marked "
+              "chain=UNVERIFIED; run `infergate audit verify`", file=sys.stderr)
+        return 1
     return 0
 
 
+@_usage_errors
 def cmd_report(args: argparse.Namespace) -> int:
     config = _config(args)
-    since = parse_time(args.since) if args.since else None
-    until = parse_time(args.until) if args.until else None
+    if _no_log(config):
+        return 2
+    since, until = _time_arg("since", args.since), _time_arg("until", args.until)
+    if since is not None and until is not None and until <= since:
+        raise _UsageError(f"--until {args.until} is not after --since {args.since}")
     report = access_report(config.log_dir, since=since, until=until)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -185,8 +266,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+@_usage_errors
 def cmd_rotate_key(args: argparse.Namespace) -> int:
     config = _config(args)
+    if _no_log(config):
+        return 2
     if _locked(config.log_dir):
         print("the log is in use by a running gateway; rotate keys through it or stop it first", file=sys.stderr)
         return 2
@@ -203,8 +287,11 @@ async def _rotate_offline(config: AuditConfig, family: KeyFamilyName) -> str:
         await audit.close()
 
 
+@_usage_errors
 def cmd_retention(args: argparse.Namespace) -> int:
     config = _config(args, retention_s=args.days * 86_400.0)
+    if _no_log(config):
+        return 2
     if _locked(config.log_dir):
         print("the log is in use by a running gateway (it applies retention itself)", file=sys.stderr)
         return 2
@@ -230,8 +317,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _who(parser: argparse.ArgumentParser) -> None:
     who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--subject", help="the data subject's id (the token's sub)")
-    who.add_argument("--client-addr", help="a client address (refusals before authentication)")
+    who.add_argument("--subject", type=_who_arg, help="the data subject's id (the token's sub)")
+    who.add_argument("--client-addr", type=_who_arg, help="a client address (refusals before authentication)")
 
 
 def add_audit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -258,6 +345,7 @@ def add_audit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     _common(p)
     _who(p)
     p.add_argument("--out", default=".", help="output directory (default .)")
+    p.add_argument("--tenant", help="only this tenant's records (the same sub may be another person elsewhere)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="access per model, tenant and purpose for a period")
@@ -274,6 +362,6 @@ def add_audit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
     p = sub.add_parser("retention", help="delete segments older than --days behind a signed tombstone")
     _common(p)
-    p.add_argument("--days", type=float, required=True)
+    p.add_argument("--days", type=_days_arg, required=True)
     p.set_defaults(func=cmd_retention)
     return audit

@@ -189,9 +189,17 @@ class SubjectKeys:
             raise KeyStoreError("invalid pseudonym")
         with self._lock:
             kid = self._current.get(pseudonym)
-            if kid is not None and kid in self._by_kid:
+            # An erasure by another process (`infergate audit erase` while the gateway runs)
+            # deletes the file before the gateway reads its notice: a record sealed under the
+            # cached, destroyed key would be unreadable at birth (missing from the person's
+            # next access report), so the file is checked, as in get(), and a new key made.
+            if (kid is not None and kid in self._by_kid
+                    and (self.root / pseudonym / f"{kid.partition('.')[2]}.key").exists()):
                 self._current.move_to_end(pseudonym)
                 return kid, self._by_kid[kid]
+            if kid is not None:
+                self._by_kid.pop(kid, None)
+                self._current.pop(pseudonym, None)
             folder = self.root / pseudonym
             existing = sorted(folder.glob("*.key")) if folder.is_dir() else []
             for path in existing:

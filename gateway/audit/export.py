@@ -12,10 +12,13 @@ without personal data (pseudonyms are only counted).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
+import secrets
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,13 +33,14 @@ from gateway.files import ensure_dir
 
 ERASED = "[erased]"
 # Columns shown first in the CSV; any other field follows in name order.
-_LEADING = ("seq", "time", "type", "request_id", "tenant", "subject", "client", "roles", "model", "model_version",
-            "action", "purpose", "decision", "reason", "status", "outcome", "outcome_cause", "latency_ms",
-            "policy_revision")
+_LEADING = ("seq", "chain", "time", "type", "request_id", "tenant", "subject", "client", "roles", "model",
+            "model_version", "action", "purpose", "decision", "reason", "status", "outcome", "outcome_cause",
+            "latency_ms", "policy_revision")
 _CHAIN_FIELDS = frozenset({"prev_hash", "mac", "key_id", "enc", "sig", "sig_key_id"})
 # SECURITY: a cell starting with one of these is a formula in spreadsheet software
 # (CSV injection); model names and request ids can be attacker-chosen.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%",
+                  "\uff1d", "\uff0b", "\uff0d", "\uff20")  # and their fullwidth forms
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +58,18 @@ def _owner(subject_id: str | None, client_addr: str | None) -> str:
     return subject_owner(subject_id) if subject_id is not None else address_owner(client_addr or "")
 
 
-def subject_records(log_dir: Path, keys: KeyStore, owner: str) -> tuple[list[str], list[dict[str, Any]]]:
+def subject_records(log_dir: Path, keys: KeyStore, owner: str, *,
+                    tenant: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """The owner's pseudonyms and every record about them, personal fields decrypted.
 
     One row per request, with its final ``outcome`` (see :func:`_pair_outcomes`).
+    ``tenant``: only that tenant's records (a tenant-scoped request, where the same
+    ``sub`` may name someone else in another tenant); erasure records are always kept.
+
+    An address owner gets only the records where the address is the only identity
+    (refusals before authentication): an authenticated request from that address is
+    another person's record, sealed under their key, and an address is shared (NAT,
+    proxies), so it never opens someone else's personal data.
     """
     pseudonyms = keys.all_pseudonyms(owner)
     wanted = set(pseudonyms)
@@ -81,6 +93,13 @@ def subject_records(log_dir: Path, keys: KeyStore, owner: str) -> tuple[list[str
                 out.append({k: v for k, v in record.items() if k not in _CHAIN_FIELDS})
             continue
         if record.get(field) not in wanted and record.get("subject") not in wanted:
+            continue
+        # SECURITY: an address DSAR never discloses an authenticated person's records
+        # (their subject id and activity) just because they shared the address.
+        if field == "client" and record.get("subject") not in (None, *wanted):
+            continue
+        # SECURITY: a tenant-scoped export holds nothing of another tenant.
+        if tenant is not None and record.get("tenant") != tenant:
             continue
         row = {k: v for k, v in record.items() if k not in _CHAIN_FIELDS}
         enc = record.get("enc")
@@ -126,27 +145,44 @@ def _pair_outcomes(rows: list[dict[str, Any]], abandoned: Mapping[int, Mapping[s
 
 def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: str | None = None,
                    client_addr: str | None = None, anchor_dir: Path | None = None,
-                   now: datetime | None = None) -> ExportResult:
-    """Write ``dsar-<pseudonym>.json`` and ``.csv`` (mode 0600) into ``out_dir``."""
+                   now: datetime | None = None, tenant: str | None = None) -> ExportResult:
+    """Write ``dsar-<pseudonym>.json`` and ``.csv`` (mode 0600) into ``out_dir``.
+
+    Raises FileNotFoundError if ``log_dir`` is not a directory: an empty report for a
+    mistyped path would read as "we hold nothing about this person".
+    """
+    if not log_dir.is_dir():
+        raise FileNotFoundError(f"no audit log at {log_dir}")
     owner = _owner(subject_id, client_addr)
     keys = KeyStore(key_dir, create=False)
-    pseudonyms, rows = subject_records(log_dir, keys, owner)
+    pseudonyms, rows = subject_records(log_dir, keys, owner, tenant=tenant)
     check = verify(log_dir, anchor_dir=anchor_dir, key_dir=key_dir)
+    if not check.ok:
+        # SECURITY: never pass a possibly forged record off as genuine: every row from the
+        # first bad record on (all rows if the break is in the anchors) says so, in the
+        # CSV too, where the report's "chain" header is out of sight.
+        bad = check.first_bad_seq
+        for row in rows:
+            seq = row.get("seq")
+            if bad is None or (type(seq) is int and seq >= bad):
+                row["chain"] = "UNVERIFIED"
     erased = sum(1 for r in rows if r.get("personal_data") == ERASED)
     stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     report = {
         "kind": "data_subject_access_report",
         "generated_at": stamp,
-        "subject": {"subject_id": subject_id} if subject_id is not None else {"client_addr": client_addr},
+        "subject": ({"subject_id": subject_id} if subject_id is not None else {"client_addr": client_addr})
+        | ({"tenant": tenant} if tenant is not None else {}),
         "pseudonyms": pseudonyms,
         "chain": {"ok": check.ok, "records": check.records, "first_bad_seq": check.first_bad_seq,
                   "problem": check.problem},
+        "categories": data_categories(rows),
         "records": rows,
         "count": len(rows),
         "erased_records": erased,
     }
     ensure_dir(out_dir)
-    tag = pseudonyms[0][:16] if pseudonyms else "none"
+    tag = (pseudonyms[0][:16] if pseudonyms else "none") + (f"-t{_tenant_tag(tenant)}" if tenant is not None else "")
     json_path = out_dir / f"dsar-{tag}.json"
     csv_path = out_dir / f"dsar-{tag}.csv"
     _write_private_text(json_path, json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
@@ -154,18 +190,68 @@ def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: s
     return ExportResult(json_path, csv_path, len(rows), erased, check.ok)
 
 
+def data_categories(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The categories of personal information the report holds (CCPA "right to know":
+    categories, sources, purposes), derived from the rows themselves, not a fixed text:
+    only what is really held is named, and an erased person's identifiers are not."""
+    rows = list(rows)
+    requests = [r for r in rows if r.get("type") == "request"]
+    purposes = sorted({str(r.get("purpose") or r.get("action") or "unspecified") for r in requests})
+    readable = [r for r in requests if r.get("personal_data") == "readable"]
+    source = "collected by the gateway from the person's own requests"
+    out: list[dict[str, Any]] = []
+    identifiers = [name for field, name in (("subject_id", "account identifier (the token's subject)"),
+                                            ("client_addr", "IP address"))
+                   if any(r.get(field) for r in readable)]
+    if identifiers:
+        out.append({"category": "identifiers", "items": identifiers, "source": source, "purposes": purposes,
+                    "protection": "encrypted under the person's own key; erasable (crypto-shredding)"})
+    if requests:
+        out.append({"category": "internet or other electronic network activity",
+                    "items": ["time of each request", "model and version used", "action and purpose",
+                              "access decision and status", "tenant and roles"],
+                    "source": source, "purposes": purposes,
+                    "protection": "linked only through a keyed pseudonym; no inputs, outputs or tokens kept"})
+    if any(r.get("eps") for r in requests):
+        out.append({"category": "privacy budget use", "items": ["differential-privacy epsilon spent per request"],
+                    "source": source, "purposes": purposes, "protection": "counts only"})
+    return out
+
+
+def _tenant_tag(tenant: str) -> str:
+    """A file-name-safe tag of a tenant name (any text: never a path component)."""
+    return hashlib.sha256(tenant.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
 def _write_private_text(path: Path, text: str) -> None:
-    # SECURITY: a DSAR holds decrypted personal data: owner-only from the first byte.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
+    """Write a new owner-only file at ``path``, replacing whatever was there.
+
+    SECURITY: a DSAR holds decrypted personal data: owner-only from the first byte. It
+    is always a fresh inode, created exclusively (O_EXCL, O_NOFOLLOW) under a random
+    name and renamed over ``path``: a file someone pre-created there (mode 0666, in a
+    shared directory) keeps its mode on O_TRUNC and would have stayed readable to them,
+    and a symlink planted at ``path`` is replaced, never followed.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-    if text.startswith(_FORMULA_START):
+    # Spreadsheets skip leading blanks before a formula (" =1+1"): look past them.
+    if text.startswith(_FORMULA_START) or text.lstrip(" \u00a0\u3000\x0b\x0c").startswith(_FORMULA_START):
         return "'" + text
     return text
 

@@ -143,3 +143,25 @@ class TestCryptoShredding:
         assert unseal(keys.subjects, fourth["enc"], seq=4)["subject_id"] == "user-0"
         with pytest.raises(Unreadable):
             unseal(keys.subjects, fourth["enc"], seq=first["seq"])
+
+
+class TestEraseWhileRunning:
+    async def test_a_record_written_after_an_outside_erasure_gets_a_new_key(self, tmp_path: Path) -> None:
+        """``audit erase`` from another process while the gateway writes: the person's next
+        record is sealed under a fresh key (readable in their next report, erasable by the
+        next erase), never under the cached key that was just destroyed."""
+        config = make_config(tmp_path)
+        log = AuditLog(config)
+        await log.append(request_record(0, subject_id="s"))
+        assert await asyncio.to_thread(cmd_erase, cli_args(config, subject="s")) == 0
+        await log.append(request_record(1, subject_id="s"))  # before the gateway reads the notice
+        await log.close()
+        rows = json.loads(export_subject(config.log_dir, config.key_dir, tmp_path / "a", subject_id="s")
+                          .json_path.read_text())["records"]
+        assert [(r["seq"], r.get("personal_data")) for r in rows if r["type"] == "request"] == [
+            (1, "[erased]"), (2, "readable")]
+        assert await asyncio.to_thread(cmd_erase, cli_args(config, subject="s")) == 0
+        rows = json.loads(export_subject(config.log_dir, config.key_dir, tmp_path / "b", subject_id="s")
+                          .json_path.read_text())["records"]
+        assert {r.get("personal_data") for r in rows if r["type"] == "request"} == {"[erased]"}
+        assert check(config).ok

@@ -16,7 +16,7 @@ from gateway.audit.cli import cmd_export, cmd_report
 from gateway.audit.export import to_csv
 from gateway.audit.records import parse_time
 
-from . import make_config, request_record
+from . import find_line, make_config, records, request_record
 
 
 @pytest.fixture
@@ -107,3 +107,137 @@ class TestCli:
         args = argparse.Namespace(**common, since=None, until="2025-03-02", json=True)
         assert cmd_report(args) == 0
         assert json.loads(capsys.readouterr().out)["requests"] == 2
+
+
+class TestOfficerProbes:
+    """Variants a privacy officer (or someone near their files) runs into: shared subs
+    and addresses, planted output files, mistyped directories, a forged log."""
+
+    async def test_a_tenant_scoped_export_holds_nothing_of_the_other_tenant(self, tmp_path: Path) -> None:
+        config = make_config(tmp_path)
+        log = AuditLog(config)
+        await log.append(request_record(0, subject_id="u1", tenant="alpha", model="digits"))
+        await log.append(request_record(1, subject_id="u1", tenant="beta", model="beta-secret-model"))
+        await log.close()
+        both = export_subject(config.log_dir, config.key_dir, tmp_path / "all", subject_id="u1")
+        assert both.records == 2
+        alpha = export_subject(config.log_dir, config.key_dir, tmp_path / "alpha", subject_id="u1", tenant="alpha")
+        text = alpha.json_path.read_text() + alpha.csv_path.read_text()
+        assert alpha.records == 1 and "beta" not in text
+        assert json.loads(alpha.json_path.read_text())["subject"] == {"subject_id": "u1", "tenant": "alpha"}
+        # Its own file name: a scoped export never overwrites the full one.
+        assert alpha.json_path.name != both.json_path.name
+
+    async def test_an_address_export_never_opens_an_authenticated_persons_records(self, tmp_path: Path) -> None:
+        config = make_config(tmp_path)
+        log = AuditLog(config)
+        await log.append(request_record(0, subject_id="alice-behind-nat", client_addr="192.0.2.50"))
+        await log.append({"decision": "deny", "reason": "authn_missing_token", "client_addr": "192.0.2.50"})
+        await log.close()
+        result = export_subject(config.log_dir, config.key_dir, tmp_path / "out", client_addr="192.0.2.50")
+        text = result.json_path.read_text() + result.csv_path.read_text()
+        assert result.records == 1 and "alice-behind-nat" not in text and "authn_missing_token" in text
+        subject_row = next(r for r in records(config) if r.get("subject"))
+        assert subject_row["subject"] not in text  # not even their pseudonym
+
+    @pytest.mark.parametrize("plant", ["world_readable_file", "symlink"])
+    async def test_a_file_planted_at_the_output_name_is_replaced_not_reused(self, mixed: Path, plant: str) -> None:
+        config = make_config(mixed)
+        first = export_subject(config.log_dir, config.key_dir, mixed / "probe", subject_id="alice")
+        shared = mixed / "shared"
+        shared.mkdir()
+        victim = mixed / "victim"
+        for name in (first.json_path.name, first.csv_path.name):
+            if plant == "symlink":
+                (shared / name).symlink_to(victim)
+            else:
+                (shared / name).write_text("planted")
+                (shared / name).chmod(0o666)
+        result = export_subject(config.log_dir, config.key_dir, shared, subject_id="alice")
+        for path in (result.json_path, result.csv_path):
+            assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+            assert "alice" in path.read_text()
+        assert not victim.exists()
+        assert sorted(p.name for p in shared.iterdir()) == sorted([first.json_path.name, first.csv_path.name])
+
+    @pytest.mark.parametrize("value", ["=1+1", " =1+1", "\u00a0@SUM(A1)", "\n=cmd", "|calc", "\uff1dHYPERLINK(1)",
+                                       "%0A=1"])
+    def test_formula_variants_are_neutralised(self, value: str) -> None:
+        rows = list(csv.DictReader(io.StringIO(to_csv([{"seq": 1, "model": value}]))))
+        assert rows[0]["model"] == "'" + value
+
+    async def test_a_forged_record_is_marked_and_the_export_fails(self, mixed: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+        config = make_config(mixed)
+        path, index = find_line(config, 3)
+        lines = path.read_bytes().splitlines(keepends=True)
+        lines[index] = lines[index].replace(b'"decision":"allow"', b'"decision":"deny"')
+        path.write_bytes(b"".join(lines))
+        args = argparse.Namespace(dir=str(config.log_dir), anchors=str(config.anchor_dir), keys=str(config.key_dir),
+                                  subject="alice", client_addr=None, out=str(mixed / "dsar"))
+        assert await asyncio.to_thread(cmd_export, args) == 1
+        assert "TAMPERED" in capsys.readouterr().err
+        rows = list(csv.DictReader(io.StringIO(next((mixed / "dsar").glob("*.csv")).read_text())))
+        assert [(r["seq"], r["chain"]) for r in rows] == [("1", ""), ("3", "UNVERIFIED")]
+
+    @pytest.mark.parametrize("command", ["export", "report", "erase", "retention", "rotate-key"])
+    async def test_a_mistyped_log_dir_is_a_usage_error_that_changes_nothing(self, mixed: Path, command: str,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+        from gateway.audit import cli
+
+        config = make_config(mixed)
+        wrong = mixed / "lgo"
+        args = argparse.Namespace(dir=str(wrong), anchors=str(config.anchor_dir), keys=str(config.key_dir),
+                                  subject="alice", client_addr=None, out=str(mixed / "dsar"), since=None, until=None,
+                                  json=False, days=1.0, family="pseudonym")
+        keys_before = sorted(p.relative_to(config.key_dir) for p in config.key_dir.rglob("*"))
+        func = {"export": cli.cmd_export, "report": cli.cmd_report, "erase": cli.cmd_erase,
+                "retention": cli.cmd_retention, "rotate-key": cli.cmd_rotate_key}[command]
+        assert await asyncio.to_thread(func, args) == 2
+        assert "no audit log at" in capsys.readouterr().err
+        assert not wrong.exists() and not (mixed / "dsar").exists()
+        assert sorted(p.relative_to(config.key_dir) for p in config.key_dir.rglob("*")) == keys_before
+
+    @pytest.mark.parametrize("argv", [
+        ["report", "{log}", "--since", "garbage"],
+        ["report", "{log}", "--since", "2025-13-45"],
+        ["report", "{log}", "--since", "2025-03-02", "--until", "2025-03-01"],
+        ["retention", "{log}", "--days", "-1"],
+        ["retention", "{log}", "--days", "nan"],
+        ["retention", "{log}", "--days", "0"],
+        ["export", "{log}", "--keys", "{log}", "--subject", "alice", "--out", "{tmp}/o"],
+        ["erase", "{log}", "--subject", ""],
+        ["export", "{log}", "--client-addr", "", "--out", "{tmp}/o"],
+    ])
+    def test_bad_arguments_are_exit_2_with_a_message_never_a_traceback(
+            self, mixed: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+        from gateway.cli import main
+
+        config = make_config(mixed)
+        args = [a.format(log=config.log_dir, tmp=mixed) for a in argv]
+        keys = [] if "--keys" in args else ["--keys", str(config.key_dir)]
+        args[2:2] = ["--anchors", str(config.anchor_dir), *keys]
+        try:
+            code = main(["audit", *args])
+        except SystemExit as exc:  # argparse's own usage errors
+            code = int(exc.code or 0)
+        err = capsys.readouterr().err
+        assert code == 2 and "error" in err and "Traceback" not in err
+        assert not (mixed / "o").exists()
+
+    async def test_the_report_names_the_categories_it_holds(self, mixed: Path) -> None:
+        """CCPA right to know: categories, source and purposes, from what is really held."""
+        config = make_config(mixed)
+        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "a", subject_id="alice")
+                            .json_path.read_text())
+        by_name = {c["category"]: c for c in report["categories"]}
+        assert by_name["identifiers"]["items"] == ["account identifier (the token's subject)", "IP address"]
+        assert by_name["identifiers"]["purposes"] == ["fraud", "scoring"]
+        assert "internet or other electronic network activity" in by_name
+        log = AuditLog(config)
+        await log.erase(subject_id="alice")
+        await log.close()
+        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "b", subject_id="alice")
+                            .json_path.read_text())
+        assert "identifiers" not in {c["category"] for c in report["categories"]}
+        assert report["erased_records"] == 2
