@@ -292,8 +292,10 @@ async def serve(settings: Settings, *, ready_message: str | None = None, reuse_p
         # SEC-09: a metrics-only listener (loopback unless told otherwise); with workers,
         # the first to bind serves (per-process metrics: scrape each pod/process directly).
         with contextlib.suppress(OSError) if reuse_port else contextlib.nullcontext():
-            metrics_runner, _port = await start_metrics_site(app[SERVICE_KEY].metrics, settings.metrics_host,
-                                                             settings.metrics_port)
+            service = app[SERVICE_KEY]
+            metrics_runner, _port = await start_metrics_site(
+                service.metrics, settings.metrics_host, settings.metrics_port,
+                lambda: service.pin().policy.gateway.http.allowed_hosts)
     if ready_message:
         print(ready_message, flush=True)
     stop = asyncio.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.metadata as md
 import json
@@ -291,6 +292,36 @@ async def test_sec_09_metrics_listener_serves_metrics_only() -> None:
     finally:
         await runner.cleanup()
     assert Settings.parse_listen(":9464") == ("127.0.0.1", 9464)  # loopback unless a host is named
+
+
+async def test_sec_09_metrics_listener_refuses_rebound_names() -> None:
+    """DNS rebinding: a browser page that points its own name at 127.0.0.1 sends that name as
+    Host. The metrics-only listener answers IP literals, localhost and allowed names only."""
+    metrics = Metrics()
+    allowed = ("gateway-metrics.monitoring.svc",)
+    runner, port = await start_metrics_site(metrics, "127.0.0.1", 0, lambda: allowed)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for host, status in [(f"127.0.0.1:{port}", 200), ("localhost", 200), (f"LOCALHOST.:{port}", 200),
+                                 ("[::1]", 200), ("10.1.2.3:9464", 200), ("gateway-metrics.monitoring.svc", 200),
+                                 ("rebind.attacker.example", 421), (f"evil.test:{port}", 421),
+                                 ("localhost.attacker.example", 421), ("127.0.0.1.nip.io", 421),
+                                 ("gw@evil", 400), ("a b", 400)]:
+                async with session.get(url, headers={"Host": host}) as resp:
+                    body = await resp.text()
+                    assert resp.status == status, (host, resp.status)
+                    assert ("gateway_requests_total" in body) == (status == 200), host
+        # HTTP/1.0 naming no host at all: nothing to check, so refused (fail closed).
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        raw = await reader.read()
+        writer.close()
+        assert raw.startswith((b"HTTP/1.0 421 ", b"HTTP/1.1 421 ")), raw[:40]
+    finally:
+        await runner.cleanup()
+    # Each 421 counted: the four foreign names and the host-less request.
+    assert "\ngateway_metrics_denied_total 5.0\n" in metrics.render().decode()
 
 
 def test_sec_09_cli_metrics_listener(tmp_path: Path) -> None:

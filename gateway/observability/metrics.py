@@ -166,7 +166,9 @@ class Metrics:
         for kind in ("secret_file", "policy_writable"):
             self.insecure_files.labels(kind=kind).set(0)
         self.metrics_denied = Counter(
-            "gateway_metrics_denied_total", "Scrapes of /metrics refused (client not in metrics.allow_from).",
+            "gateway_metrics_denied_total",
+            "Scrapes of /metrics refused (client not in metrics.allow_from, or a Host the metrics-only listener "
+            "does not serve).",
             registry=r,
         )
         # Identity: the JWKS key sources' own counters, copied at scrape time (identity/registry.py).
