@@ -327,3 +327,29 @@ async def test_authz_17_targeting_on_client_controlled_input_never_matches(
         headers={"X-Canary": "canary", "Header": "canary", "Cookie": "variant=canary; canary=canary",
                  "X-Model-Variant": "canary"})
     assert_stable(side, world, r, "targeting_match")
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v2/models/{m}/infer"), ("GET", "/v2/models/{m}"),
+                                              ("GET", "/v2/models/{m}/ready")])
+async def test_authz_17_refused_call_names_no_variant(world: World, tokens: Tokens, canary_side: SideGateway,
+                                                      method: str, path: str) -> None:
+    """Routing runs before authorization, so a call refused by authorization has already been
+    assigned a variant. Every subject is in the 100 % canary here: the labeler role, which
+    may not see ``pub_clf``, must get the unknown model's answer, without ``X-Model-Variant:
+    canary`` (which would say "exists, flagged, and you are in the canary")."""
+    body = PUB_BODY if method == "POST" else None
+    hidden = await canary_side.client().request(method, path.format(m="pub_clf"), json_body=body,
+                                                token=tokens.u1(sub=tokens.sub("lab"), roles=("labeler",)))
+    unknown = await canary_side.client().request(method, path.format(m="no_such_model"), json_body=body,
+                                                 token=tokens.u1(sub=tokens.sub("unk"), roles=("labeler",)))
+    assert hidden.status == unknown.status == 404
+    assert "X-Model-Variant" not in hidden.headers
+    assert hidden.body == unknown.body
+    assert hidden.headers.get("Content-Length") == unknown.headers.get("Content-Length")
+    (rec,) = canary_side.audit_for(hidden)
+    assert rec["decision"] == "deny" and rec["variant"] == "canary"  # the audit keeps what the client is not told
+    assert not world.fake.requests
+    # Positive control: a caller who may see it is told the variant it got.
+    seen = await canary_side.client().request(method, path.format(m="pub_clf"), json_body=body,
+                                              token=tokens.u1(sub=tokens.sub("ok")))
+    assert seen.status == 200 and seen.headers.get("X-Model-Variant") == "canary"

@@ -780,3 +780,88 @@ async def test_authz_13_unreadable_file_or_build_error_keeps_last_good(
     assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1())).status == 200
     world.reload()
     assert store.last_error is None
+
+
+# ---------------------------------------------------------------------------------------
+# Non-enumeration, byte for byte: an unknown model, another tenant's model, a model the
+# role may not see and a name that could never exist answer alike on every model route.
+# ---------------------------------------------------------------------------------------
+
+HIDDEN_ROUTES = [("GET", "/v2/models/{m}"), ("HEAD", "/v2/models/{m}"), ("GET", "/v2/models/{m}/ready"),
+                 ("GET", "/v2/models/{m}/versions/1"), ("GET", "/v2/models/{m}/versions/1/ready"),
+                 ("POST", "/v2/models/{m}/infer"), ("POST", "/v2/models/{m}/versions/1/infer")]
+LONG_NAME = "m" * 129  # one past the longest name a route accepts
+
+
+def _comparable(r: Response) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
+    """Status, every header but the per-request ones, and the body with its request id masked."""
+    rid = r.headers.get("X-Request-ID", "")
+    headers = tuple(sorted((k.lower(), v) for k, v in r.headers.items() if k.lower() not in {"x-request-id", "date"}))
+    return r.status, headers, r.body.replace(rid.encode(), b"<rid>") if rid else r.body
+
+
+@pytest.mark.parametrize(("method", "template"), HIDDEN_ROUTES)
+async def test_authz_01_hidden_models_answer_byte_identically(world: World, tokens: Tokens, method: str,
+                                                              template: str) -> None:
+    """AUTHZ-01/17 variant. ``pub_clf`` is routed by a flag that runs before authorization:
+    refused to the labeler role, its 404 used to carry ``X-Model-Variant: stable`` (an
+    unknown model's does not), i.e. "exists and is flagged". A name longer than any route
+    accepts used to answer a shorter body ("not found"), a different Content-Length."""
+    cases = {"unknown": ("u1", "no_such_model"), "other_tenant": ("u1", "beta_fraud"),
+             "role_hidden_flagged": ("labeler", "pub_clf"), "role_hidden": ("u1", "scorer"),
+             "too_long": ("u1", LONG_NAME), "never_a_name": ("u1", "pub_clf.")}
+    answers = {}
+    for case, (who, model) in cases.items():
+        # A fresh subject and source address per call: no rate bucket shared between the cases.
+        sub = tokens.sub(f"{case}.{method}")
+        token = tokens.u1(sub=sub) if who == "u1" else tokens.u1(sub=sub, roles=("labeler",))
+        r = await Client(world, world.next_addr()).request(
+            method, template.format(m=model), json_body=PUB_BODY if method == "POST" else None, token=token)
+        assert r.status == 404, (case, r.status, r.body[:200])
+        assert "X-Model-Variant" not in r.headers, case
+        answers[case] = _comparable(r)
+    assert len(set(answers.values())) == 1, answers
+    assert world.upstream_calls() == 0
+    # Positive control: the flagged model, visible to u1, names its variant.
+    ok_answer = await Client(world, world.next_addr()).request(
+        method, template.format(m="pub_clf"), json_body=PUB_BODY if method == "POST" else None,
+        token=tokens.u1(sub=tokens.sub(f"ok.{method}")))
+    assert ok_answer.status == 200 and ok_answer.headers.get("X-Model-Variant") == "stable"
+
+
+async def _grpc_call(world: World, port: int, rpc: str, request: Any, token: str) -> tuple[str, str]:
+    """One unary call on the gRPC front: (status code name, details); recorded for the invariants."""
+    async with _from_own_address(world, port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = getattr(stub, rpc)(request, metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+        try:
+            await call
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+        trailers = await call.trailing_metadata()
+    rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+    world.ledger.responses.append(("GRPC", rpc, Response(404 if code == grpc.StatusCode.NOT_FOUND else 599,
+                                                         {"X-Request-ID": rid}, details.encode())))
+    return code.name, details
+
+
+@pytest.mark.parametrize("rpc", ["ModelMetadata", "ModelReady", "ModelInfer"])
+async def test_authz_01_hidden_models_answer_alike_grpc(world: World, tokens: Tokens, grpc_port: int,
+                                                        rpc: str) -> None:
+    """The same over gRPC, where no URL normalisation happens: a name with '/' or '..', an
+    over-long name or a fullwidth lookalike used to answer "not found" where an unknown,
+    foreign or hidden model answers "not found: unknown model or version"."""
+    names = ["no_such_model", "beta_fraud", "scorer", LONG_NAME, "pub_clf/../beta_fraud", "../pub_clf",
+             "\uff50ub_clf", "pub_clf\x00"]
+    answers = {}
+    for i, name in enumerate(names):
+        if rpc == "ModelInfer":
+            request = _grpc_request(model=name)
+        elif rpc == "ModelMetadata":
+            request = service_pb2.ModelMetadataRequest(name=name)
+        else:
+            request = service_pb2.ModelReadyRequest(name=name)
+        answers[name] = await _grpc_call(world, grpc_port, rpc, request, tokens.u1(sub=tokens.sub(f"g{i}")))
+    assert set(answers.values()) == {("NOT_FOUND", "not found: unknown model or version")}, answers
+    assert world.upstream_calls() == 0

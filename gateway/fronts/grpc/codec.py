@@ -66,6 +66,7 @@ from gateway.kserve import (
     RequestedOutput,
     Tensor,
 )
+from gateway.stages.model_exposure import UNKNOWN_MODEL
 
 __all__ = [
     "CodecLimits",
@@ -101,9 +102,9 @@ def check_model_ref(name: str, version: str) -> None:
     an odd name reveals nothing (and never reaches a log or the upstream).
     """
     if not MODEL_NAME.fullmatch(name):
-        raise NotFound(reason="model_name_invalid")
+        raise NotFound(UNKNOWN_MODEL, reason="model_name_invalid")
     if version and not MODEL_VERSION.fullmatch(version):
-        raise NotFound(reason="model_version_invalid")
+        raise NotFound(UNKNOWN_MODEL, reason="model_version_invalid")
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from gateway.context import Action
 from gateway.errors import MalformedRequest, MethodNotAllowed, NotFound
+from gateway.stages.model_exposure import UNKNOWN_MODEL
 
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9_.\-/]{0,1023}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
@@ -68,15 +69,17 @@ def _model_route(segments: list[str]) -> Route | None:
     if len(segments) < 3 or segments[0] != "v2" or segments[1] != "models":
         return None
     model = segments[2]
+    # SECURITY: the same text as an unknown, foreign or hidden model (non-enumeration: a
+    # name's spelling must not tell it apart by body or Content-Length).
     if not _NAME.fullmatch(model):
-        raise NotFound(reason="model_name_invalid")
+        raise NotFound(UNKNOWN_MODEL, reason="model_name_invalid")
     rest = segments[3:]
     version = ""
     template = "/v2/models/{model}"
     if len(rest) >= 2 and rest[0] == "versions":
         version = rest[1]
         if not _VERSION.fullmatch(version):
-            raise NotFound(reason="model_version_invalid")
+            raise NotFound(UNKNOWN_MODEL, reason="model_version_invalid")
         rest = rest[2:]
         template += "/versions/{version}"
     if not rest:

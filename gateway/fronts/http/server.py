@@ -235,8 +235,13 @@ class HttpFront:
         remaining = ctx.notes.get(NOTE_REMAINING)
         if remaining is not None:
             response.headers[HEADER_REMAINING] = str(remaining)
-        response.headers.update(variant_headers(ctx))
         if response.status < 400:
+            # SECURITY: the flag stage routes before exposure and authorization decide, so a
+            # refused call already carries the variant of a model the caller may not see.
+            # Sent on an error, the header would tell "exists and is flagged" from "unknown"
+            # (non-enumeration: every 404 must be byte-identical). Errors name no variant;
+            # the audit record keeps it.
+            response.headers.update(variant_headers(ctx))
             response.headers.update(limit_headers(ctx))
         self.metrics.child(self.metrics.requests, route.template, str(response.status)).inc()
         return response

@@ -216,7 +216,10 @@ class TestAuthorizationMetadata:
 
     async def test_invalid_model_name_looks_unknown(self, gw: Gateway) -> None:
         exc = await refused(gw.stub.ModelInfer(digits_request(model_name="../risk"), metadata=gw.auth("bad-name")))
-        assert (exc.code(), exc.details()) == (grpc.StatusCode.NOT_FOUND, "not found")
+        unknown = await refused(gw.stub.ModelInfer(digits_request(model_name="no_such"), metadata=gw.auth("unk")))
+        # Byte for byte the unknown model's answer (it used to be a shorter "not found").
+        assert (exc.code(), exc.details()) == (unknown.code(), unknown.details())
+        assert exc.details() == "not found: unknown model or version"
         record = gw.record("bad-name")
         assert (record["route"], record["reason"], record["model"]) == ("unmatched", "model_name_invalid", None)
 
