@@ -35,6 +35,15 @@ def check_request(req: InferRequest, meta: ModelMetadata) -> None:
             if want >= 0 and dim != want:
                 raise InputRejected(f"input '{spec.name}' dimension {axis} must be {want}",
                                     reason="input_wrong_shape")
+            if dim == 0:
+                # SECURITY: an empty tensor is no query. The codecs decode it (a model-free
+                # parser has no reason to refuse it), but forwarded it reaches backends that
+                # answer it differently (an empty result, an error, a crash), bypasses
+                # every per-row detector and is charged nothing by per-row DP accounting.
+                # IN-04 refuses shape [0]; this is the same for any zero dimension, on
+                # both fronts, variable dimension or not.
+                raise InputRejected(f"input '{spec.name}' dimension {axis} must be at least 1 "
+                                    "(empty tensors are not accepted)", reason="input_wrong_shape")
         if meta.max_batch_size > 0 and tensor.shape and tensor.shape[0] > meta.max_batch_size:
             raise InputRejected(f"input '{spec.name}' batch size exceeds {meta.max_batch_size}",
                                 reason="input_batch_too_large")

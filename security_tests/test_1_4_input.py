@@ -242,3 +242,35 @@ async def test_in_20_sanitizer(gw: Client, world: World, tokens: Tokens, variant
     # Positive control: a real digit passes.
     ok = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": DIGIT_ZERO}]}
     assert (await gw.infer("digits_clf", ok, token=tokens.u1())).status == 200
+
+
+# IN-04 variants: an empty tensor (any zero dimension) fits a model's variable dimension
+# ([0,4] for pub_clf's [-1,4], [0] for txt_echo's [-1]) and used to be forwarded (UP=1).
+EMPTY_TENSORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "batch_0_json": ("pub_clf", tensor([0, 4], data=[])),
+    "batch_0_nested": ("pub_clf", {"inputs": [{"name": "x", "shape": [0, 4], "datatype": "FP32", "data": [[]]}]}),
+    "bytes_0": ("txt_echo", {"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]}),
+    "dp_batch_0": ("tab_dp", {"inputs": [{"name": "x", "shape": [0, 20], "datatype": "FP32", "data": []}]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_TENSORS), ids=lambda c: f"IN-04_empty_{c}")
+async def test_in_04_empty_tensor_refused(gw: Client, world: World, tokens: Tokens, case: str) -> None:
+    model, body = EMPTY_TENSORS[case]
+    r = await gw.infer(model, body, token=tokens.u1())
+    assert r.status in (400, 422), (r.status, r.body[:200])
+    assert world.upstream_calls() == 0
+    assert [(a["decision"], a["reason"]) for a in world.audit_for(r)] in (
+        [("deny", "input_wrong_shape")], [("deny", "input_invalid_shape")])
+    # Positive control: one row is fine.
+    ok = tensor([1, 4]) if model == "pub_clf" else None
+    if ok is not None:
+        assert (await gw.infer(model, ok, token=tokens.u1())).status == 200
+
+
+async def test_in_04_empty_tensor_binary(gw: Client, world: World, tokens: Tokens) -> None:
+    head = json.dumps({"inputs": [{"name": "x", "shape": [0, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 0}}]})
+    status = await refused_raw(gw, world, tokens.u1(), head.encode(), ctype="application/octet-stream",
+                               extra={"Inference-Header-Content-Length": str(len(head))}, expect=(400, 422))
+    assert status == 422

@@ -597,6 +597,11 @@ REFUSALS: dict[str, tuple[str | None, Infer, str, int]] = {
                     "INVALID_ARGUMENT", 422),
     "wrong_datatype": ("analyst", Infer("digits", (("pixels", np.zeros((1, 64), np.float64), "FP64"),)),
                        "INVALID_ARGUMENT", 422),
+    # IN-04 variants: a zero dimension anywhere is an empty tensor, refused on both fronts.
+    "empty_batch": ("analyst", Infer("digits", (("pixels", np.zeros((0, 64), np.float32), "FP32"),)),
+                    "INVALID_ARGUMENT", 422),
+    "empty_text": ("analyst", Infer("text_echo", (("text", np.array([], dtype=np.object_), "BYTES"),)),
+                   "INVALID_ARGUMENT", 422),
     "unknown_model": ("analyst", Infer("nope", (("pixels", DIGIT, "FP32"),)), "NOT_FOUND", 404),
     "reserved_parameter": ("analyst", Infer("digits", (("pixels", DIGIT, "FP32"),), sequence_id=5),
                            "INVALID_ARGUMENT", 400),
