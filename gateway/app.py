@@ -28,7 +28,7 @@ from gateway.flags.shared import StateRollbackStore
 from gateway.fronts.client_addr import TrustedProxies
 from gateway.fronts.http.connection_cap import CappedRunner
 from gateway.fronts.http.protocol import GatewayRunner, set_server_header
-from gateway.fronts.http.server import HttpFront, no_automatic_continue
+from gateway.fronts.http.server import HttpFront, no_automatic_continue, route_everything
 from gateway.identity.registry import KeySourceRegistry
 from gateway.keyfiles import read_or_create
 from gateway.kserve import InferRequest, InferResponse
@@ -58,8 +58,12 @@ log = structlog.get_logger("gateway.app")
 
 SERVICE_KEY = web.AppKey("service", InferenceService)
 
-# Wire-level limits of the HTTP parser (request line, one header, header count).
-MAX_LINE_SIZE = 8190
+# Wire-level limits of the HTTP parser (request target, one header, header count). The
+# exact 8 KiB request-line and field-line limits are checked by the front
+# (fronts/http/protocol.py check_header_size); these parser caps only bound the buffering.
+# The two caps differ on purpose: aiohttp's LineTooLong names only the limit it hit, and
+# that is how a parser refusal tells a long target (414) from a long field (431).
+MAX_LINE_SIZE = 8192
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 100
 HEADER_TIMEOUT_S = 10.0
@@ -204,7 +208,9 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
     app[SERVICE_KEY] = service
     front = HttpFront(service)
     # Every path, even one holding CR/LF after decoding, reaches the front (routes.py decides).
-    app.router.add_route("*", "/{tail:(?s:.*)}", front.handle, expect_handler=no_automatic_continue)
+    route = app.router.add_route("*", "/{tail:(?s:.*)}", front.handle, expect_handler=no_automatic_continue)
+    # ... and every request target that is no path at all (CONNECT, OPTIONS *) too.
+    route_everything(app.router, route)
     app.on_response_prepare.append(set_server_header)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:

@@ -163,6 +163,33 @@ class HeadersTooLarge(GatewayError):
     default_reason = "http_headers_too_large"
 
 
+class UriTooLong(GatewayError):
+    """The request line is longer than the gateway accepts (RFC 9110 §15.5.15)."""
+
+    http_status = 414
+    grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+    public_message = "request line too long"
+    default_reason = "http_request_line_too_long"
+
+
+class NotImplementedByGateway(GatewayError):
+    """A method or transfer coding the gateway does not implement (RFC 9110 §15.6.2)."""
+
+    http_status = 501
+    grpc_code = GrpcCode.UNIMPLEMENTED
+    public_message = "not implemented"
+    default_reason = "http_not_implemented"
+
+
+class VersionNotSupported(GatewayError):
+    """An HTTP version other than 1.0 and 1.1 on the HTTP/1 port (RFC 9110 §15.6.6)."""
+
+    http_status = 505
+    grpc_code = GrpcCode.INVALID_ARGUMENT
+    public_message = "HTTP version not supported"
+    default_reason = "http_version"
+
+
 class UnsupportedMediaType(GatewayError):
     http_status = 415
     grpc_code = GrpcCode.INVALID_ARGUMENT

@@ -368,3 +368,131 @@ def _rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+# --- s7 outsider probe (notes/s7/proto-probes.md): framing, targets, versions, exact limits ---
+
+def _records_for(world: World, raw: bytes) -> list[dict[str, object]]:
+    """The audit records of the one answer in ``raw`` (by its X-Request-ID)."""
+    rid = re.search(rb"X-Request-ID: ([^\r]+)\r\n", raw)
+    assert rid is not None, "refusal carries no request id"
+    return [r for r in world.audit_records() if r.get("request_id") == rid.group(1).decode()]
+
+
+def _infer_bytes(token: str, headers: str = "", *, target: str = "/v2/models/pub_clf/infer",
+                 body: str = BODY) -> bytes:
+    return (f"POST {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\n{headers}Connection: close\r\n\r\n{body}").encode()
+
+
+@pytest.mark.parametrize("coding", ["identity, chunked", "gzip, chunked", "x-custom, chunked", "deflate,chunked"])
+async def test_http_02_transfer_codings_other_than_chunked_are_not_implemented(
+        gw: Client, world: World, tokens: Tokens, coding: str) -> None:
+    """HTTP-02 variant: the parser frames a TE list ending in ``chunked`` by chunks and drops
+    the codings before it (``gzip, chunked`` was read as a plain body and served). A proxy
+    in front may decode or frame otherwise: 501, one audit record, nothing upstream."""
+    chunked = f"{len(BODY):x}\r\n{BODY}\r\n0\r\n\r\n"
+    raw = await gw.raw(_infer_bytes(tokens.u1(), f"Transfer-Encoding: {coding}\r\n", body=chunked))
+    assert statuses(raw) == [501]
+    assert world.upstream_calls() == 0
+    assert [r.get("reason") for r in _records_for(world, raw)] == ["http_transfer_coding"]
+
+
+@pytest.mark.parametrize("coding", ["chunked", "CHUNKED", "  chunked  "])
+async def test_http_02_plain_chunked_still_served(gw: Client, world: World, tokens: Tokens, coding: str) -> None:
+    chunked = f"{len(BODY):x}\r\n{BODY}\r\n0\r\n\r\n"
+    raw = await gw.raw(_infer_bytes(tokens.u1(), f"Transfer-Encoding: {coding}\r\n", body=chunked))
+    assert statuses(raw) == [200]
+    assert world.upstream_calls() == 1
+
+
+def _request_line(length: int) -> str:
+    stub = "GET /v2/health/live? HTTP/1.1"
+    return "GET /v2/health/live?" + "q" * (length - len(stub)) + " HTTP/1.1"
+
+
+@pytest.mark.parametrize(("length", "status"), [(8192, 200), (8193, 414), (8200, 414), (8300, 414)])
+async def test_http_11_request_line_exact_limit(gw: Client, world: World, length: int, status: int) -> None:
+    """HTTP-11 boundary (§0.3: request line 8 KiB): 8,192 bytes served, one more is a 414
+    (aiohttp bounded only the target, so lines up to ~8.2 KiB got through, and a target
+    over its cap was answered 431)."""
+    raw = await gw.raw(f"{_request_line(length)}\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+    assert statuses(raw) == [status]
+    assert b"qqqqqqqqqq" not in raw
+
+
+async def test_http_11_request_line_limit_counts_the_method(gw: Client, world: World, tokens: Tokens) -> None:
+    target = "/v2/models/pub_clf/infer?" + "q" * (8192 - len("POST /v2/models/pub_clf/infer? HTTP/1.1") + 1)
+    raw = await gw.raw(_infer_bytes(tokens.u1(), f"Content-Length: {len(BODY)}\r\n", target=target))
+    assert statuses(raw) == [414]
+    assert world.upstream_calls() == 0
+    assert [r.get("reason") for r in _records_for(world, raw)] == ["http_request_line_too_long"]
+
+
+@pytest.mark.parametrize(("length", "status"), [(8192, 200), (8193, 431)])
+async def test_http_11_field_line_exact_limit(gw: Client, world: World, tokens: Tokens, length: int,
+                                              status: int) -> None:
+    """HTTP-11 boundary (§0.3: 8 KiB per field): ``name: value`` of 8,192 bytes served, 8,193
+    refused (aiohttp counted the value alone against 8,190)."""
+    field = "X-Big: " + "v" * (length - len("X-Big: "))
+    raw = await gw.raw(_infer_bytes(tokens.u1(), f"{field}\r\nContent-Length: {len(BODY)}\r\n"))
+    assert statuses(raw) == [status]
+    assert world.upstream_calls() == (1 if status == 200 else 0)
+    assert b"vvvvvvvvvv" not in raw
+
+
+@pytest.mark.parametrize(("fields", "status"), [(100, 200), (101, 431)])
+async def test_http_11_header_count_exact_limit(gw: Client, world: World, tokens: Tokens, fields: int,
+                                                status: int) -> None:
+    # Host, Authorization, Content-Type, Connection, Content-Length + the fillers.
+    filler = "".join(f"X-F{i}: v\r\n" for i in range(fields - 5))
+    raw = await gw.raw(_infer_bytes(tokens.u1(), f"{filler}Content-Length: {len(BODY)}\r\n"))
+    assert statuses(raw) == [status]
+    assert world.upstream_calls() == (1 if status == 200 else 0)
+
+
+@pytest.mark.parametrize(("line", "status", "reason"), [
+    ("CONNECT gw:80 HTTP/1.1", 501, "method_not_implemented"),
+    ("CONNECT /v2/models/pub_clf/infer HTTP/1.1", 501, "method_not_implemented"),
+    ("OPTIONS * HTTP/1.1", 400, "path_invalid"),
+], ids=["connect_authority", "connect_path", "options_asterisk"])
+async def test_http_08_non_origin_targets_reach_the_front(gw: Client, world: World, tokens: Tokens, line: str,
+                                                          status: int, reason: str) -> None:
+    """Authority- and asterisk-form targets never matched the router: aiohttp answered a
+    bare 404 (no request id, no audit) and sent ``100 Continue`` to an Expect it had not
+    checked. Now: the front refuses them, once, recorded, and invites no body."""
+    raw = await gw.raw((f"{line}\r\nHost: gw\r\nAuthorization: Bearer {tokens.u1()}\r\nExpect: 100-continue\r\n"
+                        "Content-Length: 10\r\nConnection: close\r\n\r\n").encode())
+    assert b"100 Continue" not in raw
+    assert statuses(raw) == [status]
+    assert [r.get("reason") for r in _records_for(world, raw)] == [reason]
+    assert world.upstream_calls() == 0
+
+
+@pytest.mark.parametrize("data", [b"GET /v2/health/live\r\n\r\n", b"POST /v2/models/pub_clf/infer\r\n\r\n"],
+                         ids=["health", "infer"])
+async def test_http_15_simple_request_without_version(gw: Client, world: World, data: bytes) -> None:
+    """HTTP-15 variant: a request line without a version (HTTP/0.9) was served, answered
+    as ``HTTP/0.9 200``. Now a 505, in a status line HTTP/1 clients can read, and closed."""
+    raw = await gw.raw(data)
+    assert raw.startswith(b"HTTP/1.0 505 ")
+    assert statuses(raw) == [505]
+    assert [r.get("reason") for r in _records_for(world, raw)] == ["http_version"]
+    assert world.upstream_calls() == 0
+
+
+@pytest.mark.parametrize("upgrade", ["Connection: Upgrade\r\nUpgrade: foo\r\n",
+                                     "Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n",
+                                     "Upgrade: h2c\r\n"], ids=["foo", "websocket", "h2c_no_connection"])
+async def test_http_14_upgrade_request_ends_the_connection(gw: Client, world: World, tokens: Tokens,
+                                                           upgrade: str) -> None:
+    """No upgrade is honoured, but aiohttp stops parsing HTTP after a request asking for
+    one: a request pipelined behind it was swallowed, the connection left open. The
+    upgrade request is served once and the connection closed; the rest never runs."""
+    first = (f"POST /v2/models/pub_clf/infer HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {tokens.u1()}\r\n"
+             f"Content-Type: application/json\r\n{upgrade}Content-Length: {len(BODY)}\r\n\r\n{BODY}")
+    second = "GET /v2/repository/index HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    raw = await gw.raw((first + second).encode(), timeout_s=30.0)
+    assert statuses(raw) == [200]
+    assert b"Connection: close" in head_block(raw)
+    assert world.upstream_calls() == 1

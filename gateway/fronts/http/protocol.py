@@ -23,7 +23,14 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from gateway.errors import HeadersTooLarge, MalformedRequest, MisdirectedRequest
+from gateway.errors import (
+    HeadersTooLarge,
+    MalformedRequest,
+    MisdirectedRequest,
+    NotImplementedByGateway,
+    UriTooLong,
+    VersionNotSupported,
+)
 
 log = structlog.get_logger("gateway.http.parser")
 
@@ -99,7 +106,10 @@ class QuietRequestHandler(RequestHandler):
             text = str(exc.message)
             if isinstance(exc, LineTooLong):
                 # SECURITY: size refusals carry their own status; the text is never echoed.
-                status = 414 if "status line" in text.lower() else 431
+                # The C parser says only which limit it hit: the request-target cap
+                # (max_line_size, kept different from max_field_size in app.py) is a 414.
+                limit = exc.args[1] if len(exc.args) > 1 else None
+                status = 414 if limit == self.max_line_size or "status line" in text.lower() else 431
             elif "too many headers" in text.lower():
                 status = 431
             log.info("http_parse_refused", status=status, error=type(exc).__name__)
@@ -150,16 +160,30 @@ _HOST_RE = re.compile(rf"(?P<name>{_LABEL}(?:\.{_LABEL})*\.?|\[(?P<ip6>[0-9A-Fa-
 # CATALOGUE §0.3: 8 KiB per field (aiohttp's max_field_size), 100 fields (max_headers) and
 # 32 KiB for the whole header section, which aiohttp does not bound by itself.
 MAX_HEADER_BYTES = 32 * 1024
+# CATALOGUE §0.3: request line 8 KiB and 8 KiB per field line, both without the CRLF.
+# aiohttp bounds only the request target and the field value (max_line_size and
+# max_field_size, about 8 KiB each), so a line made of a long method or name plus a target or
+# value just under its cap got through at up to ~8.2 KiB; the exact limits are here.
+MAX_REQUEST_LINE_BYTES = 8 * 1024
+MAX_FIELD_LINE_BYTES = 8 * 1024
 
 
 def check_header_size(request: web.BaseRequest) -> None:
-    """431 when the header section (names, values, ``: `` and CRLF) passes MAX_HEADER_BYTES.
+    """414 for a request line over MAX_REQUEST_LINE_BYTES; 431 for one field line over
+    MAX_FIELD_LINE_BYTES or a header section (names, values, ``: `` and CRLF) over
+    MAX_HEADER_BYTES.
 
     # SECURITY (HTTP-11): each field under the per-field cap, 100 of them still make
     # 800 KiB per request; nothing of the request is looked at beyond this point.
     """
+    # raw_path is the request target as sent (origin-, absolute- or authority-form).
+    line = len(request.method) + 1 + len(request.raw_path.encode("utf-8", "surrogateescape")) + len(" HTTP/1.1")
+    if line > MAX_REQUEST_LINE_BYTES:
+        raise UriTooLong(f"request line longer than {MAX_REQUEST_LINE_BYTES} bytes")
     total = 0
     for name, value in request.raw_headers:
+        if len(name) + len(value) + 2 > MAX_FIELD_LINE_BYTES:
+            raise HeadersTooLarge(f"a header field larger than {MAX_FIELD_LINE_BYTES} bytes")
         total += len(name) + len(value) + 4
         if total > MAX_HEADER_BYTES:
             raise HeadersTooLarge(f"header section larger than {MAX_HEADER_BYTES} bytes")
@@ -219,3 +243,38 @@ def check_framing(request: web.Request) -> None:
     """
     if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
         raise MalformedRequest("Transfer-Encoding on HTTP/1.0", reason="http_framing")
+    codings = request.headers.getall("Transfer-Encoding", [])
+    if len(codings) > 1:
+        raise MalformedRequest("more than one Transfer-Encoding header", reason="http_framing")
+    if codings and codings[0].strip(" \t").lower() != "chunked":
+        # SECURITY (HTTP-02): the parser frames any list ending in "chunked" by chunks and
+        # ignores the codings before it: "gzip, chunked" was read as a plain body and
+        # "identity, chunked" served, where a proxy in front may decode or frame otherwise.
+        # The only transfer coding implemented is chunked alone (RFC 9112 §6.1: 501).
+        raise NotImplementedByGateway("only Transfer-Encoding: chunked is supported",
+                                      reason="http_transfer_coding")
+
+
+def check_version(request: web.BaseRequest) -> None:
+    """505 for anything but HTTP/1.0 and HTTP/1.1 that the parser let through.
+
+    # SECURITY (HTTP-15): a request line without a version (HTTP/0.9 "simple request")
+    # was answered as ``HTTP/0.9 200``; a version the gateway does not speak is refused,
+    # never guessed at.
+    """
+    if tuple(request.version) not in {(1, 0), (1, 1)}:
+        raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 on this port")
+
+
+def check_target(request: web.BaseRequest) -> None:
+    """501 for CONNECT, 400 for a request target that is not origin-form.
+
+    # SECURITY (HTTP-08): authority-form (``CONNECT gw:80``) and asterisk-form
+    # (``OPTIONS *``) targets never matched the router's one route, so aiohttp answered
+    # them itself: no request id, no audit record. The gateway is not a proxy (no CONNECT)
+    # and serves no server-wide OPTIONS; both are refused here, and recorded.
+    """
+    if request.method == "CONNECT":
+        raise NotImplementedByGateway("CONNECT is not supported", reason="method_not_implemented")
+    if not request.raw_path.startswith("/"):
+        raise MalformedRequest("the request target must be a path", reason="path_invalid")

@@ -12,10 +12,11 @@ import asyncio
 import functools
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion10, web
+from aiohttp.web_urldispatcher import AbstractRoute, UrlDispatcher, UrlMappingMatchInfo
 
 from gateway.context import Action, RequestContext, traceparent_for
 from gateway.errors import (
@@ -28,13 +29,21 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
     RequestTimeout,
+    VersionNotSupported,
 )
 from gateway.fronts.client_addr import client_address
 from gateway.fronts.decode_pool import PROCESS_DECODE_BYTES, DecodePool
 from gateway.fronts.http.body import check_content_type, read_body
 from gateway.fronts.http.codec import CodecLimits, decode_infer_request, encode_infer_response
 from gateway.fronts.http.openapi import openapi_bytes
-from gateway.fronts.http.protocol import check_framing, check_header_size, check_host, request_host
+from gateway.fronts.http.protocol import (
+    check_framing,
+    check_header_size,
+    check_host,
+    check_target,
+    check_version,
+    request_host,
+)
 from gateway.fronts.http.routes import Route, resolve
 from gateway.fronts.metrics_access import metrics_allowed
 from gateway.fronts.metrics_access import render as render_metrics
@@ -118,7 +127,9 @@ class HttpFront:
         self.metrics.in_flight.inc()
         try:
             try:
+                check_version(request)
                 check_header_size(request)
+                check_target(request)
                 check_framing(request)
                 host = request_host(request)
                 route = resolve(request.method, request.raw_path)
@@ -127,13 +138,26 @@ class HttpFront:
                     # Health probes and /metrics answer whatever host a kubelet or scraper names.
                     check_host(host, self.service.pin().policy.gateway.http.allowed_hosts)
             except GatewayError as exc:
+                if isinstance(exc, VersionNotSupported):
+                    # aiohttp writes the status line in the request's version (cached by
+                    # its reify): answer a version it does not speak as HTTP/1.0 instead
+                    # of "HTTP/0.9 505", and close the connection (no keep-alive in 1.0).
+                    request._cache["version"] = HttpVersion10
                 response = await self._refuse_early(request, exc, request_id, route_label, route)
+                if isinstance(exc, VersionNotSupported):
+                    response.force_close()
             else:
                 route_label = route.template
                 if not route.authenticated:
                     response = await self._open_route(request, route, request_id)
                 else:
                     response = await self._authenticated(request, route, request_id)
+            if "Upgrade" in request.headers:
+                # SECURITY: no protocol upgrade is ever honoured, but aiohttp's parser stops
+                # parsing HTTP after a request that asks for one: what follows on the
+                # connection (a pipelined request) would be swallowed unanswered, where a
+                # proxy in front counts on an answer. The connection ends with this answer.
+                response.force_close()
             answered = time.perf_counter()
             await self._deliver(request, response, route_label, request_id,
                                 audited=route is not None and route.authenticated)
@@ -327,6 +351,32 @@ class HttpFront:
         self.service.log_refusal(ctx, exc, route_label)
         self.metrics.requests.labels(route=route_label, code=str(response.status)).inc()
         return response
+
+
+class FallbackRouter(UrlDispatcher):
+    """A router whose every miss resolves to one fallback route (the front's catch-all).
+
+    # SECURITY (HTTP-08): the catch-all path route cannot match request targets that are
+    # not paths (``CONNECT gw:80``, ``OPTIONS *``); aiohttp then answered them itself (a
+    # bare 404: no request id, no log line, no audit record) after sending ``100 Continue``
+    # to an ``Expect`` it had not looked at. Resolved to the front, they are refused by it
+    # (fronts/http/protocol.py check_target), recorded, and no body is invited.
+    """
+
+    fallback: AbstractRoute | None = None
+
+    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
+        match = await super().resolve(request)
+        if match.http_exception is not None and self.fallback is not None:
+            return UrlMappingMatchInfo({}, self.fallback)
+        return match
+
+
+def route_everything(router: UrlDispatcher, route: AbstractRoute) -> None:
+    """Make ``router`` resolve every request it cannot match to ``route``."""
+    # Same object and state; only ``resolve`` differs (as GatewayRunner does for Server).
+    router.__class__ = FallbackRouter
+    cast(FallbackRouter, router).fallback = route
 
 
 async def no_automatic_continue(_request: web.Request) -> None:
