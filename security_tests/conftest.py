@@ -146,6 +146,17 @@ def internal_fault(ledger: CaseLedger) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _world_owns_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The world configures logging once for the session (DEBUG, through the production
+    redactor, into its own file). A case that runs the CLI in-process (``main([...])``)
+    would configure it again, onto pytest's captured stderr, closed after that case: every
+    later case's gateway then failed logging into a closed file (and loggers cached in that
+    window stay bound to it). The CLI's own output is still printed; only the global
+    logging setup is left to the world."""
+    monkeypatch.setattr("gateway.observability.logging.configure_logging", lambda *_a, **_k: None)
+
+
+@pytest.fixture(autouse=True)
 def invariants(request: pytest.FixtureRequest) -> Iterator[None]:
     if "world" not in request.fixturenames:
         yield
