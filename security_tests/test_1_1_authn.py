@@ -7,10 +7,13 @@ import json
 import os
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
+from tritonclient.grpc import service_pb2_grpc
 
 from security_tests.conftest import Tokens
 from security_tests.support.jwtforge import (
@@ -31,7 +34,8 @@ from security_tests.support.jwtforge import (
     rs256,
     rsa_jwk,
 )
-from security_tests.support.world import PUB_BODY, Client, World
+from security_tests.support.world import PUB_BODY, Client, Response, World
+from security_tests.test_1_2_authz import _from_own_address, _grpc_request
 
 INFER = "/v2/models/pub_clf/infer"
 
@@ -158,12 +162,16 @@ async def test_authn_11_expiry_boundary(gw: Client, world: World, tokens: Tokens
 
 
 @pytest.mark.parametrize(("claim", "literal"), [("exp", "NaN"), ("iat", "NaN"), ("nbf", "NaN"), ("exp", "Infinity"),
-                                                ("iat", "-Infinity")])
+                                                ("iat", "-Infinity"),
+                                                # session 7: integers no float holds (were a 500: OverflowError)
+                                                ("exp", "1" + "0" * 400), ("iat", "-1" + "0" * 400),
+                                                ("nbf", "1" + "0" * 400), ("exp", str(2**53 + 1))])
 async def test_authn_11_13_non_finite_numeric_dates(gw: Client, world: World, tokens: Tokens, claim: str,
                                                      literal: str) -> None:
     """AUTHN-11/13 variant: a signed token whose date is NaN or infinite (Python's JSON
     parser accepts both literals). NaN fails every comparison, so ``exp: NaN`` never
-    expired and ``iat: NaN`` slipped past the lifetime cap; the token must be refused."""
+    expired and ``iat: NaN`` slipped past the lifetime cap; the token must be refused.
+    So must a date beyond +-2**53 (I-JSON): a 400-digit integer crashed the float checks."""
     claims = world.tokens.claims(sub=tokens.sub("u1"))
     if claim == "iat":
         claims["exp"] = claims["iat"] + 10 * 365 * 86400  # refused as too long-lived unless iat is not a number
@@ -380,3 +388,212 @@ async def test_authn_25_key_rotation(gw: Client, world: World, tokens: Tokens) -
 
 
 _unused: tuple[Callable[..., Any], ...] = (SVC_ISSUER.__len__, ec_jwk)
+
+
+# ---------------------------------------------------------------------------------------
+# Session 7 outsider variants: one token, one meaning. Each case is a correctly signed
+# token (or a byte-for-byte re-spelling of one) that some parser reads differently.
+# ---------------------------------------------------------------------------------------
+
+_HEAD = {"alg": "RS256", "kid": "rs-1", "typ": "at+jwt"}
+
+
+def _signed_raw(world: World, header: bytes, payload: bytes) -> str:
+    """Sign exactly these header and payload bytes with rs-1 (``forge`` would re-serialise them)."""
+    signing_input = f"{b64u(header)}.{b64u(payload)}"
+    return f"{signing_input}.{b64u(rs256(world.keys.rs1)(signing_input.encode()))}"
+
+
+def _dup_variant(world: World, tokens: Tokens, variant: str) -> str:
+    claims = json.dumps(world.tokens.claims(sub=tokens.sub("u1")))
+    head = json.dumps(_HEAD)
+    header, payload = {
+        "header_alg_twice": ('{"alg":"none","alg":"RS256","kid":"rs-1","typ":"at+jwt"}', claims),
+        "header_kid_twice": ('{"alg":"RS256","kid":"zz","kid":"rs-1","typ":"at+jwt"}', claims),
+        "payload_sub_twice_last": (head, claims[:-1] + ', "sub": "ops"}'),
+        "payload_sub_twice_first": (head, '{"sub": "ops", ' + claims[1:]),
+        "payload_sub_twice_escaped": (head, '{"\\u0073ub": "ops", ' + claims[1:]),
+        "payload_iss_twice": (head, '{"iss": "https://evil.example", ' + claims[1:]),
+        "payload_tenant_twice": (head, claims[:-1] + ', "tenant": "beta"}'),
+    }[variant]
+    return tokens.remember(_signed_raw(world, header.encode(), payload.encode()))
+
+
+@pytest.mark.parametrize("variant", ["header_alg_twice", "header_kid_twice", "payload_sub_twice_last",
+                                     "payload_sub_twice_first", "payload_sub_twice_escaped", "payload_iss_twice",
+                                     "payload_tenant_twice"])
+async def test_authn_03_duplicate_members_refused(gw: Client, world: World, tokens: Tokens, variant: str) -> None:
+    """AUTHN-03 variant: a signed header or claims set naming a member twice ("alg", "sub",
+    "iss", "tenant"). Python reads the last, other stacks the first; RFC 7515 §5.2 lets a
+    recipient refuse, and one token must have one meaning: refused before any key lookup."""
+    r = await gw.infer("pub_clf", PUB_BODY, token=_dup_variant(world, tokens, variant))
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_malformed_token"
+
+
+@pytest.mark.parametrize("variant", ["bom_header", "bom_payload", "utf16_header", "utf16_payload", "utf32_payload",
+                                     "nan_in_header", "nan_in_other_claim", "infinity_in_other_claim"])
+async def test_authn_03_claims_must_be_utf8_json(gw: Client, world: World, tokens: Tokens, variant: str) -> None:
+    """AUTHN-03 variant: Python's ``json.loads(bytes)`` takes a UTF-8 BOM, UTF-16/32 text and
+    the NaN/Infinity literals; RFC 7519 §7.2 says UTF-8 JSON. Correctly signed, still refused."""
+    head = json.dumps(_HEAD).encode()
+    claims = json.dumps(world.tokens.claims(sub=tokens.sub("u1")))
+    header, payload = {
+        "bom_header": (b"\xef\xbb\xbf" + head, claims.encode()),
+        "bom_payload": (head, b"\xef\xbb\xbf" + claims.encode()),
+        "utf16_header": (json.dumps(_HEAD).encode("utf-16-le"), claims.encode()),
+        "utf16_payload": (head, claims.encode("utf-16-le")),
+        "utf32_payload": (head, claims.encode("utf-32")),
+        "nan_in_header": (head[:-1] + b', "x": NaN}', claims.encode()),
+        "nan_in_other_claim": (head, claims[:-1].encode() + b', "x": NaN}'),
+        "infinity_in_other_claim": (head, claims[:-1].encode() + b', "x": -Infinity}'),
+    }[variant]
+    token = tokens.remember(_signed_raw(world, header, payload))
+    r = await gw.infer("pub_clf", PUB_BODY, token=token)
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_malformed_token"
+
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _respell(token: str, variant: str) -> str:
+    """The same three byte strings, base64url-spelled another way (decodes to identical bytes)."""
+    head, payload, sig = token.split(".")
+    if variant == "sig_padded":
+        return f"{head}.{payload}.{sig}{'=' * (-len(sig) % 4)}"
+    if variant == "header_padded":
+        return f"{head}{'=' * (-len(head) % 4)}.{payload}.{sig}"
+    if variant == "sig_standard_alphabet":
+        return f"{head}.{payload}.{sig.replace('-', '+').replace('_', '/')}"
+    if variant == "sig_trailing_bits":
+        last = _B64URL.index(sig[-1])  # 256-byte RSA signature: the last character carries 4 unused bits
+        return f"{head}.{payload}.{sig[:-1]}{_B64URL[last ^ 0b0001]}"
+    if variant == "payload_junk_chars":
+        return f"{head}.{payload[:8]}****{payload[8:]}.{sig}"
+    raise AssertionError(variant)
+
+
+@pytest.mark.parametrize("variant", ["sig_padded", "header_padded", "sig_standard_alphabet", "sig_trailing_bits",
+                                     "payload_junk_chars"])
+async def test_authn_03_non_canonical_base64url(gw: Client, world: World, tokens: Tokens, variant: str) -> None:
+    """AUTHN-03 variant: RFC 7515 §2 base64url has no '=' padding, no '+'/'/' and no stray
+    bits. A lenient decoder gives every token many spellings of one signature (a different
+    string to hash, cache, log and deny-list); only the canonical spelling is accepted."""
+    good = ""
+    for _ in range(20):  # a token whose segments give the respelling something to change
+        good = tokens.u1()
+        head, _payload, sig = good.split(".")
+        if len(sig) % 4 and len(head) % 4 and ("-" in sig or "_" in sig):
+            break
+    bad = _respell(good, variant)
+    assert bad != good
+    if variant != "payload_junk_chars":  # the respelling decodes to the very same bytes
+        assert [base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)) for s in bad.rstrip("=").split(".")] == [
+            base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)) for s in good.split(".")]
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.remember(bad))
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_malformed_token"
+    assert (await gw.infer("pub_clf", PUB_BODY, token=good)).status == 200  # the canonical spelling passes
+
+
+@pytest.mark.parametrize("extra", [{"b64": False}, {"b64": True}, {"zip": "DEF"}, {"cty": "JWT"},
+                                   {"cty": "application/jwt"}, {"enc": "A256GCM"}, {"crit": []}])
+async def test_authn_17_header_members_that_change_meaning(gw: Client, world: World, tokens: Tokens,
+                                                          extra: dict[str, Any]) -> None:
+    """AUTHN-17 variant: ``b64`` (RFC 7797), ``zip``, ``enc`` and ``cty: JWT`` (nested token)
+    each change how the payload is to be read; the gateway implements none, so a signed token
+    carrying one is refused (never verified as if the member were absent)."""
+    token = tokens.u1(header=extra)
+    r = await gw.infer("pub_clf", PUB_BODY, token=token)
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_forbidden_header"
+
+
+async def test_authn_17_informational_header_members_pass(gw: Client, world: World, tokens: Tokens) -> None:
+    """Positive control: members real IdPs send (Azure AD's ``x5t``, ``x5t#S256``, ``nonce``) stay accepted."""
+    token = tokens.u1(header={"x5t": "abc", "x5t#S256": "def", "nonce": "n"})
+    assert (await gw.infer("pub_clf", PUB_BODY, token=token)).status == 200
+
+
+@pytest.mark.parametrize("kid", [None, ["rs-1"], {"id": "rs-1"}, 1, True])
+async def test_authn_06_kid_must_be_a_string(gw: Client, world: World, tokens: Tokens, kid: Any) -> None:
+    """AUTHN-06 variant: ``"kid": null`` is not "no kid" (which picks the issuer's only key),
+    and a list/object/number kid is not a key id: refused as malformed."""
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(header={"kid": kid}))
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_malformed_token"
+
+
+@pytest.mark.parametrize(("over", "reason"), [
+    ({"iat": -200, "nbf": -200, "exp": -30}, "authn_token_expired"),  # exactly at exp + leeway
+    ({"iat": -10, "nbf": -10, "exp": -10}, "authn_invalid_token"),  # expires as it is issued
+    ({"iat": 0, "nbf": 0, "exp": -5}, "authn_invalid_token"),  # expired before issued (within leeway)
+    ({"iat": -100, "nbf": 20, "exp": 10}, "authn_invalid_token"),  # valid from after it expires
+])
+async def test_authn_11_exact_boundary_and_inverted_dates(gw: Client, world: World, tokens: Tokens,
+                                                           over: dict[str, int], reason: str) -> None:
+    """AUTHN-11 variant: RFC 7519 §4.1.4: now must be *before* exp (+ leeway), so at exactly
+    exp + 30 s the token is expired; and a token that expires before it is issued or valid
+    is not one an IdP mints (the leeway must not make it valid)."""
+    world.frozen = now = float(int(world.clock()))
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(**{k: int(now) + v for k, v in over.items()}))
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == reason
+
+
+async def test_authn_11_last_second_before_the_boundary(gw: Client, world: World, tokens: Tokens) -> None:
+    """Positive control of the boundary above: one second earlier the token still passes."""
+    world.frozen = now = float(int(world.clock()))
+    token = tokens.u1(iat=int(now) - 200, nbf=int(now) - 200, exp=int(now) - 29)
+    assert (await gw.infer("pub_clf", PUB_BODY, token=token)).status == 200
+
+
+@pytest.fixture(scope="module")
+def grpc_port(world: World) -> Iterator[int]:
+    """The gRPC front on the world's gateway service, for this module's cases."""
+    from gateway.fronts.grpc.server import start_grpc_front
+
+    assert world.service is not None
+    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
+    yield running.port
+    world.loop.run(running.stop(0.5))
+
+
+async def _grpc_code(world: World, port: int, token: str) -> tuple[grpc.StatusCode, str]:
+    """One ModelInfer on the gRPC front with ``token``; its status code and request id."""
+    async with _from_own_address(world, port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelInfer(_grpc_request("pub_clf"), metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+        try:
+            await call
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        trailers = await call.trailing_metadata()
+    rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+    status = {grpc.StatusCode.OK: 200, grpc.StatusCode.UNAUTHENTICATED: 401}.get(code, 599)
+    world.ledger.responses.append(("GRPC", "/v2/models/pub_clf/infer", Response(status, {"X-Request-ID": rid}, b"")))
+    return code, rid
+
+
+@pytest.mark.parametrize("variant", ["header_alg_twice", "payload_sub_twice_last", "sig_padded", "zip_header"])
+async def test_authn_03_grpc_front_same_token_rules(world: World, tokens: Tokens, grpc_port: int,
+                                                   variant: str) -> None:
+    """The gRPC front shares the authenticator: the same one-token-one-meaning rules hold in
+    ``authorization`` metadata (duplicate members, padded base64url, a ``zip`` header)."""
+    if variant == "sig_padded":
+        good = tokens.u1()
+        token = tokens.remember(good + "=" * (-len(good.rsplit(".", 1)[1]) % 4 or 4))
+    elif variant == "zip_header":
+        token = tokens.u1(header={"zip": "DEF"})
+    else:
+        token = _dup_variant(world, tokens, variant)
+    code, rid = await _grpc_code(world, grpc_port, token)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert world.upstream_calls() == 0
+    recs = [r for r in world.audit_records() if r.get("request_id") == rid]
+    assert len(recs) == 1 and recs[0]["decision"] == "deny"
+    assert recs[0]["reason"] in ("authn_malformed_token", "authn_forbidden_header")
+    ok, _ = await _grpc_code(world, grpc_port, tokens.u1())
+    assert ok == grpc.StatusCode.OK  # control: a canonical token of the same principal passes

@@ -74,7 +74,12 @@ class JwksSide:
             f"      fetch_timeout_s: {fetch_timeout_s}\n      max_stale_s: {MAX_STALE_S}\n")
         assert self.url in text and f"max_stale_s: {MAX_STALE_S}" in text
         (self.gw.settings.policies / "identity.yaml").write_text(text)
-        assert self.world.loop.run(self.gw.service.store.reload("test")) is True
+        store = self.gw.service.store
+        # The policy watcher (1 s poll) may apply the edit first; then this reload is
+        # "unchanged" (False, no error). Either way the revision in force must be this one.
+        applied = self.world.loop.run(store.reload("test"))
+        assert applied or store.last_error is None, store.last_error
+        assert any(i.keys.jwks_url == self.url for i in store.current.policy.identity.issuers)
         self.gw.install_clock()
 
     def source(self) -> JwksKeySource:
@@ -297,3 +302,45 @@ async def test_authn_24_unknown_kid_flood_during_a_hang_is_cut(side: JwksSide, w
     assert (await side.client().infer("pub_clf", PUB_BODY, token=token(tokens, 1))).status == 200
     side.idp.mode = "ok"
     assert world.loop.run(source.refresh()) is True
+
+
+# ---------------------------------------------------------------------------------------
+# A key set written into policy (identity.yaml ``keys.jwks``) is held to the rules of a
+# fetched JWKS: no encryption keys, no private material, no two keys under one kid.
+# ---------------------------------------------------------------------------------------
+
+
+def _policy_jwks_problem(keys: list[dict[str, Any]]) -> str | None:
+    from gateway.policy.compile import _static_keys
+    from gateway.policy.schema import IssuerPolicy
+
+    cfg = IssuerPolicy.model_validate({"issuer": "https://idp.test/realms/static", "audiences": ["inference-gw"],
+                                       "algorithms": ["RS256"], "keys": {"jwks": {"keys": keys}}})
+    try:
+        _static_keys(cfg)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("variant", ["use_enc", "key_ops_sign_only", "key_ops_not_a_list", "duplicate_kid",
+                                     "two_without_kid", "private_prime", "kid_with_space"])
+def test_authn_25_policy_jwks_held_to_jwks_rules(variant: str) -> None:
+    """Brief variants "JWKS with duplicate kids, keys with use: enc or key_ops without
+    verify": the fetched source skips such keys; the same keys pasted into policy were
+    loaded (the last of two same-kid keys silently won). Now a policy error naming why."""
+    k1, k2 = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    a, b = rsa_jwk(k1, "rs-a"), rsa_jwk(k2, "rs-b")
+    variants: dict[str, list[dict[str, Any]]] = {
+        "use_enc": [{**a, "use": "enc"}],
+        "key_ops_sign_only": [{**a, "key_ops": ["sign"]}],
+        "key_ops_not_a_list": [{**a, "key_ops": "verify"}],
+        "duplicate_kid": [a, {**b, "kid": "rs-a"}],
+        "two_without_kid": [{k: v for k, v in a.items() if k != "kid"}, {k: v for k, v in b.items() if k != "kid"}],
+        "private_prime": [{**a, "p": "AQAB"}],
+        "kid_with_space": [{**a, "kid": "rs a"}],
+    }
+    problem = _policy_jwks_problem(variants[variant])
+    assert problem is not None and problem.startswith("keys.jwks")
+    # Positive control: the two keys as published (sig keys, distinct kids, key_ops verify) load.
+    assert _policy_jwks_problem([{**a, "use": "sig"}, {**b, "key_ops": ["verify"]}]) is None

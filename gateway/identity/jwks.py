@@ -60,6 +60,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from yarl import URL
 
 from gateway.errors import AuthenticationFailed, DependencyUnavailable
+from gateway.stages.authn import PRIVATE_JWK_MEMBERS, valid_kid
 
 log = structlog.get_logger("gateway.identity.jwks")
 
@@ -74,15 +75,13 @@ _ALG_FAMILY: Final[dict[str, tuple[str, str | None]]] = {
 }
 SUPPORTED_ALGORITHMS: Final = frozenset(_ALG_FAMILY)
 _CURVE_NAME: Final = {"P-256": "secp256r1", "P-384": "secp384r1"}
-# Members that only a private (or symmetric) JWK has (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
-_PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_PRIVATE_MEMBERS: Final = PRIVATE_JWK_MEMBERS
 # The only members passed on to the key parser: the public ones of each kty.
 _PUBLIC_MEMBERS: Final[dict[str, tuple[str, ...]]] = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}
 
 MIN_RSA_BITS: Final = 2048
 MAX_RSA_BITS: Final = 8192
 MAX_KEYS: Final = 100
-_KID_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")
 _MAX_AGE_RE: Final = re.compile(r"[0-9]{1,10}")
 _BACKOFF_DOUBLINGS_CAP: Final = 16
 
@@ -132,15 +131,6 @@ class _KeySet:
 
 def _fail(reason: str) -> AuthenticationFailed:
     return AuthenticationFailed("invalid token", reason=reason)
-
-
-def valid_kid(kid: object) -> bool:
-    """A ``kid`` we are willing to look up: 1-256 printable ASCII characters, no spaces.
-
-    # SECURITY: the kid is attacker input; it is only ever a dictionary key here, but a
-    # bounded charset keeps it harmless in logs and lets us refuse junk without a fetch.
-    """
-    return isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None
 
 
 def _check_url(url: str, *, allow_http: bool, what: str) -> URL:

@@ -23,7 +23,16 @@ from gateway.policy.loader import PolicyError, PolicyIssue, PolicySet
 from gateway.policy.schema import IssuerPolicy
 from gateway.secret_strength import text_secret_problem
 from gateway.stages.adversarial import AdversarialDetector, DetectorMetrics, Reinfer, build_adversarial_stage
-from gateway.stages.authn import ApiKey, JwtAuthenticator, KeyResolver, StaticKeys, TrustedIssuer, VerifyKey, key_fits
+from gateway.stages.authn import (
+    ApiKey,
+    JwtAuthenticator,
+    KeyResolver,
+    StaticKeys,
+    TrustedIssuer,
+    VerifyKey,
+    key_fits,
+    signing_jwk_problem,
+)
 from gateway.stages.authz import build_authorizer, compile_grants
 from gateway.stages.base import Mode
 from gateway.stages.dp_noise import build_dp_stage
@@ -43,6 +52,23 @@ KeySourceFactory = Callable[[IssuerPolicy], KeyResolver]
 T = TypeVar("T")
 
 
+def _check_static_jwk(jwk: object, seen: dict[str | None, VerifyKey]) -> None:
+    """Hold a JWK written into policy to the rules a fetched JWKS is held to.
+
+    # SECURITY: a key set pasted into identity.yaml may carry an IdP's encryption key, a
+    # private key or two keys under one kid as easily as a fetched one; here each is a
+    # policy error (an operator can fix it) rather than a skipped key.
+    """
+    problem = signing_jwk_problem(jwk)
+    if problem is not None:
+        raise ValueError(f"keys.jwks: a key cannot verify tokens ({problem}); only public signature keys belong here")
+    assert isinstance(jwk, dict)  # noqa: S101 - signing_jwk_problem checked it
+    kid = jwk.get("kid")
+    if kid in seen:
+        raise ValueError(f"keys.jwks: two keys share the kid {kid!r}" if kid is not None
+                         else "keys.jwks: more than one key without a kid")
+
+
 def _static_keys(cfg: IssuerPolicy) -> StaticKeys:
     keys: dict[str | None, VerifyKey] = {}
     source = cfg.keys
@@ -54,8 +80,7 @@ def _static_keys(cfg: IssuerPolicy) -> StaticKeys:
         if not isinstance(raw_keys, list) or not raw_keys:
             raise ValueError("keys.jwks must be a JWK set with a non-empty 'keys' list")
         for jwk in raw_keys:
-            if not isinstance(jwk, dict) or jwk.get("kty") == "oct" or "d" in jwk:
-                raise ValueError("keys.jwks may hold only public asymmetric keys")
+            _check_static_jwk(jwk, keys)
             parsed = jwt.PyJWK(jwk)
             keys[jwk.get("kid")] = parsed.key
     elif source.hs_secret_env is not None:

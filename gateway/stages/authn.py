@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -108,17 +109,103 @@ def api_key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _unverified_header(token: str) -> dict[str, Any]:
-    segment = token.split(".", 1)[0]
+_B64URL_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+_KID_RE = re.compile(r"[\x21-\x7e]{1,256}")
+# Members that only a private (or symmetric) JWK has (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
+PRIVATE_JWK_MEMBERS: frozenset[str] = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# SECURITY: header members the gateway does not implement and that change what the token
+# means: a key location or key named by the token (jku, x5u, jwk, x5c; RFC 8725 §3.10),
+# critical extensions (RFC 7515 §4.1.11), an unencoded payload (RFC 7797 ``b64``),
+# compression (``zip``), JWE (``enc``) and nested tokens (``cty``, RFC 7519 §5.2). Ignoring
+# any of them would verify something other than what the issuer (or attacker) meant.
+FORBIDDEN_HEADERS: frozenset[str] = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64", "zip", "enc", "cty"})
+
+
+def valid_kid(kid: object) -> bool:
+    """A ``kid`` we are willing to look up: 1-256 printable ASCII characters, no spaces.
+
+    # SECURITY: the kid is attacker input; it is only ever a dictionary key here, but a
+    # bounded charset keeps it harmless in logs and lets us refuse junk without a fetch.
+    """
+    return isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None
+
+
+def signing_jwk_problem(jwk: object) -> str | None:
+    """Why a JWK must not verify token signatures, or ``None`` if nothing forbids it.
+
+    One rule set for every key source (a fetched JWKS and one written into policy).
+    # SECURITY: a JWKS is public, so a symmetric key there is a leak or a trap (HS256 keyed
+    # with published material); private members mean the IdP leaked its key; an encryption
+    # key (``use``/``key_ops``, RFC 7517 §4.2-4.3) is not a signature key.
+    """
+    if not isinstance(jwk, dict):
+        return "not_an_object"
+    if jwk.get("kty") == "oct":
+        return "symmetric_key"
+    if any(member in jwk for member in PRIVATE_JWK_MEMBERS):
+        return "private_key_material"
+    if jwk.get("use", "sig") != "sig":
+        return "use"
+    if "key_ops" in jwk and not (isinstance(jwk["key_ops"], list) and "verify" in jwk["key_ops"]):
+        return "key_ops"
+    kid = jwk.get("kid")
+    if kid is not None and not valid_kid(kid):
+        return "kid"
+    return None
+
+
+def _b64url_segment(segment: str) -> bytes:
+    """Decode one compact-serialisation segment, refusing every non-canonical spelling.
+
+    # SECURITY: RFC 7515 §2 base64url has no padding, no ``+``/``/``, no whitespace and
+    # no stray bits: each token has exactly one spelling, so what we hash (the verified
+    # cache key), log and verify is the one string the issuer signed.
+    """
+    if _B64URL_SEGMENT.fullmatch(segment) is None or len(segment) % 4 == 1:
+        raise _fail("authn_malformed_token")
     try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error, RecursionError) as exc:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (ValueError, binascii.Error) as exc:
+        raise _fail("authn_malformed_token") from exc
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
+        raise _fail("authn_malformed_token")
+    return raw
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # SECURITY: a member given twice ("alg", "sub", "iss" ...) is read as the first by some
+    # parsers and the last by others (RFC 7515 §5.2 lets a recipient refuse it): refused.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError("duplicate member")
+        result[key] = value
+    return result
+
+
+def _no_constants(_name: str) -> Any:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+def _json_segment(segment: str) -> dict[str, Any]:
+    """A header or claims segment: canonical base64url of a UTF-8 JSON object (RFC 7519 §7.2).
+
+    # SECURITY: strict where Python's ``json.loads(bytes)`` is lenient: it would accept a
+    # UTF-8 BOM, UTF-16/32 text, duplicate members and the NaN/Infinity literals, each a
+    # way for one token to mean different things to different parsers.
+    """
+    raw = _b64url_segment(segment)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise _fail("authn_malformed_token")
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_members, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
         # SECURITY: a header of nested brackets ("[[[[...") makes json.loads recurse past the
         # interpreter's limit; that is a malformed token (401), not a 500.
         raise _fail("authn_malformed_token") from exc
-    if not isinstance(header, dict):
+    if not isinstance(doc, dict):
         raise _fail("authn_malformed_token")
-    return header
+    return doc
 
 
 def _media_type(typ: str) -> str:
@@ -134,9 +221,18 @@ def _media_type(typ: str) -> str:
     return lowered
 
 
+_MAX_NUMERIC_DATE = 2**53  # RFC 7493 (I-JSON) §2.2: the integers every JSON parser reads exactly
+
+
 def _finite_number(value: object) -> bool:
-    """An int or float (not a bool) that is neither NaN nor infinite."""
-    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+    """An int or float (not a bool), neither NaN nor infinite, within +-2**53.
+
+    # SECURITY: a signed ``"exp": 1000...0`` (400 digits) is a valid Python int that no float
+    # holds: ``math.isfinite`` and every float conversion raised OverflowError (a 500).
+    """
+    if type(value) is int:
+        return -_MAX_NUMERIC_DATE <= value <= _MAX_NUMERIC_DATE
+    return type(value) is float and math.isfinite(value) and abs(value) <= _MAX_NUMERIC_DATE
 
 
 def _fail(reason: str, detail: str = "invalid token") -> AuthenticationFailed:
@@ -200,17 +296,14 @@ class JwtAuthenticator(Stage):
 
     async def _verify(self, token: str, digest: bytes, now: float
                       ) -> tuple[Principal, float, Callable[[], bool] | None]:
-        if token.count(".") != 2:
+        segments = token.split(".")
+        if len(segments) != 3:
             raise _fail("authn_malformed_token")
-        header = _unverified_header(token)
-        # SECURITY: RFC 7515 §4.1.11: refuse critical extensions we do not understand, and
-        # never follow key locations named by the token (jku, x5u, jwk, x5c).
-        if any(h in header for h in ("crit", "jku", "x5u", "jwk", "x5c")):
+        header = _json_segment(segments[0])
+        if any(h in header for h in FORBIDDEN_HEADERS):
             raise _fail("authn_forbidden_header")
-        try:
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
-            raise _fail("authn_malformed_token") from exc
+        unverified = _json_segment(segments[1])
+        _b64url_segment(segments[2])
         iss = unverified.get("iss")
         issuer = self.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
@@ -226,7 +319,9 @@ class JwtAuthenticator(Stage):
         if not isinstance(alg, str) or alg not in issuer.algorithms:
             raise _fail("authn_alg_not_allowed")
         kid = header.get("kid")
-        if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
+        # SECURITY: a kid that is present must be a string (RFC 7515 §4.1.4); "kid": null is
+        # not the same as no kid (it would select the issuer's only key).
+        if "kid" in header and (not isinstance(kid, str) or len(kid) > 256):
             raise _fail("authn_malformed_token")
         key = await issuer.keys.get_key(kid, alg)
         try:
@@ -259,9 +354,15 @@ class JwtAuthenticator(Stage):
         assert isinstance(exp, int | float) and isinstance(iat, int | float)  # noqa: S101 - checked above
         assert isinstance(nbf, int | float)  # noqa: S101
         leeway = issuer.leeway_s
-        if now > exp + leeway:
+        # RFC 7519 §4.1.4: valid only while now is *before* exp (plus leeway); at exp + leeway
+        # the token has expired, as the verified-token cache (valid while now < until) agrees.
+        if now >= exp + leeway:
             raise _fail("authn_token_expired", "token expired")
         if now + leeway < nbf or now + leeway < iat or exp - iat > issuer.max_lifetime_s:
+            raise _fail("authn_invalid_token")
+        # SECURITY: a token that expires before it is issued or becomes valid is not one an
+        # issuer mints; it is refused rather than read as "valid within the leeway".
+        if exp <= iat or exp <= nbf:
             raise _fail("authn_invalid_token")
         sub = claims.get(issuer.subject_claim)
         tenant = claims.get(issuer.tenant_claim)
