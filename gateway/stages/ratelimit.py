@@ -11,7 +11,12 @@ all-or-nothing (:mod:`gateway.state.base`):
   period, so a batch of 64 costs 64 times a batch of 1.
 
 Nothing is refunded once charged: a request that reached the upstream counts even if its
-client went away before the answer. A refused request costs nothing.
+client went away before the answer. A refused request costs nothing: one refused by a
+cost limit (decided after decode) gets back the rate and quota units ``on_call`` took.
+
+Clock steps (NTP, a resumed VM) never lengthen a lockout or reopen a quota period: a GCRA
+state later than an empty bucket is lowered to one, and a quota never counts in a period
+earlier than the one it last counted in (:mod:`gateway.state.memory`, the Redis scripts).
 
 :class:`PreAuthLimiter` is the front's per-client-address limit, called before any token
 is looked at, so a token-guessing flood is refused for the price of one script call.
@@ -278,6 +283,8 @@ class CallNote:
     """
 
     leases: list[tuple[SharedState, Lease]] = field(default_factory=list)
+    # What ``on_call`` charged (rate and quota checks), given back if a cost limit refuses.
+    charged: list[tuple[SharedState, RateCheck | QuotaCheck]] = field(default_factory=list)
     tightest: tuple[int, float] | None = None  # (remaining, -reset) of ``best``
     best: LimitDecision | None = None
 
@@ -410,14 +417,17 @@ class _Enforcer:
     metrics: RateLimitMetrics
 
     async def decide(self, ctx: RequestContext | None, rules: Sequence[_Compiled],
-                     checks: Sequence[LimitCheck]) -> tuple[SharedState, Sequence[_Compiled], list[LimitDecision]]:
+                     checks: Sequence[LimitCheck]) -> tuple[SharedState, Sequence[_Compiled],
+                                                           Sequence[LimitCheck], list[LimitDecision]]:
+        """The store that decided, the rules and checks it decided, and its decisions."""
         try:
-            return self.state, rules, await self.state.run_limits(checks)
+            return self.state, rules, checks, await self.state.run_limits(checks)
         except StateUnavailable as exc:
             return await self._degraded(ctx, rules, checks, exc)
 
     async def _degraded(self, ctx: RequestContext | None, rules: Sequence[_Compiled], checks: Sequence[LimitCheck],
-                        exc: StateUnavailable) -> tuple[SharedState, Sequence[_Compiled], list[LimitDecision]]:
+                        exc: StateUnavailable) -> tuple[SharedState, Sequence[_Compiled],
+                                                        Sequence[LimitCheck], list[LimitDecision]]:
         if any(rule.fail_mode == "deny" for rule in rules):
             for rule in rules:
                 if rule.fail_mode == "deny":
@@ -433,9 +443,10 @@ class _Enforcer:
             ctx.note("rate_limit.failure_mode", "local" if local else "allowed")
         log.warning("ratelimit_backend_unavailable", kind=exc.kind, fallback="local" if local else "allow")
         if not local or self.local is None:
-            return self.state, [], []
+            return self.state, [], [], []
         kept = [rules[i] for i in local]
-        return self.local, kept, await self.local.run_limits([checks[i] for i in local])
+        kept_checks = [checks[i] for i in local]
+        return self.local, kept, kept_checks, await self.local.run_limits(kept_checks)
 
     def judge(self, rules: Sequence[_Compiled], decisions: Sequence[LimitDecision], *, local: bool) -> None:
         """Raise for the limit that refused (the longest wait wins); count outcomes."""
@@ -508,6 +519,7 @@ class RateLimiter(Stage):
                 cost = costs[rule.unit] = request_cost(req, rule.unit)
             if cost > rule.capacity:
                 self.enforcer.metrics.limit_decision(rule.name, "limited")
+                await _undo_call_charges(ctx)
                 # A request that can never fit is not told to retry: 413, not 429.
                 raise PayloadTooLarge(f"request of {cost} {rule.unit} exceeds the limit of {rule.capacity} "
                                       f"per request", reason="ratelimit_cost_too_large")
@@ -518,7 +530,11 @@ class RateLimiter(Stage):
                 checks.append(rule.check(key, cost))
         if checks:
             ctx.note("rate_limit.cost", costs)
-            await self._enforce(ctx, rules, checks)
+            try:
+                await self._enforce(ctx, rules, checks)
+            except (LimitExceeded, PayloadTooLarge):
+                await _undo_call_charges(ctx)
+                raise
         return req
 
     async def on_complete(self, ctx: RequestContext, error: GatewayError | None) -> None:
@@ -526,14 +542,16 @@ class RateLimiter(Stage):
         await finish_call(ctx)
 
     async def _enforce(self, ctx: RequestContext, rules: Sequence[_Compiled], checks: Sequence[LimitCheck]) -> None:
-        state, kept, decisions = await self.enforcer.decide(ctx, rules, checks)
+        state, kept, kept_checks, decisions = await self.enforcer.decide(ctx, rules, checks)
         self.enforcer.judge(kept, decisions, local=state is not self.enforcer.state)
         note = call_note(ctx)
-        for rule, decision in zip(kept, decisions, strict=True):
+        for rule, decision, check in zip(kept, decisions, kept_checks, strict=True):
             if decision.lease is not None:
                 note.leases.append((state, decision.lease))
             elif rule.kind != "concurrency":
                 note.offer(decision)
+                if rule.kind in ("rate", "quota") and isinstance(check, RateCheck | QuotaCheck):
+                    note.charged.append((state, check))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -559,7 +577,7 @@ class PreAuthLimiter:
             check = RateCheck(StateKey(f"a:{bucket}", "rl.pre_auth", (bucket,)), self.rule.amount,
                               self.rule.period_s, self.rule.capacity)
             _remember(self._checks, client_addr, check)
-        state, rules, decisions = await self.enforcer.decide(ctx, (self.rule,), (check,))
+        state, rules, _checks, decisions = await self.enforcer.decide(ctx, (self.rule,), (check,))
         self.enforcer.judge(rules, decisions, local=state is not self.enforcer.state)
 
 
@@ -578,6 +596,29 @@ def call_note(ctx: RequestContext) -> CallNote:
         note = CallNote()
         ctx.notes[NOTE_KEY] = note
     return note
+
+
+async def _undo_call_charges(ctx: RequestContext) -> None:
+    """Give back the rate and quota units ``on_call`` charged a call a cost limit refused.
+
+    # SECURITY (availability): the call limits are decided before the body is read (a flood
+    # of undecodable bodies is refused cheaply), the cost limits after. Without the undo,
+    # a client retrying a too-large batch while its cost limit refills would spend its
+    # request rate and daily quota on 429s: a refused call is charged nothing.
+    Best effort: if the store is down the charge stands (fail closed, never a credit).
+    """
+    note = ctx.notes.get(NOTE_KEY)
+    if not isinstance(note, CallNote) or not note.charged:
+        return
+    held, note.charged = note.charged, []
+    by_state: dict[int, tuple[SharedState, list[RateCheck | QuotaCheck]]] = {}
+    for state, check in held:
+        by_state.setdefault(id(state), (state, []))[1].append(check)
+    for state, checks in by_state.values():
+        try:
+            await state.undo_limits(checks)
+        except StateUnavailable as exc:
+            log.warning("ratelimit_undo_failed", kind=exc.kind, checks=len(checks))
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:

@@ -236,6 +236,15 @@ class SharedState(Protocol):
         """Decide all ``checks`` at once, all-or-nothing; decisions in the same order."""
         ...
 
+    async def undo_limits(self, checks: Sequence[RateCheck | QuotaCheck]) -> None:
+        """Give back what an allowed :meth:`run_limits` charged for these rate/quota checks.
+
+        For a call a later limit refused (its cost, known only once the body is decoded):
+        a refused call is charged nothing. Best effort: a quota period that has ended is
+        left alone, and a GCRA bucket never goes below empty.
+        """
+        ...
+
     async def acquire(self, check: ConcurrencyCheck) -> LimitDecision:
         """One concurrency slot; ``decision.lease`` is set when allowed."""
         ...

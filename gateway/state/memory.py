@@ -124,6 +124,22 @@ class MemoryState:
             self._put(plan.key, plan.value, plan.expires_at)
         return decisions
 
+    async def undo_limits(self, checks: Sequence[RateCheck | QuotaCheck]) -> None:
+        now = self._now()
+        for check in checks:
+            entry = self._get(check.key, now)
+            if entry is None:
+                continue
+            if isinstance(check, RateCheck) and isinstance(entry.value, int):
+                tat = math.ceil(entry.value - check.cost * rate_params(check)[0])
+                if tat <= now:
+                    self._entries.pop(check.key, None)
+                else:
+                    self._put(check.key, tat, tat)
+            elif (isinstance(check, QuotaCheck) and isinstance(entry.value, _Quota)
+                  and entry.value.period == now // (check.period_s * 1_000_000)):
+                entry.value.count = max(0, entry.value.count - check.cost)
+
     async def acquire(self, check: ConcurrencyCheck) -> LimitDecision:
         return (await self.run_limits([check]))[0]
 
@@ -137,7 +153,16 @@ class MemoryState:
     def _decide(self, check: LimitCheck, now: int) -> tuple[LimitDecision, _Plan | None]:
         entry = self._get(check.key, now)
         if isinstance(check, RateCheck):
-            return self._gcra(check, now, self._typed(entry, int, "limits"))
+            tat = self._typed(entry, int, "limits")
+            full = now + math.floor(rate_params(check)[1])
+            if tat is not None and tat > full:
+                # SECURITY: no TAT is legitimately later than now + tolerance (an empty
+                # bucket); one that is was written before the clock stepped back. Lowered to
+                # an empty bucket and kept (even if this call is refused), such a step costs a
+                # caller at most one bucket's refill, not a lockout the size of the step.
+                tat = full
+                self._put(check.key, tat, tat)
+            return self._gcra(check, now, tat)
         if isinstance(check, QuotaCheck):
             return self._quota(check, now, self._typed(entry, _Quota, "limits"))
         return self._concurrency(check, now, self._typed(entry, dict, "limits"))
@@ -162,6 +187,10 @@ class MemoryState:
     def _quota(check: QuotaCheck, now: int, stored: _Quota | None) -> tuple[LimitDecision, _Plan | None]:
         period_us = check.period_s * 1_000_000
         period = now // period_us
+        if stored is not None and stored.period > period:
+            # SECURITY: the clock stepped back over a period boundary: keep counting in the
+            # later period rather than reopening an earlier one with a fresh quota.
+            period = stored.period
         end = (period + 1) * period_us
         count = stored.count if stored is not None and stored.period == period else 0
         if count + check.cost <= check.limit:

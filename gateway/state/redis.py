@@ -178,6 +178,12 @@ for i = 1, n do
     local cost, burst = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
     local tat = tonumber(redis.call('GET', key)) or now
     if tat < now then tat = now end
+    -- a TAT beyond an empty bucket was written before the clock stepped back: lower it
+    -- to an empty bucket and keep that even if this call is refused (never a longer lockout)
+    if tat > now + tolerance then
+      tat = math.floor(now + tolerance)
+      redis.call('SET', key, fmt(tat), 'PX', ms(tat - now))
+    end
     local new_tat = tat + cost * interval
     if new_tat - tolerance <= now then
       local keep = math.ceil(new_tat)
@@ -196,8 +202,10 @@ for i = 1, n do
     local limit, period_us = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
     local cost, grace = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
     local period = period_of(period_us)
-    local stop = (period + 1) * period_us
     local h = redis.call('HMGET', key, 'p', 'n')
+    -- the clock stepped back over a boundary: keep counting in the later period
+    if h[1] and tonumber(h[1]) > period then period = tonumber(h[1]) end
+    local stop = (period + 1) * period_us
     local count = 0
     if h[1] and tonumber(h[1]) == period then count = tonumber(h[2]) end
     out[o+2], out[o+4] = limit, stop - now
@@ -881,6 +889,15 @@ class RedisState:
         if failure is not None:
             raise failure
         return [replace(d, lease=None) if d.lease is not None else d for d in complete]
+
+    async def undo_limits(self, checks: Sequence[RateCheck | QuotaCheck]) -> None:
+        groups: dict[str, list[RateCheck | QuotaCheck]] = {}
+        for check in checks:
+            groups.setdefault(check.key.group, []).append(check)
+        if len(groups) > 1 and self._mode != "cluster":
+            groups = {"": list(checks)}
+        await asyncio.gather(*(self._limits_script("undo", "u", part, [None] * len(part))
+                               for part in groups.values()))
 
     async def _limits_script(self, op: str, mode: str, checks: Sequence[LimitCheck],
                              leases: Sequence[Lease | None]) -> Any:

@@ -535,3 +535,110 @@ class TestOnRedis:
         finally:
             await store.close()
             server.kill()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytestmark_redis)])
+async def stepped_store(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator[Any]:
+    """The same clock-step cases on both stores (Redis with the injected clock: its scripts
+    run on ``ARGV[1]``, the time the server's ``TIME`` would give after an NTP step)."""
+    if request.param == "memory":
+        yield MemoryState(clock=clock)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    store = RedisState.from_url(server.url, key_prefix=f"s{secrets.token_hex(4)}", clock=clock)
+    yield store
+    await store.close()
+
+
+class TestClockSteps:
+    """The wall clock (Redis ``TIME`` or the process's) can step: NTP corrections, a VM resumed."""
+
+    async def test_a_backward_step_does_not_extend_a_lockout(self, stepped_store: Any, clock: Clock) -> None:
+        """SECURITY/availability: the stored TAT is in the stepped-back clock's future; unclamped,
+        every caller with a live bucket waited the size of the step (an hour here)."""
+        stage = build_ratelimit_stage(policy([RATE]), stepped_store)
+        for _ in range(3):
+            assert await admitted(stage)
+        clock.advance(-3600)
+        with pytest.raises(LimitExceeded) as err:
+            await stage.on_call(ctx())
+        assert (err.value.retry_after_s or 0.0) <= 1.0  # one interval of a 1/s rate, not 3600 s
+        assert err.value.headers()["Retry-After"] == "1"
+        assert 0 <= int(err.value.headers()["RateLimit-Reset"]) <= 3
+        clock.advance(1.0)
+        assert await admitted(stage)
+        assert not await admitted(stage)  # and no extra burst from the step either
+
+    async def test_a_forward_step_refills_at_most_one_burst(self, stepped_store: Any, clock: Clock) -> None:
+        stage = build_ratelimit_stage(policy([RATE]), stepped_store)
+        for _ in range(3):
+            assert await admitted(stage)
+        clock.advance(3600)
+        assert [await admitted(stage) for _ in range(5)] == [True, True, True, False, False]
+
+    async def test_a_backward_step_over_midnight_does_not_reopen_the_day(self, stepped_store: Any,
+                                                                         clock: Clock) -> None:
+        """SECURITY: stepping back over a UTC boundary must not hand out the earlier day's
+        quota a second time (it counted as a fresh period before)."""
+        rule = {"name": "daily", "kind": "quota", "per": ["tenant"], "limit": 2, "period": "day"}
+        stage = build_ratelimit_stage(policy([rule]), stepped_store)
+        clock.t = T0 - 36_000 + 86_400 + 0.1  # 00:00:00.1 of the next day
+        assert await admitted(stage) and await admitted(stage)
+        assert not await admitted(stage)
+        clock.t -= 0.2  # 23:59:59.9 of the day before
+        with pytest.raises(LimitExceeded) as err:
+            await stage.on_call(ctx())
+        assert err.value.reason == "quota_exceeded"
+        assert int(err.value.headers()["Retry-After"]) >= 1
+        clock.t = T0 - 36_000 + 2 * 86_400  # the day after: a fresh quota
+        assert await admitted(stage)
+
+    async def test_quota_boundary_burst_is_at_most_one_period_each(self, stepped_store: Any, clock: Clock) -> None:
+        """The documented window is calendar (fixed): 23:59:59.9 and 00:00:00.1 are two days,
+        each at most ``limit``; never more than that in either day."""
+        rule = {"name": "daily", "kind": "quota", "per": ["tenant"], "limit": 3, "period": "day"}
+        stage = build_ratelimit_stage(policy([rule]), stepped_store)
+        clock.t = T0 - 36_000 + 86_400 - 0.1
+        before = [await admitted(stage) for _ in range(5)]
+        clock.t += 0.2
+        after = [await admitted(stage) for _ in range(5)]
+        assert before.count(True) == 3 and after.count(True) == 3
+
+
+class TestRefusedCallsCostNothing:
+    """A call a cost limit refuses (decided after decode) gives back its rate and quota units."""
+
+    QUOTA = {"name": "daily", "kind": "quota", "per": ["tenant"], "limit": 5, "period": "day"}
+    COST = {"name": "elements", "kind": "cost", "unit": "elements", "per": ["tenant"], "limit": 6400,
+            "period_s": 60}
+
+    async def call(self, stage: RateLimiter, rows: int = 64) -> str:
+        c = ctx()
+        try:
+            await stage.on_call(c)
+            await stage.on_request(c, batch(rows))
+        except (RateLimited, PayloadTooLarge) as exc:
+            return exc.reason
+        finally:
+            await finish_call(c)
+        return "ok"
+
+    async def test_cost_refusals_do_not_spend_the_quota_or_the_rate(self, stepped_store: Any, clock: Clock) -> None:
+        """SECURITY (availability): before, 4 cost-refused retries spent a daily quota of 5:
+        a client hammering while its cost limit refilled locked itself out for the day."""
+        stage = build_ratelimit_stage(policy([self.QUOTA, RATE, self.COST]), stepped_store)
+        assert await self.call(stage) == "ok"  # 4096 of 6400 elements, 1 of 5 calls, 1 of 3 burst
+        for _ in range(6):
+            assert await self.call(stage) == "cost_limit_exceeded"
+        clock.advance(60)  # the elements (and the request rate) refill; the day's quota does not
+        assert [await self.call(stage, rows=1) for _ in range(3)] == ["ok"] * 3
+        assert await self.call(stage, rows=1) == "ratelimit_exceeded"  # the burst of 3, undiminished
+        clock.advance(60)
+        assert await self.call(stage, rows=1) == "ok"  # call 5 of 5: 6 refusals cost nothing
+        assert await self.call(stage, rows=1) == "quota_exceeded"
+
+    async def test_a_request_that_can_never_fit_is_not_charged_either(self, stepped_store: Any) -> None:
+        stage = build_ratelimit_stage(policy([{**self.QUOTA, "limit": 2}, self.COST]), stepped_store)
+        for _ in range(4):
+            assert await self.call(stage, rows=128) == "ratelimit_cost_too_large"  # 413
+        assert [await self.call(stage, rows=1) for _ in range(3)] == ["ok", "ok", "quota_exceeded"]

@@ -42,6 +42,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, TypeVar
+from urllib.parse import unquote
 
 import grpc  # type: ignore[import-untyped, unused-ignore]
 import grpc.aio  # type: ignore[import-untyped, unused-ignore]
@@ -150,12 +151,18 @@ def bearer_from_metadata(metadata: Metadata) -> str | None:
 
 
 def _peer_address(peer: str | None) -> str:
-    """``ipv4:1.2.3.4:5``/``ipv6:[::1]:5`` -> the canonical address (as rate limits key it).
+    """``ipv4:1.2.3.4:5``/``ipv6:%5B::1%5D:5`` -> the canonical address (as rate limits key it).
 
     gRPC has no forwarding header the gateway trusts: the peer is the client.
+    gRPC core writes the peer as a URI, so an IPv6 peer's brackets (and a zone id's ``%``)
+    arrive percent-encoded (``ipv6:%5B::ffff:1.2.3.4%5D:5``); older versions sent them raw.
+
+    # SECURITY: read literally, every IPv6 peer (and every IPv4 client of a dual-stack
+    # ``[::]`` listener) became ``unknown``: one shared pre-auth bucket that any single
+    # client could exhaust for all the others.
     """
     if peer and peer.startswith(("ipv4:", "ipv6:")):
-        return client_address(peer.partition(":")[2])
+        return client_address(unquote(peer.partition(":")[2]))
     return client_address(None)
 
 

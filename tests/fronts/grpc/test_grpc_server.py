@@ -32,6 +32,7 @@ from gateway.fronts.grpc.server import (
     MAX_METADATA_BYTES,
     GrpcFront,
     RunningGrpcFront,
+    _peer_address,
     server_options,
     start_grpc_front,
 )
@@ -539,3 +540,45 @@ async def test_only_the_trace_context_goes_upstream(gw_fake: Gateway, fake: Fake
     assert "authorization" not in sent and "x-tenant" not in sent and "x-request-id" not in sent
     assert str(sent["traceparent"]).split("-")[1] == trace_id
     assert str(sent["traceparent"]).split("-")[2] != "00f067aa0ba902b7"  # a new span of the same trace
+
+
+# ---------------------------------------------------------------------------------------
+# Client address of a gRPC peer (the pre-auth limit's key)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("peer", "address"), [
+    ("ipv4:203.0.113.7:5000", "203.0.113.7"),
+    ("ipv6:%5B2001:db8::1%5D:5000", "2001:db8::1"),  # gRPC core's URI form
+    ("ipv6:[2001:db8::1]:5000", "2001:db8::1"),  # older gRPC: raw brackets
+    ("ipv6:%5B::ffff:203.0.113.7%5D:5000", "203.0.113.7"),  # an IPv4 client of a [::] listener
+    ("ipv6:%5Bfe80::1%25eth0%5D:5000", "fe80::1"),  # zone id, percent-encoded too
+    ("unix:/run/gw.sock", "unknown"),
+    ("ipv6:%5Bnot-an-address%5D:1", "unknown"),
+])
+def test_peer_address_reads_grpc_uri_peers(peer: str, address: str) -> None:
+    assert _peer_address(peer) == address
+
+
+async def test_ipv6_and_ipv4_peers_of_a_dual_stack_listener_have_their_own_buckets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SECURITY (RL-02, gRPC): gRPC writes IPv6 peers percent-encoded (``ipv6:%5B::1%5D:5``);
+    read literally, every IPv6 client and every IPv4 client of a ``[::]`` listener shared one
+    ``unknown`` pre-auth bucket, so one flooding client locked all the others out."""
+    counted = count_preauth_admits(monkeypatch)
+    settings = make_settings(tmp_path)
+    shutil.copy(POLICIES / "limits.yaml", settings.policies / "limits.yaml")  # a pre_auth limit
+    service = build_service(settings)
+    runner = runner_for(build_app(settings, service=service))
+    await runner.setup()
+    running = await start_grpc_front(service, "::", 0)
+    try:
+        for target in (f"ipv6:[::1]:{running.port}", f"127.0.0.1:{running.port}"):
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                exc = await refused(stub.ServerMetadata(service_pb2.ServerMetadataRequest()))
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await running.stop(1.0)
+        await runner.cleanup()
+    assert counted == ["::1", "127.0.0.1"]
