@@ -243,9 +243,12 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         from gateway.fronts.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, start_grpc_front
 
         assert settings.grpc_host is not None  # noqa: S101 - only appended when set
-        max_bytes = max(DEFAULT_MAX_MESSAGE_BYTES, service.store.current.policy.gateway.limits.max_body_bytes)
+        limits = service.store.current.policy.gateway.limits
+        max_bytes = max(DEFAULT_MAX_MESSAGE_BYTES, limits.max_body_bytes)
+        # SECURITY (AV-09): the HTTP listener's connection cap applies to this one too.
         running = await start_grpc_front(service, settings.grpc_host, settings.grpc_port, tls=settings.tls,
-                                         max_message_bytes=max_bytes, reuse_port=reuse_port)
+                                         max_message_bytes=max_bytes, reuse_port=reuse_port,
+                                         max_connections=limits.max_connections)
         log.info("grpc_front_started", port=running.port, tls=settings.tls is not None)
         yield
         await running.stop(grace_s=5.0)
