@@ -26,7 +26,7 @@ from gateway.drift.monitor import DriftMonitor
 from gateway.flags.rollback import RollbackTrip
 from gateway.flags.shared import StateRollbackStore
 from gateway.fronts.client_addr import TrustedProxies
-from gateway.fronts.http.connection_cap import CappedRunner
+from gateway.fronts.http.connection_cap import CappedRunner, GatedSite
 from gateway.fronts.http.protocol import GatewayRunner, set_server_header
 from gateway.fronts.http.server import HttpFront, no_automatic_continue, route_everything
 from gateway.identity.registry import KeySourceRegistry
@@ -252,9 +252,12 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         from gateway.fronts.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, start_grpc_front
 
         assert settings.grpc_host is not None  # noqa: S101 - only appended when set
-        max_bytes = max(DEFAULT_MAX_MESSAGE_BYTES, service.store.current.policy.gateway.limits.max_body_bytes)
+        limits = service.store.current.policy.gateway.limits
+        max_bytes = max(DEFAULT_MAX_MESSAGE_BYTES, limits.max_body_bytes)
+        # SECURITY (AV-09): the HTTP listener's connection cap applies to this one too.
         running = await start_grpc_front(service, settings.grpc_host, settings.grpc_port, tls=settings.tls,
-                                         max_message_bytes=max_bytes, reuse_port=reuse_port)
+                                         max_message_bytes=max_bytes, reuse_port=reuse_port,
+                                         max_connections=limits.max_connections)
         log.info("grpc_front_started", port=running.port, tls=settings.tls is not None)
         yield
         await running.stop(grace_s=5.0)
@@ -289,7 +292,10 @@ async def serve(settings: Settings, *, ready_message: str | None = None, reuse_p
     runner = runner_for(app)
     await runner.setup()
     ssl_context = server_ssl_context(settings.tls) if settings.tls is not None else None
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None, ssl_context=ssl_context)
+    # SECURITY (AV-09): TLS connections are counted against the cap before their handshake,
+    # which must finish within the header timeout (fronts/http/connection_cap.py).
+    site = GatedSite(runner, settings.host, settings.port, reuse_port=reuse_port or None, ssl_context=ssl_context,
+                     handshake_timeout_s=HEADER_TIMEOUT_S)
     await site.start()
     metrics_runner: web.AppRunner | None = None
     if settings.metrics_host is not None:

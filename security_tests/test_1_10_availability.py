@@ -100,6 +100,54 @@ async def test_av_13_metrics_cardinality(gw: Client, world: World, tokens: Token
     assert not re.search(rb'model="m[0-9a-f]{10}"', metrics)
 
 
+def _label_values(metrics: bytes) -> set[bytes]:
+    return {v for line in metrics.splitlines() if not line.startswith(b"#")
+            for v in re.findall(rb'\w+="([^"]*)"', line)}
+
+
+async def test_av_13_no_series_from_other_attacker_values(gw: Client, world: World, tokens: Tokens) -> None:
+    """AV-13 beyond model names: random paths, methods, Host headers, user agents, model
+    versions, signed tokens naming unknown tenants, unsigned tokens, content codings: none
+    of them becomes a label value; the label values seen are the gateway's own."""
+    from security_tests.support.jwtforge import forge
+
+    marks: list[str] = []
+    clients = [Client(world, world.next_addr()) for _ in range(16)]
+    for i in range(160):
+        m = f"zq{uuid.uuid4().hex[:10]}"
+        marks.append(m)
+        c = clients[i % 16]
+        kind = i % 8
+        ua = {"User-Agent": f"ua-{m}", "X-Forwarded-Host": m}
+        if kind == 0:
+            r = await c.request("GET", f"/{m}", headers={"Host": f"{m}.example", **ua})
+        elif kind == 1:
+            r = await c.request(m.upper(), "/v2/models/pub_clf/infer", headers={"Host": f"{m}.example", **ua})
+        elif kind == 2:
+            r = await c.infer("pub_clf", PUB_BODY, token=world.tokens.rs(sub=f"t{i}.{tokens.suffix}", tenant=m),
+                              headers=ua)
+        elif kind == 3:
+            unsigned = forge({"alg": "none", "typ": "at+jwt"}, {"sub": m, "tenant": m, "iss": m}, None)
+            r = await c.infer("pub_clf", PUB_BODY, token=unsigned, headers=ua)
+        elif kind == 4:
+            r = await c.infer("pub_clf", PUB_BODY, token=tokens.u1(sub=tokens.sub(f"v{i}")), version=m, headers=ua)
+        elif kind == 5:
+            r = await c.request("POST", f"/v2/models/{m}/versions/1/ready", headers=ua, token=tokens.u1())
+        elif kind == 6:
+            r = await c.request("PROPFIND", f"/v2/{m}", headers={"Host": f"{m}.example", **ua})
+        else:
+            r = await c.request("POST", "/v2/models/pub_clf/infer", data=b"{}",
+                                token=tokens.u1(sub=tokens.sub(f"w{i}")),
+                                headers={**ua, "Content-Encoding": m, "Content-Type": f"application/{m}"})
+        assert 400 <= r.status < 500, (kind, r.status)
+    metrics = (await gw.request("GET", "/metrics")).body
+    assert len(metrics) < 1_000_000
+    assert not [m for m in marks if m.encode() in metrics or m.upper().encode() in metrics]
+    values = _label_values(metrics)
+    assert not [v for v in values if b"zq" in v.lower()]
+    assert world.upstream_calls() == 0
+
+
 async def test_av_05_upstream_down_at_start(world: World, tmp_path: object) -> None:
     """A second gateway whose upstream is not there: live, not ready, no crash."""
     import dataclasses

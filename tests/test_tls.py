@@ -375,10 +375,10 @@ class TlsFakeTriton(FakeTriton):
         super().__init__([DIGITS])
         self.tls = tls
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         server = grpc.aio.server()
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(self), server)
-        self.port = int(server.add_secure_port("127.0.0.1:0", grpc_server_credentials(self.tls)))
+        self.port = int(server.add_secure_port(f"127.0.0.1:{port}", grpc_server_credentials(self.tls)))
         await server.start()
         self._server = server
 
@@ -451,3 +451,79 @@ def test_tls_everywhere(pki: TestPki, tmp_path: Path) -> None:
         assert "authorization" not in dict(fake.calls[-1].metadata)
     finally:
         gw.stop(fake.stop())
+
+
+# ---------------------------------------------------------------------------------------
+# AV-09: connections still in their TLS handshake count against the cap, and time out
+# ---------------------------------------------------------------------------------------
+
+
+def _half_open(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that start a TLS handshake (every other one: half a ClientHello) and stall."""
+    socks = []
+    for i in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if i % 2:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        socks.append(sock)
+    return socks
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+async def test_half_open_tls_handshakes_are_capped_and_time_out(pki: TestPki, tmp_path: Path) -> None:
+    """asyncio calls the HTTP protocol only once a TLS handshake completes: 1,000 stalled
+    handshakes were all held (cap 200) for asyncio's 60 s. They now take a place under the
+    cap at accept (beyond it: closed at once) and are closed after the handshake timeout."""
+    import dataclasses
+    import re
+
+    from gateway.app import build_app, runner_for
+    from gateway.fronts.http.connection_cap import GatedSite
+    from tests.support.liveness import eventually
+
+    cap, flood, handshake_s = 4, 12, 0.5
+    settings = gateway_settings(tmp_path)
+    gateway_yaml = settings.policies / "gateway.yaml"
+    text = gateway_yaml.read_text()
+    text = re.sub(r"^  max_connections: .*\n", "", text, flags=re.MULTILINE)
+    gateway_yaml.write_text(text.replace("limits:\n", f"limits:\n  max_connections: {cap}\n", 1))
+    settings = dataclasses.replace(settings, tls=TlsSettings(cert=pki.server.cert, key=pki.server.key))
+    runner = runner_for(build_app(settings))
+    await runner.setup()
+    assert settings.tls is not None
+    site = GatedSite(runner, "127.0.0.1", 0, ssl_context=server_ssl_context(settings.tls),
+                     handshake_timeout_s=handshake_s)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    socks: list[socket.socket] = []
+    try:
+        socks = await asyncio.to_thread(_half_open, port, flood)
+        # Over the cap: closed at once, though their handshake has not even started.
+        await eventually(lambda: sum(map(_closed, socks)) >= flood - cap, "over-cap handshakes closed",
+                         expected_s=0.1)
+        # The held ones: closed by the handshake timeout, not after asyncio's 60 s.
+        await eventually(lambda: all(map(_closed, socks)), "stalled handshakes timed out", expected_s=handshake_s)
+        # Their places are free again: a real client gets in.
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        async with aiohttp.ClientSession() as session:
+
+            async def live() -> int:
+                async with session.get(f"https://localhost:{port}/v2/health/live", ssl=ctx) as resp:
+                    return resp.status
+
+            assert await live() == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        await runner.cleanup()

@@ -57,8 +57,10 @@ class LimitsPolicy(StrictModel):
     )
     max_connections: PositiveInt = Field(
         4096, description="Client connections one gateway process holds open on the HTTP listener; a new one "
-                          "beyond it is answered 503 + Retry-After and closed before anything is read. Keep it "
-                          "well below the process's file-descriptor limit (ulimit -n).",
+                          "beyond it is answered 503 + Retry-After and closed before anything is read (with TLS: "
+                          "counted from accept, closed before the handshake). The gRPC front has the same cap of its "
+                          "own, fixed at start. Keep both together well below the process's file-descriptor limit "
+                          "(ulimit -n).",
     )
     max_connections_per_ip: PositiveInt | None = Field(
         None, description="Open connections per client address (the socket peer); beyond it 503 and close. "

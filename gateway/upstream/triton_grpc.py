@@ -75,6 +75,15 @@ log = structlog.get_logger("gateway.upstream.triton_grpc")
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 # The gRPC deadline should fire first; this is the net under it (e.g. a stuck resolver).
 _DEADLINE_GRACE_S: Final = 0.25
+# gRPC's default reconnect backoff grows 1 s x 1.6 per failed attempt up to 120 s: an
+# upstream that was down for 30 s at start came back and /ready stayed 503 for another
+# ~16 s (AV-05: ready within 5 s of the upstream coming up, without a restart). A channel
+# in TRANSIENT_FAILURE fails calls at once until its next attempt, so the backoff is the
+# recovery time. Capped at 1 s (+/-20 % jitter): one connect attempt a second to one
+# address is nothing. grpc.min_reconnect_backoff_ms is left alone: gRPC uses it as the
+# minimum connect timeout (default 20 s), which a TLS upstream on a busy host may need.
+RECONNECT_BACKOFF_INITIAL_MS: Final = 250
+RECONNECT_BACKOFF_MAX_MS: Final = 1_000
 
 _INPUT_REJECTED: Final = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"})
 _UNAVAILABLE: Final = frozenset({"UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"})
@@ -216,6 +225,9 @@ class TritonGrpcUpstream:
             ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            # Recovery after an upstream outage is bounded by the reconnect backoff (AV-05).
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
         ]
         self._client = _InferenceClient(
             self.url,

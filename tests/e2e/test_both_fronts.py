@@ -32,10 +32,11 @@ from aiohttp import web
 from tritonclient.utils import InferenceServerException
 
 from gateway import errors
-from gateway.app import build_app, build_service, runner_for
+from gateway.app import HEADER_TIMEOUT_S, build_app, build_service, runner_for
 from gateway.audit import iter_records
 from gateway.devissuer import issue_token
 from gateway.fronts.grpc.server import RunningGrpcFront, start_grpc_front
+from gateway.fronts.http.connection_cap import GatedSite
 from gateway.policy.loader import POLICY_FILES  # the loader's own list, wherever it is defined
 from gateway.service import InferenceService
 from gateway.settings import Settings
@@ -106,7 +107,8 @@ class GatewayThread:
         self._runner = runner_for(app)
         await self._runner.setup()
         ssl_context = server_ssl_context(self.tls) if self.tls is not None else None
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        # The site serve() uses: TLS connections pass the connection cap before the handshake.
+        site = GatedSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context, handshake_timeout_s=HEADER_TIMEOUT_S)
         await site.start()
         self.http_port = int(self._runner.addresses[0][1])
         self._grpc = await start_grpc_front(self.service, "127.0.0.1", 0, tls=self.tls)

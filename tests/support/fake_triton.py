@@ -226,7 +226,8 @@ class FakeTriton:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Serve on ``port`` (0: any free one; a fixed one brings back an upstream that was down)."""
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -234,7 +235,7 @@ class FakeTriton:
             ]
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(self), server)
-        self.port = int(server.add_insecure_port("127.0.0.1:0"))
+        self.port = int(server.add_insecure_port(f"127.0.0.1:{port}"))
         await server.start()
         self._server = server
 

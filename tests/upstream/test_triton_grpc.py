@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -565,3 +566,59 @@ async def test_any_shape_fits_a_variable_dim(upstream: TritonGrpcUpstream, fake:
     fake.set(ok(lambda inputs: {"text": np.array([b"a", b"b", b"c"], dtype=np.object_)}), model="text_echo")
     response = await upstream.infer(InferRequest("text_echo", "", [text([b"x"])]), timeout_s=2)
     assert response.outputs[0].shape == (3,)
+
+
+# -- AV-05: an upstream that was down comes back without a gateway restart ---------------
+
+
+async def test_reconnect_backoff_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC's default reconnect backoff grows to 120 s: after 30 s of upstream downtime the
+    gateway stayed unready ~16 s after the upstream came back. The channel caps it."""
+    seen: dict[str, Any] = {}
+
+    class Recording(triton_grpc._InferenceClient):  # type: ignore[misc, name-defined]
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            seen.update(dict(kwargs["channel_args"]))
+            super().__init__(url, **kwargs)
+
+    monkeypatch.setattr(triton_grpc, "_InferenceClient", Recording)
+    client = TritonGrpcUpstream("127.0.0.1:1")
+    await client.start()
+    try:
+        assert seen["grpc.max_reconnect_backoff_ms"] == triton_grpc.RECONNECT_BACKOFF_MAX_MS <= 1_000
+        assert seen["grpc.initial_reconnect_backoff_ms"] <= seen["grpc.max_reconnect_backoff_ms"]
+        # Left at gRPC's default: it is also the minimum connect timeout (a slow TLS upstream).
+        assert "grpc.min_reconnect_backoff_ms" not in seen
+    finally:
+        await client.close()
+
+
+async def test_upstream_down_then_up_then_down_again() -> None:
+    """Not ready while nothing listens; ready once the upstream is up (same channel, no
+    restart); not ready again when it goes away."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = TritonGrpcUpstream(f"127.0.0.1:{port}")
+    await client.start()
+    fake = FakeTriton([DIGITS])
+    try:
+        for _ in range(5):  # several failed attempts: the backoff has grown
+            with pytest.raises(UpstreamUnavailable):
+                await client.server_ready(timeout_s=1.0)
+        await fake.start(port)
+        backoff_s = triton_grpc.RECONNECT_BACKOFF_MAX_MS / 1000 * 1.2  # with gRPC's jitter
+        async with no_hang("ready after the upstream came up", expected_s=backoff_s):
+            while True:
+                try:
+                    if await client.server_ready(timeout_s=1.0):
+                        break
+                except UpstreamUnavailable:
+                    pass
+                await asyncio.sleep(0.05)
+        await fake.stop()
+        with pytest.raises(UpstreamUnavailable):
+            await client.server_ready(timeout_s=1.0)
+    finally:
+        await fake.stop()
+        await client.close()

@@ -104,6 +104,12 @@ MAX_CALL_S: Final = 60.0
 # Like the REST front: decoding a large message off the event loop keeps health probes
 # and other calls responsive.
 OFFLOAD_DECODE_BYTES: Final = 256 * 1024
+# Connections the listener holds open (the policy's limits.max_connections is passed in at
+# start; gRPC core fixes it for the server's life, so a policy reload does not change it).
+DEFAULT_MAX_CONNECTIONS: Final = 4096
+# A new connection's TLS + HTTP/2 handshake must complete within this (the HTTP front's
+# header timeout: 10 s).
+HANDSHAKE_TIMEOUT_S: Final = 10.0
 # Server-wide ceiling on RPCs in progress, as a multiple of the per-connection stream cap.
 RPCS_PER_STREAM_LIMIT: Final = 4
 # A refused client-streaming call (ModelStreamInfer, an unknown streaming method) is
@@ -610,9 +616,19 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
 
 def server_options(*, max_message_bytes: int, max_concurrent_streams: int,
-                   reuse_port: bool = False) -> list[tuple[str, int]]:
+                   reuse_port: bool = False, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                   handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> list[tuple[str, int]]:
     """The gRPC core channel arguments of the front, each one a limit."""
     return [
+        # SECURITY (AV-09): the HTTP listener's connection cap, on this listener too. Without
+        # it 3,000 idle HTTP/2 connections were all held (max_connection_idle: 5 min) and
+        # enough of them exhaust the process's descriptors, the HTTP front's included.
+        # Beyond the cap gRPC core closes a new connection at accept, before reading it.
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        # SECURITY (AV-09): a connection that has not completed its handshake (TLS, then the
+        # HTTP/2 preface and SETTINGS) is closed after this, as the HTTP front's header
+        # timeout closes a slowloris (gRPC's default: 120 s).
+        ("grpc.server_handshake_timeout_ms", int(handshake_timeout_s * 1000)),
         # SECURITY: a message is buffered whole before the handler runs; this is the cap
         # (gRPC applies it after decompression too, so a gzip bomb is refused).
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -743,6 +759,7 @@ async def start_grpc_front(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_concurrent_streams: int = 256,
     reuse_port: bool = False,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> RunningGrpcFront:
     """Listen on ``host:port`` (``port`` 0: a free one, see ``.port``), TLS when ``tls`` is given.
 
@@ -753,7 +770,7 @@ async def start_grpc_front(
     front = GrpcFront(service, max_message_bytes=max_message_bytes)
     server = grpc.aio.server(
         options=server_options(max_message_bytes=max_message_bytes, max_concurrent_streams=max_concurrent_streams,
-                               reuse_port=reuse_port),
+                               reuse_port=reuse_port, max_connections=max_connections),
         maximum_concurrent_rpcs=max_concurrent_streams * RPCS_PER_STREAM_LIMIT,
     )
     add_front_to_server(front, server)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from gateway.service import InferenceService
 from gateway.settings import Settings
 from gateway.upstream.triton_grpc import TritonGrpcUpstream
 from tests.support.fake_triton import CANARY, FakeTriton, error, slow
-from tests.support.liveness import no_hang
+from tests.support.liveness import eventually, no_hang
 from tests.support.preauth import count_preauth_admits
 
 from ...conftest import POLICIES, TRITON_REPO
@@ -379,6 +380,75 @@ def test_server_options_are_limits() -> None:
     assert options["grpc.max_concurrent_streams"] == 7
     assert options["grpc.so_reuseport"] == 0
     assert options["grpc.keepalive_permit_without_calls"] == 0
+    # AV-09: the HTTP listener's connection cap and header timeout, here too.
+    assert options["grpc.max_allowed_incoming_connections"] == grpc_server.DEFAULT_MAX_CONNECTIONS
+    assert options["grpc.server_handshake_timeout_ms"] == 10_000
+    assert dict(server_options(max_message_bytes=1, max_concurrent_streams=1, max_connections=9))[
+        "grpc.max_allowed_incoming_connections"] == 9
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+def _idle_h2(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that send the HTTP/2 preface and SETTINGS, then nothing."""
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(H2_PREFACE)
+        socks.append(sock)
+    return socks
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+async def test_idle_connections_beyond_the_cap_are_closed(tmp_path: Path) -> None:
+    """AV-09 on the gRPC front: 3,000 idle HTTP/2 connections were all held (5 min idle
+    limit), enough of them exhaust the descriptors of the process (the HTTP front's too).
+    Beyond max_connections a new connection is closed at once; a call in progress and the
+    connections held are not disturbed; room comes back when they go."""
+    cap, flood = 5, 20
+    gateway = await open_gateway(make_settings(tmp_path), max_connections=cap)
+    socks: list[socket.socket] = []
+    try:
+        # The test's channel holds one connection (opened by this first call).
+        assert (await gateway.stub.ServerLive(service_pb2.ServerLiveRequest())).live
+        socks = await asyncio.to_thread(_idle_h2, gateway.front.port, flood)
+        await eventually(lambda: sum(map(_closed_by_server, socks)) >= flood - (cap - 1),
+                         "connections beyond the cap closed", expected_s=0.5)
+        assert sum(map(_closed_by_server, socks)) == flood - (cap - 1)  # the held ones stay open
+        # The channel's connection was admitted before the flood: it still serves.
+        assert list((await gateway.stub.ModelInfer(digits_request(), metadata=gateway.auth())).outputs[0].shape) \
+            == [1, 10]
+    finally:
+        for sock in socks:
+            sock.close()
+    try:
+        fresh = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.front.port}")
+        try:
+            live = False
+            async with no_hang("a new connection once the idle ones left", expected_s=1.0):
+                while not live:
+                    try:
+                        live = (await service_pb2_grpc.GRPCInferenceServiceStub(fresh).ServerLive(
+                            service_pb2.ServerLiveRequest(), timeout=1.0)).live
+                    except grpc.aio.AioRpcError:
+                        await asyncio.sleep(0.05)
+            assert live
+        finally:
+            await fresh.close()
+    finally:
+        await close_gateway(gateway)
 
 
 async def test_metadata_over_the_limit_is_refused(gw: Gateway) -> None:
@@ -582,3 +652,25 @@ async def test_ipv6_and_ipv4_peers_of_a_dual_stack_listener_have_their_own_bucke
         await running.stop(1.0)
         await runner.cleanup()
     assert counted == ["::1", "127.0.0.1"]
+
+
+async def test_the_app_gives_the_front_the_policy_connection_cap(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """limits.max_connections of gateway.yaml caps the gRPC listener as it caps the HTTP one."""
+    import dataclasses
+
+    seen: dict[str, Any] = {}
+    real = grpc_server.start_grpc_front
+
+    async def recording(*args: Any, **kwargs: Any) -> RunningGrpcFront:
+        seen.update(kwargs)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(grpc_server, "start_grpc_front", recording)
+    settings = dataclasses.replace(make_settings(tmp_path, max_connections=77), grpc_host="127.0.0.1", grpc_port=0)
+    runner = runner_for(build_app(settings))
+    await runner.setup()
+    try:
+        assert seen["max_connections"] == 77
+    finally:
+        await runner.cleanup()
