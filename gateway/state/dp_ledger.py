@@ -28,10 +28,11 @@ hash keeps ``q``, a counter of its reservations this period that the reserve scr
 increments in the same atomic step and nothing ever lowers (refunds by other replicas
 legitimately lower the spend, so a lower spend proves nothing; a lower counter does).
 Every reply carries the store's period index and ``q``; this process remembers the
-highest pair it saw per account. A granted reservation whose ``q`` is not above it, any
-reply with a lower ``q`` in the same period, or a period *before* the one seen (a server
-clock gone back, which would otherwise open that day's budget again) means budget state
-was lost: the ledger latches :class:`LedgerUnavailable` for every account (503, logged
+highest pair it saw per account, and judges each reply against the pair it had seen
+*before that call was sent* (replies on a pool of connections arrive in any order). A
+granted reservation whose ``q`` is not above it, a reply with a lower ``q`` in the same
+period, or a period *before* it (a server clock gone back, which would otherwise open that
+day's budget again) means budget state was lost: the ledger latches :class:`LedgerUnavailable` for every account (503, logged
 ``dp_budget_state_lost``) until a restart, like the marker. The reservation that revealed
 it stays spent (under-use, never overspend).
 
@@ -98,27 +99,35 @@ class StateBudgetLedger:
         self._lost: str | None = None
         self._policy_checked_at: float | None = None
 
-    def _witness(self, key: str, period: int | None, seq: int, *, granted_new: bool) -> None:
-        """Compare the store's counter for ``key`` with the highest this process saw.
+    def _witness(self, key: str, floor: tuple[int, int] | None, period: int | None, seq: int, *,
+                 granted_new: bool) -> None:
+        """Compare the store's counter for ``key`` with what this process had seen before the
+        call was sent (``floor``, from :meth:`_floor`).
 
-        # SECURITY: a counter that went down (or a granted reservation that did not raise
-        # it, or a period before the one seen) means the account was deleted, evicted,
-        # expired or rolled back: its spend is unknown, so nothing is granted any more.
+        # SECURITY: a counter below one seen before the call (or a granted reservation that
+        # did not raise it, or a period before the one seen) means the account was deleted,
+        # evicted, expired or rolled back: its spend is unknown, so nothing is granted any
+        # more. Only what was seen *before* the call counts: concurrent calls on a pool of
+        # connections are answered in any order, and a reply with a lower counter than one
+        # read meanwhile is an earlier script, not a loss (Redis ran the scripts one by one).
         """
         if period is None or period < 0:
             return  # a store without counters (process memory): nothing to compare
-        last = self._seen.get(key)
-        if last is not None:
-            last_period, last_seq = last
-            if period < last_period or (period == last_period and (seq < last_seq or
-                                                                   (granted_new and seq <= last_seq))):
+        if floor is not None:
+            floor_period, floor_seq = floor
+            if period < floor_period or (period == floor_period and (seq < floor_seq or
+                                                                     (granted_new and seq <= floor_seq))):
                 self._lost = "budget state lost or rolled back: account counter went back, failing closed"
-                log.error("dp_budget_state_lost", account=key, period=period, seen_period=last_period,
-                          seq=seq, seen_seq=last_seq)
+                log.error("dp_budget_state_lost", account=key, period=period, seen_period=floor_period,
+                          seq=seq, seen_seq=floor_seq)
                 raise LedgerUnavailable(self._lost)
-            if period == last_period and seq <= last_seq:
-                return
-        self._seen[key] = (period, seq)
+        last = self._seen.get(key)
+        if last is None or (period, seq) > last:
+            self._seen[key] = (period, seq)
+
+    def _floor(self, key: str) -> tuple[int, int] | None:
+        """The highest (period, counter) seen for ``key`` so far: taken before a call is sent."""
+        return self._seen.get(key)
 
     async def _check_policy(self) -> None:
         """Refuse a server that may evict budget keys (see the module docstring)."""
@@ -191,12 +200,13 @@ class StateBudgetLedger:
         if len(amount) > 1:
             return await self._reserve_vector(key, period, amount, limit)
         cost, capacity = self._scalar(amount), self._scalar(limit)
+        floor = self._floor(key)
         try:
             decision = await self.state.reserve(self._key(key), cost, capacity=capacity,
                                                 period_s=self._period_s(period))
         except StateUnavailable as exc:
             raise LedgerUnavailable(str(exc)) from exc
-        self._witness(key, decision.period, decision.seq, granted_new=decision.granted)
+        self._witness(key, floor, decision.period, decision.seq, granted_new=decision.granted)
         if not decision.granted or decision.reservation is None:
             return Refused(retry_after_s=max(decision.reset_s, 1.0), used=(decision.spent,))
         token = secrets.token_hex(16)
@@ -210,11 +220,12 @@ class StateBudgetLedger:
         assert self._vectors is not None  # noqa: S101 - one of the two is always set
         if any(not a >= 0.0 or a == float("inf") for a in amount):
             raise ValueError("budget amounts must be finite and >= 0")
+        floor = self._floor(key)
         try:
             decision = await self._vectors.reserve(self._key(key), amount, limit, self._period_s(period))
         except StateUnavailable as exc:
             raise LedgerUnavailable(str(exc)) from exc
-        self._witness(key, decision.period, decision.seq, granted_new=decision.status == 1)
+        self._witness(key, floor, decision.period, decision.seq, granted_new=decision.status == 1)
         if decision.status < 0:
             # SECURITY: fail closed rather than start a fresh budget under another accounting.
             raise LedgerMismatch("budget account holds another kind of budget this period")
@@ -270,23 +281,25 @@ class StateBudgetLedger:
             if self._local_vectors is not None:
                 return await self._local_vectors.usage(key, period, size)
             assert self._vectors is not None  # noqa: S101 - one of the two is always set
+            floor = self._floor(key)
             try:
                 status, used, store_period, seq = await self._vectors.usage(self._key(key), size,
                                                                             self._period_s(period))
             except StateUnavailable as exc:
                 raise LedgerUnavailable(str(exc)) from exc
-            self._witness(key, store_period, seq, granted_new=False)
+            self._witness(key, floor, store_period, seq, granted_new=False)
             if status < 0:
                 raise LedgerMismatch("budget account holds another kind of budget this period")
             return used
         if size != 1:
             raise LedgerUnavailable("a budget vector needs at least one coordinate")
         probe = f"usage-{secrets.token_hex(8)}"
+        floor = self._floor(key)
         try:
             # A zero-cost reservation reads the period's spend atomically; settling it changes nothing.
             decision = await self.state.reserve(self._key(key), 0.0, capacity=1e18,
                                                 period_s=self._period_s(period), reservation_id=probe)
-            self._witness(key, decision.period, decision.seq, granted_new=decision.granted)
+            self._witness(key, floor, decision.period, decision.seq, granted_new=decision.granted)
             if decision.reservation is not None:
                 await self.state.refund(decision.reservation)
         except StateUnavailable as exc:

@@ -228,3 +228,45 @@ async def test_config_forbidden_warns_and_serves(redis_server: RedisServer, cloc
 def test_eviction_policy_of_a_cluster_is_the_worst_master(reply: object, policy: str | None) -> None:
     """On a cluster every master is read: one evicting master is reported, one unreadable is unknown."""
     assert eviction_policy_of(reply) == policy
+
+
+async def test_replies_answered_out_of_order_are_no_loss(redis_server: RedisServer, stores: list[RedisState],
+                                                         clock: Clock) -> None:
+    """Concurrent calls on a pool of connections are answered in any order: a reply whose
+    counter is below one read meanwhile comes from a script Redis ran earlier, not from a
+    lost account. Only what was seen before a call was sent may judge its reply (the old
+    rule latched 503 for every DP account on such a reorder)."""
+    import asyncio
+
+    store = stores[0]
+    ledger = StateBudgetLedger(store)
+    assert await spend(ledger, clock, 1) == ["ok"]  # armed, counter seen
+    real = store.reserve
+    first_ran, released = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def reordered(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # Redis runs this script first, its reply is read last
+            answer = await real(*args, **kwargs)  # type: ignore[arg-type]
+            first_ran.set()
+            await released.wait()
+            return answer
+        await first_ran.wait()
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.reserve = reordered  # type: ignore[method-assign]
+    try:
+        tasks = [asyncio.ensure_future(ledger.reserve(KEY, period_at(clock), (EPS,), (BUDGET,))) for _ in range(2)]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and isinstance(next(iter(done)).result(), Reservation)  # the later script
+        released.set()
+        results = await asyncio.gather(*tasks)
+    finally:
+        store.reserve = real  # type: ignore[method-assign]
+    assert calls == 2 and all(isinstance(r, Reservation) for r in results)
+    assert await spend(ledger, clock, 1) == ["ok"]  # not latched
+    # A real loss is still caught after the reorder.
+    assert redis_server.cli("DEL", account_key(store)) == "1"
+    assert await spend(ledger, clock, 1) == ["503"]
