@@ -32,8 +32,9 @@ highest pair it saw per account, and judges each reply against the pair it had s
 *before that call was sent* (replies on a pool of connections arrive in any order). A
 granted reservation whose ``q`` is not above it, a reply with a lower ``q`` in the same
 period, or a period *before* it (a server clock gone back, which would otherwise open that
-day's budget again) means budget state was lost: the ledger latches :class:`LedgerUnavailable` for every account (503, logged
-``dp_budget_state_lost``) until a restart, like the marker. The reservation that revealed
+day's budget again) means budget state was lost: the ledger latches
+:class:`LedgerUnavailable` for every account (503, logged ``dp_budget_state_lost``) until
+a restart, like the marker. The reservation that revealed
 it stays spent (under-use, never overspend).
 
 Eviction: on arming (and every ``POLICY_RECHECK_S`` after) the ledger reads the server's
