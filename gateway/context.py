@@ -17,6 +17,7 @@ from typing import Any, Final, NamedTuple
 
 from gateway.errors import GatewayError, InternalError
 from gateway.ids import random_hex
+from privacy.pii.redact import redact_text
 
 # The model name the client asked for, when a routing flag sent the call to another model
 # (a ``_`` note: per-request working state, never audited). Limits scoped to a model apply
@@ -41,8 +42,15 @@ def traceparent_for(offered: str | None) -> str:
 
 
 def new_request_id(offered: str | None = None) -> str:
-    """Accept the client's ``X-Request-ID`` only when it is well-formed."""
-    if offered is not None and _REQUEST_ID_RE.fullmatch(offered):
+    """Accept the client's ``X-Request-ID`` only when it is well-formed and holds no PII.
+
+    Why the PII check: the id is copied verbatim into every log line, audit record, response
+    header and gRPC trailer of the request (the log redactor trusts ``request_id`` as a
+    gateway-made identifier), so an SSN, card number, phone number or IP address offered as
+    an id (``078-05-1120`` is well-formed) would reach them all unmasked (catalogue I3).
+    """
+    # SECURITY: a client id the PII recognizers find anything in is replaced, never echoed.
+    if offered is not None and _REQUEST_ID_RE.fullmatch(offered) and redact_text(offered) == offered:
         return offered
     return random_hex(16)
 

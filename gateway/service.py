@@ -362,11 +362,13 @@ class InferenceService:
             # one ("/v2/models/078-05-1120/infer") is whatever the client typed (PII-04).
             "model": redact_text(ctx.model) if ctx.model else ctx.model,
             "model_version": redact_text(ctx.version) if ctx.version else None,
-            "tenant": principal.tenant if principal else None,
+            # SECURITY: tenant and roles are token claims, verified but free text: an unknown
+            # tenant or role ("078-05-1120") is recorded only redacted, like the model name.
+            "tenant": redact_text(principal.tenant) if principal else None,
             # Pseudonymized and encrypted by the audit log (the person's key; erasable).
             "subject_id": principal.subject if principal else None,
             "client_addr": ctx.client_addr or None,
-            "roles": sorted(principal.roles) if principal else None,
+            "roles": sorted(redact_text(role) for role in principal.roles) if principal else None,
             "decision": decision,
             "reason": error.reason if error else ("client_gone" if gone else "ok"),
             "status": status,

@@ -6,15 +6,21 @@ response, /metrics scrape and upstream request; here each case asserts its own r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+from collections.abc import Iterator
 from typing import Any
 
+import grpc
+import grpc.aio
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from security_tests.conftest import Tokens, internal_fault
-from security_tests.support.world import Client, World, text_body
+from security_tests.support.world import PUB_BODY, Client, Response, World, text_body
+from security_tests.test_1_2_authz import _from_own_address
 from tests.support.fake_triton import echo, ok
 
 PII_01 = "Contact john.doe@example.com, 415-555-0132, SSN 078-05-1120, card 4111 1111 1111 1111"
@@ -221,3 +227,86 @@ async def test_pii_01_dates_of_birth(gw: Client, world: World, tokens: Tokens, t
     for t in upstream_texts(world) + r.json()["outputs"][0]["data"]:
         assert "1985" not in t and "85" not in t.split()[-1], t
         assert "[DOB]" in t
+
+
+# ---------------------------------------------------------------------------------------
+# Client request ids: copied into every log line, audit record and trailer of a request.
+# ---------------------------------------------------------------------------------------
+
+PII_REQUEST_IDS = ("078-05-1120", "4111111111111111", "r4111111111111111x", "ssn:078.05.1120", "10.1.2.3")
+
+
+def _assert_id_not_kept(world: World, offered: str, answered: str, log_start: int) -> None:
+    assert answered and answered != offered
+    assert offered not in world.logs.text()[log_start:]
+    assert offered.encode() not in world.audit_bytes()
+
+
+@pytest.mark.parametrize("offered", PII_REQUEST_IDS)
+async def test_pii_04_request_id_with_pii_replaced(gw: Client, world: World, tokens: Tokens, offered: str) -> None:
+    """A well-formed X-Request-ID holding an SSN/card/IP is replaced by a fresh id, never echoed
+    (fuzz finding: the id reached logs, audit records and the response header unmasked)."""
+    log_start = len(world.logs.text())
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"X-Request-ID": offered})
+    assert r.status == 200
+    _assert_id_not_kept(world, offered, r.headers.get("X-Request-ID", ""), log_start)
+
+
+async def test_pii_04_plain_request_id_still_echoed(gw: Client, tokens: Tokens) -> None:
+    """Positive control: an id without PII is kept (clients correlate on it)."""
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"X-Request-ID": "req-7.a:b"})
+    assert r.status == 200 and r.headers.get("X-Request-ID") == "req-7.a:b"
+
+
+@pytest.fixture(scope="module")
+def grpc_port(world: World) -> Iterator[int]:
+    """The gRPC front on the world's gateway service, for this module's cases."""
+    from gateway.fronts.grpc.server import start_grpc_front
+
+    assert world.service is not None
+    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
+    yield running.port
+    world.loop.run(running.stop(0.5))
+
+
+def _x_tensor() -> Any:
+    contents = service_pb2.InferTensorContents(fp32_contents=[0.1, 0.2, 0.3, 0.4])
+    return service_pb2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4], contents=contents)
+
+
+@pytest.mark.parametrize("offered", PII_REQUEST_IDS[:2])
+async def test_pii_04_request_id_with_pii_replaced_grpc(world: World, tokens: Tokens, grpc_port: int,
+                                                        offered: str) -> None:
+    """The gRPC front takes the id from ``x-request-id`` metadata: same rule, on refusals too."""
+    log_start = len(world.logs.text())
+    for model in ("pub_clf", "no_such_model"):
+        request = service_pb2.ModelInferRequest(model_name=model, inputs=[_x_tensor()])
+        async with _from_own_address(world, grpc_port) as relay, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
+            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=(("authorization", f"Bearer {tokens.u1()}"), ("x-request-id", offered)), timeout=30)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call
+            trailers = await call.trailing_metadata()
+            code = await call.code()
+        answered = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+        assert code == (grpc.StatusCode.OK if model == "pub_clf" else grpc.StatusCode.NOT_FOUND)
+        world.ledger.responses.append(("GRPC", f"/v2/models/{model}/infer",
+                                       Response(200 if code == grpc.StatusCode.OK else 404,
+                                                {"X-Request-ID": answered}, b"")))
+        _assert_id_not_kept(world, offered, answered, log_start)
+
+
+
+@pytest.mark.parametrize("claims", [{"tenant": "078-05-1120"}, {"roles": ("predictor", "4111111111111111")},
+                                    {"roles": ("10.1.2.3",)}])
+async def test_pii_04_claims_not_in_audit(gw: Client, world: World, tokens: Tokens, claims: dict[str, Any]) -> None:
+    """PII-04 variant (fuzz): tenant and roles are claims of a verified token but free text; an
+    unknown tenant or role holding PII is audited only redacted (the subject is pseudonymized)."""
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(**claims))
+    assert r.status in (200, 403, 404)
+    records = world.audit_for(r)
+    assert records
+    text = json.dumps(records)
+    assert all(str(v) not in text for value in claims.values()
+               for v in ((value,) if isinstance(value, str) else value) if v != "predictor")

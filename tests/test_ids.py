@@ -53,3 +53,11 @@ def test_generated_traceparent_and_request_id_are_valid() -> None:
     kept = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
     assert traceparent_for(kept).startswith("00-" + "a" * 32 + "-")
     assert re.fullmatch(r"[0-9a-f]{32}", new_request_id("bad id with spaces"))
+
+
+def test_request_id_holding_pii_is_replaced() -> None:
+    # Well-formed by the charset rule, but an SSN / card number / IP would reach every log line.
+    for offered in ("078-05-1120", "4111111111111111", "id-4111111111111111", "10.0.0.1"):
+        assert re.fullmatch(r"[0-9a-f]{32}", new_request_id(offered)), offered
+    assert new_request_id("550e8400-e29b-41d4-a716-446655440000") == "550e8400-e29b-41d4-a716-446655440000"
+    assert new_request_id("req-1") == "req-1"

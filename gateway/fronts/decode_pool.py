@@ -22,7 +22,7 @@ import asyncio
 import multiprocessing
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Final, TypeVar
 
@@ -66,8 +66,7 @@ class DecodePool:
         """``fn()`` in a worker; its :class:`GatewayError` is raised here as if local."""
         pool = self._executor()
         try:
-            # Off the loop: the first submits start processes (see the module docstring).
-            future = await asyncio.to_thread(pool.submit, _run, fn)
+            future = await self._submit(pool, fn)
             kind, value = await asyncio.wrap_future(future)
         except BrokenProcessPool as exc:
             self._discard(pool)
@@ -78,6 +77,26 @@ class DecodePool:
             cls, detail, reason, retry_after_s = value
             raise cls(detail, reason=reason, retry_after_s=retry_after_s)
         return value  # type: ignore[no-any-return]
+
+    async def _submit(self, pool: ProcessPoolExecutor, fn: Callable[[], T]) -> Future[tuple[str, Any]]:
+        """Submit off the loop (the first submits start processes, see the module docstring).
+
+        Why the retry: ``pool`` may have been shut down between this request taking it and
+        submitting to it, by a concurrent request whose worker died (:meth:`_discard`).
+        ``submit`` then raises a plain ``RuntimeError`` ("cannot schedule new futures after
+        shutdown"), which escaped as a 500 (seen while triaging a fuzz run). Not this body's doing: one
+        retry on a fresh pool; a pool that still refuses is a broken pool (503, fail closed).
+        """
+        try:
+            return await asyncio.to_thread(pool.submit, _run, fn)
+        except BrokenProcessPool:
+            raise
+        except RuntimeError:
+            self._discard(pool)
+        try:
+            return await asyncio.to_thread(self._executor().submit, _run, fn)
+        except RuntimeError as exc:  # BrokenProcessPool included
+            raise BrokenProcessPool("decode pool refused the job") from exc
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:
         with self._lock:

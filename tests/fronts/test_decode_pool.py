@@ -88,3 +88,32 @@ async def test_workers_are_started_off_the_event_loop(monkeypatch: pytest.Monkey
         await pool.aclose()
     assert ok.inputs[0].shape == (2, 64)
     assert submitted_on and loop_thread not in submitted_on
+
+
+async def test_pool_shut_down_under_a_request_is_replaced() -> None:
+    """A concurrent request discarded the pool (its worker died) after this one took it:
+    ``submit`` raised RuntimeError, answered as a 500. Now: a fresh pool, and a 503 if that refuses too."""
+    pool = DecodePool(workers=1)
+    stale = pool._executor()
+    stale.shutdown(wait=True)
+    try:
+        ok = await pool.run(functools.partial(decode_infer_request, "digits", "", _body(1), header_length=None,
+                                              limits=LIMITS))
+        assert ok.inputs[0].shape == (1, 64)
+        assert pool._pool is not stale
+    finally:
+        await pool.aclose()
+
+
+async def test_pool_refusing_every_job_is_a_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: ProcessPoolExecutor, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", refuse)
+    pool = DecodePool(workers=1)
+    try:
+        with pytest.raises(DependencyUnavailable) as info:
+            await pool.run(_die)
+        assert info.value.reason == "decode_pool_unavailable"
+    finally:
+        await pool.aclose()
