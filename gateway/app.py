@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -324,9 +325,28 @@ async def serve(settings: Settings, *, ready_message: str | None = None, reuse_p
         await runner.cleanup()
 
 
-def _worker(settings: Settings, log_level: str) -> None:
+def _die_with(supervisor: int) -> None:
+    """Have this worker get SIGTERM when its supervisor dies.
+
+    A worker that outlives its supervisor (``kill -9``, an OOM kill) keeps serving the
+    shared port and writing its audit segment, and nothing will ever forward it a signal
+    to drain. Linux's parent-death signal makes it drain and exit like on a SIGTERM;
+    elsewhere, or if the supervisor died before this ran, the check of the parent pid
+    does it at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(settings: Settings, log_level: str, supervisor: int) -> None:
     from gateway.observability.logging import configure_logging
 
+    _die_with(supervisor)
     configure_logging(log_level)
     with contextlib.suppress(KeyboardInterrupt):
         from gateway.startup_checks import loop_debug
@@ -355,7 +375,7 @@ def serve_workers(settings: Settings, workers: int, *, log_level: str, ready_mes
     AnchorKeys(key_dir).current()
     procs = [
         ctx.Process(target=_worker, args=(dataclasses.replace(settings, audit_dir=settings.audit_dir / f"worker-{i}",
-                                                              audit_key_dir=key_dir), log_level),
+                                                              audit_key_dir=key_dir), log_level, os.getpid()),
                     name=f"infergate-{i}")
         for i in range(workers)
     ]

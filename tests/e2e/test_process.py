@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateway_proc import ROOT, free_port, start_gateway
+from tests.support.liveness import hang_bound
 
 from ..conftest import POLICIES, TRITON_REPO
 
@@ -117,6 +119,41 @@ def test_two_workers_share_the_port(tmp_path: Path) -> None:
         assert chains and all(name.startswith("worker-") for name in chains)
     finally:
         assert gw.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    """kill -9 of the supervisor (or an OOM kill) leaves no worker serving the port with
+    nobody to stop it: each gets the parent-death SIGTERM, drains and exits."""
+    gw = start_gateway(tmp_path, backend=f"local:{TRITON_REPO}", extra=["--workers", "2"])
+    try:
+        workers = [c for c in _children(gw.proc.pid) if "infergate" in Path(f"/proc/{c}/cmdline").read_text()
+                   or "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2, workers
+        gw.proc.kill()
+        gw.proc.wait()
+        deadline = time.monotonic() + hang_bound(5.0)  # a drain: seconds, not a bound on speed
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), workers
+    finally:
+        gw.stop()
+    with pytest.raises(OSError):  # nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
 
 
 def test_grpc_front_from_the_command_line(tmp_path: Path) -> None:
