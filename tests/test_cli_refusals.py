@@ -90,3 +90,22 @@ def test_serve_worker_count_out_of_range_is_a_usage_error(capsys: pytest.Capture
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--workers" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["policy", "sign", "policies", "--key"],
+                                     ["policy", "verify", "policies", "--trusted-key"]])
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_key_file_that_is_a_fifo_or_dev_zero_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        command: list[str], special: str) -> None:
+    import os
+
+    from tests.support.liveness import no_hang_sync
+
+    path = special
+    if special == "fifo":
+        path = str(tmp_path / "key.pem")
+        os.mkfifo(path)
+    with no_hang_sync("reading a special file as a key"):
+        assert main([*command, path]) == 1
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and "Traceback" not in err
