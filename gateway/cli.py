@@ -33,6 +33,16 @@ def _redis_url(args: argparse.Namespace) -> str | None:
     return url
 
 
+def _check_tls_pairs(args: argparse.Namespace) -> None:
+    """A certificate without its key (or the reverse) is a half-configured TLS: refused,
+    never a TypeError traceback nor a silent plaintext fallback."""
+    for cert, key, name in ((args.tls_cert, args.tls_key, "--tls-cert and --tls-key"),
+                            (args.upstream_tls_cert, args.upstream_tls_key,
+                             "--upstream-tls-cert and --upstream-tls-key")):
+        if bool(cert) != bool(key):
+            raise ValueError(f"{name} go together; give both or neither")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gateway.settings import parse_backend
 
@@ -44,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
                 Settings.parse_listen(listen)
         parse_backend(args.backend)
         args.redis_url = _redis_url(args)
+        _check_tls_pairs(args)
     except ValueError as exc:
         print(f"infergate: refusing to start: {exc}", file=sys.stderr)
         return 2
@@ -156,10 +167,16 @@ def _apikey_new(args: argparse.Namespace) -> int:
     from gateway.stages.authn import API_KEY_PREFIX, api_key_hash
 
     key = API_KEY_PREFIX + secrets.token_urlsafe(32)
-    roles = ", ".join(r for r in args.roles.split(",") if r)
+    import json
+
+    # SECURITY: every value is written as a JSON string (valid YAML flow scalar): an id, tenant
+    # or role holding a newline, ": " or "]" cannot add keys (say roles: [admin]) to the entry
+    # the operator pastes into identity.yaml.
+    roles = ", ".join(json.dumps(r.strip()) for r in args.roles.split(",") if r.strip())
     print(f"API key (shown once; give it to the service, it is not stored anywhere):\n  {key}\n")
     print("Add this entry under api_keys: in policies/identity.yaml:")
-    print(f"  - id: {args.id}\n    sha256: {api_key_hash(key)}\n    tenant: {args.tenant}\n    roles: [{roles}]")
+    print(f"  - id: {json.dumps(args.id)}\n    sha256: {api_key_hash(key)}\n"
+          f"    tenant: {json.dumps(args.tenant)}\n    roles: [{roles}]")
     return 0
 
 
@@ -188,6 +205,17 @@ def _policy_check(args: argparse.Namespace) -> int:
         return 1
     print(f"ok: revision {policy.revision}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: 0 or a negative worker count is a usage error (exit 2), not a default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1024, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-dir", default="var/audit", help="audit trail directory (default ./var/audit)")
     serve.add_argument("--state-dir", default="var", help="local state such as the dev key (default ./var)")
     serve.add_argument("--dev", action="store_true", help="trust the local dev token issuer")
-    serve.add_argument("--workers", type=int, default=1,
+    serve.add_argument("--workers", type=_positive_int, default=1,
                        help="processes sharing the port (DP budgets are shared through --state-dir; rate limits are "
                             "exact across them only with --redis)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -273,9 +301,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refusal_types() -> tuple[type[BaseException], ...]:
+    """Errors a command refuses with one line: bad values (ValueError, a bad --run regex),
+    paths that are missing, directories or not writable (OSError), a broken model repository."""
+    import re
+
+    from gateway.upstream.model_repo import ModelRepoError
+
+    return (OSError, ValueError, re.error, ModelRepoError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit 2 with one line on stderr for a refused value or path, 130 on Ctrl-C.
+
+    # SECURITY: one wrapper for every subcommand, so no traceback reaches the user (its frames
+    # can show argument values, such as a token claim or a key path's contents); only the
+    # exception's own message is printed, which names the problem, not a secret.
+    """
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    command = " ".join(str(getattr(args, a)) for a in ("command", "apikey_command", "policy_command",
+                                                         "audit_command", "drift_command")
+                       if getattr(args, a, None))
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        print(f"infergate {command}: interrupted", file=sys.stderr)
+        return 130
+    except _refusal_types() as exc:
+        print(f"infergate {command}: error: {exc}", file=sys.stderr)
+        return 2
     return result
 
 

@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,15 +150,34 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path, str]:
     return priv_path, pub_path, key_id(public)
 
 
+KEY_FILE_MAX_BYTES = 64 * 1024
+
+
+def read_key_file(path: Path) -> bytes:
+    """A PEM key file's bytes: a regular file of at most 64 KiB, else :class:`ValueError`.
+
+    # SECURITY: opened non-blocking and checked with fstat before reading, so a FIFO never
+    # hangs the command and /dev/zero (or a huge file) never fills memory; OSError otherwise.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        data = handle.read(KEY_FILE_MAX_BYTES + 1)
+    if len(data) > KEY_FILE_MAX_BYTES:
+        raise ValueError(f"{path}: larger than {KEY_FILE_MAX_BYTES // 1024} KiB, not a key")
+    return data
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    key = serialization.load_pem_private_key(read_key_file(path), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise TypeError(f"{path}: not an Ed25519 private key")
     return key
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(path.read_bytes())
+    key = serialization.load_pem_public_key(read_key_file(path))
     if not isinstance(key, Ed25519PublicKey):
         raise TypeError(f"{path}: not an Ed25519 public key")
     return key
