@@ -56,6 +56,22 @@ def check_private_file(path: Path) -> None:
         raise InsecurePermissions(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; expected 600")
 
 
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most ``max_bytes``, else :class:`ValueError` (OSError as is).
+
+    # SECURITY: opened non-blocking and checked with fstat before reading, so a FIFO given
+    # as a path never hangs a command and /dev/zero (or a huge file) never fills memory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path}: larger than {max_bytes} bytes")
+    return data
+
+
 def read_private(path: Path) -> bytes:
     """Read a secret, refusing symlinks and loose permissions."""
     check_private_file(path)

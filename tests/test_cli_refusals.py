@@ -109,3 +109,22 @@ def test_key_file_that_is_a_fifo_or_dev_zero_is_refused(tmp_path: Path, capsys: 
         assert main([*command, path]) == 1
     err = capsys.readouterr().err
     assert "not a regular file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_drift_samples_that_are_a_fifo_or_dev_zero_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              special: str) -> None:
+    """``drift report --samples`` reads a bounded regular file: a FIFO hung it, /dev/zero
+    filled memory."""
+    import os
+
+    from tests.support.liveness import no_hang_sync
+
+    path = special
+    if special == "fifo":
+        path = str(tmp_path / "rows.json")
+        os.mkfifo(path)
+    with no_hang_sync("reading a special file as samples"):
+        assert main(["drift", "report", "--model", "digits", "--samples", path]) == 1
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and "Traceback" not in err

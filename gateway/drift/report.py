@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import ssl
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from gateway.files import read_regular_file
 
 BAR_WIDTH = 24
 MAX_SAMPLE_BYTES = 256 * 1024 * 1024
@@ -107,11 +110,11 @@ async def fetch(url: str, model: str, token: str, *, ca_file: str | None = None,
 def load_samples(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
     """Rows from ``.npy`` (rows x features), or JSON: a list of rows, ``{"inputs": rows,
     "outputs": [...]}`` (outputs: class index or score per row), or a KServe V2 request body."""
-    if path.stat().st_size > MAX_SAMPLE_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_SAMPLE_BYTES} bytes")
+    # SECURITY: a bounded read of a regular file (a FIFO hung the command, /dev/zero filled memory).
+    data = read_regular_file(path, MAX_SAMPLE_BYTES)
     if path.suffix == ".npy":
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32), None
-    doc = json.loads(path.read_text(encoding="utf-8"))
+        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False), dtype=np.float32), None
+    doc = json.loads(data.decode("utf-8"))
     outputs = None
     if isinstance(doc, dict) and isinstance(doc.get("inputs"), list) and doc["inputs"] and isinstance(
             doc["inputs"][0], dict):

@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import json
 import os
-import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import Field, StrictStr, ValidationError
 
+from gateway.files import read_regular_file
 from gateway.policy.loader import (
     PolicyError,
     PolicyIssue,
@@ -154,19 +154,9 @@ KEY_FILE_MAX_BYTES = 64 * 1024
 
 
 def read_key_file(path: Path) -> bytes:
-    """A PEM key file's bytes: a regular file of at most 64 KiB, else :class:`ValueError`.
-
-    # SECURITY: opened non-blocking and checked with fstat before reading, so a FIFO never
-    # hangs the command and /dev/zero (or a huge file) never fills memory; OSError otherwise.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        data = handle.read(KEY_FILE_MAX_BYTES + 1)
-    if len(data) > KEY_FILE_MAX_BYTES:
-        raise ValueError(f"{path}: larger than {KEY_FILE_MAX_BYTES // 1024} KiB, not a key")
-    return data
+    """A PEM key file's bytes: a regular file of at most 64 KiB, else :class:`ValueError`
+    (:func:`gateway.files.read_regular_file`: a FIFO or /dev/zero never hangs or fills memory)."""
+    return read_regular_file(path, KEY_FILE_MAX_BYTES)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
