@@ -195,9 +195,9 @@ def _policy_check(args: argparse.Namespace) -> int:
             print(issue, file=sys.stderr)
         print(f"{len(exc.issues)} error(s)", file=sys.stderr)
         return 1
-    from gateway.policy.lint import wildcard_grants
+    from gateway.policy.lint import no_policy_files, wildcard_grants
 
-    warnings = wildcard_grants(Path(args.dir))
+    warnings = [*no_policy_files(Path(args.dir)), *wildcard_grants(Path(args.dir))]
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
     if warnings and args.strict:

@@ -12,11 +12,22 @@ from pathlib import Path
 import yaml
 
 from gateway.policy.loader import PolicyIssue, parse_yaml_document, read_policy_dir
+from gateway.policy.registry import POLICY_FILES
 from gateway.policy.schema import AccessPolicy
 
 ACCESS_FILE = "access.yaml"
 # Roles expected to hold everything; any other role granted "*" is worth a second look.
 WILDCARD_ROLES = frozenset({"admin"})
+
+
+def no_policy_files(directory: Path) -> list[PolicyIssue]:
+    """A directory holding none of the policy files: valid (every file has safe defaults),
+    but almost always the wrong path, and "ok" would read as "your policy is fine"."""
+    if any((directory / name).is_file() for name in POLICY_FILES):
+        return []
+    return [PolicyIssue(str(directory), 1, 1, "no policy file here: the built-in defaults apply "
+                        "(no issuer trusted, nothing granted)",
+                        hint=f"point at the directory holding {', '.join(sorted(POLICY_FILES))}")]
 
 
 def wildcard_grants(directory: Path) -> list[PolicyIssue]:

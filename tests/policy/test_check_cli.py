@@ -215,3 +215,22 @@ def test_the_shipped_policy_has_no_wildcard_warning(capsys: pytest.CaptureFixtur
     ``admin`` may run every model, so the example passes ``--strict``."""
     code, warnings = _warnings(POLICIES, capsys, "--strict")
     assert (code, warnings) == (0, [])
+
+
+def test_a_directory_without_policy_files_is_warned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped or empty --policies path compiles to the safe defaults: "ok" alone would
+    read as "your policy is fine". It is warned, and --strict fails on it."""
+    empty = tmp_path / "policies"
+    empty.mkdir()
+    (empty / "README.md").write_text("not a policy file\n")
+
+    def check(*extra: str) -> tuple[int, list[str]]:
+        code = main(["policy", "check", str(empty), "--profiles", str(TRITON_REPO), *extra])
+        return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING: ")]
+
+    code, warnings = check()
+    assert code == 0 and len(warnings) == 1
+    assert warnings[0].startswith(f"WARNING: {empty}:1:1: no policy file here") and "access.yaml" in warnings[0]
+    assert check("--strict") == (1, warnings)
+    (empty / "access.yaml").write_text("roles: {}\n")  # one file is enough: nothing to warn
+    assert check("--strict") == (0, [])
