@@ -207,6 +207,14 @@ def _policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claim_value(text: str) -> str:
+    """An argparse type for a subject or tenant: the gateway refuses a token whose ``sub`` or
+    ``tenant`` is empty, padded or holds control characters, so the CLI does not issue one."""
+    if not text or text != text.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise argparse.ArgumentTypeError(f"not a usable value: {text!r} (empty, padded or with control characters)")
+    return text
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: 0 or a negative worker count is a usage error (exit 2), not a default."""
     try:
@@ -262,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="print a token from the local dev issuer (for --dev)")
-    token.add_argument("--sub", required=True)
-    token.add_argument("--tenant", required=True)
+    token.add_argument("--sub", required=True, type=_claim_value)
+    token.add_argument("--tenant", required=True, type=_claim_value)
     token.add_argument("--roles", default="", help="comma-separated roles")
     token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
     token.add_argument("--state-dir", default="var")

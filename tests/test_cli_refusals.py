@@ -128,3 +128,18 @@ def test_drift_samples_that_are_a_fifo_or_dev_zero_are_refused(tmp_path: Path, c
         assert main(["drift", "report", "--model", "digits", "--samples", path]) == 1
     err = capsys.readouterr().err
     assert "not a regular file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--sub", ""), ("--sub", " alice"), ("--tenant", ""),
+                                             ("--tenant", "acme\n"), ("--sub", "a\x00b")])
+def test_token_with_an_unusable_subject_or_tenant_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   flag: str, value: str) -> None:
+    """The gateway refuses a token whose sub or tenant is empty, padded or holds control
+    characters: the dev issuer does not mint one (no token printed, no key created)."""
+    argv = {"--sub": "alice", "--tenant": "acme", flag: value}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["token", "--sub", argv["--sub"], "--tenant", argv["--tenant"], "--state-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert flag in captured.err and "Traceback" not in captured.err and captured.out == ""
+    assert not any(tmp_path.iterdir())
