@@ -128,6 +128,17 @@ class Tokens:
         return self.factory.remember(token)
 
 
+@pytest.fixture(scope="module")
+def grpc_port(world: World) -> Iterator[int]:
+    """The gRPC front on the world's gateway service, one per test module that asks."""
+    from gateway.fronts.grpc.server import start_grpc_front
+
+    assert world.service is not None
+    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
+    yield running.port
+    world.loop.run(running.stop(0.5))
+
+
 @pytest.fixture
 def gw(world: World) -> Client:
     return Client(world, world.next_addr())

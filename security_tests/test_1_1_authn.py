@@ -7,7 +7,7 @@ import json
 import os
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -548,16 +548,6 @@ async def test_authn_11_last_second_before_the_boundary(gw: Client, world: World
     token = tokens.u1(iat=int(now) - 200, nbf=int(now) - 200, exp=int(now) - 29)
     assert (await gw.infer("pub_clf", PUB_BODY, token=token)).status == 200
 
-
-@pytest.fixture(scope="module")
-def grpc_port(world: World) -> Iterator[int]:
-    """The gRPC front on the world's gateway service, for this module's cases."""
-    from gateway.fronts.grpc.server import start_grpc_front
-
-    assert world.service is not None
-    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
-    yield running.port
-    world.loop.run(running.stop(0.5))
 
 
 async def _grpc_code(world: World, port: int, token: str) -> tuple[grpc.StatusCode, str]:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,15 +326,6 @@ async def test_authz_10_protection_off_leaks(gw: Client, world: World, tokens: T
 # The gRPC front, started on the world's gateway service for this module's cases.
 # ---------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def grpc_port(world: World) -> Iterator[int]:
-    from gateway.fronts.grpc.server import start_grpc_front
-
-    assert world.service is not None
-    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
-    yield running.port
-    world.loop.run(running.stop(0.5))
 
 
 @dataclass

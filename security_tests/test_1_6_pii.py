@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -257,16 +256,6 @@ async def test_pii_04_plain_request_id_still_echoed(gw: Client, tokens: Tokens) 
     r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"X-Request-ID": "req-7.a:b"})
     assert r.status == 200 and r.headers.get("X-Request-ID") == "req-7.a:b"
 
-
-@pytest.fixture(scope="module")
-def grpc_port(world: World) -> Iterator[int]:
-    """The gRPC front on the world's gateway service, for this module's cases."""
-    from gateway.fronts.grpc.server import start_grpc_front
-
-    assert world.service is not None
-    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
-    yield running.port
-    world.loop.run(running.stop(0.5))
 
 
 def _x_tensor() -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from gateway.app import build_app, runner_for
 from gateway.devissuer import issue_token
 from gateway.settings import Settings
+from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,17 @@ class GatewayTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
         return runner_for(self.app, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, one per test module that asks: modules
+    change its configuration or flush it, so none shares one with another."""
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

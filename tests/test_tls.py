@@ -39,6 +39,7 @@ from tests.conftest import DIGIT_ZERO
 from tests.e2e.test_both_fronts import GatewayThread, gateway_settings
 from tests.support.certs import TestPki, make_pki
 from tests.support.fake_triton import FakeTriton, _Servicer
+from tests.support.raw_http import closed_by_server
 
 DIGITS = ModelMetadata(name="digits", versions=("1",), platform="onnxruntime_onnx",
                        inputs=(TensorSpec("pixels", "FP32", (-1, 64)),),
@@ -469,18 +470,6 @@ def _half_open(port: int, n: int) -> list[socket.socket]:
     return socks
 
 
-def _closed(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        while sock.recv(65536):
-            pass
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 async def test_half_open_tls_handshakes_are_capped_and_time_out(pki: TestPki, tmp_path: Path) -> None:
     """asyncio calls the HTTP protocol only once a TLS handshake completes: 1,000 stalled
     handshakes were all held (cap 200) for asyncio's 60 s. They now take a place under the
@@ -510,10 +499,11 @@ async def test_half_open_tls_handshakes_are_capped_and_time_out(pki: TestPki, tm
     try:
         socks = await asyncio.to_thread(_half_open, port, flood)
         # Over the cap: closed at once, though their handshake has not even started.
-        await eventually(lambda: sum(map(_closed, socks)) >= flood - cap, "over-cap handshakes closed",
+        await eventually(lambda: sum(map(closed_by_server, socks)) >= flood - cap, "over-cap handshakes closed",
                          expected_s=0.1)
         # The held ones: closed by the handshake timeout, not after asyncio's 60 s.
-        await eventually(lambda: all(map(_closed, socks)), "stalled handshakes timed out", expected_s=handshake_s)
+        await eventually(lambda: all(map(closed_by_server, socks)), "stalled handshakes timed out",
+                         expected_s=handshake_s)
         # Their places are free again: a real client gets in.
         ctx = ssl.create_default_context(cafile=str(pki.ca))
         async with aiohttp.ClientSession() as session:

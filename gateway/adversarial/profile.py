@@ -13,7 +13,6 @@ Loading happens once per policy revision; the arrays are read-only afterwards.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -23,6 +22,8 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+
+from gateway import strict_json
 
 __all__ = ["ModelProfile", "NumericProfile", "ProfileError", "load_profile", "parse_profile"]
 
@@ -87,7 +88,7 @@ def load_profile(path: Path, *, model: str | None = None) -> ModelProfile:
     if len(raw) > MAX_PROFILE_BYTES:
         raise ProfileError(f"{path}: larger than {MAX_PROFILE_BYTES} bytes")
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        doc = strict_json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProfileError(f"{path}: not valid JSON ({exc})") from exc
     try:
@@ -186,17 +187,6 @@ def _numeric(doc: dict[str, Any], features: list[Any]) -> NumericProfile:
         feature_min=lo, feature_max=hi, feature_mean=_frozen(columns["mean"]), feature_std=std,
         maha_mean=mean, inv_cov=symmetric, maha_thresholds=thresholds,
     )
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
-    return obj
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _str(doc: dict[str, Any], key: str) -> str:

@@ -42,11 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
@@ -59,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from yarl import URL
 
+from gateway import strict_json
 from gateway.errors import AuthenticationFailed, DependencyUnavailable
 from gateway.stages.authn import PRIVATE_JWK_MEMBERS, valid_kid
 
@@ -151,23 +151,9 @@ def _check_url(url: str, *, allow_http: bool, what: str) -> URL:
     return parsed.with_fragment(None)
 
 
-def _unique_keys(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    # SECURITY: a duplicated member ("keys" twice) means two parsers could see two sets.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError("duplicate member")
-        result[key] = value
-    return result
-
-
-def _no_constants(_name: str) -> Any:
-    raise ValueError("NaN and Infinity are not JSON")
-
-
 def _load_json_object(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        doc = strict_json.loads(body.decode("utf-8"))  # SECURITY: "keys" twice = two key sets
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _FetchError("not_json") from exc
     if not isinstance(doc, dict):

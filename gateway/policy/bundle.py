@@ -44,6 +44,7 @@ from gateway.policy.loader import (
     revision_of,
 )
 from gateway.policy.model import StrictModel
+from gateway.strict_json import unique_members
 
 BUNDLE_FILE = "BUNDLE.sig"
 FORMAT = "infergate-policy-bundle/1"
@@ -193,13 +194,6 @@ def sign_bundle(directory: Path, private_key: Ed25519PrivateKey, *, now: datetim
     return manifest
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        raise ValueError("duplicate key")
-    return dict(pairs)
-
-
 def _refuse(reason: Reason, message: str, file: str = BUNDLE_FILE) -> BundleError:
     return BundleError(reason, [PolicyIssue(file, 1, 1, message)])
 
@@ -269,7 +263,7 @@ class BundleVerifier:
         if len(content) > MAX_BUNDLE_FILE_BYTES:
             raise _refuse("tampered", "bundle signature file too large")
         try:
-            document = json.loads(content, object_pairs_hook=_no_duplicates)
+            document = json.loads(content, object_pairs_hook=unique_members)
             manifest, signature = document["manifest"], document["signature"]
             decoded = base64.b64decode(signature, validate=True)
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:

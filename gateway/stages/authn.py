@@ -13,7 +13,6 @@ import base64
 import binascii
 import functools
 import hashlib
-import json
 import math
 import re
 import time
@@ -24,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway import strict_json
 from gateway.context import Action, Principal, RequestContext
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.stages.base import Stage
@@ -172,21 +172,6 @@ def _b64url_segment(segment: str) -> bytes:
     return raw
 
 
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # SECURITY: a member given twice ("alg", "sub", "iss" ...) is read as the first by some
-    # parsers and the last by others (RFC 7515 §5.2 lets a recipient refuse it): refused.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError("duplicate member")
-        result[key] = value
-    return result
-
-
-def _no_constants(_name: str) -> Any:
-    raise ValueError("NaN and Infinity are not JSON")
-
-
 def _json_segment(segment: str) -> dict[str, Any]:
     """A header or claims segment: canonical base64url of a UTF-8 JSON object (RFC 7519 §7.2).
 
@@ -198,7 +183,9 @@ def _json_segment(segment: str) -> dict[str, Any]:
     if raw.startswith(b"\xef\xbb\xbf"):
         raise _fail("authn_malformed_token")
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_members, parse_constant=_no_constants)
+        # SECURITY: a member given twice ("alg", "sub", "iss" ...) is read as the first by some
+        # parsers and the last by others (RFC 7515 §5.2 lets a recipient refuse it): refused.
+        doc = strict_json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         # SECURITY: a header of nested brackets ("[[[[...") makes json.loads recurse past the
         # interpreter's limit; that is a malformed token (401), not a 500.

@@ -17,7 +17,6 @@ import asyncio
 import json
 import random
 import struct
-from collections.abc import Iterator
 from typing import Any, Final
 
 import grpc
@@ -234,15 +233,6 @@ def _no_canary(data: bytes, what: str) -> None:
     for canary in CANARIES:
         assert canary.encode() not in data, f"{canary!r} echoed in {what}: {data[:300]!r}"
 
-
-@pytest.fixture(scope="module")
-def grpc_port(world: World) -> Iterator[int]:
-    from gateway.fronts.grpc.server import start_grpc_front
-
-    assert world.service is not None
-    running = world.loop.run(start_grpc_front(world.service, "127.0.0.1", 0))
-    yield running.port
-    world.loop.run(running.stop(0.5))
 
 
 @pytest.mark.parametrize("seed", SEEDS)

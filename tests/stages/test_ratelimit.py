@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -487,13 +487,6 @@ class TestPreAuth:
 
 
 pytestmark_redis = pytest.mark.skipif(not available(), reason="redis-server is not installed")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis-stage"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture

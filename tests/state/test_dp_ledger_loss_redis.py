@@ -13,7 +13,7 @@ must not trip it. See ``gateway/state/dp_ledger.py``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from structlog.testing import capture_logs
@@ -27,13 +27,6 @@ from tests.support.redis_server import RedisServer
 
 KEY = "alpha/tab_dp"
 EPS, BUDGET = 0.5, 5.0
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis-dp-loss"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture

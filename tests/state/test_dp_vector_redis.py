@@ -17,7 +17,7 @@ import asyncio
 import math
 import secrets
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,6 @@ from tests.support.redis_server import RedisServer
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "alpha/risk"
 DELTA = 1e-5
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis-dp-vector"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture

@@ -8,24 +8,13 @@ instructions. This makes that fallback visible.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis.utils
 from redis._parsers import _AsyncHiredisParser
 
 from gateway.state.redis import RedisState
 from tests.support.redis_server import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis-parser"))
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_hiredis_is_importable_and_seen_by_redis_py() -> None:

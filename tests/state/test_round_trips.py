@@ -15,7 +15,7 @@ Against a real ``redis-server``: the counts and the decisions both come from it.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,6 @@ class Sends:
     def take(self) -> int:
         seen, self.count = self.count, 0
         return seen
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis-rt"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture

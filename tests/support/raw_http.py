@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 
 async def raw_http(host: str, port: int, data: bytes, *, timeout_s: float = 5.0, read_after_s: float = 0.0,
@@ -32,3 +33,17 @@ async def raw_http(host: str, port: int, data: bytes, *, timeout_s: float = 5.0,
     finally:
         writer.close()
     return bytes(received)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock`` (what it sent first is read and dropped); a
+    socket still open with nothing to read is not. Leaves ``sock`` non-blocking."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True

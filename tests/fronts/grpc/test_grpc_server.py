@@ -44,6 +44,7 @@ from gateway.upstream.triton_grpc import TritonGrpcUpstream
 from tests.support.fake_triton import CANARY, FakeTriton, error, slow
 from tests.support.liveness import eventually, no_hang
 from tests.support.preauth import count_preauth_admits
+from tests.support.raw_http import closed_by_server
 
 from ...conftest import POLICIES, TRITON_REPO
 
@@ -400,18 +401,6 @@ def _idle_h2(port: int, n: int) -> list[socket.socket]:
     return socks
 
 
-def _closed_by_server(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        while sock.recv(65536):
-            pass
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 async def test_idle_connections_beyond_the_cap_are_closed(tmp_path: Path) -> None:
     """AV-09 on the gRPC front: 3,000 idle HTTP/2 connections were all held (5 min idle
     limit), enough of them exhaust the descriptors of the process (the HTTP front's too).
@@ -424,9 +413,9 @@ async def test_idle_connections_beyond_the_cap_are_closed(tmp_path: Path) -> Non
         # The test's channel holds one connection (opened by this first call).
         assert (await gateway.stub.ServerLive(service_pb2.ServerLiveRequest())).live
         socks = await asyncio.to_thread(_idle_h2, gateway.front.port, flood)
-        await eventually(lambda: sum(map(_closed_by_server, socks)) >= flood - (cap - 1),
+        await eventually(lambda: sum(map(closed_by_server, socks)) >= flood - (cap - 1),
                          "connections beyond the cap closed", expected_s=0.5)
-        assert sum(map(_closed_by_server, socks)) == flood - (cap - 1)  # the held ones stay open
+        assert sum(map(closed_by_server, socks)) == flood - (cap - 1)  # the held ones stay open
         # The channel's connection was admitted before the flood: it still serves.
         assert list((await gateway.stub.ModelInfer(digits_request(), metadata=gateway.auth())).outputs[0].shape) \
             == [1, 10]
