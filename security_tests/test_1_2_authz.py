@@ -698,8 +698,10 @@ async def test_authz_13_protective_file_emptied_keeps_last_good(gw: Client, worl
         assert world.reload() is False
         assert store.current.policy.revision == revision
         assert store.last_failure is not None and name in store.last_failure.error
+        # The 0.2 s policy watcher may refuse the same edit before (or as well as) this
+        # explicit reload: each refused attempt counts, so at least one, under this reason.
         assert _metric(world, "gateway_policy_reload_failures_total",
-                       reason="invalid" if breakage is _directory else "vanished") == failures + 1
+                       reason="invalid" if breakage is _directory else "vanished") >= failures + 1
         assert store.current.policy.privacy.models and store.current.policy.inputs.sanitize.defaults.caps.max_batch
         assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1())).status == 200
         assert (await gw.infer("beta_fraud", PUB_BODY, token=tokens.u1())).status in DENIED
