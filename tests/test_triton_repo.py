@@ -414,7 +414,14 @@ def test_committed_repo_matches_a_fresh_build(build_models: ModuleType, tmp_path
         if model == "text_echo":
             assert list(fresh_out[0]) == list(committed_out[0])
         else:
-            np.testing.assert_allclose(fresh_out[0], committed_out[0], rtol=0.0, atol=1e-5)
+            # L-BFGS amplifies BLAS rounding: OpenBLAS picks its kernels by CPU (AVX2 vs
+            # AVX-512) and splits sums by thread count (torch imported first changes it), and
+            # the optimum it stops at moves by up to ~0.02 in probability (measured: 0.0202 on
+            # digits, 1.3e-6 on risk, with OPENBLAS_CORETYPE=Haswell or one BLAS thread).
+            # Same machine, same process: byte-identical (above); across machines: the same
+            # class for every test row and probabilities within 0.05.
+            assert (fresh_out[0].argmax(axis=1) == committed_out[0].argmax(axis=1)).all(), model
+            np.testing.assert_allclose(fresh_out[0], committed_out[0], rtol=0.0, atol=0.05)
 
 
 # --------------------------------------------------------------------------- version 2: DP-SGD
