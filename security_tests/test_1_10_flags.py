@@ -329,6 +329,18 @@ async def test_authz_17_targeting_on_client_controlled_input_never_matches(
     assert_stable(side, world, r, "targeting_match")
 
 
+async def test_authz_17_canary_subject_metadata_lists_its_versions(tokens: Tokens, canary_side: SideGateway) -> None:
+    """Positive control of the unassigned-canary case (test_1_2_authz.py): a subject in the
+    100 % canary may call version 2 (its variant) and pin version 1 (stable), and its
+    metadata lists exactly those two."""
+    token = tokens.u1(sub=tokens.sub("cohort"))
+    meta = await canary_side.client().request("GET", "/v2/models/pub_clf", token=token)
+    assert meta.status == 200 and meta.json()["versions"] == ["1", "2"]
+    for version in ("1", "2"):
+        r = await canary_side.client().infer("pub_clf", PUB_BODY, token=token, version=version)
+        assert r.status == 200 and version_of(r) == version
+
+
 @pytest.mark.parametrize(("method", "path"), [("POST", "/v2/models/{m}/infer"), ("GET", "/v2/models/{m}"),
                                               ("GET", "/v2/models/{m}/ready")])
 async def test_authz_17_refused_call_names_no_variant(world: World, tokens: Tokens, canary_side: SideGateway,

@@ -654,6 +654,33 @@ async def test_authz_17_canary_forcing(gw: Client, world: World, tokens: Tokens,
         assert [req.model_version for req in world.fake.requests] == ["1"]  # stable
 
 
+async def test_authz_17_metadata_lists_no_unassigned_canary_version(gw: Client, world: World, tokens: Tokens,
+                                                                     grpc_port: int) -> None:
+    """A subject outside the canary gets the unknown model's 404 for ``/versions/2`` of the
+    flagged ``pub_clf``; its metadata (REST and gRPC) must not list version 2 either, or the
+    version list announces the canary the call path hides (API9: inventory)."""
+    token = tokens.u1()
+    meta = await gw.request("GET", "/v2/models/pub_clf", token=token)
+    assert meta.status == 200
+    assert meta.json()["versions"] == ["1"]
+    for version in ("1", "2"):
+        r = await gw.request("GET", f"/v2/models/pub_clf/versions/{version}", token=token)
+        listed = version in meta.json()["versions"]
+        assert r.status == (200 if listed else 404), (version, r.status)
+        if listed:
+            assert r.json()["versions"] == ["1"]
+    async with _from_own_address(world, grpc_port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as ch:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(
+            service_pb2.ModelMetadataRequest(name="pub_clf"), metadata=(("authorization", f"Bearer {token}"),),
+            timeout=30)
+        answer = await call
+        trailers = await call.trailing_metadata()
+    rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+    world.ledger.responses.append(("GRPC", "/v2/models/pub_clf", Response(200, {"X-Request-ID": rid},
+                                                                          answer.SerializeToString())))
+    assert list(answer.versions) == ["1"]
+
+
 def _metric(world: World, name: str, **labels: str) -> float:
     assert world.service is not None
     value = world.service.metrics.registry.get_sample_value(name, labels)
