@@ -550,11 +550,13 @@ async def test_authn_11_last_second_before_the_boundary(gw: Client, world: World
 
 
 
-async def _grpc_code(world: World, port: int, token: str) -> tuple[grpc.StatusCode, str]:
-    """One ModelInfer on the gRPC front with ``token``; its status code and request id."""
+async def _grpc_code(world: World, port: int, token: str, copies: int = 1) -> tuple[grpc.StatusCode, str]:
+    """One ModelInfer on the gRPC front with ``token`` (in ``copies`` authorization entries);
+    its status code and request id."""
     async with _from_own_address(world, port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        call = stub.ModelInfer(_grpc_request("pub_clf"), metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+        call = stub.ModelInfer(_grpc_request("pub_clf"), metadata=(("authorization", f"Bearer {token}"),) * copies,
+                               timeout=30)
         try:
             await call
             code = grpc.StatusCode.OK
@@ -562,7 +564,8 @@ async def _grpc_code(world: World, port: int, token: str) -> tuple[grpc.StatusCo
             code = exc.code()
         trailers = await call.trailing_metadata()
     rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
-    status = {grpc.StatusCode.OK: 200, grpc.StatusCode.UNAUTHENTICATED: 401}.get(code, 599)
+    status = {grpc.StatusCode.OK: 200, grpc.StatusCode.UNAUTHENTICATED: 401,
+              grpc.StatusCode.INVALID_ARGUMENT: 400}.get(code, 599)
     world.ledger.responses.append(("GRPC", "/v2/models/pub_clf/infer", Response(status, {"X-Request-ID": rid}, b"")))
     return code, rid
 
@@ -587,3 +590,18 @@ async def test_authn_03_grpc_front_same_token_rules(world: World, tokens: Tokens
     assert recs[0]["reason"] in ("authn_malformed_token", "authn_forbidden_header")
     ok, _ = await _grpc_code(world, grpc_port, tokens.u1())
     assert ok == grpc.StatusCode.OK  # control: a canonical token of the same principal passes
+
+
+async def test_authn_23_grpc_two_authorization_entries(world: World, tokens: Tokens, grpc_port: int) -> None:
+    """AUTHN-23 on the gRPC front: two ``authorization`` entries (even the same valid token
+    twice) are the REST front's two Authorization headers: a malformed request (400 ->
+    INVALID_ARGUMENT), recorded as such; never authenticated, never forwarded."""
+    token = tokens.u1()
+    code, rid = await _grpc_code(world, grpc_port, token, copies=2)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert world.upstream_calls() == 0
+    recs = [r for r in world.audit_records() if r.get("request_id") == rid]
+    assert len(recs) == 1 and (recs[0]["decision"], recs[0]["status"]) == ("deny", 400)
+    assert recs[0]["reason"] == "authn_malformed_header"
+    ok, _ = await _grpc_code(world, grpc_port, token)
+    assert ok == grpc.StatusCode.OK  # control: the same token once passes
