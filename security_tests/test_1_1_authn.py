@@ -432,12 +432,18 @@ async def test_authn_03_duplicate_members_refused(gw: Client, world: World, toke
 
 
 @pytest.mark.parametrize("variant", ["bom_header", "bom_payload", "utf16_header", "utf16_payload", "utf32_payload",
-                                     "nan_in_header", "nan_in_other_claim", "infinity_in_other_claim"])
+                                     "nan_in_header", "nan_in_other_claim", "infinity_in_other_claim",
+                                     "lone_surrogate_sub", "lone_low_surrogate_sub", "lone_surrogate_tenant",
+                                     "lone_surrogate_role", "lone_surrogate_member_name", "lone_surrogate_kid"])
 async def test_authn_03_claims_must_be_utf8_json(gw: Client, world: World, tokens: Tokens, variant: str) -> None:
     """AUTHN-03 variant: Python's ``json.loads(bytes)`` takes a UTF-8 BOM, UTF-16/32 text and
-    the NaN/Infinity literals; RFC 7519 §7.2 says UTF-8 JSON. Correctly signed, still refused."""
+    the NaN/Infinity literals; RFC 7519 §7.2 says UTF-8 JSON. Correctly signed, still refused.
+    A ``\\ud800`` escape decodes to a lone surrogate, no Unicode text (RFC 8259 §8.2, I-JSON
+    RFC 7493 §2.1): such a subject or tenant made the routing flag's key (a UTF-8 hash of
+    tenant and subject) raise, a 500 on ``pub_clf``."""
     head = json.dumps(_HEAD).encode()
     claims = json.dumps(world.tokens.claims(sub=tokens.sub("u1")))
+    sub = json.dumps(tokens.sub("u1"))
     header, payload = {
         "bom_header": (b"\xef\xbb\xbf" + head, claims.encode()),
         "bom_payload": (head, b"\xef\xbb\xbf" + claims.encode()),
@@ -447,7 +453,16 @@ async def test_authn_03_claims_must_be_utf8_json(gw: Client, world: World, token
         "nan_in_header": (head[:-1] + b', "x": NaN}', claims.encode()),
         "nan_in_other_claim": (head, claims[:-1].encode() + b', "x": NaN}'),
         "infinity_in_other_claim": (head, claims[:-1].encode() + b', "x": -Infinity}'),
+        "lone_surrogate_sub": (head, claims.replace(sub, sub[:-1] + '\\ud800"').encode()),
+        "lone_low_surrogate_sub": (head, claims.replace(sub, sub[:-1] + '\\udfff"').encode()),
+        "lone_surrogate_tenant": (head, claims.replace('"tenant": "alpha"', '"tenant": "alpha\\udbff"').encode()),
+        "lone_surrogate_role": (head, claims.replace('"roles": ["predictor"]',
+                                                     '"roles": ["predictor", "\\ud800"]').encode()),
+        "lone_surrogate_member_name": (head, claims[:-1].encode() + b', "x\\ud800": 1}'),
+        "lone_surrogate_kid": (head.replace(b'"rs-1"', b'"rs-1\\ud800"'), claims.encode()),
     }[variant]
+    if variant.startswith("lone_"):
+        assert b"\\ud" in header + payload  # the escape is in the signed bytes
     token = tokens.remember(_signed_raw(world, header, payload))
     r = await gw.infer("pub_clf", PUB_BODY, token=token)
     assert r.status == 401 and world.upstream_calls() == 0
