@@ -620,3 +620,23 @@ async def test_authn_23_grpc_two_authorization_entries(world: World, tokens: Tok
     assert recs[0]["reason"] == "authn_malformed_header"
     ok, _ = await _grpc_code(world, grpc_port, token)
     assert ok == grpc.StatusCode.OK  # control: the same token once passes
+
+
+@pytest.mark.parametrize("name", ["padded_sub", "leading_sub", "nbsp_sub", "newline_sub", "nul_sub", "crlf_sub",
+                                  "zero_width_sub", "bidi_sub", "c1_sub", "padded_tenant", "zero_width_tenant"])
+async def test_authn_13_subject_and_tenant_must_be_printable(gw: Client, world: World, tokens: Tokens,
+                                                             name: str) -> None:
+    """AUTHN-13/RL-09 neighbour: a signed ``sub`` or ``tenant`` that prints like another
+    ("u1 ", "u1\u200b", a bidi override) is a principal of its own (rate buckets, flag bucket,
+    audit subject) shown as someone it is not in logs and exports: refused like a missing one."""
+    sub, tenant = tokens.sub("u1"), "alpha"
+    over = {"padded_sub": {"sub": sub + " "}, "leading_sub": {"sub": " " + sub}, "nbsp_sub": {"sub": sub + "\u00a0"},
+            "newline_sub": {"sub": sub + "\n"}, "nul_sub": {"sub": sub + "\x00"}, "crlf_sub": {"sub": sub + "\r\nX: y"},
+            "zero_width_sub": {"sub": sub + "\u200b"}, "bidi_sub": {"sub": "\u202e" + sub},
+            "c1_sub": {"sub": sub + "\x85"}, "padded_tenant": {"tenant": tenant + " "},
+            "zero_width_tenant": {"tenant": "\u200d" + tenant}}[name]
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(**over))
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_missing_claims"
+    assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1())).status == 200  # control
+
