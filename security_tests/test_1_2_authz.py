@@ -171,6 +171,25 @@ async def test_authz_08_roles_claim_shapes(gw: Client, world: World, tokens: Tok
 async def test_authz_09_scope(gw: Client, world: World, tokens: Tokens) -> None:
     r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(scope="models:read"))
     assert r.status == 403 and world.upstream_calls() == 0
+    # RFC 6750 §3/§3.1: a token that does not enable access is answered with the challenge
+    # naming the missing scope, so the client asks its IdP instead of retrying the token.
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="infergate", error="insufficient_scope", scope="models:infer"'
+
+
+async def test_authz_09_scope_grpc(world: World, tokens: Tokens, grpc_port: int) -> None:
+    """AUTHZ-09 on the gRPC front: PERMISSION_DENIED with the same challenge in the trailers."""
+    request = _grpc_request("pub_clf")
+    async with _from_own_address(world, grpc_port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as ch:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
+            request, metadata=(("authorization", f"Bearer {tokens.u1(scope='models:read')}"),), timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        trailers = dict(await call.trailing_metadata() or ())
+    world.ledger.responses.append(("GRPC", "/v2/models/pub_clf/infer",
+                                   Response(403, {"X-Request-ID": str(trailers.get("x-request-id", ""))}, b"")))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert trailers["www-authenticate"] == 'Bearer realm="infergate", error="insufficient_scope", scope="models:infer"'
+    assert world.upstream_calls() == 0
 
 
 async def test_authz_11_shared_memory_params(gw: Client, world: World, tokens: Tokens) -> None:

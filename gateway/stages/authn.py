@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway import strict_json
 from gateway.context import Action, Principal, RequestContext
-from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.errors import AuthenticationFailed, InsufficientScope
 from gateway.stages.base import Stage
 
 MAX_TOKEN_BYTES = 8192
@@ -266,7 +266,7 @@ class JwtAuthenticator(Stage):
         # SECURITY: a token the IdP issued for reading (scope) does not let its holder infer.
         if (issuer is not None and issuer.required_scope is not None and ctx.action is Action.INFER
                 and issuer.required_scope not in principal.scopes):
-            raise PermissionDenied("token scope does not allow inference", reason="authz_scope")
+            raise InsufficientScope("token scope does not allow inference", scope=issuer.required_scope)
 
     async def authenticate(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():

@@ -54,6 +54,7 @@ from gateway.context import Action, RequestContext, traceparent_for
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
+    InsufficientScope,
     InternalError,
     MalformedRequest,
     MethodNotAllowed,
@@ -187,6 +188,8 @@ def error_trailers(exc: GatewayError, request_id: str) -> tuple[tuple[str, str],
     if isinstance(exc, AuthenticationFailed):
         challenge = _UNAUTHENTICATED_CHALLENGE if exc.reason == "authn_missing_token" else _INVALID_TOKEN_CHALLENGE
         trailers.append(("www-authenticate", challenge))
+    elif isinstance(exc, InsufficientScope):
+        trailers.append(("www-authenticate", exc.challenge()))
     if exc.retry_after_s is not None:
         trailers.append(("retry-after", str(max(1, int(exc.retry_after_s + 0.999)))))
     elif exc.http_status == 503:
