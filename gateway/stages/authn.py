@@ -131,7 +131,7 @@ def usable_principal_name(value: object) -> bool:
     """A ``sub`` or ``tenant`` the gateway may key state on: non-empty text, not padded with
     whitespace, no control or invisible characters.
 
-    # SECURITY: "u1 ", "u1\u200b" or "u1\x00" print as "u1" in logs, audit exports and
+    # SECURITY: "u1 ", "u1\\u200b" or "u1\\x00" print as "u1" in logs, audit exports and
     # dashboards, yet are principals of their own (rate buckets, flag bucket, audit subject):
     # a token naming one is refused rather than shown as someone it is not. ``infergate
     # token`` applies the same rule (gateway/cli.py).
