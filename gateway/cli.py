@@ -209,9 +209,13 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 def _claim_value(text: str) -> str:
     """An argparse type for a subject or tenant: the gateway refuses a token whose ``sub`` or
-    ``tenant`` is empty, padded or holds control characters, so the CLI does not issue one."""
-    if not text or text != text.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise argparse.ArgumentTypeError(f"not a usable value: {text!r} (empty, padded or with control characters)")
+    ``tenant`` is empty, padded or holds control or invisible characters, so the CLI does not
+    issue one (one rule: gateway.stages.authn.usable_principal_name)."""
+    from gateway.stages.authn import usable_principal_name  # lazy: keeps CLI start-up light
+
+    if not usable_principal_name(text):
+        raise argparse.ArgumentTypeError(f"not a usable value: {text!r} (empty, padded or with control or "
+                                         "invisible characters)")
     return text
 
 

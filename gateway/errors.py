@@ -110,6 +110,27 @@ class PermissionDenied(GatewayError):
     default_reason = "authz_denied"
 
 
+class InsufficientScope(PermissionDenied):
+    """A valid token whose ``scope`` lacks what the call needs (RFC 6750 §3.1).
+
+    The fronts add the challenge RFC 6750 §3 requires when a token does not enable access:
+    ``WWW-Authenticate: Bearer error="insufficient_scope", scope="<needed>"`` (a 403, so a
+    client asks its IdP for the scope instead of retrying the same token).
+    """
+
+    default_reason = "authz_scope"
+
+    def __init__(self, detail: str | None = None, *, scope: str, reason: str | None = None) -> None:
+        self.scope = scope
+        super().__init__(detail, reason=reason)
+
+    def challenge(self) -> str:
+        # The scope comes from policy (a scope token: printable ASCII, no quote or backslash).
+        shown = self.scope if all(0x21 <= ord(c) <= 0x7E and c not in '"\\' for c in self.scope) else ""
+        scope = f', scope="{shown}"' if shown else ""
+        return f'Bearer realm="infergate", error="insufficient_scope"{scope}'
+
+
 class NotFound(GatewayError):
     http_status = 404
     grpc_code = GrpcCode.NOT_FOUND

@@ -20,7 +20,7 @@ from gateway import __version__
 from gateway.audit import AuditAggregator, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request, check_response
-from gateway.context import Action, RequestContext, RequestIds
+from gateway.context import NOTE_REQUESTED_MODEL, Action, RequestContext, RequestIds
 from gateway.drift.monitor import DriftMonitor
 from gateway.errors import (
     ClientGone,
@@ -274,6 +274,7 @@ class InferenceService:
         if versions is not None:
             # SECURITY (AUTHZ-04): versions the caller may not call are not listed either.
             meta = replace(meta, versions=tuple(v for v in meta.versions if v in versions))
+        meta = replace(meta, name=_shown_model(ctx, meta.name))
         released = snap.pipeline.released_outputs(ctx)
         if not released:
             return meta
@@ -324,7 +325,9 @@ class InferenceService:
 
         # Drift sees the request as sent upstream and the raw answer (before DP noise), sampled.
         observed = call_upstream if self.drift is None else self.drift.observing(call_upstream)
-        return await snap.pipeline.infer(ctx, req, observed)
+        resp = await snap.pipeline.infer(ctx, req, observed)
+        shown = _shown_model(ctx, resp.model_name)
+        return resp if shown == resp.model_name else replace(resp, model_name=shown)
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         start = time.perf_counter()
@@ -396,6 +399,17 @@ class InferenceService:
             log.error("audit_write_failed", reason=exc.reason)  # noqa: TRY400 - expected outcome, no trace
             raise
         self.metrics.child(self.metrics.audit_records, decision).inc()
+
+
+def _shown_model(ctx: RequestContext, served: str) -> str:
+    """The model name an answer carries: the one the client asked for.
+
+    # SECURITY (AUTHZ-17, API9 inventory): a flag may route a name to another model (blue-green);
+    # that model is reachable only through the flag and its own name answers as an unknown model
+    # (404), so metadata and inference answers must not announce it either.
+    """
+    requested = ctx.notes.get(NOTE_REQUESTED_MODEL)
+    return requested if isinstance(requested, str) and requested else served
 
 
 def _refuse_malformed_credential(ctx: RequestContext) -> None:

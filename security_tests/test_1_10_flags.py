@@ -329,6 +329,49 @@ async def test_authz_17_targeting_on_client_controlled_input_never_matches(
     assert_stable(side, world, r, "targeting_match")
 
 
+async def test_authz_17_canary_subject_metadata_lists_its_versions(tokens: Tokens, canary_side: SideGateway) -> None:
+    """Positive control of the unassigned-canary case (test_1_2_authz.py): a subject in the
+    100 % canary may call version 2 (its variant) and pin version 1 (stable), and its
+    metadata lists exactly those two."""
+    token = tokens.u1(sub=tokens.sub("cohort"))
+    meta = await canary_side.client().request("GET", "/v2/models/pub_clf", token=token)
+    assert meta.status == 200 and meta.json()["versions"] == ["1", "2"]
+    for version in ("1", "2"):
+        r = await canary_side.client().infer("pub_clf", PUB_BODY, token=token, version=version)
+        assert r.status == 200 and version_of(r) == version
+
+
+async def test_authz_17_green_model_name_never_announced(world: World, tokens: Tokens,
+                                                          side_gateways: Callable[..., SideGateway]) -> None:
+    """Blue-green by model: ``pub_clf`` is routed to the model ``alpha_fraud`` (green), which is
+    then reachable only through the flag; called by its own name it answers as an unknown model.
+    Metadata and inference answers name the model the client asked for, never the green one
+    (it was announced in ``name``/``model_name``, REST and gRPC alike)."""
+    side = side_gateways("bluegreen")
+    doc = flags_doc(100, 0)
+    doc["flags"][FLAG].update({
+        "variants": {"blue": {"model": "pub_clf", "version": "1"}, "green": {"model": "alpha_fraud", "version": "1"}},
+        "defaultVariant": "green", "targeting": {"fractional": [["blue", 0], ["green", 100]]},
+    })
+    doc["flags"][FLAG]["metadata"]["gateway.stable"] = "blue"
+    assert side.settings is not None
+    (side.settings.policies / "flags.json").write_text(json.dumps(doc))
+    reload(side)
+    token = tokens.u1()
+    direct = await side.client().infer("alpha_fraud", PUB_BODY, token=token)
+    assert direct.status == 404  # route-only: the green model has no name of its own
+    answer = await side.client().infer("pub_clf", PUB_BODY, token=token)
+    assert answer.status == 200 and answer.headers.get("X-Model-Variant") == "green"
+    assert world.fake.requests[-1].model_name == "alpha_fraud"  # green served it
+    meta = await side.client().request("GET", "/v2/models/pub_clf", token=token)
+    assert meta.status == 200
+    for r in (answer, meta):
+        assert b"alpha_fraud" not in r.body, r.body
+    assert answer.json()["model_name"] == meta.json()["name"] == "pub_clf"
+    (rec,) = side.audit_for(answer)
+    assert rec["model"] == "alpha_fraud" and rec["variant"] == "green"  # the audit keeps what was served
+
+
 @pytest.mark.parametrize(("method", "path"), [("POST", "/v2/models/{m}/infer"), ("GET", "/v2/models/{m}"),
                                               ("GET", "/v2/models/{m}/ready")])
 async def test_authz_17_refused_call_names_no_variant(world: World, tokens: Tokens, canary_side: SideGateway,

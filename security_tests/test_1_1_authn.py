@@ -432,12 +432,18 @@ async def test_authn_03_duplicate_members_refused(gw: Client, world: World, toke
 
 
 @pytest.mark.parametrize("variant", ["bom_header", "bom_payload", "utf16_header", "utf16_payload", "utf32_payload",
-                                     "nan_in_header", "nan_in_other_claim", "infinity_in_other_claim"])
+                                     "nan_in_header", "nan_in_other_claim", "infinity_in_other_claim",
+                                     "lone_surrogate_sub", "lone_low_surrogate_sub", "lone_surrogate_tenant",
+                                     "lone_surrogate_role", "lone_surrogate_member_name", "lone_surrogate_kid"])
 async def test_authn_03_claims_must_be_utf8_json(gw: Client, world: World, tokens: Tokens, variant: str) -> None:
     """AUTHN-03 variant: Python's ``json.loads(bytes)`` takes a UTF-8 BOM, UTF-16/32 text and
-    the NaN/Infinity literals; RFC 7519 §7.2 says UTF-8 JSON. Correctly signed, still refused."""
+    the NaN/Infinity literals; RFC 7519 §7.2 says UTF-8 JSON. Correctly signed, still refused.
+    A ``\\ud800`` escape decodes to a lone surrogate, no Unicode text (RFC 8259 §8.2, I-JSON
+    RFC 7493 §2.1): such a subject or tenant made the routing flag's key (a UTF-8 hash of
+    tenant and subject) raise, a 500 on ``pub_clf``."""
     head = json.dumps(_HEAD).encode()
     claims = json.dumps(world.tokens.claims(sub=tokens.sub("u1")))
+    sub = json.dumps(tokens.sub("u1"))
     header, payload = {
         "bom_header": (b"\xef\xbb\xbf" + head, claims.encode()),
         "bom_payload": (head, b"\xef\xbb\xbf" + claims.encode()),
@@ -447,7 +453,16 @@ async def test_authn_03_claims_must_be_utf8_json(gw: Client, world: World, token
         "nan_in_header": (head[:-1] + b', "x": NaN}', claims.encode()),
         "nan_in_other_claim": (head, claims[:-1].encode() + b', "x": NaN}'),
         "infinity_in_other_claim": (head, claims[:-1].encode() + b', "x": -Infinity}'),
+        "lone_surrogate_sub": (head, claims.replace(sub, sub[:-1] + '\\ud800"').encode()),
+        "lone_low_surrogate_sub": (head, claims.replace(sub, sub[:-1] + '\\udfff"').encode()),
+        "lone_surrogate_tenant": (head, claims.replace('"tenant": "alpha"', '"tenant": "alpha\\udbff"').encode()),
+        "lone_surrogate_role": (head, claims.replace('"roles": ["predictor"]',
+                                                     '"roles": ["predictor", "\\ud800"]').encode()),
+        "lone_surrogate_member_name": (head, claims[:-1].encode() + b', "x\\ud800": 1}'),
+        "lone_surrogate_kid": (head.replace(b'"rs-1"', b'"rs-1\\ud800"'), claims.encode()),
     }[variant]
+    if variant.startswith("lone_"):
+        assert b"\\ud" in header + payload  # the escape is in the signed bytes
     token = tokens.remember(_signed_raw(world, header, payload))
     r = await gw.infer("pub_clf", PUB_BODY, token=token)
     assert r.status == 401 and world.upstream_calls() == 0
@@ -550,11 +565,13 @@ async def test_authn_11_last_second_before_the_boundary(gw: Client, world: World
 
 
 
-async def _grpc_code(world: World, port: int, token: str) -> tuple[grpc.StatusCode, str]:
-    """One ModelInfer on the gRPC front with ``token``; its status code and request id."""
+async def _grpc_code(world: World, port: int, token: str, copies: int = 1) -> tuple[grpc.StatusCode, str]:
+    """One ModelInfer on the gRPC front with ``token`` (in ``copies`` authorization entries);
+    its status code and request id."""
     async with _from_own_address(world, port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        call = stub.ModelInfer(_grpc_request("pub_clf"), metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+        call = stub.ModelInfer(_grpc_request("pub_clf"), metadata=(("authorization", f"Bearer {token}"),) * copies,
+                               timeout=30)
         try:
             await call
             code = grpc.StatusCode.OK
@@ -562,7 +579,8 @@ async def _grpc_code(world: World, port: int, token: str) -> tuple[grpc.StatusCo
             code = exc.code()
         trailers = await call.trailing_metadata()
     rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
-    status = {grpc.StatusCode.OK: 200, grpc.StatusCode.UNAUTHENTICATED: 401}.get(code, 599)
+    status = {grpc.StatusCode.OK: 200, grpc.StatusCode.UNAUTHENTICATED: 401,
+              grpc.StatusCode.INVALID_ARGUMENT: 400}.get(code, 599)
     world.ledger.responses.append(("GRPC", "/v2/models/pub_clf/infer", Response(status, {"X-Request-ID": rid}, b"")))
     return code, rid
 
@@ -587,3 +605,38 @@ async def test_authn_03_grpc_front_same_token_rules(world: World, tokens: Tokens
     assert recs[0]["reason"] in ("authn_malformed_token", "authn_forbidden_header")
     ok, _ = await _grpc_code(world, grpc_port, tokens.u1())
     assert ok == grpc.StatusCode.OK  # control: a canonical token of the same principal passes
+
+
+async def test_authn_23_grpc_two_authorization_entries(world: World, tokens: Tokens, grpc_port: int) -> None:
+    """AUTHN-23 on the gRPC front: two ``authorization`` entries (even the same valid token
+    twice) are the REST front's two Authorization headers: a malformed request (400 ->
+    INVALID_ARGUMENT), recorded as such; never authenticated, never forwarded."""
+    token = tokens.u1()
+    code, rid = await _grpc_code(world, grpc_port, token, copies=2)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert world.upstream_calls() == 0
+    recs = [r for r in world.audit_records() if r.get("request_id") == rid]
+    assert len(recs) == 1 and (recs[0]["decision"], recs[0]["status"]) == ("deny", 400)
+    assert recs[0]["reason"] == "authn_malformed_header"
+    ok, _ = await _grpc_code(world, grpc_port, token)
+    assert ok == grpc.StatusCode.OK  # control: the same token once passes
+
+
+@pytest.mark.parametrize("name", ["padded_sub", "leading_sub", "nbsp_sub", "newline_sub", "nul_sub", "crlf_sub",
+                                  "zero_width_sub", "bidi_sub", "c1_sub", "padded_tenant", "zero_width_tenant"])
+async def test_authn_13_subject_and_tenant_must_be_printable(gw: Client, world: World, tokens: Tokens,
+                                                             name: str) -> None:
+    """AUTHN-13/RL-09 neighbour: a signed ``sub`` or ``tenant`` that prints like another
+    ("u1 ", "u1\u200b", a bidi override) is a principal of its own (rate buckets, flag bucket,
+    audit subject) shown as someone it is not in logs and exports: refused like a missing one."""
+    sub, tenant = tokens.sub("u1"), "alpha"
+    over = {"padded_sub": {"sub": sub + " "}, "leading_sub": {"sub": " " + sub}, "nbsp_sub": {"sub": sub + "\u00a0"},
+            "newline_sub": {"sub": sub + "\n"}, "nul_sub": {"sub": sub + "\x00"}, "crlf_sub": {"sub": sub + "\r\nX: y"},
+            "zero_width_sub": {"sub": sub + "\u200b"}, "bidi_sub": {"sub": "\u202e" + sub},
+            "c1_sub": {"sub": sub + "\x85"}, "padded_tenant": {"tenant": tenant + " "},
+            "zero_width_tenant": {"tenant": "\u200d" + tenant}}[name]
+    r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(**over))
+    assert r.status == 401 and world.upstream_calls() == 0
+    assert deny_reason(world, r.headers["X-Request-ID"]) == "authn_missing_claims"
+    assert (await gw.infer("pub_clf", PUB_BODY, token=tokens.u1())).status == 200  # control
+

@@ -171,6 +171,25 @@ async def test_authz_08_roles_claim_shapes(gw: Client, world: World, tokens: Tok
 async def test_authz_09_scope(gw: Client, world: World, tokens: Tokens) -> None:
     r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(scope="models:read"))
     assert r.status == 403 and world.upstream_calls() == 0
+    # RFC 6750 §3/§3.1: a token that does not enable access is answered with the challenge
+    # naming the missing scope, so the client asks its IdP instead of retrying the token.
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="infergate", error="insufficient_scope", scope="models:infer"'
+
+
+async def test_authz_09_scope_grpc(world: World, tokens: Tokens, grpc_port: int) -> None:
+    """AUTHZ-09 on the gRPC front: PERMISSION_DENIED with the same challenge in the trailers."""
+    request = _grpc_request("pub_clf")
+    async with _from_own_address(world, grpc_port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as ch:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
+            request, metadata=(("authorization", f"Bearer {tokens.u1(scope='models:read')}"),), timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        trailers = dict(await call.trailing_metadata() or ())
+    world.ledger.responses.append(("GRPC", "/v2/models/pub_clf/infer",
+                                   Response(403, {"X-Request-ID": str(trailers.get("x-request-id", ""))}, b"")))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert trailers["www-authenticate"] == 'Bearer realm="infergate", error="insufficient_scope", scope="models:infer"'
+    assert world.upstream_calls() == 0
 
 
 async def test_authz_11_shared_memory_params(gw: Client, world: World, tokens: Tokens) -> None:
@@ -652,6 +671,33 @@ async def test_authz_17_canary_forcing(gw: Client, world: World, tokens: Tokens,
     else:
         assert r.status == 200
         assert [req.model_version for req in world.fake.requests] == ["1"]  # stable
+
+
+async def test_authz_17_metadata_lists_no_unassigned_canary_version(gw: Client, world: World, tokens: Tokens,
+                                                                     grpc_port: int) -> None:
+    """A subject outside the canary gets the unknown model's 404 for ``/versions/2`` of the
+    flagged ``pub_clf``; its metadata (REST and gRPC) must not list version 2 either, or the
+    version list announces the canary the call path hides (API9: inventory)."""
+    token = tokens.u1()
+    meta = await gw.request("GET", "/v2/models/pub_clf", token=token)
+    assert meta.status == 200
+    assert meta.json()["versions"] == ["1"]
+    for version in ("1", "2"):
+        r = await gw.request("GET", f"/v2/models/pub_clf/versions/{version}", token=token)
+        listed = version in meta.json()["versions"]
+        assert r.status == (200 if listed else 404), (version, r.status)
+        if listed:
+            assert r.json()["versions"] == ["1"]
+    async with _from_own_address(world, grpc_port) as relay, grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as ch:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(
+            service_pb2.ModelMetadataRequest(name="pub_clf"), metadata=(("authorization", f"Bearer {token}"),),
+            timeout=30)
+        answer = await call
+        trailers = await call.trailing_metadata()
+    rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+    world.ledger.responses.append(("GRPC", "/v2/models/pub_clf", Response(200, {"X-Request-ID": rid},
+                                                                          answer.SerializeToString())))
+    assert list(answer.versions) == ["1"]
 
 
 def _metric(world: World, name: str, **labels: str) -> float:

@@ -131,7 +131,8 @@ def test_drift_samples_that_are_a_fifo_or_dev_zero_are_refused(tmp_path: Path, c
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--sub", ""), ("--sub", " alice"), ("--tenant", ""),
-                                             ("--tenant", "acme\n"), ("--sub", "a\x00b")])
+                                             ("--tenant", "acme\n"), ("--sub", "a\x00b"), ("--sub", "alice\u200b"),
+                                             ("--tenant", "ac\u202eme")])
 def test_token_with_an_unusable_subject_or_tenant_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                    flag: str, value: str) -> None:
     """The gateway refuses a token whose sub or tenant is empty, padded or holds control

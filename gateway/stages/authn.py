@@ -16,16 +16,17 @@ import hashlib
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway import strict_json
 from gateway.context import Action, Principal, RequestContext
-from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.errors import AuthenticationFailed, InsufficientScope
 from gateway.stages.base import Stage
 
 MAX_TOKEN_BYTES = 8192
@@ -119,6 +120,24 @@ PRIVATE_JWK_MEMBERS: frozenset[str] = frozenset({"d", "p", "q", "dp", "dq", "qi"
 # compression (``zip``), JWE (``enc``) and nested tokens (``cty``, RFC 7519 §5.2). Ignoring
 # any of them would verify something other than what the issuer (or attacker) meant.
 FORBIDDEN_HEADERS: frozenset[str] = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64", "zip", "enc", "cty"})
+
+
+# Characters a subject or tenant never holds: controls (C0, DEL, C1), invisible formatting
+# (zero-width, bidi overrides), unpaired surrogates, line and paragraph separators.
+_UNPRINTED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def usable_principal_name(value: object) -> bool:
+    """A ``sub`` or ``tenant`` the gateway may key state on: non-empty text, not padded with
+    whitespace, no control or invisible characters.
+
+    # SECURITY: "u1 ", "u1\\u200b" or "u1\\x00" print as "u1" in logs, audit exports and
+    # dashboards, yet are principals of their own (rate buckets, flag bucket, audit subject):
+    # a token naming one is refused rather than shown as someone it is not. ``infergate
+    # token`` applies the same rule (gateway/cli.py).
+    """
+    return (isinstance(value, str) and value != "" and value == value.strip()
+            and not any(unicodedata.category(c) in _UNPRINTED_CATEGORIES for c in value))
 
 
 def valid_kid(kid: object) -> bool:
@@ -247,7 +266,7 @@ class JwtAuthenticator(Stage):
         # SECURITY: a token the IdP issued for reading (scope) does not let its holder infer.
         if (issuer is not None and issuer.required_scope is not None and ctx.action is Action.INFER
                 and issuer.required_scope not in principal.scopes):
-            raise PermissionDenied("token scope does not allow inference", reason="authz_scope")
+            raise InsufficientScope("token scope does not allow inference", scope=issuer.required_scope)
 
     async def authenticate(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():
@@ -354,8 +373,9 @@ class JwtAuthenticator(Stage):
         sub = claims.get(issuer.subject_claim)
         tenant = claims.get(issuer.tenant_claim)
         roles = claims.get(issuer.roles_claim, [])
-        if not (isinstance(sub, str) and sub and isinstance(tenant, str) and tenant):
+        if not (usable_principal_name(sub) and usable_principal_name(tenant)):
             raise _fail("authn_missing_claims")
+        assert isinstance(sub, str) and isinstance(tenant, str)  # noqa: S101 - checked above
         if not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
             raise _fail("authn_missing_claims")
         granted = frozenset(roles)

@@ -482,6 +482,30 @@ class FeatureFlags(Stage):
         ctx.model, ctx.version = target.model, target.version
         ctx.note(NOTE_KEY, {"flag": route.flag, "variant": variant, "reason": reason})
 
+    def visible_versions(self, ctx: RequestContext) -> frozenset[str] | None:
+        """Versions of a routed model this caller may name: its variant's and the stable one's.
+
+        # SECURITY (AUTHZ-17, API9 inventory): :meth:`on_call` answers a version of another
+        # variant (an unassigned canary) with the unknown model's 404, so metadata must not
+        # list it either: the version list would announce the canary the call path hides.
+        # None (no restriction here) for calls no flag routed, and for routes whose targets
+        # are other models or the upstream's default version (no version list to narrow).
+        """
+        note = ctx.notes.get(NOTE_KEY)
+        if not isinstance(note, dict):
+            return None
+        route = self.by_flag.get(str(note.get("flag")))
+        variant = note.get("variant")
+        if route is None or not isinstance(variant, str):
+            return None
+        versions: set[str] = set()
+        for name in (route.stable, variant):
+            target = route.targets.get(name)
+            if target is None or target.model != route.model or not target.version:
+                return None
+            versions.add(target.version)
+        return frozenset(versions)
+
     async def on_request(self, ctx: RequestContext, req: InferRequest) -> InferRequest:
         """The upstream call follows the routed context (a copy: the input stays untouched)."""
         if not isinstance(ctx.notes.get(NOTE_KEY), dict) or ctx.model is None:

@@ -476,8 +476,8 @@ class RateLimiter(Stage):
     cost_limits: tuple[_Compiled, ...]
     enforcer: _Enforcer
     # Memos of what ``applies``/``keys``/``check`` produce for one caller and call: keyed by
-    # every input those read (action, model, tenant, subject, roles), so a hit is the same
-    # answer; per stage, so a new policy revision starts empty.
+    # every input those read (action, model, the name a flag routed the call from, tenant,
+    # subject, roles), so a hit is the same answer; per stage, so a new revision starts empty.
     _call_plans: dict[tuple[Any, ...], tuple[tuple[_Compiled, ...], tuple[LimitCheck, ...]]] = field(
         default_factory=dict, repr=False)
     _cost_plans: dict[tuple[Any, ...], tuple[tuple[_Compiled, tuple[StateKey, ...]], ...]] = field(
@@ -485,7 +485,7 @@ class RateLimiter(Stage):
 
     async def on_call(self, ctx: RequestContext) -> None:
         principal = ctx.require_principal()
-        memo = (ctx.action, ctx.model, principal.tenant, principal.subject, principal.roles)
+        memo = _memo_key(ctx, principal)
         plan = self._call_plans.get(memo)
         if plan is None:
             rules: list[_Compiled] = []
@@ -504,7 +504,7 @@ class RateLimiter(Stage):
         if not self.cost_limits:
             return req
         principal = ctx.require_principal()
-        memo = (ctx.action, ctx.model, principal.tenant, principal.subject, principal.roles)
+        memo = _memo_key(ctx, principal)
         applicable = self._cost_plans.get(memo)
         if applicable is None:
             applicable = tuple((rule, tuple(rule.keys(ctx, principal))) for rule in self.cost_limits
@@ -582,6 +582,18 @@ class PreAuthLimiter:
 
 
 # -- the front's side -------------------------------------------------------------------
+
+
+def _memo_key(ctx: RequestContext, principal: Principal) -> tuple[Any, ...]:
+    """Everything :meth:`_Compiled.applies` and :meth:`_Compiled.keys` read about a call.
+
+    # SECURITY: ``applies`` also reads the name a flag routed the call from (a limit on
+    # ``digits`` binds calls routed to ``digits_green``). Two flags may route two names to one
+    # model; without that name in the key, a call from the unlimited name left a plan with no
+    # limit that a call from the limited name then reused (and the other way round).
+    """
+    return (ctx.action, ctx.model, ctx.notes.get(NOTE_REQUESTED_MODEL), principal.tenant, principal.subject,
+            principal.roles)
 
 
 def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.context import Action, RequestContext
+from gateway.context import NOTE_REQUESTED_MODEL, Action, RequestContext
 from gateway.kserve import InferRequest, Tensor
 from gateway.stages.ratelimit import (
     PLAN_CACHE_MAX,
@@ -76,6 +76,28 @@ class TestMemoKeepsBucketsApart:
         assert not await passes(stage, ctx("bob", model="digits"))
         assert await passes(stage, ctx(model="risk"))
         assert await passes(stage, ctx(model="digits", action=Action.METADATA))  # counts infer only
+
+    async def test_name_a_flag_routed_from(self) -> None:
+        """Two routing flags send ``digits`` and ``digits_beta`` to one green model. A limit on
+        ``digits`` binds calls routed from it (NOTE_REQUESTED_MODEL); the memo must not give a
+        call from ``digits`` the plan of an earlier call from ``digits_beta`` (no limit), nor
+        the other way round: same routed model, same caller, different requested name."""
+        def routed(requested: str, sub: str = "alice") -> RequestContext:
+            c = ctx(sub, model="digits_green")
+            c.notes[NOTE_REQUESTED_MODEL] = requested
+            return c
+
+        for first in ("digits_beta", "digits"):
+            stage = stage_of({"name": "m", "kind": "quota", "per": ["tenant", "subject"], "models": ["digits"],
+                              "limit": 1, "period": "day"})
+            assert await passes(stage, routed(first))
+            if first == "digits_beta":
+                assert await passes(stage, routed("digits"))  # the first call under the limit
+                assert not await passes(stage, routed("digits"))  # was let through by a stale plan
+            else:
+                assert await passes(stage, routed("digits_beta"))  # not under the limit: never charged
+                assert await passes(stage, routed("digits_beta"))
+                assert not await passes(stage, routed("digits"))
 
     async def test_cost_limits_charge_each_request_its_own_cost(self) -> None:
         stage = stage_of({"name": "c", "kind": "cost", "unit": "elements", "per": ["tenant"], "limit": 640,

@@ -54,6 +54,7 @@ from gateway.context import Action, RequestContext, traceparent_for
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
+    InsufficientScope,
     InternalError,
     MalformedRequest,
     MethodNotAllowed,
@@ -142,13 +143,14 @@ def bearer_from_metadata(metadata: Metadata) -> str | None:
     """The token of a single ``authorization: Bearer <token>`` entry, ``None`` without one.
 
     # SECURITY: two entries are refused, not resolved: a proxy and the upstream could pick
-    # different ones (the REST front refuses two Authorization headers the same way).
+    # different ones. Same answer as the REST front's two Authorization headers (AUTHN-23):
+    # a malformed request (400, INVALID_ARGUMENT), not a credential that failed (401).
     """
     values = [value for name, value in metadata if name == "authorization"]
     if not values:
         return None
     if len(values) > 1:
-        raise AuthenticationFailed("more than one authorization metadata entry", reason="authn_malformed_header")
+        raise MalformedRequest("more than one authorization metadata entry", reason="authn_malformed_header")
     value = values[0]
     scheme, _, token = value.partition(" ") if isinstance(value, str) else ("", "", "")
     if scheme.lower() != "bearer" or not token.strip():
@@ -186,6 +188,8 @@ def error_trailers(exc: GatewayError, request_id: str) -> tuple[tuple[str, str],
     if isinstance(exc, AuthenticationFailed):
         challenge = _UNAUTHENTICATED_CHALLENGE if exc.reason == "authn_missing_token" else _INVALID_TOKEN_CHALLENGE
         trailers.append(("www-authenticate", challenge))
+    elif isinstance(exc, InsufficientScope):
+        trailers.append(("www-authenticate", exc.challenge()))
     if exc.retry_after_s is not None:
         trailers.append(("retry-after", str(max(1, int(exc.retry_after_s + 0.999)))))
     elif exc.http_status == 503:

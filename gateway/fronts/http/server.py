@@ -23,6 +23,7 @@ from gateway.errors import (
     AuthenticationFailed,
     ExpectationFailed,
     GatewayError,
+    InsufficientScope,
     InternalError,
     MalformedRequest,
     MethodNotAllowed,
@@ -83,6 +84,8 @@ def error_response(exc: GatewayError, request_id: str) -> web.Response:
             'Bearer realm="infergate"' if exc.reason == "authn_missing_token"
             else 'Bearer realm="infergate", error="invalid_token"'
         )
+    elif isinstance(exc, InsufficientScope):
+        extra["WWW-Authenticate"] = exc.challenge()
     if isinstance(exc, MethodNotAllowed) and exc.detail and exc.detail.startswith("use "):
         extra["Allow"] = exc.detail[4:]
     if isinstance(exc, LimitExceeded):
