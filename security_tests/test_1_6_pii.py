@@ -327,3 +327,31 @@ async def test_pii_06_error_text_masked_on_both_fronts(gw: Client, world: World,
         assert answer.code == grpc.StatusCode.INVALID_ARGUMENT
         assert name not in answer.details and "[SECRET]" in answer.details, answer.details
     assert world.upstream_calls() == 0
+
+
+@pytest.mark.parametrize("trace_id", ["4111111111111111abcdefabcdefabcd", "abcdefabcdefabcd4111111111111111"],
+                         ids=["card_first", "card_last"])
+async def test_pii_04_trace_id_with_pii_not_forwarded(gw: Client, world: World, tokens: Tokens, grpc_port: int,
+                                                      trace_id: str) -> None:
+    """PII-04 variant (s8 probe): the W3C trace id is the one client-chosen value the gateway
+    forwards to the upstream (``traceparent`` metadata); 32 hex digits can hold a card number,
+    which reached the model server past the masking every tensor gets. Such a trace id is
+    replaced like a request id holding PII, on both fronts; a plain one still continues."""
+    plain = "4bf92f3577b34da6a3ce929d0e0e4736"
+    for offered, kept in ((trace_id, False), (plain, True)):
+        header = f"00-{offered}-00f067aa0ba902b7-01"
+        r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"traceparent": header})
+        assert r.status == 200
+        request = service_pb2.ModelInferRequest(model_name="pub_clf", inputs=[_x_tensor()])
+        async with _from_own_address(world, grpc_port) as relay, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
+            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=(("authorization", f"Bearer {tokens.u1()}"), ("traceparent", header)), timeout=30)
+            await call
+            trailers = await call.trailing_metadata()
+        rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+        world.ledger.responses.append(("GRPC", "/v2/models/pub_clf/infer", Response(200, {"X-Request-ID": rid}, b"")))
+        sent = [dict(c.metadata).get("traceparent", "") for c in world.fake.calls if c.rpc == "ModelInfer"][-2:]
+        assert len(sent) == 2 and all(len(s) == 55 for s in sent)
+        assert all((offered in s) == kept for s in sent), (offered, sent)
+    assert "4111111111111111" not in world.logs.text()
