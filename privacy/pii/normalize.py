@@ -53,6 +53,12 @@ _CONFUSABLE_PAIRS: Final = (
     " ᎪA ᏴB ᏟC ᎠD ᎬE ᏀG ᎻH ᎫJ ᏦK ᏞL ᎷM ᏢP ᏚS ᎢT ᏙV ᎳW ᏃZ"
     # punctuation: ideographic and other full stops, minus signs, at signs
     " 。. ｡. ․. −- ⁃- ‐- ‑- ‒- –- —- ―- ﹣- ⸺- ⸻-"
+    # dashes and dots that are not Pd/Po-dot characters, so the category fold misses them:
+    # modifier minus (Sk), heavy minus (So), Arabic full stop and Coptic dialect-p ni
+    # (confusables.txt prototype "-"), the katakana prolonged sound mark written as the dash
+    # of Japanese phone numbers ("０９０ー１２３４ー５６７８"), box-drawing lines, and the
+    # Lisu, Syriac and Vai full stops (prototype ".").
+    " ˗- ➖- ۔- Ⲻ- ⲻ- ー- ─- ━- ꓸ. ܁. ܂. ꘎."
 )
 CONFUSABLES: Final[dict[str, str]] = {pair[0]: pair[1] for pair in _CONFUSABLE_PAIRS.split()}
 
