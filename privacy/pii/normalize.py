@@ -72,7 +72,11 @@ def fold_char(ch: str) -> str:
         return ""
     category = unicodedata.category(ch)
     if category == "Cs":
-        return "\ufffd"  # a lone surrogate (surrogateescape'd byte) cannot be UTF-8 encoded
+        # A lone surrogate: a byte that was not UTF-8, kept under on_non_utf8 "pass".
+        # SECURITY: a lenient decoder (errors="ignore", a byte-level model) drops it, so
+        # like a NUL it must not split an entity ("john.doe\xff@example.com") for the
+        # recognizers either; it is not in the copy at all (it cannot be UTF-8 encoded).
+        return ""
     if category == "Cc":
         # SECURITY: a NUL or other control inside an address is invisible to a reader, so
         # it must not split the entity for the recognizers either.
