@@ -35,9 +35,18 @@ _TRACEPARENT_RE = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0
 
 
 def traceparent_for(offered: str | None) -> str:
-    """Continue the client's trace when its header is valid, else start one."""
+    """Continue the client's trace when its header is valid and holds no PII, else start one.
+
+    Why the PII check: the trace id is the one client-chosen value forwarded to the upstream
+    (its ``traceparent``) and logged; 32 hex digits can spell a card number
+    (``4111111111111111abcd...``), which would reach the model server past the masking every
+    tensor gets. Same rule as the request id (:func:`new_request_id`).
+    """
     valid = offered is not None and _TRACEPARENT_RE.fullmatch(offered)
-    trace_id = offered[3:35] if valid and offered else random_hex(16)
+    trace_id = offered[3:35] if valid and offered else ""
+    # SECURITY: a trace id the PII recognizers find anything in is replaced, never forwarded.
+    if not trace_id or redact_text(trace_id) != trace_id:
+        trace_id = random_hex(16)
     return f"00-{trace_id}-{random_hex(8)}-01"
 
 

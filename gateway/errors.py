@@ -35,6 +35,8 @@ from __future__ import annotations
 import enum
 from typing import ClassVar
 
+from privacy.pii.redact import redact_text
+
 
 class GrpcCode(enum.IntEnum):
     """The numbers of ``google/rpc/code.proto``, so this module imports no gRPC."""
@@ -83,10 +85,20 @@ class GatewayError(Exception):
         super().__init__(self.client_message())
 
     def client_message(self) -> str:
-        """The text a client sees: the public message, then the safe detail."""
+        """The public message, then the safe detail (the exception's own text)."""
         if self.detail:
             return f"{self.public_message}: {self.detail}"
         return self.public_message
+
+    def public_text(self) -> str:
+        """The text every front sends to the client: :meth:`client_message`, PII masked.
+
+        Why one method: a detail names the input that broke a rule, and a name the rules
+        let through may still be an entity (an input named like a GitHub token, an output
+        named like a card number); the REST front masked it and the gRPC front sent it as
+        it was. SECURITY: every front renders errors through this, never client_message.
+        """
+        return redact_text(self.client_message())
 
 
 class MalformedRequest(GatewayError):

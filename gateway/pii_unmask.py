@@ -20,11 +20,11 @@ Transport-neutral: the HTTP front reads the body and calls :func:`unmask`.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from gateway import strict_json
 from gateway.context import RequestContext
 from gateway.errors import MalformedRequest, NotFound, PermissionDenied, UnsupportedMediaType
 from gateway.policy.store import Snapshot
@@ -81,7 +81,10 @@ def _masker(snap: Snapshot) -> PiiMasker:
 
 def _parse(body: bytes) -> tuple[list[str] | None, str | None]:
     try:
-        payload = json.loads(body)
+        # SECURITY: one reading only, as for the inference body: strict UTF-8 (json.loads of
+        # bytes would sniff UTF-16/32) and no repeated member ({"tokens": [a], "tokens": [b]}
+        # is [a] to a first-wins proxy or log parser and [b] to Python).
+        payload = strict_json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise MalformedRequest("body is not JSON", reason="pii_unmask_body") from exc
     if not isinstance(payload, dict) or len(payload) != 1 or not payload.keys() & {"tokens", "text"}:

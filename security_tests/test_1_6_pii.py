@@ -299,3 +299,59 @@ async def test_pii_04_claims_not_in_audit(gw: Client, world: World, tokens: Toke
     text = json.dumps(records)
     assert all(str(v) not in text for value in claims.values()
                for v in ((value,) if isinstance(value, str) else value) if v != "predictor")
+
+
+# Names the echo rules let through (identifier-like, no run of four digits) that are still
+# entities: a GitHub token, an AWS access key id.
+SECRET_NAMES = ("ghp_" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ", "AKIAIOSFODNN7EXAMPLE")
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES, ids=("github_token", "aws_key_id"))
+async def test_pii_06_error_text_masked_on_both_fronts(gw: Client, world: World, tokens: Tokens, grpc_port: int,
+                                                       name: str) -> None:
+    """PII-06 variant (s8 probe): an error detail quotes the input name that broke a rule.
+    The REST front masked PII in error text; the gRPC front sent the same text unmasked in
+    its status details, so a secret-shaped name came back (and into any client log)."""
+    from security_tests.test_1_2_authz import _grpc_infer
+
+    world.ledger.extra_secrets.append(name)  # I3: nowhere in responses, logs, audit, metrics
+    body = {"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
+    r = await gw.infer("pub_clf", body, token=tokens.u1())
+    assert r.status == 422 and "[SECRET]" in r.json()["error"]
+    contents = service_pb2.InferTensorContents(fp32_contents=[0.1, 0.2, 0.3, 0.4])
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype="FP32", shape=[1, 4],
+                                                            contents=contents)
+    for inputs in ([tensor], [tensor, tensor]):  # not an input of the model (422); a duplicate (400)
+        request = service_pb2.ModelInferRequest(model_name="pub_clf", inputs=inputs)
+        answer = await _grpc_infer(world, grpc_port, request, tokens.u1())
+        assert answer.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert name not in answer.details and "[SECRET]" in answer.details, answer.details
+    assert world.upstream_calls() == 0
+
+
+@pytest.mark.parametrize("trace_id", ["4111111111111111abcdefabcdefabcd", "abcdefabcdefabcd4111111111111111"],
+                         ids=["card_first", "card_last"])
+async def test_pii_04_trace_id_with_pii_not_forwarded(gw: Client, world: World, tokens: Tokens, grpc_port: int,
+                                                      trace_id: str) -> None:
+    """PII-04 variant (s8 probe): the W3C trace id is the one client-chosen value the gateway
+    forwards to the upstream (``traceparent`` metadata); 32 hex digits can hold a card number,
+    which reached the model server past the masking every tensor gets. Such a trace id is
+    replaced like a request id holding PII, on both fronts; a plain one still continues."""
+    plain = "4bf92f3577b34da6a3ce929d0e0e4736"
+    for offered, kept in ((trace_id, False), (plain, True)):
+        header = f"00-{offered}-00f067aa0ba902b7-01"
+        r = await gw.infer("pub_clf", PUB_BODY, token=tokens.u1(), headers={"traceparent": header})
+        assert r.status == 200
+        request = service_pb2.ModelInferRequest(model_name="pub_clf", inputs=[_x_tensor()])
+        async with _from_own_address(world, grpc_port) as relay, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as channel:
+            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=(("authorization", f"Bearer {tokens.u1()}"), ("traceparent", header)), timeout=30)
+            await call
+            trailers = await call.trailing_metadata()
+        rid = next((str(v) for k, v in (trailers or ()) if k == "x-request-id"), "")
+        world.ledger.responses.append(("GRPC", "/v2/models/pub_clf/infer", Response(200, {"X-Request-ID": rid}, b"")))
+        sent = [dict(c.metadata).get("traceparent", "") for c in world.fake.calls if c.rpc == "ModelInfer"][-2:]
+        assert len(sent) == 2 and all(len(s) == 55 for s in sent)
+        assert all((offered in s) == kept for s in sent), (offered, sent)
+    assert "4111111111111111" not in world.logs.text()

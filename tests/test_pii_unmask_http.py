@@ -113,3 +113,21 @@ async def test_only_pii_unmask_holders(client: Client, token: Callable[..., str]
     assert denied.status == unknown.status == 404
     assert (await client.post(UNMASK, json={"tokens": tokens})).status == 401
     assert (await client.get(UNMASK, headers=bearer(token(sub="root", roles=("admin",))))).status == 405
+
+
+async def test_body_read_one_way_only(client: Client, token: Callable[..., str]) -> None:
+    """s8 probe: the unmask body was read with ``json.loads(bytes)``: a repeated member kept
+    the last one (a first-wins proxy or log parser sees another request) and UTF-16 was
+    sniffed and accepted. The inference body refuses both; so does this one now."""
+    admin = bearer(token(sub="root", roles=("admin",)))
+    [email_token, _] = TOKEN.findall(await tokenized(client, admin))
+    headers = {**admin, "Content-Type": "application/json"}
+    single = '{"tokens": ["' + email_token + '"]}'
+    repeated = ('{"tokens": ["[EMAIL:tok:abc]"], "tokens": ["' + email_token + '"]}').encode()
+    for body in (repeated, single.encode("utf-16"),
+                 b'{"text": "a", "text": "b"}', b'\xef\xbb\xbf{"text": "a"}'):
+        resp = await client.post(UNMASK, data=body, headers=headers)
+        assert resp.status == 400, body[:40]
+        assert EMAIL not in await resp.text()
+    resp = await client.post(UNMASK, data=single.encode(), headers=headers)
+    assert resp.status == 200 and (await resp.json())["values"][0]["value"] == EMAIL

@@ -112,3 +112,24 @@ def test_invalid_identity_policy(text: str, needle: str) -> None:
 def test_cross_file_contradictions(files: dict[str, bytes], needle: str) -> None:
     with pytest.raises(PolicyError, match=needle):
         build_policy_set(files)
+
+
+def test_squeezing_on_a_dp_protected_model_is_refused(tmp_path: Path) -> None:
+    """s8 probe (DP-09): feature squeezing scores the answer against a second upstream call's
+    raw answer, and its score (audit record, detector metric) and flag/block decision are
+    released without noise or charge; on a model of privacy.yaml it is a policy error."""
+    import shutil
+
+    target = tmp_path / "policies"
+    shutil.copytree(POLICIES, target, ignore=shutil.ignore_patterns("tests", "schema"))
+    inputs = (target / "inputs.yaml").read_text(encoding="utf-8")
+    squeezing = "    risk:\n      mode: flag\n      squeezing: {action: flag, bits: 3, threshold: 0.11}\n"
+    assert "    risk:\n      mode: flag\n" in inputs
+    (target / "inputs.yaml").write_text(inputs.replace("    risk:\n      mode: flag\n", squeezing), encoding="utf-8")
+    with pytest.raises(PolicyError) as info:
+        load_policy_dir(target)
+    [issue] = [i for i in info.value.issues if "squeezing" in i.message]
+    assert issue.file == "inputs.yaml" and "DP-protected" in issue.message and issue.line > 1
+    # the same check on a model without output noise is fine
+    (target / "privacy.yaml").write_text("models: {}\n", encoding="utf-8")
+    load_policy_dir(target)

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import structlog
 
-from privacy.pii.redact import redact_value
+from privacy.pii.redact import redact_text, redact_value
 
 # Fields the gateway itself fills with identifiers and codes, never client text.
 _SAFE_KEYS = frozenset({"event", "level", "timestamp", "request_id", "route", "reason", "status", "transport",
@@ -50,15 +50,32 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+class RedactingFormatter(logging.Formatter):
+    """Stdlib records (aiohttp, grpc, asyncio) as they are written, PII masked.
+
+    Why: those libraries log exceptions with their tracebacks, and an exception message may
+    quote a value ("could not convert string to float: '078-05-1120'"); the structlog
+    redactor never sees these records.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        # SECURITY: the whole rendered line, traceback included.
+        return redact_text(super().format(record))
+
+
 def configure_logging(level: str = "info") -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
+            # SECURITY: the traceback is rendered first, so ``redact`` masks it too: an
+            # exception message may quote the input that caused it.
             structlog.processors.format_exc_info,
+            redact,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -458,6 +458,14 @@ def check_contradictions(policy: PolicySet,
             # SECURITY: a misspelt name here would leave the real model answered without noise.
             issue("privacy.yaml", ("models", model), f"models.{model}: not a model exposed in gateway.yaml",
                   f"use the exposed name ({', '.join(sorted(exposed))}); a typo releases the real model unnoised")
+        adversarial = policy.inputs.adversarial.models.get(model)
+        if adversarial is not None and adversarial.squeezing is not None and adversarial.mode != "off":
+            # SECURITY (DP-09): squeezing compares the answer with a second upstream call's
+            # raw answer; its score (audit, metrics) and its block/flag decision would
+            # release un-noised, uncharged information about a DP-protected model.
+            issue("inputs.yaml", ("adversarial", "models", model, "squeezing"),
+                  f"adversarial.models.{model}.squeezing: {model} is DP-protected in privacy.yaml",
+                  "remove squeezing for this model: its score and decision come from an un-noised second answer")
         for tenant_name in model_policy.tenants:
             if tenant_name not in tenants:
                 issue("privacy.yaml", ("models", model, "tenants", tenant_name),

@@ -222,13 +222,29 @@ class PiiMasker(Stage):
 
     def _mask_tensors(self, tensors: list[Tensor], operators: Mapping[str, Operator], *, outbound: bool
                       ) -> tuple[list[Tensor], Counter[str], int]:
+        """Every tensor of one message. The elements of all its BYTES tensors are scanned as
+        one sequence, in message order, so an entity split across two tensors is found too.
+
+        SECURITY: a model that concatenates its text inputs (a template of "prefix" and
+        "user" tensors) or a client that joins two text outputs reads "john.doe@" + "example.com"
+        as one address; scanned per tensor, neither half is an entity (s8 probe).
+        """
         counts: Counter[str] = Counter()
         non_utf8 = 0
-        masked: list[Tensor] = []
+        texts: list[str] = []
+        spans: list[tuple[int, int]] = []  # per tensor: its elements' range in ``texts``
         for tensor in tensors:
-            result, bad = self._mask_tensor(tensor, operators, counts, outbound=outbound)
-            non_utf8 += bad
-            masked.append(result)
+            start = len(texts)
+            if tensor.datatype == "BYTES":
+                decoded, bad = self._decode(np.asarray(tensor.data, dtype=object).reshape(-1), outbound=outbound)
+                texts += decoded
+                non_utf8 += bad
+            spans.append((start, len(texts)))
+        masked_texts, found = self.engine.mask_many(texts, operators, joins=self.policy.split_joins)
+        counts.update(found)
+        masked: list[Tensor] = []
+        for tensor, (start, end) in zip(tensors, spans, strict=True):
+            masked.append(self._rebuild(tensor, texts[start:end], masked_texts[start:end], operators, counts))
         return masked, counts, non_utf8
 
     def _mask_request(self, req: InferRequest, operators: Mapping[str, Operator]) -> tuple[InferRequest, _Masked]:
@@ -253,24 +269,17 @@ class PiiMasker(Stage):
         counts.update(found)
         return masked
 
-    def _mask_tensor(self, tensor: Tensor, operators: Mapping[str, Operator], counts: Counter[str], *,
-                     outbound: bool) -> tuple[Tensor, int]:
+    def _rebuild(self, tensor: Tensor, texts: list[str], masked: list[str], operators: Mapping[str, Operator],
+                 counts: Counter[str]) -> Tensor:
+        """``tensor`` with its masked elements and string parameters; itself when nothing changed."""
         parameters = self._mask_parameters(tensor.parameters, operators, counts)
-        if tensor.datatype != "BYTES":
-            if parameters is tensor.parameters:
-                return tensor, 0
-            return dataclasses.replace(tensor, parameters=parameters), 0
-        flat = np.asarray(tensor.data, dtype=object).reshape(-1)
-        texts, non_utf8 = self._decode(flat, outbound=outbound)
-        masked, found = self.engine.mask_many(texts, operators, joins=self.policy.split_joins)
-        counts.update(found)
-        if all(m is t for m, t in zip(masked, texts, strict=True)) and parameters is tensor.parameters:
-            return tensor, non_utf8
+        if tensor.datatype != "BYTES" or all(m is t for m, t in zip(masked, texts, strict=True)):
+            return tensor if parameters is tensor.parameters else dataclasses.replace(tensor, parameters=parameters)
         data: NDArray = np.empty(len(masked), dtype=object)
         for index, text in enumerate(masked):
             # surrogateescape: bytes that were not UTF-8 ("pass") come back unchanged.
             data[index] = text.encode("utf-8", "surrogateescape")
-        return dataclasses.replace(tensor, data=data.reshape(np.shape(tensor.data)), parameters=parameters), non_utf8
+        return dataclasses.replace(tensor, data=data.reshape(np.shape(tensor.data)), parameters=parameters)
 
     def _decode(self, flat: NDArray, *, outbound: bool) -> tuple[list[str], int]:
         texts: list[str] = []

@@ -53,6 +53,12 @@ _CONFUSABLE_PAIRS: Final = (
     " ᎪA ᏴB ᏟC ᎠD ᎬE ᏀG ᎻH ᎫJ ᏦK ᏞL ᎷM ᏢP ᏚS ᎢT ᏙV ᎳW ᏃZ"
     # punctuation: ideographic and other full stops, minus signs, at signs
     " 。. ｡. ․. −- ⁃- ‐- ‑- ‒- –- —- ―- ﹣- ⸺- ⸻-"
+    # dashes and dots that are not Pd/Po-dot characters, so the category fold misses them:
+    # modifier minus (Sk), heavy minus (So), Arabic full stop and Coptic dialect-p ni
+    # (confusables.txt prototype "-"), the katakana prolonged sound mark written as the dash
+    # of Japanese phone numbers ("０９０ー１２３４ー５６７８"), box-drawing lines, and the
+    # Lisu, Syriac and Vai full stops (prototype ".").
+    " ˗- ➖- ۔- Ⲻ- ⲻ- ー- ─- ━- ꓸ. ܁. ܂. ꘎."
 )
 CONFUSABLES: Final[dict[str, str]] = {pair[0]: pair[1] for pair in _CONFUSABLE_PAIRS.split()}
 
@@ -66,7 +72,11 @@ def fold_char(ch: str) -> str:
         return ""
     category = unicodedata.category(ch)
     if category == "Cs":
-        return "\ufffd"  # a lone surrogate (surrogateescape'd byte) cannot be UTF-8 encoded
+        # A lone surrogate: a byte that was not UTF-8, kept under on_non_utf8 "pass".
+        # SECURITY: a lenient decoder (errors="ignore", a byte-level model) drops it, so
+        # like a NUL it must not split an entity ("john.doe\xff@example.com") for the
+        # recognizers either; it is not in the copy at all (it cannot be UTF-8 encoded).
+        return ""
     if category == "Cc":
         # SECURITY: a NUL or other control inside an address is invisible to a reader, so
         # it must not split the entity for the recognizers either.

@@ -16,7 +16,8 @@ EMAIL    addresses incl. IDN, plus-addressing, ``%40``/``&#64;``/``[at]``/``(dot
 PHONE    international (+cc or 00cc, checked against libphonenumber's country codes and
          lengths), NANP, national with trunk 0; 7-digit local numbers near a keyword
 CARD     13-19 digits passing Luhn, IIN 1-6, any of `` -./_`` separators (1-3 chars);
-         12 digits or other prefixes only near a card keyword (short Maestro)
+         12 digits or other prefixes only near a card keyword (short Maestro); groups
+         no card is printed in (5-3-4-4, 8-8) right after a card keyword
 SSN      US SSN (area/group/serial rules); 9 bare digits only near a keyword
 IBAN     ISO 13616 country length + mod-97 checksum, spaced or not
 IP       IPv4 (no leading zeros), IPv6 in every RFC 4291/5952 form, with zone
@@ -634,10 +635,22 @@ CARD_SPREAD_SOURCE: Final = _bounded(
 )
 
 
-_CARD_KEYWORDS: Final = _keywords(
-    b"card", b"visa", b"mastercard", b"maestro", b"amex", b"cc", b"credit", b"debit", b"paid with", b"payment",
-    b"pan", b"karte", b"carte", b"tarjeta",
+# Digits written in groups no card is printed in ("card 41111 111 1111 1111", "visa:
+# 41111111 11111111"): a whole run of 2-5 groups right after a card keyword (nothing but
+# non-digits between them). SECURITY: the keyword is part of the pattern, so number-dense
+# text without one costs this rule nothing; without the keyword one run of numbers in
+# sixteen would pass the Luhn and issuer checks, and lists of numbers are common.
+_CARD_WORDS: Final = (b"card", b"visa", b"mastercard", b"maestro", b"amex", b"cc", b"credit", b"debit", b"paid with",
+                      b"payment", b"pan", b"karte", b"carte", b"tarjeta")
+_CARD_KEYWORD_SOURCE = "(?i:" + "|".join(word.decode() for word in _CARD_WORDS) + ")"  # letters and spaces only
+CARD_GROUPED_SOURCE: Final = (
+    rf"{_CARD_KEYWORD_SOURCE}[^0-9]{{0,24}}"
+    rf"([0-9]{{1,16}}(?:{_SEP}[0-9]{{1,16}}){{1,4}})"
+    r"(?:$|[^0-9 \t\-./_]|[ \t\-./_](?:$|[^0-9 \t\-./_]))"
 )
+
+
+_CARD_KEYWORDS: Final = _keywords(*_CARD_WORDS)
 
 
 def card_number_ok(digits: bytes, keyword: bool = False) -> bool:
@@ -761,6 +774,27 @@ def _check_card_spread(data: bytes, start: int, end: int) -> Span | None:
         return None
     verdict = _card_verdict(b"".join(groups))
     return (start, end) if verdict or (verdict is None and _card_keyword(data, start)) else None
+
+
+_GROUP_GAP: Final = re.compile(rb"[^0-9]+")
+
+
+def _check_card_grouped(data: bytes, start: int, end: int) -> Span | None:
+    """A card in irregular groups after a card keyword: 13-19 digits, Luhn and issuer valid.
+
+    SECURITY: the printed layouts (4-4-4-4, 4-6-5, equal small groups) are read by the
+    other card rules without a keyword; this one adds the regroupings a writer (or a
+    model asked to slip a number past a filter) may choose.
+    """
+    chunk = data[start:end]
+    digits = _digits_only(chunk)
+    if not 13 <= len(digits) <= 19 or not _card_verdict(digits):
+        return None
+    # One separator throughout ("41111 111 1111 1111"): a run joined by several kinds of
+    # punctuation is a list of numbers, not a number written down.
+    if len(set(_GROUP_GAP.findall(chunk))) != 1:
+        return None
+    return start, end
 
 
 # --- SSN ------------------------------------------------------------------------------
@@ -1096,6 +1130,7 @@ RULES: Final[tuple[Rule, ...]] = (
          after_entity=True, opens_with=PHONE_OPENS_WITH),
     Rule(CARD, "card", CARD_SOURCE, _check_card, needs_digit=True),
     Rule(CARD, "card_spread", CARD_SPREAD_SOURCE, _check_card_spread, needs_digit=True),
+    Rule(CARD, "card_grouped", CARD_GROUPED_SOURCE, _check_card_grouped, needs_digit=True),
     Rule(SSN, "ssn", SSN_SOURCE, _check_ssn, needs_digit=True),
     Rule(SSN, "ssn_glued", SSN_GLUED_SOURCE, _check_ssn, group=-1, needs_digit=True, glued=True),
     Rule(IBAN, "iban", IBAN_SOURCE, _check_iban, needs_digit=True),

@@ -307,8 +307,8 @@ class World:
         self._old_structlog = structlog.get_config()
         structlog.configure(
             processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                        structlog.processors.TimeStamper(fmt="iso", utc=True), redact,
-                        structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+                        structlog.processors.TimeStamper(fmt="iso", utc=True),
+                        structlog.processors.format_exc_info, redact, structlog.processors.JSONRenderer()],
             wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
             logger_factory=structlog.PrintLoggerFactory(file=self.logs),
             cache_logger_on_first_use=False,

@@ -84,3 +84,27 @@ def test_eight_digits_are_a_date_only_by_keyword_and_calendar(text: str) -> None
 @pytest.mark.parametrize("text", ["john.doe @ example.com", "john.doe\t@example.com", "john.doe@ example.com"])
 def test_spaces_around_at(text: str) -> None:
     assert ENGINE.mask(f"mail {text}", TAGS)[0] == "mail [EMAIL]"
+
+
+@pytest.mark.parametrize("text", [
+    "card 41111 111 1111 1111", "card 411 1 1111 1111 1111", "my visa: 41111111 11111111",
+    "card number 4111 11111111 1111", "paid with 4111111 111111111", "Card no. 41111-111-1111-1111.",
+    "card 411\u200a1 1111 1111 1111",  # a hair space inside a group: the same regrouping
+])
+def test_card_in_irregular_groups_after_a_keyword(text: str) -> None:
+    """s8 probe: a card regrouped the way no card is printed (5-3-4-4, 8-8, 3-1-4-4-4) was
+    left in clear, even right after "card"; a keyword-led reading masks it whole."""
+    masked, counts = ENGINE.mask(text, TAGS)
+    assert counts == {"CARD": 1}, (text, masked)
+    assert sum(ch.isdigit() for ch in masked) == 0, masked
+
+
+@pytest.mark.parametrize("text", [
+    "order 41111 111 1111 1111",  # no card keyword: a run of numbers
+    "card 41111 111 1111 1112",  # fails Luhn
+    "card 2019 10 12 34 5",  # too few digits
+    "card 4111-111.1111 1111",  # several kinds of separators: a list
+])
+def test_irregular_groups_need_keyword_luhn_and_one_separator(text: str) -> None:
+    masked, counts = ENGINE.mask(text, TAGS)
+    assert "CARD" not in counts, (text, masked)

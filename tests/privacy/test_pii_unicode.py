@@ -38,6 +38,13 @@ EVASIONS = [
     ("\u0391\u039a\u0399\u0391IOSFODNN7EXAMPLE", "SECRET"),  # Greek capitals in an AWS key prefix
     ("192\u200b.168.1.20", "IP"),  # zero-width inside an IPv4
     ("john\x00.doe@example.com", "EMAIL"),  # NUL byte
+    # s8 probe: separators outside the Pd category that read as a dash or a dot
+    ("078\u02d705\u02d71120", "SSN"),  # modifier letter minus (Sk)
+    ("4111\u27961111\u27961111\u27961111", "CARD"),  # heavy minus sign (So)
+    ("+81 90\u30fc1234\u30fc5678", "PHONE"),  # katakana prolonged sound mark as the dash
+    ("\uff10\uff19\uff10\uff70\uff11\uff12\uff13\uff14\uff70\uff15\uff16\uff17\uff18", "PHONE"),  # halfwidth form
+    ("415\u2500555\u25000132", "PHONE"),  # box-drawing line
+    ("john.doe@example\ua4f8com", "EMAIL"),  # Lisu letter tone mya ti (a dot)
 ]
 
 

@@ -115,8 +115,39 @@ class TestRequest:
         assert masked.inputs[0].data[0] == b"\xff\xfe [EMAIL] \xc3"
         assert context.notes["pii"] == {"in": {"EMAIL": 1}, "in_non_utf8": 1}
 
+    @pytest.mark.parametrize("raw", [b"john.doe\xff@example.com", b"078-05\xc3-1120", b"4111 1111 \x80 1111 1111",
+                                     b"41\xff11111111111111"])
+    async def test_non_utf8_pass_byte_inside_an_entity_does_not_hide_it(self, raw: bytes) -> None:
+        """s8 probe: under "pass" an undecodable byte inside an entity split it for the
+        recognizers, while a lenient decoder (errors="ignore", a byte-level model) reads
+        the whole value: the byte is now as invisible to detection as a NUL."""
+        stage = build_pii_stage(policy(on_non_utf8="pass"), hmac_key=HMAC_KEY, token_key=TOKEN_KEY)
+        masked = await stage.on_request(ctx(), request(raw))
+        kept = masked.inputs[0].data[0].decode("utf-8", "ignore")
+        assert sum(ch.isdigit() for ch in kept) <= 4 and "john" not in kept, kept
+
+
+    async def test_entity_split_across_two_tensors(self, stage: PiiMasker) -> None:
+        """s8 probe: "john.doe@" in one BYTES input and "example.com" in another reach a model
+        that concatenates its text inputs as one address; each tensor alone holds none."""
+        context = ctx()
+        req = InferRequest("txt_echo", "", [text_tensor("PREFIX", "mail john.doe@"), text_tensor("USER", "example.com"),
+                                            text_tensor("SSN_A", "078-05-"), text_tensor("SSN_B", "1120 thanks")])
+        masked = await stage.on_request(context, req)
+        joined = "".join(v for t in masked.inputs for v in decoded(t))
+        assert "john" not in joined and "example" not in joined and "1120" not in joined, joined
+        assert context.notes["pii"]["in"] == {"EMAIL": 1, "SSN": 1}
+        assert decoded(masked.inputs[3])[0].endswith(" thanks")
+
 
 class TestResponse:
+    async def test_entity_split_across_two_outputs(self, stage: PiiMasker) -> None:
+        masked = await stage.on_response(ctx(), response(text_tensor("a", "card 4111 1111"),
+                                                         text_tensor("b", "1111 1111 ok")))
+        joined = " ".join(v for t in masked.outputs for v in decoded(t))
+        assert sum(ch.isdigit() for ch in joined) == 0, joined
+
+
     async def test_any_output_name_masked(self, stage: PiiMasker) -> None:
         context = ctx()
         masked = await stage.on_response(context, response(

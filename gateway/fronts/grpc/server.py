@@ -175,8 +175,8 @@ def _peer_address(peer: str | None) -> str:
 
 
 def error_details(exc: GatewayError, request_id: str) -> str:
-    """The status message: the REST front's client message, word for word."""
-    message = exc.client_message()
+    """The status message: the REST front's client message, word for word (PII masked)."""
+    message = exc.public_text()
     if exc.http_status >= 500:
         message = f"{message} (request id {request_id})"
     return message

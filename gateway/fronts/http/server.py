@@ -56,7 +56,6 @@ from gateway.stages.dp_noise import HEADER_REMAINING, NOTE_REMAINING
 from gateway.stages.feature_flags import variant_headers
 from gateway.stages.ratelimit import LimitExceeded
 from gateway.stages.ratelimit import response_headers as limit_headers
-from privacy.pii.redact import redact_text
 
 log = structlog.get_logger("gateway.http")
 
@@ -77,8 +76,8 @@ def _json_response(status: int, payload: dict[str, Any], request_id: str,
 def error_response(exc: GatewayError, request_id: str) -> web.Response:
     """The one place a :class:`GatewayError` becomes HTTP."""
     extra: dict[str, str] = {}
-    # SECURITY: error text reaches the client; mask PII in it like any other output.
-    message = redact_text(exc.client_message())
+    # SECURITY: error text reaches the client; PII in it is masked like any other output.
+    message = exc.public_text()
     if isinstance(exc, AuthenticationFailed):
         extra["WWW-Authenticate"] = (
             'Bearer realm="infergate"' if exc.reason == "authn_missing_token"
