@@ -132,6 +132,7 @@ class PiiEngine:
         size = len(data)
         # Past the last digit, a rule whose matches all hold one cannot match.
         digits_end = _digits_end(data)
+        views: dict[bytes | None, bytes] = {None: data}  # for ``Rule.required``, made when first asked
         accepted: list[tuple[str, int, int]] = []  # entity and byte span
         extra: list[tuple[str, int, int]] = []  # readings that share a phone's groups (below)
         # Stronger types first. A candidate lying wholly inside what they already found
@@ -159,6 +160,10 @@ class PiiEngine:
             else:
                 windows.append((0, size, accepted, None))
             limit = digits_end - 1 if rule.needs_digit else size
+            if rule.required:
+                last = self._last_literal(index, data, views)
+                if last < limit:
+                    limit = last
             while windows:
                 position, end, sink, tail = windows.pop()
                 if tail is not None:
@@ -274,6 +279,27 @@ class PiiEngine:
             return accepted
         to_original = normalized.to_original
         return [(entity, *to_original(start, end)) for entity, start, end in accepted]
+
+    def _last_literal(self, index: int, data: bytes, views: dict[bytes | None, bytes]) -> int:
+        """Where the last of rule ``index``'s required literals starts in ``data`` (-1: none).
+
+        Every match holds one (``Rule.required``), so none starts after it: the last
+        search of a rule, which can only fail past it, is not made.
+        """
+        rule = self._rules[index]
+        view = views.get(rule.view)
+        if view is None:
+            view = views[rule.view] = data.translate(rule.view)
+        last = -1
+        for literal in rule.required:
+            found = view.rfind(literal)
+            for _ in range(rule.required_times - 1):
+                if found <= 0:
+                    break
+                found = view.rfind(literal, 0, found)
+            if found > last:
+                last = found
+        return last
 
     # --- masking ----------------------------------------------------------------------
 

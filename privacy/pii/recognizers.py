@@ -96,6 +96,17 @@ class Rule:
     # SECURITY: a superset of what the pattern admits, or a candidate is never read
     # (tests/privacy/test_pii_fastpaths.py checks every other byte refuses).
     opens_with: bytes | None = None
+    # Literals of which every match holds one, in the text seen through ``view`` (a
+    # ``bytes.translate`` table; None: the text as it is). The engine does not search for the
+    # rule past the last of them: a search that can only fail costs a call and a pass over the
+    # rest of the text. Few and short: each is one more pass over the text (``rfind``).
+    # SECURITY: each must hold for every alternative of the pattern (tests/privacy/
+    # test_pii_fastpaths.py checks every match found holds one), or a match after the last
+    # literal is never searched for.
+    required: tuple[bytes, ...] = ()
+    view: bytes | None = None
+    # Every match holds this many of its required literal (one literal only).
+    required_times: int = 1
 
 
 # --- byte helpers ---------------------------------------------------------------------
@@ -162,6 +173,13 @@ _NOT_BEFORE_NUMBER = r"$|[^0-9\-./_]|[\-./_](?:$|[^0-9])"  # not "7" or "-7" aft
 _NOT_AFTER_DIGIT = r"^|[^0-9]"
 _NOT_BEFORE_DIGIT = r"$|[^0-9]"
 _NOT_AFTER_ALNUM = r"^|[^0-9A-Za-z]"
+
+# The view of ``Rule.required`` literals that stand for classes of bytes (byte for byte, so
+# offsets are kept): every ASCII digit is "0" and every ASCII letter "a", so "aa00" stands
+# for any two letters and two digits.
+VIEW_SHAPE: Final = bytes(
+    0x30 if b in _DIGITS else 0x61 if b in _LETTERS else b for b in range(256))
+
 
 # Each ASCII digit -> the ASCII digit of its doubled digit sum (Luhn's doubled positions).
 _LUHN_DOUBLE: Final = bytes.maketrans(b"0123456789", b"0246813579")
@@ -942,6 +960,22 @@ _SECRET_PREFIXED: Final = (
     ("twilio", r"SK[0-9a-fA-F]{32}"),
     ("jwt", r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{2,}\.[A-Za-z0-9_\-]*"),
 )
+# ``Rule.required`` of each prefixed key: its fixed prefixes, as written above.
+_SECRET_LITERALS: Final[dict[str, tuple[bytes, ...]]] = {
+    "aws_access_key": (),  # eleven prefixes: eleven passes over the text cost more than a search
+    "github": (b"gh", b"github_pat_"),
+    "gitlab": (b"gl",),
+    "slack": (b"xox", b"https://hooks.slack.com/services/"),
+    "stripe": (b"k_live_", b"k_test_", b"whsec_"),
+    "openai": (b"sk-",),
+    "google": (b"AIza",),
+    "huggingface": (b"hf_",),
+    "npm": (b"npm_",),
+    "pypi": (b"pypi-AgEIcHlwaS5vcmc",),
+    "sendgrid": (b"SG.",),
+    "twilio": (b"SK",),
+    "jwt": (b"eyJ",),
+}
 PEM_SOURCE: Final = (
     r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
     r"(?s:.*?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,\-]*)"
@@ -1088,6 +1122,10 @@ ADDRESS_SOURCE: Final = _bounded(
 )
 
 
+# ``required`` literals, each held by every alternative: an SSN's serial (or its nine-digit
+# run) is four digits, an IBAN opens with two letters and two check digits, an IPv4 address
+# has a digit, a dot and a digit, an IPv6 address two colons (at most four hex digits
+# apart), a key its prefix (_SECRET_LITERALS), a PEM key "-----BEGIN".
 RULES: Final[tuple[Rule, ...]] = (
     Rule(EMAIL, "email", EMAIL_SOURCE, _check_email, group=0),
     Rule(PHONE, "phone", PHONE_SOURCE, _check_phone, needs_digit=True),
@@ -1096,17 +1134,21 @@ RULES: Final[tuple[Rule, ...]] = (
          after_entity=True, opens_with=PHONE_OPENS_WITH),
     Rule(CARD, "card", CARD_SOURCE, _check_card, needs_digit=True),
     Rule(CARD, "card_spread", CARD_SPREAD_SOURCE, _check_card_spread, needs_digit=True),
-    Rule(SSN, "ssn", SSN_SOURCE, _check_ssn, needs_digit=True),
-    Rule(SSN, "ssn_glued", SSN_GLUED_SOURCE, _check_ssn, group=-1, needs_digit=True, glued=True),
-    Rule(IBAN, "iban", IBAN_SOURCE, _check_iban, needs_digit=True),
-    Rule(IP, "ipv4", IPV4_SOURCE, _check_ipv4, needs_digit=True),
-    Rule(IP, "ipv4_glued", IPV4_GLUED_SOURCE, _check_ipv4, group=-1, needs_digit=True, glued=True),
-    Rule(IP, "ipv4_pair_first", IPV4_PAIR_FIRST_SOURCE, _check_ipv4_first, needs_digit=True, glued=True),
-    Rule(IP, "ipv4_pair_second", IPV4_PAIR_SECOND_SOURCE, _check_ipv4_second, needs_digit=True, glued=True),
-    Rule(IP, "ipv6", IPV6_SOURCE, _check_ipv6),
-    *(Rule(SECRET, name, _bounded(_NOT_AFTER_ALNUM, source, ""), _check_prefixed_secret)
-      for name, source in _SECRET_PREFIXED),
-    Rule(SECRET, "pem_private_key", PEM_SOURCE, _accept, group=0),
+    Rule(SSN, "ssn", SSN_SOURCE, _check_ssn, needs_digit=True, required=(b"0000",), view=VIEW_SHAPE),
+    Rule(SSN, "ssn_glued", SSN_GLUED_SOURCE, _check_ssn, group=-1, needs_digit=True, glued=True, required=(b"0000",),
+         view=VIEW_SHAPE),
+    Rule(IBAN, "iban", IBAN_SOURCE, _check_iban, needs_digit=True, required=(b"aa00",), view=VIEW_SHAPE),
+    Rule(IP, "ipv4", IPV4_SOURCE, _check_ipv4, needs_digit=True, required=(b"0.0",), view=VIEW_SHAPE),
+    Rule(IP, "ipv4_glued", IPV4_GLUED_SOURCE, _check_ipv4, group=-1, needs_digit=True, glued=True,
+         required=(b"0.0",), view=VIEW_SHAPE),
+    Rule(IP, "ipv4_pair_first", IPV4_PAIR_FIRST_SOURCE, _check_ipv4_first, needs_digit=True, glued=True,
+         required=(b"0.0",), view=VIEW_SHAPE),
+    Rule(IP, "ipv4_pair_second", IPV4_PAIR_SECOND_SOURCE, _check_ipv4_second, needs_digit=True, glued=True,
+         required=(b"0.0",), view=VIEW_SHAPE),
+    Rule(IP, "ipv6", IPV6_SOURCE, _check_ipv6, required=(b":",), required_times=2),
+    *(Rule(SECRET, name, _bounded(_NOT_AFTER_ALNUM, source, ""), _check_prefixed_secret,
+           required=_SECRET_LITERALS[name]) for name, source in _SECRET_PREFIXED),
+    Rule(SECRET, "pem_private_key", PEM_SOURCE, _accept, group=0, required=(b"-----BEGIN",)),
     Rule(SECRET, "assigned_secret", ASSIGNED_SECRET_SOURCE, _accept),
     Rule(SECRET, "auth_header", AUTH_HEADER_SOURCE, _accept, group=-1),
     Rule(DOB, "dob", DATE_SOURCE, _check_dob, needs_digit=True),
