@@ -653,7 +653,7 @@ def _char_offsets(data: bytes, spans: list[tuple[str, int, int]]) -> dict[int, i
     chars: dict[int, int] = {}
     position = count = 0
     for offset in sorted({offset for _, start, end in spans for offset in (start, end)}):
-        count += len(data[position:offset].decode("utf-8"))
+        count += len(data[position:offset].decode())  # UTF-8 (no codec looked up by name)
         chars[offset] = count
         position = offset
     return chars
@@ -764,20 +764,24 @@ class _Covered:
     __slots__ = ("_ends", "_starts")
 
     def __init__(self, pieces: list[_Piece]) -> None:
-        self._starts = [p.start for p in pieces]
-        self._ends = [p.end for p in pieces]
+        # (No comprehension over no pieces: each one is a function call in CPython 3.11,
+        # and a scan builds its intervals empty, then adds to them.)
+        self._starts = [p.start for p in pieces] if pieces else []
+        self._ends = [p.end for p in pieces] if pieces else []
 
     @classmethod
     def union(cls, spans: list[tuple[int, int]]) -> _Covered:
         covered = cls([])
         starts, ends = covered._starts, covered._ends
+        last = -1  # the end of the last interval (ends are never negative)
         for start, end in sorted(spans):
-            if ends and start < ends[-1]:
-                if end > ends[-1]:
-                    ends[-1] = end
+            if start < last:
+                if end > last:
+                    ends[-1] = last = end
             else:
                 starts.append(start)
                 ends.append(end)
+                last = end
         return covered
 
     def add(self, start: int, end: int) -> None:
