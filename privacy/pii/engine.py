@@ -295,9 +295,9 @@ class PiiEngine:
         for literal in rule.required:
             found = view.rfind(literal)
             for _ in range(rule.required_times - 1):
-                if found <= 0:
+                if found < 0:
                     break
-                found = view.rfind(literal, 0, found)
+                found = view.rfind(literal, 0, found)  # the occurrence before it
             if found > last:
                 last = found
         return last
