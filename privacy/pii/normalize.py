@@ -17,9 +17,8 @@ from __future__ import annotations
 import html.entities
 import re
 import unicodedata
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -104,13 +103,15 @@ def fold_char(ch: str) -> str:
     return "".join(out)
 
 
-@dataclass(frozen=True, slots=True)
-class Normalized:
+class Normalized(NamedTuple):
     """The detection copy of ``original`` and the map from its offsets back.
 
     ``starts[i]`` is the original offset of the character that produced copy character
     ``i`` (each copy character comes from exactly one original character); None when the
     copy is the original itself.
+
+    A tuple, not a frozen dataclass (immutable either way): one is built per scanned text,
+    and a frozen dataclass's ``__init__`` cost three times as much.
     """
 
     original: str

@@ -3,11 +3,12 @@
 Each shortcut (issue 5, speed) is pinned against its reference on seeded inputs: the
 IBAN checksum without ``str.translate``, IPv6 parsing in C instead of ``ipaddress``, the
 per-shape answer of the phone pre-test, and the engine's "no search after the last
-digit" for the rules that declare every match holds a digit.
+digit" (or the last required literal) for the rules that declare every match holds one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import random
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.pii_pathological import PATHOLOGICAL
 from privacy.pii import PiiEngine, recognizers
 from privacy.pii.recognizers import RULES, iban_valid
 from privacy.pii.regex import Pattern
@@ -125,3 +127,55 @@ def test_after_entity_rules_open_only_with_their_declared_bytes(rule: recognizer
                              *((str(d).encode(), b"15-555-0132 ") for d in range(1, 10))):
             data = b"ab" + glue + opener + tail
             assert pattern.spans_at(data, 2, len(data))[0][0] == 2, data
+
+
+def _literal_samples() -> list[str]:
+    """A match of every prefixed key, PEM, IPv6 and glued IPv4 form, alone and in prose."""
+    body = "Ab3" * 120
+    keys = ["AKIA" + "A" * 16, "ghp_" + body[:40], "github_pat_" + body[:30], "glpat-" + body[:24],
+            "xoxb-" + body[:20], "https://hooks.slack.com/services/" + body[:30], "sk_live_" + body[:20],
+            "rk_test_" + body[:20], "whsec_" + body[:30], "sk-" + body[:30], "sk-proj-" + body[:30],
+            "AIza" + body[:35], "hf_" + body[:34], "npm_" + body[:36], "pypi-AgEIcHlwaS5vcmc" + body[:60],
+            "SG." + body[:22] + "." + body[:43], "SK" + "0a" * 16, "eyJhbGciOi.eyJzdWIi." + body[:20],
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----", "-----BEGIN PRIVATE KEY-----abc",
+            "fe80::1%eth0", "2001:db8::8a2e:370:7334", "::ffff:192.0.2.128", "1:2:3:4:5:6:7:8", "a:b:c",
+            "1.2.3.4", "10.0.0.1_10.0.0.2", "1.2.3.4_5.6.7.8", "10.1.2.3.10.1.2.4", "1.2.3.4.5.6.7.8",
+            "ssn 078-05-1120_219-09-9999", "078-05-1120.219-09-9999"]
+    return [f"{prefix}{key}{suffix}" for key in keys for prefix, suffix in (("key ", " ok"), ("", ""), ("(", ")."))]
+
+
+@pytest.mark.parametrize("rule", [rule for rule in RULES if rule.required], ids=lambda rule: rule.name)
+def test_every_match_holds_one_of_the_rules_required_literals(rule: recognizers.Rule) -> None:
+    """Evidence for ``required`` (the proof is each alternative of the pattern, written next
+    to the literals): every match found in the committed corpus, number-dense texts, the
+    pathological inputs and samples of each key holds one of the literals, enough times, in
+    the rule's view. The engine then never searches past the last one (it could only fail)."""
+    with CORPUS.open(encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle]
+    texts += dense_texts(6, 500) + _literal_samples()
+    texts += [make(4096) for _, make in PATHOLOGICAL]
+    pattern = Pattern(rule.source)
+    matches = 0
+    for text in texts:
+        data = text.encode()
+        view = data if rule.view is None else data.translate(rule.view)
+        position = 0
+        while (found := pattern.search(data, position)) is not None:
+            held = view[found.start:found.end]
+            assert any(held.count(literal) >= rule.required_times for literal in rule.required), (rule.name, held)
+            matches += 1
+            position = found.start + 1
+    assert matches > 0
+
+
+def test_the_engine_searches_no_rule_past_its_last_required_literal() -> None:
+    """The bound is where the engine stops: the same detections as with no literal declared,
+    on texts where the last literal comes early and candidates follow it."""
+    engine = PiiEngine()
+    plain = PiiEngine()
+    plain._rules = tuple(dataclasses.replace(rule, required=()) for rule in plain._rules)
+    texts = ["ip 10.0.0.1 then 1-2-3 4.5 and 10.0.0 then 99", "IBAN DE89370400440532013000 then ab1 x12",
+             "sk-abc123def456ghi789jkl then sk-short and sk", "ssn 078-05-1120 then 12 34 567 and 0000",
+             "fe80::1 then a:b and : only"] + dense_texts(8, 300)
+    for text in texts:
+        assert engine.scan(text) == plain.scan(text), text

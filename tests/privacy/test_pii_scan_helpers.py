@@ -65,6 +65,9 @@ def test_last_digit_is_found_as_rstrip_finds_it() -> None:
             data += b"x" * rng.randrange(40, 120)  # digits only before a long tail
         without_digits += not data.rstrip(_NOT_DIGITS)
         assert _digits_end(data) == len(data.rstrip(_NOT_DIGITS)), data
+        views: dict[bytes | None, bytes] = {}
+        assert _digits_end(data, views) == len(data.rstrip(_NOT_DIGITS)), data  # through the shape view
+        assert _digits_end(data, views) == len(data.rstrip(_NOT_DIGITS)), data  # the view kept
     assert without_digits > 1000
 
 
