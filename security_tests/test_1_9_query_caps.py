@@ -57,7 +57,10 @@ async def test_cap_follows_the_capped_name_through_a_routing_flag(side_gateways:
     client, token = side.client(), tokens.u1()
     answers = [await client.infer("pub_clf", PUB_BODY, token=token) for _ in range(5)]
     assert [r.status for r in answers] == [200, 200, 200, 429, 429]
-    assert answers[0].json()["model_name"] == "alpha_fraud"  # the flag did route
+    # The flag did route (the upstream served alpha_fraud), and the answer names what the
+    # client asked for: a route-only model's own name is never announced (AUTHZ-17).
+    assert [q.model_name for q in world.fake.requests] == ["alpha_fraud"] * 3
+    assert answers[0].json()["model_name"] == "pub_clf"
     assert side.audit_for(answers[3])[0]["reason"] == "cost_limit_exceeded"
     assert world.upstream_calls() == 3
 
