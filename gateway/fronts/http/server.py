@@ -338,19 +338,33 @@ class HttpFront:
     async def _refuse_early(self, request: web.Request, exc: GatewayError, request_id: str, route_label: str,
                       route: Route | None = None) -> web.Response:
         """A refusal before the pipeline ran (bad path, malformed header): still logged and audited."""
-        response = error_response(exc, request_id)
+        answer = await self._record_early(exc, request_id, route_label, route, request.remote)
+        return error_response(answer, request_id)
+
+    async def record_parse_refusal(self, remote: str | None, exc: GatewayError) -> tuple[str, int]:
+        """A request aiohttp's parser refused (fronts/http/protocol.py): audited, logged and
+        counted like :meth:`_refuse_early`. Returns its request id and the status to answer."""
+        request_id = self.service.request_ids.assign(None)
+        answer = await self._record_early(exc, request_id, "unmatched", None, remote)
+        return request_id, answer.http_status
+
+    async def _record_early(self, exc: GatewayError, request_id: str, route_label: str, route: Route | None,
+                            remote: str | None) -> GatewayError:
+        """Audit, log and count an early refusal. Returns the error to answer with: the
+        audit's own (a 503) when the record cannot be written (fail closed)."""
         ctx = RequestContext(
             request_id=request_id, revision=self.service.pin().policy.revision,
-            action=route.action if route else Action.SERVER, transport="http", client_addr=request.remote or "",
+            action=route.action if route else Action.SERVER, transport="http", client_addr=remote or "",
             model=route.model if route else None, version=route.version if route else "",
         )
+        answer = exc
         try:
-            await self.service.audit(ctx, route=route_label, status=response.status, error=exc)
+            await self.service.audit(ctx, route=route_label, status=exc.http_status, error=exc)
         except GatewayError as audit_exc:
-            response = error_response(audit_exc, request_id)
+            answer = audit_exc
         self.service.log_refusal(ctx, exc, route_label)
-        self.metrics.requests.labels(route=route_label, code=str(response.status)).inc()
-        return response
+        self.metrics.requests.labels(route=route_label, code=str(answer.http_status)).inc()
+        return answer
 
 
 class FallbackRouter(UrlDispatcher):
