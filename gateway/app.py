@@ -228,7 +228,8 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         watcher = asyncio.create_task(service.store.watch(settings.policy_poll_s))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.store.reload("sighup")))
+            loop.add_signal_handler(signal.SIGHUP,
+                                    lambda: asyncio.ensure_future(service.store.request_reload("sighup")))
         log.info("gateway_started", revision=service.store.current.policy.revision, backend=settings.backend)
         yield
         with contextlib.suppress(NotImplementedError, RuntimeError):
