@@ -26,6 +26,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from gateway.errors import (
+    DependencyUnavailable,
     GatewayError,
     HeadersTooLarge,
     MalformedRequest,
@@ -127,6 +128,22 @@ class QuietRequestHandler(RequestHandler):
         body.set_exception(exc)
         body.feed_eof()  # nothing to drain after the answer: no lingering read of a broken body
         self._linger_on_close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        """Graceful shutdown: a request still receiving its body is answered 503 at once.
+
+        # SECURITY (AV-10): aiohttp's shutdown stops reading the connection (everything
+        # arriving after SIGTERM is discarded) and then waits for the handler, so a request
+        # mid-upload could never complete: it held the shutdown for the 30 s body timeout
+        # and was answered 408, as if the client had been slow. Nothing of it ran, so it is
+        # refused as retryable (503 + Retry-After), audited, without the wait.
+        """
+        body, self._open_body = self._open_body, None
+        if body is not None and not body.is_eof() and body.exception() is None:
+            body.set_exception(DependencyUnavailable("the gateway is shutting down", reason="shutting_down",
+                                                     retry_after_s=1.0))
+            body.feed_eof()
+        await super().shutdown(timeout)
 
     def _linger_on_close(self) -> None:
         transport = self.transport
