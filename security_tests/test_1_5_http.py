@@ -561,3 +561,25 @@ async def test_http_parser_refusals_are_audited(gw: Client, world: World, data: 
     metrics = (await gw.request("GET", "/metrics")).body
     assert f'gateway_refusals_total{{reason="{reason}"}}'.encode() in metrics
     assert world.upstream_calls() == 0
+
+
+def _chunked(body: bytes, size: int) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("size", "status"), [(1, 400), (4, 400), (64, 200), (4096, 200)])
+async def test_http_14_chunk_flood_is_refused(gw: Client, world: World, tokens: Tokens, size: int,
+                                              status: int) -> None:
+    """s8 probe (AV-14 class): every chunk costs a Python call in the parser and the body
+    reader whatever its size; 8 MiB in one-byte chunks (48 MB on the wire) held the event
+    loop for 7 s (health probes at 113 ms p50). A chunked body whose framing outweighs its
+    content (past 64 KiB on the wire) is refused at once; ordinary chunk sizes are served."""
+    body = b" " * 400_000 + BODY.encode()  # JSON allows the leading whitespace
+    raw = await gw.raw((f"{INFER}Authorization: Bearer {tokens.u1()}\r\nContent-Type: application/json\r\n"
+                        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + _chunked(body, size),
+                       timeout_s=10.0)
+    assert statuses(raw) == [status]
+    if status == 400:
+        assert [r.get("reason") for r in _records_for(world, raw)] == ["body_chunk_overhead"]
+    assert world.upstream_calls() == (1 if status == 200 else 0)
