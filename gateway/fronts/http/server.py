@@ -288,9 +288,10 @@ class HttpFront:
         if route.kind == "policy":
             return _json_response(200, self.service.policy_status(ctx, snap), rid)
         if route.kind == "pii_unmask":
-            cap = min(snap.policy.gateway.limits.max_body_bytes, UNMASK_MAX_BYTES)
+            limits = snap.policy.gateway.limits
+            cap = min(limits.max_body_bytes, UNMASK_MAX_BYTES)
             answer = await pii_unmask(ctx, snap, lambda: check_content_type(request),
-                                      lambda: read_body(request, max_bytes=cap))
+                                      lambda: _read_body_in_time(request, cap, float(limits.body_timeout_s)))
             return _json_response(200, answer, rid)
         if route.kind == "model_drift":
             return _json_response(200, self.service.model_drift(ctx, snap), rid)
@@ -302,12 +303,7 @@ class HttpFront:
         limits = snap.policy.gateway.limits
         check_content_type(request)
         await _continue_if_expected(request, limits.max_body_bytes)
-        try:
-            # SECURITY: slow-body clients (HTTP-13) hold a connection for body_timeout_s at most.
-            async with asyncio.timeout(float(limits.body_timeout_s)):
-                body = await read_body(request, max_bytes=limits.max_body_bytes)
-        except TimeoutError as exc:
-            raise RequestTimeout("request body not received in time", reason="body_timeout") from exc
+        body = await _read_body_in_time(request, limits.max_body_bytes, float(limits.body_timeout_s))
         assert route.model is not None  # noqa: S101 - infer routes always carry a model
         decode = functools.partial(
             decode_infer_request, route.model, route.version, body,
@@ -412,6 +408,20 @@ async def _continue_if_expected(request: web.Request, max_bytes: int) -> None:
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
+
+
+async def _read_body_in_time(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body (:func:`read_body`), or 408 once ``timeout_s`` has passed.
+
+    # SECURITY: slow-body clients (HTTP-13) hold a connection for body_timeout_s at most, on
+    # every route that reads a body: /v2/pii/unmask read its body without any deadline, so
+    # a client that sent one byte held the connection and its handler indefinitely.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read_body(request, max_bytes=max_bytes)
+    except TimeoutError as exc:
+        raise RequestTimeout("request body not received in time", reason="body_timeout") from exc
 
 
 def _single_header(request: web.Request, name: str) -> str | None:
