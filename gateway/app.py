@@ -58,6 +58,7 @@ from privacy.dp.ledger import BudgetLedger
 log = structlog.get_logger("gateway.app")
 
 SERVICE_KEY = web.AppKey("service", InferenceService)
+FRONT_KEY = web.AppKey("http_front", HttpFront)
 
 # Wire-level limits of the HTTP parser (request target, one header, header count). The
 # exact 8 KiB request-line and field-line limits are checked by the front
@@ -207,7 +208,7 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
     # The body is read by the front itself, capped and decompressed under its own limits.
     app = web.Application(client_max_size=1024)
     app[SERVICE_KEY] = service
-    front = HttpFront(service)
+    front = app[FRONT_KEY] = HttpFront(service)
     # Every path, even one holding CR/LF after decoding, reaches the front (routes.py decides).
     route = app.router.add_route("*", "/{tail:(?s:.*)}", front.handle, expect_handler=no_automatic_continue)
     # ... and every request target that is no path at all (CONNECT, OPTIONS *) too.
@@ -227,7 +228,8 @@ def build_app(settings: Settings, *, service: InferenceService | None = None,
         watcher = asyncio.create_task(service.store.watch(settings.policy_poll_s))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.store.reload("sighup")))
+            loop.add_signal_handler(signal.SIGHUP,
+                                    lambda: asyncio.ensure_future(service.store.request_reload("sighup")))
         log.info("gateway_started", revision=service.store.current.policy.revision, backend=settings.backend)
         yield
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -281,6 +283,10 @@ def runner_for(app: web.Application, **extra: Any) -> web.AppRunner:
     common: dict[str, Any] = {"auto_decompress": False, "access_log": None, "max_line_size": MAX_LINE_SIZE,
                               "max_field_size": MAX_FIELD_SIZE, "max_headers": MAX_HEADERS, "lingering_time": 1.0}
     service = app.get(SERVICE_KEY)
+    front = app.get(FRONT_KEY)
+    if front is not None:
+        # Requests the parser refuses are audited and counted like the front's own refusals.
+        common["on_parse_refusal"] = front.record_parse_refusal
     if service is None:
         return GatewayRunner(app, **common, **options)
     # SECURITY (AV-09): limits.max_connections / max_connections_per_ip, refused at accept time.

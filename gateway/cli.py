@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_checked(args: argparse.Namespace) -> int:
     from gateway.app import serve, serve_workers
+    from gateway.audit.log import AuditIntegrityError
     from gateway.keyfiles import InsecureSecretFile
     from gateway.observability.logging import configure_logging
     from gateway.policy.loader import PolicyError
@@ -142,6 +143,11 @@ def _serve_checked(args: argparse.Namespace) -> int:
         return 2
     except (StartupRefused, InsecureSecretFile) as exc:
         print(f"infergate: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    except AuditIntegrityError as exc:
+        # SECURITY: a truncated, rolled-back or edited trail stops startup (fail closed); it
+        # is the operator's finding to act on, said in one line, not a crash trace.
+        print(f"infergate: refusing to start: the audit trail does not verify: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

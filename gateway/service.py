@@ -105,9 +105,7 @@ class InferenceService:
             try:
                 await snap.pipeline.admit(ctx)
                 admitted = True
-                # After admission: only a caller allowed to use the model learns it is busy.
-                with self.model_slots.hold(ctx.model or "", self._model_cap(ctx, snap)):
-                    result = await work()
+                result = await work()
             finally:
                 self.in_flight -= 1
         except GatewayError as exc:
@@ -291,6 +289,19 @@ class InferenceService:
         )
 
     async def infer(self, ctx: RequestContext, snap: Snapshot, req: InferRequest) -> InferResponse:
+        """The admitted call's way to the model, holding one of its slots (AV-11) throughout.
+
+        # SECURITY: the slot is taken here, once the front has the whole request, not around
+        # the front's work: held from admission, a client uploading its body at 1 byte/s held
+        # it for the 30 s body timeout, and 4 such uploads from one tenant answered every
+        # other tenant's calls to a model with ``max_in_flight: 4`` "model busy" (503). The
+        # cap is for a slow model, not a slow client. After admission, so only a caller
+        # allowed to use the model learns it is busy.
+        """
+        with self.model_slots.hold(ctx.model or "", self._model_cap(ctx, snap)):
+            return await self._infer(ctx, snap, req)
+
+    async def _infer(self, ctx: RequestContext, snap: Snapshot, req: InferRequest) -> InferResponse:
         await self.pin_version(ctx, snap)
         if not req.version and ctx.version and req.model == ctx.model:
             # The version admission routed to (a flag) or pin_version chose is the one the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import threading
@@ -499,6 +500,44 @@ async def slow_model_shed(world: World, tokens: Tokens, *, cap: bool = True) -> 
     metrics = (await Client(world, world.next_addr()).request("GET", "/metrics")).body
     m = re.search(rb'^gateway_refusals_total\{reason="model_load_shed"\} (\S+)$', metrics, re.M)
     assert m and float(m.group(1)) >= 3 * MODEL_CAP
+
+
+async def test_av_11_slow_uploads_do_not_hold_a_models_slots(world: World, tokens: Tokens,
+                                                          fresh_breakers: None) -> None:
+    """s8 probe: the model's slot was taken at admission, before the body was read, so
+    ``max_in_flight`` uploads at a byte a second from one tenant (held for the 30 s body
+    timeout, renewable) answered every other tenant's calls to the model "model busy".
+    The cap is for a slow model: a slot is taken once the request is complete."""
+    assert world.settings is not None
+    path = world.settings.policies / "gateway.yaml"
+    old = path.read_text()
+    path.write_text(old.replace("  pub_clf: {}\n", f"  pub_clf:\n    max_in_flight: {MODEL_CAP}\n"))
+    body = json.dumps(PUB_BODY).encode()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        assert world.reload() is True
+        before = _gauge(world, "gateway_requests_in_flight")
+        for i in range(MODEL_CAP):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", world.gateway_port,
+                                                            local_addr=(world.next_addr(), 0))
+            writer.write((f"POST /v2/models/pub_clf/infer HTTP/1.1\r\nHost: gw\r\n"
+                          f"Authorization: Bearer {tokens.u1(sub=tokens.sub(f'up{i}'))}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                         + body[:5])
+            await writer.drain()
+            writers.append(writer)
+        for _ in range(1000):  # every upload admitted and waiting for its body
+            if _gauge(world, "gateway_requests_in_flight") - before >= MODEL_CAP:
+                break
+            await asyncio.sleep(0.01)
+        assert _gauge(world, "gateway_requests_in_flight") - before >= MODEL_CAP
+        other = await Client(world, world.next_addr()).infer("pub_clf", PUB_BODY, token=tokens.u2())
+    finally:
+        for writer in writers:
+            writer.close()
+        path.write_text(old)
+        world.reload()
+    assert other.status == 200, other.body
 
 
 # -- AV-14: CPU-heavy mix, event-loop lag ---------------------------------------------------------

@@ -496,3 +496,90 @@ async def test_http_14_upgrade_request_ends_the_connection(gw: Client, world: Wo
     assert statuses(raw) == [200]
     assert b"Connection: close" in head_block(raw)
     assert world.upstream_calls() == 1
+
+
+# --- s8 outsider probe (notes/s8/s8-probe-http-probes.md): body framing after the headers ---
+
+_BROKEN_CHUNKS = {"hex_prefix": b"0x2\r\n{}\r\n0\r\n\r\n", "negative": b"-2\r\n{}\r\n0\r\n\r\n",
+                  "overflow": b"FFFFFFFFFFFFFFFFFFFFFF\r\n{}\r\n0\r\n\r\n", "size_bare_lf": b"2\n{}\r\n0\r\n\r\n",
+                  "ext_bare_lf": b"2;\nxx\r\n{}\r\n0\r\n\r\n", "data_no_crlf": b"2\r\n{}XX0\r\n\r\n",
+                  "bad_trailer": b"2\r\n{}\r\n0\r\nBad Trailer\r\n\r\n"}
+
+
+@pytest.mark.parametrize("tail", list(_BROKEN_CHUNKS.values()), ids=list(_BROKEN_CHUNKS))
+async def test_http_04_chunk_framing_broken_in_a_later_segment(gw: Client, world: World, tokens: Tokens,
+                                                               tail: bytes) -> None:
+    """HTTP-04 with the headers in one TCP segment and the broken chunked body in the next:
+    aiohttp's parser dropped the body it was filling and queued the error as the next
+    message, so the reader waited out the 30 s body timeout (a 408) on a connection that
+    hung meanwhile. Now a prompt 400 ``body_bad_framing``, audited, and the connection
+    closed without a second answer."""
+    head = (f"{INFER}Authorization: Bearer {tokens.u1()}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    raw = await gw.raw(head, chunks=[tail], chunk_delay_s=0.3, timeout_s=5.0)
+    assert statuses(raw) == [400]
+    assert [r.get("reason") for r in _records_for(world, raw)] == ["body_bad_framing"]
+    assert world.upstream_calls() == 0
+
+
+async def test_http_04_chunk_framing_broken_behind_a_pipelined_request(gw: Client, world: World,
+                                                                        tokens: Tokens) -> None:
+    """The same, the broken body belonging to the second request of a pipeline: the first
+    is served, the second refused, nothing after it parsed."""
+    first = (f"{INFER}Authorization: Bearer {tokens.u1()}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(BODY)}\r\n\r\n{BODY}")
+    second = (f"{INFER}Authorization: Bearer {tokens.u1()}\r\nContent-Type: application/json\r\n"
+              "Transfer-Encoding: chunked\r\n\r\n")
+    third = "GET /v2/repository/index HTTP/1.1\r\nHost: gw\r\n\r\n"
+    raw = await gw.raw((first + second).encode(), chunks=[b"0x2\r\n{}\r\n0\r\n\r\n" + third.encode()],
+                       chunk_delay_s=0.3, timeout_s=5.0)
+    assert statuses(raw) == [200, 400]
+    assert world.upstream_calls() == 1
+
+
+@pytest.mark.parametrize(("data", "status", "reason"), [
+    (f"{INFER}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode(), 400, "http_parse_error"),
+    (f"{INFER}X-Abc: \rxTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{{}}".encode(), 400,
+     "http_parse_error"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "http_parse_error"),
+    (f"{INFER}X-Big: {'a' * 9000}\r\n\r\n".encode(), 431, "http_headers_too_large"),
+    (INFER.encode() + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n", 431, "http_headers_too_large"),
+    (f"GET /{'a' * 9000} HTTP/1.1\r\nHost: gw\r\n\r\n".encode(), 414, "http_request_line_too_long"),
+], ids=["cl_te", "cr_in_value", "h2_preface", "big_field", "many_fields", "long_target"])
+async def test_http_parser_refusals_are_audited(gw: Client, world: World, data: bytes, status: int,
+                                               reason: str) -> None:
+    """Requests aiohttp's parser refuses (HTTP-01/-06/-11/-15) never reached the front: no
+    audit record, no ``gateway_requests_total``/``gateway_refusals_total``, no request id;
+    a smuggling attempt showed only as an INFO log line. Now recorded like the front's own
+    early refusals, still answered with the bare status phrase."""
+    raw = await gw.raw(data)
+    assert statuses(raw) == [status]
+    records = _records_for(world, raw)
+    assert [(r.get("reason"), r.get("status"), r.get("decision")) for r in records] == [(reason, status, "deny")]
+    recorded = world.audit_bytes()  # nothing of the refused input is recorded
+    assert b"chunked" not in recorded and b"a" * 32 not in recorded
+    metrics = (await gw.request("GET", "/metrics")).body
+    assert f'gateway_refusals_total{{reason="{reason}"}}'.encode() in metrics
+    assert world.upstream_calls() == 0
+
+
+def _chunked(body: bytes, size: int) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("size", "status"), [(1, 400), (4, 400), (64, 200), (4096, 200)])
+async def test_http_14_chunk_flood_is_refused(gw: Client, world: World, tokens: Tokens, size: int,
+                                              status: int) -> None:
+    """s8 probe (AV-14 class): every chunk costs a Python call in the parser and the body
+    reader whatever its size; 8 MiB in one-byte chunks (48 MB on the wire) held the event
+    loop for 7 s (health probes at 113 ms p50). A chunked body whose framing outweighs its
+    content (past 64 KiB on the wire) is refused at once; ordinary chunk sizes are served."""
+    body = b" " * 400_000 + BODY.encode()  # JSON allows the leading whitespace
+    raw = await gw.raw((f"{INFER}Authorization: Bearer {tokens.u1()}\r\nContent-Type: application/json\r\n"
+                        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + _chunked(body, size),
+                       timeout_s=10.0)
+    assert statuses(raw) == [status]
+    if status == 400:
+        assert [r.get("reason") for r in _records_for(world, raw)] == ["body_chunk_overhead"]
+    assert world.upstream_calls() == (1 if status == 200 else 0)

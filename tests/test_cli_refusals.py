@@ -144,3 +144,30 @@ def test_token_with_an_unusable_subject_or_tenant_is_a_usage_error(tmp_path: Pat
     captured = capsys.readouterr()
     assert flag in captured.err and "Traceback" not in captured.err and captured.out == ""
     assert not any(tmp_path.iterdir())
+
+
+async def _write_trail(audit_dir: Path) -> None:
+    from gateway.audit import AuditConfig, AuditLog
+
+    log = AuditLog(AuditConfig.for_dir(audit_dir, checkpoint_every=1))
+    for n in range(5):
+        await log.append({"request_id": f"r{n}", "decision": "allow", "status": 200})
+    await log.close()
+
+
+def test_serve_on_a_truncated_audit_trail_is_refused_in_one_line(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """s8 probe: the trail behind its signed checkpoints stopped startup (as it should) with
+    an AuditIntegrityError traceback and exit status 1."""
+    import asyncio
+
+    from tests.support.gateway_proc import free_port
+
+    audit = tmp_path / "audit"
+    asyncio.run(_write_trail(audit))
+    [segment] = sorted(audit.glob("seg-*.jsonl"))
+    segment.write_bytes(b"".join(segment.read_bytes().splitlines(keepends=True)[:-2]))
+    capsys.readouterr()
+    line = _refused(capsys, ["serve", "--dev", "--listen", f"127.0.0.1:{free_port()}", "--audit-dir", str(audit),
+                             "--state-dir", str(tmp_path / "state"), "--log-level", "error"])
+    assert line.startswith("infergate: refusing to start: the audit trail does not verify:")

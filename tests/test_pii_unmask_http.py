@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.app import build_app
 from gateway.settings import Settings
 
-from .conftest import Client
+from .conftest import Client, GatewayTestServer
 from .test_http_front import audit_records, audit_text
 
 EMAIL = "john.doe@example.com"
@@ -131,3 +133,24 @@ async def test_body_read_one_way_only(client: Client, token: Callable[..., str])
         assert EMAIL not in await resp.text()
     resp = await client.post(UNMASK, data=single.encode(), headers=headers)
     assert resp.status == 200 and (await resp.json())["values"][0]["value"] == EMAIL
+
+
+async def test_a_slow_body_gets_the_body_deadline_too(settings: Settings, token: Callable[..., str],
+                                                      aiohttp_client: Callable[..., Awaitable[Client]]) -> None:
+    """s8 probe: the body deadline (limits.body_timeout_s, HTTP-13) was applied on the infer
+    route only; this route read its body without one, so a client that sent one byte held
+    the connection and its handler for as long as it liked. Now 408 ``body_timeout``."""
+    gateway_yaml = settings.policies / "gateway.yaml"
+    gateway_yaml.write_text(gateway_yaml.read_text().replace("  max_inputs: 64\n",
+                                                             "  max_inputs: 64\n  body_timeout_s: 1\n"))
+    client = await aiohttp_client(GatewayTestServer(build_app(settings)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write((f"POST {UNMASK} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+                  f"{token(sub='root', roles=('admin',))}\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 1000\r\n\r\n{").encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(4096), 20)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    assert [(r["status"], r["reason"]) for r in audit_records(settings) if r["route"] == UNMASK] == \
+        [(408, "body_timeout")]

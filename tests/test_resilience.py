@@ -161,6 +161,38 @@ async def test_graceful_shutdown_drains_in_flight(fake: FakeTriton, tmp_path: Pa
     assert records[-1]["status"] == 200
 
 
+async def test_sigterm_refuses_a_request_still_uploading_its_body_at_once(tmp_path: Path) -> None:
+    """s8 probe (AV-10 variant): aiohttp's shutdown stops reading connections, so a request
+    whose body was still arriving could never complete: it held the shutdown for the 30 s
+    body timeout and was answered 408. Now a prompt 503 + Retry-After (nothing of it ran:
+    retryable), audited once, and the process exits."""
+    import urllib.request
+
+    from tests.support.liveness import eventually
+
+    gw = await asyncio.to_thread(start_gateway, tmp_path, backend=f"local:{TRITON_REPO}")
+    token = await asyncio.to_thread(gw.token)
+    body = json.dumps(DIGITS).encode()
+    reader, writer = await asyncio.open_connection(*gw.url.split(":"))
+    writer.write((f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:50])
+    await writer.drain()
+
+    def uploading() -> bool:  # this request plus the scrape itself
+        with urllib.request.urlopen(f"http://{gw.url}/metrics", timeout=5) as resp:
+            return b"gateway_requests_in_flight 2.0" in resp.read()
+
+    await eventually(lambda: uploading(), "the upload in flight", expected_s=5.0)
+    gw.proc.send_signal(signal.SIGTERM)
+    answer = await asyncio.wait_for(reader.read(), 20)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    assert b"Retry-After: 1" in answer
+    assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+    records = [r for r in iter_records(gw.audit_dir) if r.get("route") == "/v2/models/{model}/infer"]
+    assert [(r["status"], r["reason"]) for r in records] == [(503, "shutting_down")]
+
+
 async def test_sigterm_with_a_full_house_in_flight_answers_and_records_each_once(fake: FakeTriton,
                                                                                  tmp_path: Path) -> None:
     """AV-10: SIGTERM with as many calls in flight as the shipped policy admits (tenant

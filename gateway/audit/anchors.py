@@ -23,7 +23,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -38,7 +37,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.audit.crypto import KeyStoreError
-from gateway.audit.records import GENESIS, RecordFormatError, canonical, normalize
+from gateway.audit.records import (
+    GENESIS,
+    RecordFormatError,
+    canonical,
+    canonical_form_of,
+    load_stored_json,
+    normalize,
+)
 from gateway.files import ensure_dir, fsync_dir, read_private, write_private
 
 CHECKPOINT_FILE = "checkpoints.jsonl"
@@ -187,13 +193,12 @@ class Checkpoint:
 
 def parse_checkpoint(raw: bytes) -> Checkpoint:
     """A checkpoint line (without ``\\n``), refused unless canonical and complete."""
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise RecordFormatError("checkpoint is not JSON") from exc
+    obj = load_stored_json(raw, "checkpoint")
     if not isinstance(obj, dict) or obj.get("type") != "checkpoint":
         raise RecordFormatError("not a checkpoint")
-    if canonical(normalize(obj)) != raw:
+    # SECURITY: a checkpoint with no canonical form (NaN) is a corrupt anchor store, not a
+    # usage error: ValueError escaped to the CLI as exit status 2 instead of 1.
+    if canonical_form_of(obj) != raw:
         raise RecordFormatError("checkpoint not in canonical form")
     n, seq, head, prev = obj.get("n"), obj.get("seq"), obj.get("head"), obj.get("prev")
     if not (type(n) is int and type(seq) is int and isinstance(head, str) and isinstance(prev, str)):

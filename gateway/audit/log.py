@@ -779,7 +779,7 @@ class AuditLog:
         for path in sorted(folder.glob("*.json")):
             try:
                 notice = normalize(json.loads(path.read_bytes()))
-            except (OSError, ValueError, TypeError):
+            except (OSError, ValueError, TypeError, RecursionError):
                 notice = None
             trusted = self.anchor_keys.public_keys()
             if (not isinstance(notice, dict) or notice.get("type") != "erasure"

@@ -114,6 +114,13 @@ class TestRecordTampering:
         result = check(trail)
         assert (result.first_bad_seq, result.problem) == (100, "truncated")
 
+    async def test_a_record_nested_too_deep_to_parse_is_an_edit(self, trail: AuditConfig) -> None:
+        """s8 probe: a line nested 100,000 deep made ``json.loads`` raise RecursionError
+        and ``audit verify`` die with a traceback instead of naming the record."""
+        edit_line(trail, 37, b'"decision":"allow"', b'"decision":"allow","x":' + b"[" * 100_000 + b"]" * 100_000)
+        result = check(trail)
+        assert (result.ok, result.first_bad_seq, result.problem) == (False, 37, "edited")
+
     async def test_log_injection_stays_one_record(self, tmp_path: Path) -> None:
         """AUD-07: a newline and a fake record inside a field stay text in one line."""
         config = make_config(tmp_path)
@@ -239,6 +246,18 @@ class TestAnchors:
         result = check(trail)
         assert (result.ok, result.problem) == (False, "anchors_missing")
 
+    @pytest.mark.parametrize("line", [b"[" * 100_000 + b"]" * 100_000, b"NaN",
+                                      b'{"head":"x","n":NaN,"prev":"y","seq":1,"type":"checkpoint"}'],
+                             ids=["deep", "bare_nan", "nan_member"])
+    async def test_an_unparsable_checkpoint_is_a_corrupt_anchor_store(self, trail: AuditConfig,
+                                                                       line: bytes) -> None:
+        """s8 probe: a checkpoint nested too deep raised RecursionError out of verify, one
+        holding NaN a ValueError the CLI reported as a usage error (exit 2, not 1)."""
+        path = trail.anchor_dir / CHECKPOINT_FILE
+        path.write_bytes(path.read_bytes() + line + b"\n")
+        result = check(trail)
+        assert (result.ok, result.problem) == (False, "anchor_corrupt")
+
     async def test_checkpoint_with_a_forged_head(self, trail: AuditConfig) -> None:
         path = trail.anchor_dir / CHECKPOINT_FILE
         lines = path.read_bytes().splitlines(keepends=True)
@@ -297,6 +316,16 @@ class TestCli:
         assert "first bad record at seq 64" in bad.stderr
         as_json = self.run(*args, "--json")
         assert json.loads(as_json.stdout)["first_bad_seq"] == 64
+
+    async def test_a_checkpoint_holding_nan_is_tampering_not_a_usage_error(self, trail: AuditConfig) -> None:
+        path = trail.anchor_dir / CHECKPOINT_FILE
+        lines = path.read_bytes().splitlines(keepends=True)
+        lines[-1] = lines[-1].replace(b'"n":', b'"n":NaN,"m":', 1)
+        path.write_bytes(b"".join(lines))
+        bad = self.run("audit", "verify", str(trail.log_dir), "--anchors", str(trail.anchor_dir),
+                       "--keys", str(trail.key_dir))
+        assert bad.returncode == 1, bad.stderr
+        assert "Traceback" not in bad.stderr and "anchor_corrupt" in bad.stderr
 
 
 def test_records_helper_reads_everything(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import time
@@ -389,3 +390,24 @@ async def test_an_older_trusted_bundle_put_back_is_refused_as_a_replay(gw: Gatew
     sign_bundle(gw.policies, gw.key.private, now=later + timedelta(minutes=1))
     assert await store.reload("test") is True
     assert store.current.policy.revision == old_revision
+
+
+async def test_a_sighup_storm_is_coalesced_into_at_most_two_reloads(gw: Gateway) -> None:
+    """s8 probe: each SIGHUP queued one full reload (~100 ms of CPU, on the event loop):
+    200 signals made 300 requests take 22 s instead of 1.4 s. At most one reload now waits
+    behind the running one; it reads the directory after every signal before it, so an
+    edit made before the storm still applies."""
+    store = gw.service.store
+    old = store.current.policy.revision
+    (gw.policies / "gateway.yaml").write_text((gw.policies / "gateway.yaml").read_text() + "# edit\n")
+    sign_bundle(gw.policies, gw.key.private)
+    for _ in range(50):
+        os.kill(os.getpid(), signal.SIGHUP)
+    for _ in range(400):  # the signal handlers run, then the reloads they started finish
+        await asyncio.sleep(0.05)
+        if sum(store.reload_counts.values()) and not store._lock.locked() and not store._waiting:
+            break
+    assert store.current.policy.revision != old
+    assert 1 <= sum(store.reload_counts.values()) <= 2, store.reload_counts
+    resp = await gw.client.post(ECHO_PATH, json=ECHO, headers=gw.headers())
+    assert resp.status == 200

@@ -21,7 +21,7 @@ import zlib
 from typing import Final, Literal
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentLengthError
+from aiohttp.http_exceptions import ContentLengthError, HttpProcessingError
 
 from gateway.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaType
 
@@ -117,13 +117,18 @@ async def _next_chunk(request: web.BaseRequest) -> bytes:
 
     # SECURITY: a connection lost before the declared body arrived (a slow sender giving
     # up, a reset) surfaced as ConnectionResetError: a 500 with a traceback. It is the
-    # client's incomplete input: 400 body_incomplete, logged and audited like any refusal.
+    # client's incomplete input: 400 body_incomplete, logged and audited like any refusal;
+    # a broken chunked framing is a 400 body_bad_framing.
     """
     try:
         return await request.content.read(READ_CHUNK)
     except (ConnectionError, ContentLengthError) as exc:
         raise MalformedRequest("the connection closed before the whole body arrived",
                                reason="body_incomplete") from exc
+    except HttpProcessingError as exc:
+        # SECURITY (HTTP-04): the body's framing broke (chunk size, chunk line endings); the
+        # protocol handler stops parsing this connection (fronts/http/protocol.py).
+        raise MalformedRequest("the body's chunked framing is invalid", reason="body_bad_framing") from exc
 
 
 async def _read_plain(request: web.BaseRequest, max_bytes: int) -> bytes:

@@ -13,17 +13,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, cast
 
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from gateway.errors import (
+    DependencyUnavailable,
+    GatewayError,
     HeadersTooLarge,
     MalformedRequest,
     MisdirectedRequest,
@@ -36,6 +40,12 @@ log = structlog.get_logger("gateway.http.parser")
 
 SERVER_HEADER = "infergate"
 
+
+# A chunked body is refused once more than this many bytes arrived for it on the wire and
+# they are more than 1.5 times its content (chunk sizes, CRLFs, extensions): chunks of 12
+# bytes on average or less. Measured: 8 MiB in 1-byte chunks cost 7 s of event-loop CPU.
+CHUNK_OVERHEAD_FLOOR = 64 * 1024
+CHUNK_OVERHEAD_RATIO = 1.5
 
 # How long a refused connection keeps reading (and discarding) after its answer was sent.
 LINGER_AFTER_REFUSAL_S = 1.0
@@ -92,6 +102,69 @@ class LingeringClose:
 
 class QuietRequestHandler(RequestHandler):
     _quiet = False
+    # The body the parser is filling: the payload of the last request it emitted.
+    _open_body: StreamReader | None = None
+
+    # Bytes received on the wire since the open chunked body's request began.
+    _open_wire: int = 0
+    _open_chunked: bool = False
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        # start() pops only between awaits, never during this call: what is past ``queued``
+        # is what this chunk of input produced.
+        for message, payload in list(self._messages)[queued:]:
+            if isinstance(message, _ErrInfo):
+                self._fail_open_body(message.exc)
+            else:
+                self._open_body, self._open_chunked, self._open_wire = payload, message.chunked, 0
+        body = self._open_body
+        if body is not None and self._open_chunked and not body.is_eof():
+            self._open_wire += len(data)
+            if self._open_wire > CHUNK_OVERHEAD_FLOOR and self._open_wire > CHUNK_OVERHEAD_RATIO * body.total_bytes:
+                # SECURITY (availability): every chunk costs the parser and the body reader
+                # a Python call (~1 us) whatever its size; 8 MiB sent as one-byte chunks (48 MB
+                # on the wire) kept the event loop busy for 7 s, health probes at 113 ms p50.
+                # A body whose framing outweighs its content is refused (chunk extensions
+                # padding the framing included); real clients send chunks of kilobytes.
+                self._fail_open_body(MalformedRequest("chunks too small: the chunked framing outweighs the body",
+                                                      reason="body_chunk_overhead"))
+
+    def _fail_open_body(self, exc: BaseException) -> None:
+        """Hand a framing error inside a body to the handler reading that body.
+
+        # SECURITY (HTTP-04): aiohttp's C parser drops the request it is filling when the
+        # body's framing breaks (a bad chunk size, a bare LF in a chunk line) after the
+        # headers arrived in an earlier segment: the error is queued as the *next* message
+        # and the reader of this body waits for bytes that never come. The client got a 408
+        # after the 30 s body timeout instead of a 400, and a proxy in front saw a
+        # connection that hung. The reader now gets the error at once (the front answers
+        # 400 ``body_bad_framing``), and nothing more is parsed on this connection: the
+        # queued refusal is never answered as a second response.
+        """
+        body, self._open_body = self._open_body, None
+        if body is None or body.is_eof() or body.exception() is not None:
+            return
+        body.set_exception(exc)
+        body.feed_eof()  # nothing to drain after the answer: no lingering read of a broken body
+        self._linger_on_close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        """Graceful shutdown: a request still receiving its body is answered 503 at once.
+
+        # SECURITY (AV-10): aiohttp's shutdown stops reading the connection (everything
+        # arriving after SIGTERM is discarded) and then waits for the handler, so a request
+        # mid-upload could never complete: it held the shutdown for the 30 s body timeout
+        # and was answered 408, as if the client had been slow. Nothing of it ran, so it is
+        # refused as retryable (503 + Retry-After), audited, without the wait.
+        """
+        body, self._open_body = self._open_body, None
+        if body is not None and not body.is_eof() and body.exception() is None:
+            body.set_exception(DependencyUnavailable("the gateway is shutting down", reason="shutting_down",
+                                                     retry_after_s=1.0))
+            body.feed_eof()
+        await super().shutdown(timeout)
 
     def _linger_on_close(self) -> None:
         transport = self.transport
@@ -100,27 +173,58 @@ class QuietRequestHandler(RequestHandler):
             self._close = True
             self.transport = cast(asyncio.Transport, LingeringClose(transport, self._loop, LINGER_AFTER_REFUSAL_S))
 
+    def _parse_refusal(self, exc: HttpProcessingError) -> GatewayError:
+        """The taxonomy's error for a request the parser refused."""
+        text = str(exc.message).lower()
+        if isinstance(exc, LineTooLong):
+            # SECURITY: size refusals carry their own status; the text is never echoed.
+            # The C parser says only which limit it hit: the request-target cap
+            # (max_line_size, kept different from max_field_size in app.py) is a 414.
+            limit = exc.args[1] if len(exc.args) > 1 else None
+            if limit == self.max_line_size or "status line" in text:
+                return UriTooLong("request line too long")
+            return HeadersTooLarge("header field too large")
+        if "too many headers" in text:
+            return HeadersTooLarge("too many header fields")
+        return MalformedRequest("the request is not valid HTTP/1.1", reason="http_parse_error")
+
+    def _make_error_handler(self, err_info: _ErrInfo) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+        exc = err_info.exc
+        hook: ParseRefusalHook | None = getattr(self._manager, "on_parse_refusal", None)
+        if hook is None or err_info.status >= 500 or not isinstance(exc, HttpProcessingError):
+            return super()._make_error_handler(err_info)
+        refusal = self._parse_refusal(exc)
+
+        async def handler(request: BaseRequest) -> web.StreamResponse:
+            # SECURITY: a request the parser refuses (smuggling attempts, HTTP-01..06, -11,
+            # -15) never reaches the front, so it went unaudited and uncounted: visible
+            # only as an INFO log line. It is recorded like the front's own early refusals
+            # (pre-authentication: flood-aggregated per client and reason) and answered
+            # with a request id; 503 if the record cannot be written (fail closed).
+            request_id, status = await hook(request.remote, refusal)
+            response = self._refusal_response(request, status, exc)
+            response.headers["X-Request-ID"] = request_id
+            return response
+
+        return handler
+
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if status < 500 and isinstance(exc, HttpProcessingError):
-            text = str(exc.message)
-            if isinstance(exc, LineTooLong):
-                # SECURITY: size refusals carry their own status; the text is never echoed.
-                # The C parser says only which limit it hit: the request-target cap
-                # (max_line_size, kept different from max_field_size in app.py) is a 414.
-                limit = exc.args[1] if len(exc.args) > 1 else None
-                status = 414 if limit == self.max_line_size or "status line" in text.lower() else 431
-            elif "too many headers" in text.lower():
-                status = 431
-            log.info("http_parse_refused", status=status, error=type(exc).__name__)
-            self._linger_on_close()
-            self._quiet = True
-            try:
-                resp = super().handle_error(request, status, None, f"{status} {HTTPStatus(status).phrase}")
-            finally:
-                self._quiet = False
-        else:
-            resp = super().handle_error(request, status, exc, message)
+            return self._refusal_response(request, self._parse_refusal(exc).http_status, exc)
+        resp = super().handle_error(request, status, exc, message)
+        resp.headers["Server"] = SERVER_HEADER
+        return resp
+
+    def _refusal_response(self, request: BaseRequest, status: int, exc: HttpProcessingError) -> web.StreamResponse:
+        """The bare status phrase, one INFO line naming the exception class, then close."""
+        log.info("http_parse_refused", status=status, error=type(exc).__name__)
+        self._linger_on_close()
+        self._quiet = True
+        try:
+            resp = super().handle_error(request, status, None, f"{status} {HTTPStatus(status).phrase}")
+        finally:
+            self._quiet = False
         resp.headers["Server"] = SERVER_HEADER
         return resp
 
@@ -130,18 +234,35 @@ class QuietRequestHandler(RequestHandler):
         super().log_exception(*args, **kw)
 
 
+# (client address, refusal) -> (request id, status to answer with): records a parser refusal.
+ParseRefusalHook = Callable[[str | None, GatewayError], Awaitable[tuple[str, int]]]
+
+
 class QuietServer(Server):
+    on_parse_refusal: ParseRefusalHook | None = None
+
     def __call__(self) -> RequestHandler:
         return QuietRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class GatewayRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections use :class:`QuietRequestHandler`."""
+    """``web.AppRunner`` whose connections use :class:`QuietRequestHandler`.
+
+    ``on_parse_refusal`` records the requests aiohttp's parser refuses (audit, metrics);
+    it is taken out of the keywords here because ``web_server.Server`` drops *every*
+    handler keyword, ``auto_decompress=False`` included, when it meets one it does not know.
+    """
+
+    def __init__(self, app: web.Application, *, on_parse_refusal: ParseRefusalHook | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._on_parse_refusal = on_parse_refusal
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         # Same object, same state; only the protocol factory (``__call__``) differs.
         server.__class__ = QuietServer
+        cast(QuietServer, server).on_parse_refusal = self._on_parse_refusal
         return server
 
 

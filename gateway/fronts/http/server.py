@@ -290,9 +290,10 @@ class HttpFront:
         if route.kind == "policy":
             return _json_response(200, self.service.policy_status(ctx, snap), rid)
         if route.kind == "pii_unmask":
-            cap = min(snap.policy.gateway.limits.max_body_bytes, UNMASK_MAX_BYTES)
+            limits = snap.policy.gateway.limits
+            cap = min(limits.max_body_bytes, UNMASK_MAX_BYTES)
             answer = await pii_unmask(ctx, snap, lambda: check_content_type(request),
-                                      lambda: read_body(request, max_bytes=cap))
+                                      lambda: _read_body_in_time(request, cap, float(limits.body_timeout_s)))
             return _json_response(200, answer, rid)
         if route.kind == "model_drift":
             return _json_response(200, self.service.model_drift(ctx, snap), rid)
@@ -304,12 +305,7 @@ class HttpFront:
         limits = snap.policy.gateway.limits
         check_content_type(request)
         await _continue_if_expected(request, limits.max_body_bytes)
-        try:
-            # SECURITY: slow-body clients (HTTP-13) hold a connection for body_timeout_s at most.
-            async with asyncio.timeout(float(limits.body_timeout_s)):
-                body = await read_body(request, max_bytes=limits.max_body_bytes)
-        except TimeoutError as exc:
-            raise RequestTimeout("request body not received in time", reason="body_timeout") from exc
+        body = await _read_body_in_time(request, limits.max_body_bytes, float(limits.body_timeout_s))
         assert route.model is not None  # noqa: S101 - infer routes always carry a model
         decode = functools.partial(
             decode_infer_request, route.model, route.version, body,
@@ -340,19 +336,33 @@ class HttpFront:
     async def _refuse_early(self, request: web.Request, exc: GatewayError, request_id: str, route_label: str,
                       route: Route | None = None) -> web.Response:
         """A refusal before the pipeline ran (bad path, malformed header): still logged and audited."""
-        response = error_response(exc, request_id)
+        answer = await self._record_early(exc, request_id, route_label, route, request.remote)
+        return error_response(answer, request_id)
+
+    async def record_parse_refusal(self, remote: str | None, exc: GatewayError) -> tuple[str, int]:
+        """A request aiohttp's parser refused (fronts/http/protocol.py): audited, logged and
+        counted like :meth:`_refuse_early`. Returns its request id and the status to answer."""
+        request_id = self.service.request_ids.assign(None)
+        answer = await self._record_early(exc, request_id, "unmatched", None, remote)
+        return request_id, answer.http_status
+
+    async def _record_early(self, exc: GatewayError, request_id: str, route_label: str, route: Route | None,
+                            remote: str | None) -> GatewayError:
+        """Audit, log and count an early refusal. Returns the error to answer with: the
+        audit's own (a 503) when the record cannot be written (fail closed)."""
         ctx = RequestContext(
             request_id=request_id, revision=self.service.pin().policy.revision,
-            action=route.action if route else Action.SERVER, transport="http", client_addr=request.remote or "",
+            action=route.action if route else Action.SERVER, transport="http", client_addr=remote or "",
             model=route.model if route else None, version=route.version if route else "",
         )
+        answer = exc
         try:
-            await self.service.audit(ctx, route=route_label, status=response.status, error=exc)
+            await self.service.audit(ctx, route=route_label, status=exc.http_status, error=exc)
         except GatewayError as audit_exc:
-            response = error_response(audit_exc, request_id)
+            answer = audit_exc
         self.service.log_refusal(ctx, exc, route_label)
-        self.metrics.requests.labels(route=route_label, code=str(response.status)).inc()
-        return response
+        self.metrics.requests.labels(route=route_label, code=str(answer.http_status)).inc()
+        return answer
 
 
 class FallbackRouter(UrlDispatcher):
@@ -400,6 +410,20 @@ async def _continue_if_expected(request: web.Request, max_bytes: int) -> None:
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
+
+
+async def _read_body_in_time(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body (:func:`read_body`), or 408 once ``timeout_s`` has passed.
+
+    # SECURITY: slow-body clients (HTTP-13) hold a connection for body_timeout_s at most, on
+    # every route that reads a body: /v2/pii/unmask read its body without any deadline, so
+    # a client that sent one byte held the connection and its handler indefinitely.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read_body(request, max_bytes=max_bytes)
+    except TimeoutError as exc:
+        raise RequestTimeout("request body not received in time", reason="body_timeout") from exc
 
 
 def _single_header(request: web.Request, name: str) -> str | None:
