@@ -106,8 +106,12 @@ class PiiPolicy(StrictModel):
                               "them still masked).")
     split_joins: tuple[Annotated[StrictStr, Field(max_length=4)], ...] = Field(
         ("", " "), description="Separators a model may join elements with; entities across elements are masked.")
+    # SECURITY: bounds what one message can hold the event loop for: the costliest text the
+    # engine knows (phones glued back to back, bench/bench_pii.py) is ~2-3 µs a byte, so
+    # 16 KiB inline is <= ~50 ms of loop time (64 KiB was 120-190 ms); a thread hand-off
+    # costs tens of µs against the milliseconds of masking that much text.
     offload_bytes: Annotated[StrictInt, Field(ge=0)] = Field(
-        65_536, description="Messages with more text than this are masked in a worker thread (event loop free).")
+        16_384, description="Messages with more text than this are masked in a worker thread (event loop free).")
     entities: dict[EntityName, Spec] = Field(
         default_factory=_all_replace, description="Entity types to mask and the default operator of each.")
     roles: tuple[RoleOverride, ...] = Field(

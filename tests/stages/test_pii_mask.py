@@ -191,6 +191,29 @@ class TestResponse:
         masked = await stage.on_response(ctx(), response(text_tensor("O", "x " * 50 + PII_01)))
         assert "john" not in decoded(masked.outputs[0])[0]
 
+    async def test_default_keeps_the_loop_share_of_a_hostile_text_small(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A message just under the old 64 KiB default of phones glued back to back held the
+        event loop for 120-190 ms (bench_pii pathological); by default the loop now masks at
+        most 16 KiB of text itself (~2-3 µs a byte at worst), the rest goes to a thread."""
+        import threading
+
+        assert PiiPolicy().offload_bytes == 16_384
+        shipped = yaml.safe_load((Path(__file__).parents[2] / "policies" / "pii.yaml").read_text())
+        assert shipped["offload_bytes"] <= 16_384
+        threads: list[bool] = []
+        real = PiiEngine.mask_many
+
+        def watched(engine: PiiEngine, *args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread() is threading.main_thread())
+            return real(engine, *args, **kwargs)
+
+        monkeypatch.setattr(PiiEngine, "mask_many", watched)
+        stage = build_pii_stage(policy(), hmac_key=HMAC_KEY, token_key=TOKEN_KEY)
+        glued = "-".join("415-555-0132" for _ in range(20_000 // 13))
+        await stage.on_response(ctx(), response(text_tensor("O", glued)))
+        await stage.on_response(ctx(), response(text_tensor("O", PII_01)))
+        assert threads == [False, True]  # the 20 KB text off the loop, the short one on it
+
 
 class TestFailClosed:
     @pytest.mark.parametrize("direction", ["in", "out"])
