@@ -1,7 +1,8 @@
 """Per-variant health over a sliding window, and the sticky automatic rollback it trips.
 
 Every admitted call routed by a flag ends in :meth:`RollbackTracker.record`: whether it
-failed on the server side (5xx, never the client's 4xx), how long it took, whether an
+failed on the server side (5xx, never the client's 4xx nor the gateway's own shedding or
+dependency outages), how long it took, whether an
 adversarial detector fired and whether PII was found in the model's output. When a
 non-stable variant breaches one of the flag's thresholds over the window (and has seen
 at least ``min_requests`` calls, so three unlucky requests do not end a rollout), the

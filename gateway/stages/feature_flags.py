@@ -67,7 +67,7 @@ from openfeature.provider import FeatureProvider
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from gateway.context import NOTE_REQUESTED_MODEL, Action, Principal, RequestContext
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import DependencyUnavailable, GatewayError, NotFound
 from gateway.flags.provider import (
     VARIANT_PATTERN,
     CompiledFlag,
@@ -522,7 +522,13 @@ class FeatureFlags(Stage):
         variant = note.get("variant")
         if route is None or not isinstance(variant, str):
             return
-        server_error = error is not None and error.http_status >= 500
+        # SECURITY: only a failure the variant may have caused counts against it. A refusal
+        # of the gateway's own capacity or dependencies (load shedding, per-model in-flight
+        # cap, rate limiter or DP ledger down: DependencyUnavailable) says nothing about the
+        # variant, and a client who can provoke one (flooding past a model's cap) would
+        # otherwise roll a canary back for everyone.
+        server_error = (error is not None and error.http_status >= 500
+                        and not isinstance(error, DependencyUnavailable))
         detector_hit = _detector_hit(ctx, error)
         # A client's 4xx refused before the model says nothing about the variant.
         if not (error is None or server_error or detector_hit or ctx.notes.get("upstream_called")):
