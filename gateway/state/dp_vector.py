@@ -100,7 +100,8 @@ if not fits then return {0, pack(used), fmt(period), stop - now, '', fmt(seq)} e
 for i = 1, n do used[i] = used[i] + amount[i] end
 local u = pack(used)
 seq = seq + 1
-redis.call('HSET', key, 'p', fmt(period), 'l', fmt(period_us), 'n', n, 'u', u, 's', '""" + SCALAR_LOCK + """', 'q', fmt(seq), rid, ARGV[7])
+redis.call('HSET', key, 'p', fmt(period), 'l', fmt(period_us), 'n', n, 'u', u,
+  's', '""" + SCALAR_LOCK + """', 'q', fmt(seq), rid, ARGV[7])
 redis.call('PEXPIRE', key, ms(stop + grace - now))
 return {1, u, fmt(period), stop - now, ARGV[7], fmt(seq)}
 """

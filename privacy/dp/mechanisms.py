@@ -187,7 +187,7 @@ class GridMechanism:
             self.scale, self.actual_per_row = self._calibrate(1)
         except ValueError:
             raise
-        except Exception as exc:  # noqa: BLE001 - OpenDP's own refusal, reported as a policy error
+        except Exception as exc:  # OpenDP's own refusal (OpenDPException), reported as a policy error
             raise ValueError(f"OpenDP cannot calibrate noise for bounds [{spec.lower:g}, {spec.upper:g}] and "
                              f"epsilon {spec.epsilon:g}: {str(exc).strip()[:200]}") from exc
 
