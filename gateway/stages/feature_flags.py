@@ -183,6 +183,10 @@ class RouteSettings(StrictModel):
         None, alias="rollback.max_detector_rate", description="Share of calls on which an adversarial detector fired.")
     max_pii_rate: Rate | None = Field(
         None, alias="rollback.max_pii_rate", description="Share of calls whose model output contained PII.")
+    min_signal_callers: Annotated[StrictInt, Field(ge=1, le=10_000)] = Field(
+        3, alias="rollback.min_signal_callers",
+        description="Distinct callers that must have produced detector hits (or PII in outputs) before those "
+                    "rates may roll the variant back: one client controls what it sends.")
 
     def thresholds(self) -> Thresholds:
         return Thresholds(
@@ -191,7 +195,7 @@ class RouteSettings(StrictModel):
             max_p99_latency_s=None if self.max_p99_ms is None else self.max_p99_ms / 1000.0,
             max_detector_rate=None if self.max_detector_rate is None else float(self.max_detector_rate),
             max_pii_rate=None if self.max_pii_rate is None else float(self.max_pii_rate),
-            enabled=self.rollback_enabled,
+            enabled=self.rollback_enabled, min_signal_callers=self.min_signal_callers,
         )
 
 
@@ -533,8 +537,11 @@ class FeatureFlags(Stage):
         # A client's 4xx refused before the model says nothing about the variant.
         if not (error is None or server_error or detector_hit or ctx.notes.get("upstream_called")):
             return
+        principal = ctx.principal
+        # Length-prefixed, so no (tenant, subject) pair can spell another.
+        caller = "" if principal is None else f"{len(principal.tenant)}:{principal.tenant}:{principal.subject}"
         outcome = CallOutcome(error=server_error, latency_s=max(0.0, time.monotonic() - ctx.started),
-                              detector_hit=detector_hit, pii_hit=_pii_in_output(ctx))
+                              detector_hit=detector_hit, pii_hit=_pii_in_output(ctx), caller=caller)
         trip = self.runtime.tracker.record(route.flag, route.definition_hash, variant, route.stable,
                                            route.thresholds, outcome, revision=self.revision)
         if trip is not None:
