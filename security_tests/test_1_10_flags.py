@@ -396,3 +396,39 @@ async def test_authz_17_refused_call_names_no_variant(world: World, tokens: Toke
     seen = await canary_side.client().request(method, path.format(m="pub_clf"), json_body=body,
                                               token=tokens.u1(sub=tokens.sub("ok")))
     assert seen.status == 200 and seen.headers.get("X-Model-Variant") == "canary"
+
+
+# -- rollback triggers a client can pull -----------------------------------------------------------
+
+
+async def test_av_12_calls_the_gateway_shed_are_not_the_canarys_errors(world: World, tokens: Tokens,
+                                                                        canary_side: SideGateway) -> None:
+    """Probe (s8): a canary-cohort client that floods ``pub_clf`` past its per-model in-flight
+    cap gets 503 ``model_load_shed``; those refusals were counted as the canary's server
+    errors, so one client rolled the canary back for everyone (held until a person edits
+    the flag). A refusal of the gateway's own capacity or dependencies (load shedding, rate
+    limiter or DP ledger down) says nothing about the variant: not counted."""
+    side = canary_side
+    doc = flags_doc(0, 100)
+    doc["flags"][FLAG]["metadata"].update({"rollback.enabled": True, "rollback.min_requests": 5,
+                                           "rollback.max_error_rate": 0.05})
+    assert side.settings is not None
+    (side.settings.policies / "flags.json").write_text(json.dumps(doc, indent=2))
+    side.edit_policy("gateway.yaml", "  pub_clf: {}\n", "  pub_clf:\n    max_in_flight: 1\n")
+    caller = Caller(side, tokens)
+    world.fake.set(slow(2.0), model="pub_clf")
+    holder = asyncio.ensure_future(caller.call("holder"))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not world.fake.requests:  # the holder's call occupies the model's only slot
+        assert loop.time() < end and not holder.done()
+        await asyncio.sleep(0.02)
+    shed = [await caller.call() for _ in range(10)]
+    assert [r.status for r in shed] == [503] * 10
+    assert side.audit_for(shed[0])[0]["reason"] == "model_load_shed"
+    assert (await holder).status == 200
+    world.fake.set(ok(), model="pub_clf")
+    after = await caller.call()
+    assert after.status == 200
+    assert after.headers.get("X-Model-Variant") == "canary", "the shed calls rolled the canary back"
+    assert version_of(after) == "2"

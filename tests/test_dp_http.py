@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from gateway.app import SERVICE_KEY
 from gateway.settings import Settings
 
 from .conftest import Client
@@ -55,3 +57,18 @@ async def test_budget_endpoint_is_tenant_scoped(client: Client, token: Callable[
     admin = await client.get("/v2/privacy/budget?tenant=globex", headers=bearer(token(roles=("admin",))))
     assert admin.status == 200
     assert (await client.get("/v2/privacy/budget")).status == 401
+
+
+async def test_a_privacy_policy_no_float_can_carry_is_refused_at_reload(client: Client, token: Callable[..., str],
+                                                                         policy_dir: Path) -> None:
+    """Probe (s8): ε 1e-290 per row passed validation, then OpenDP raised inside the reload
+    task (an unhandled traceback; `policy check` crashed the same way). Now a policy error:
+    the reload is refused and the running revision keeps answering."""
+    path = policy_dir / "privacy.yaml"
+    text = path.read_text()
+    assert "epsilon: 0.5 " in text
+    path.write_text(text.replace("epsilon: 0.5 ", "epsilon: 1.0e-290 ", 1))
+    assert await client.app[SERVICE_KEY].store.reload("test") is False
+    resp = await client.post("/v2/models/risk/infer", json=risk_body(2.0), headers=bearer(token()))
+    assert resp.status == 200
+    assert float(resp.headers["X-Privacy-Budget-Remaining"]) == 4.5

@@ -1,7 +1,8 @@
 """Per-variant health over a sliding window, and the sticky automatic rollback it trips.
 
 Every admitted call routed by a flag ends in :meth:`RollbackTracker.record`: whether it
-failed on the server side (5xx, never the client's 4xx), how long it took, whether an
+failed on the server side (5xx, never the client's 4xx nor the gateway's own shedding or
+dependency outages), how long it took, whether an
 adversarial detector fired and whether PII was found in the model's output. When a
 non-stable variant breaches one of the flag's thresholds over the window (and has seen
 at least ``min_requests`` calls, so three unlucky requests do not end a rollout), the
@@ -89,6 +90,9 @@ class Thresholds:
     max_detector_rate: float | None = None
     max_pii_rate: float | None = None
     enabled: bool = True
+    # Distinct callers whose calls must carry a detector hit (or PII in the output) before
+    # those signals may trip: both are driven by what a client sends (see _breach).
+    min_signal_callers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,7 @@ class CallOutcome:
     latency_s: float
     detector_hit: bool = False
     pii_hit: bool = False
+    caller: str = ""  # pseudonymous key of the principal ("" = unknown: one anonymous caller)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,22 +183,31 @@ TripCallback = Callable[[RollbackTrip], None]
 class _Window:
     """Calls of one (flag, definition, variant) in the last ``window_s``, with running sums."""
 
-    __slots__ = ("detector_hits", "errors", "events", "max_events", "pii_hits", "slow", "window_s")
+    __slots__ = ("detector_callers", "detector_hits", "errors", "events", "max_events", "pii_callers", "pii_hits",
+                 "slow", "window_s")
 
     def __init__(self, window_s: float, max_events: int) -> None:
-        self.events: deque[tuple[float, float, bool, bool, bool, bool]] = deque()
+        self.events: deque[tuple[float, float, bool, bool, bool, bool, str]] = deque()
         self.window_s = window_s  # fixed: thresholds belong to the definition, which keys the window
         self.max_events = max_events
         self.errors = self.slow = self.detector_hits = self.pii_hits = 0
+        # caller -> hits in the window (only callers with hits are kept: bounded by the events)
+        self.detector_callers: dict[str, int] = {}
+        self.pii_callers: dict[str, int] = {}
 
     def add(self, now: float, outcome: CallOutcome, slow: bool) -> None:
         if len(self.events) >= self.max_events:
             self._drop()
-        self.events.append((now, outcome.latency_s, outcome.error, slow, outcome.detector_hit, outcome.pii_hit))
+        self.events.append((now, outcome.latency_s, outcome.error, slow, outcome.detector_hit, outcome.pii_hit,
+                            outcome.caller))
         self.errors += outcome.error
         self.slow += slow
         self.detector_hits += outcome.detector_hit
         self.pii_hits += outcome.pii_hit
+        if outcome.detector_hit:
+            self.detector_callers[outcome.caller] = self.detector_callers.get(outcome.caller, 0) + 1
+        if outcome.pii_hit:
+            self.pii_callers[outcome.caller] = self.pii_callers.get(outcome.caller, 0) + 1
 
     def evict(self, now: float) -> None:
         oldest = now - self.window_s
@@ -201,11 +215,15 @@ class _Window:
             self._drop()
 
     def _drop(self) -> None:
-        _, _, error, slow, detector, pii = self.events.popleft()
+        _, _, error, slow, detector, pii, caller = self.events.popleft()
         self.errors -= error
         self.slow -= slow
         self.detector_hits -= detector
         self.pii_hits -= pii
+        if detector:
+            _forget(self.detector_callers, caller)
+        if pii:
+            _forget(self.pii_callers, caller)
 
     def stats(self) -> WindowStats:
         return WindowStats(len(self.events), self.errors, self.slow, self.detector_hits, self.pii_hits)
@@ -215,6 +233,14 @@ class _Window:
         if not latencies:
             return 0.0
         return latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
+
+
+def _forget(callers: dict[str, int], caller: str) -> None:
+    left = callers.get(caller, 0) - 1
+    if left > 0:
+        callers[caller] = left
+    else:
+        callers.pop(caller, None)
 
 
 class RollbackTracker:
@@ -348,9 +374,15 @@ class RollbackTracker:
             return ERROR_RATE, s.rate(s.errors), t.max_error_rate
         if t.max_p99_latency_s is not None and s.rate(s.slow) > _P99_TAIL:
             return LATENCY_P99, window.p99(), t.max_p99_latency_s
-        if t.max_detector_rate is not None and s.rate(s.detector_hits) > t.max_detector_rate:
+        # SECURITY: detector hits and PII in the output follow from what clients send (an
+        # adversarial-looking input, a text the model echoes); one caller in the canary
+        # cohort could otherwise roll the canary back for everyone. They trip only when at
+        # least `min_signal_callers` distinct callers produced them.
+        if (t.max_detector_rate is not None and s.rate(s.detector_hits) > t.max_detector_rate
+                and len(window.detector_callers) >= t.min_signal_callers):
             return DETECTOR_RATE, s.rate(s.detector_hits), t.max_detector_rate
-        if t.max_pii_rate is not None and s.rate(s.pii_hits) > t.max_pii_rate:
+        if (t.max_pii_rate is not None and s.rate(s.pii_hits) > t.max_pii_rate
+                and len(window.pii_callers) >= t.min_signal_callers):
             return PII_RATE, s.rate(s.pii_hits), t.max_pii_rate
         return None
 

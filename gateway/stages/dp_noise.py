@@ -35,6 +35,7 @@ adds no robustness against evasion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import secrets
@@ -342,9 +343,16 @@ def build_dp_stage(
     models: dict[str, _Model] = {}
     for name, model in policy.models.items():
         outputs = {o: _Output(p, p.spec(), fast_ffi) for o, p in model.outputs.items()}
-        for out in outputs.values():
+        for oname, out in outputs.items():
+            # A policy whose noise no float grid can carry (FP64, the widest) is refused here
+            # (reload and `policy check` report it), never by OpenDP on a request.
+            try:
+                GridMechanism(out.spec, out.policy.width or 1, "FP64", fast_ffi=False)
+            except ValueError as exc:
+                raise ValueError(f"models.{name}.outputs.{oname}: {exc}") from exc
             if out.policy.width is not None:
-                out.mechanism(out.policy.width, "FP32")  # build OpenDP measurements now, not on a request
+                with contextlib.suppress(ValueError):  # beyond FP32's range: a 502 if ever answered so
+                    out.mechanism(out.policy.width, "FP32")  # build OpenDP measurements now, not on a request
         accountants: dict[tuple[str, frozenset[str]], Accountant] = {}
         everything = frozenset(model.outputs)
         for owner, budget in [("", model.budget), *model.tenants.items()]:
@@ -530,7 +538,14 @@ class DpNoiser(Stage):
                 output.policy.width is not None and width != output.policy.width):
             raise UpstreamBadResponse("a privacy-protected output has an unexpected shape",
                                       reason="dp_output_invalid")
-        mechanism = output.mechanism(max(width, 1), tensor.datatype)
+        try:
+            mechanism = output.mechanism(max(width, 1), tensor.datatype)
+        except ValueError as exc:
+            # A width the policy left open, so wide that its noise overflows: refuse the answer.
+            log.warning("dp_output_unservable", model=model.name, output=tensor.name, width=width,
+                        error=str(exc)[:200])
+            raise UpstreamBadResponse("a privacy-protected output cannot be noised at this width",
+                                      reason="dp_output_invalid") from exc
         noisy = mechanism.release(values.reshape(-1))
         # Exact: every released value is on a grid the datatype represents (mechanisms doc).
         data = noisy.astype(DTYPES[tensor.datatype]).reshape(shape)

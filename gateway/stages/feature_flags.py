@@ -67,7 +67,7 @@ from openfeature.provider import FeatureProvider
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from gateway.context import NOTE_REQUESTED_MODEL, Action, Principal, RequestContext
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import DependencyUnavailable, GatewayError, NotFound
 from gateway.flags.provider import (
     VARIANT_PATTERN,
     CompiledFlag,
@@ -183,6 +183,10 @@ class RouteSettings(StrictModel):
         None, alias="rollback.max_detector_rate", description="Share of calls on which an adversarial detector fired.")
     max_pii_rate: Rate | None = Field(
         None, alias="rollback.max_pii_rate", description="Share of calls whose model output contained PII.")
+    min_signal_callers: Annotated[StrictInt, Field(ge=1, le=10_000)] = Field(
+        3, alias="rollback.min_signal_callers",
+        description="Distinct callers that must have produced detector hits (or PII in outputs) before those "
+                    "rates may roll the variant back: one client controls what it sends.")
 
     def thresholds(self) -> Thresholds:
         return Thresholds(
@@ -191,7 +195,7 @@ class RouteSettings(StrictModel):
             max_p99_latency_s=None if self.max_p99_ms is None else self.max_p99_ms / 1000.0,
             max_detector_rate=None if self.max_detector_rate is None else float(self.max_detector_rate),
             max_pii_rate=None if self.max_pii_rate is None else float(self.max_pii_rate),
-            enabled=self.rollback_enabled,
+            enabled=self.rollback_enabled, min_signal_callers=self.min_signal_callers,
         )
 
 
@@ -522,13 +526,22 @@ class FeatureFlags(Stage):
         variant = note.get("variant")
         if route is None or not isinstance(variant, str):
             return
-        server_error = error is not None and error.http_status >= 500
+        # SECURITY: only a failure the variant may have caused counts against it. A refusal
+        # of the gateway's own capacity or dependencies (load shedding, per-model in-flight
+        # cap, rate limiter or DP ledger down: DependencyUnavailable) says nothing about the
+        # variant, and a client who can provoke one (flooding past a model's cap) would
+        # otherwise roll a canary back for everyone.
+        server_error = (error is not None and error.http_status >= 500
+                        and not isinstance(error, DependencyUnavailable))
         detector_hit = _detector_hit(ctx, error)
         # A client's 4xx refused before the model says nothing about the variant.
         if not (error is None or server_error or detector_hit or ctx.notes.get("upstream_called")):
             return
+        principal = ctx.principal
+        # Length-prefixed, so no (tenant, subject) pair can spell another.
+        caller = "" if principal is None else f"{len(principal.tenant)}:{principal.tenant}:{principal.subject}"
         outcome = CallOutcome(error=server_error, latency_s=max(0.0, time.monotonic() - ctx.started),
-                              detector_hit=detector_hit, pii_hit=_pii_in_output(ctx))
+                              detector_hit=detector_hit, pii_hit=_pii_in_output(ctx), caller=caller)
         trip = self.runtime.tracker.record(route.flag, route.definition_hash, variant, route.stable,
                                            route.thresholds, outcome, revision=self.revision)
         if trip is not None:

@@ -47,6 +47,7 @@ from privacy.dp.ledger import (
     Period,
     Refused,
     Reservation,
+    carried_spend,
 )
 
 log = structlog.get_logger("gateway.dp_ledger")
@@ -87,7 +88,8 @@ class FileBudgetLedger:
 
         def change(accounts: _Accounts) -> Reservation | Refused:
             found = accounts.get((key, period.id))
-            used = found[1] if found is not None else np.zeros(amount_v.size, dtype=np.float64)
+            used = found[1] if found is not None else carried_spend(_others(accounts, key, period), period,
+                                                                    amount_v.size)
             if used.size != amount_v.size:
                 # SECURITY: fail closed rather than start a fresh (full) budget mid-period.
                 raise LedgerMismatch("budget account holds a vector of another size")
@@ -138,7 +140,7 @@ class FileBudgetLedger:
         def read(accounts: _Accounts) -> tuple[float, ...]:
             found = accounts.get((key, period.id))
             if found is None:
-                return tuple(0.0 for _ in range(size))
+                return tuple(carried_spend(_others(accounts, key, period), period, size).tolist())
             if found[1].size != size:
                 raise LedgerMismatch("budget account holds a vector of another size")
             return tuple(found[1].tolist())
@@ -198,6 +200,11 @@ class FileBudgetLedger:
              "used": used.tolist()}
             for (key, _pid), (period, used) in accounts.items() if period.end_s + self._keep_s >= now]}
         write_private(self.path, json.dumps(doc, separators=(",", ":")).encode(), replace=True)
+
+
+def _others(accounts: _Accounts, key: str, period: Period) -> list[tuple[Period, FloatArray]]:
+    """The key's accounts of other periods (a new account carries their overlapping spend)."""
+    return [found for (k, pid), found in accounts.items() if k == key and pid != period.id]
 
 
 def _parse(raw: bytes) -> _Accounts:

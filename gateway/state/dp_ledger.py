@@ -37,6 +37,12 @@ day's budget again) means budget state was lost: the ledger latches
 a restart, like the marker. The reservation that revealed
 it stays spent (under-use, never overspend).
 
+A policy edit of ``period_s``: the hash records the period length (``l``); an account
+written under another length whose period overlaps the current one keeps its spend and
+counter (``account_standing`` in the scripts), and the loss check above compares only
+counters of one period length. Limit: one hash holds one period, so after a *longer*
+period is configured only the last shorter period's spend is carried, not earlier ones.
+
 Eviction: on arming (and every ``POLICY_RECHECK_S`` after) the ledger reads the server's
 ``maxmemory-policy``; any policy but ``noeviction`` can silently drop budget keys, so DP
 calls are refused (503, ``dp_eviction_policy_unsafe``). Where ``CONFIG`` is forbidden
@@ -95,13 +101,14 @@ class StateBudgetLedger:
         self._vectors = RedisVectorBudgets(state) if isinstance(state, ScriptRunner) else None
         self._local_vectors = InMemoryBudgetLedger(time.time) if self._vectors is None else None
         self._epoch: bytes | None = None
-        # account -> (store period index, highest reservation counter seen): see the docstring.
-        self._seen: dict[str, tuple[int, int]] = {}
+        # account -> (period length, store period index, highest reservation counter seen): see
+        # the docstring.
+        self._seen: dict[str, tuple[int, int, int]] = {}
         self._lost: str | None = None
         self._policy_checked_at: float | None = None
 
-    def _witness(self, key: str, floor: tuple[int, int] | None, period: int | None, seq: int, *,
-                 granted_new: bool) -> None:
+    def _witness(self, key: str, floor: tuple[int, int, int] | None, period_s: int, period: int | None, seq: int,
+                 *, granted_new: bool) -> None:
         """Compare the store's counter for ``key`` with what this process had seen before the
         call was sent (``floor``, from :meth:`_floor`).
 
@@ -114,8 +121,11 @@ class StateBudgetLedger:
         """
         if period is None or period < 0:
             return  # a store without counters (process memory): nothing to compare
-        if floor is not None:
-            floor_period, floor_seq = floor
+        if floor is not None and floor[0] == period_s:
+            # Period indexes of two lengths do not compare: after a policy edit of period_s the
+            # store carries the spend over (RESERVE_LUA, account_standing); the next call of
+            # the same length has a floor again.
+            _, floor_period, floor_seq = floor
             if period < floor_period or (period == floor_period and (seq < floor_seq or
                                                                      (granted_new and seq <= floor_seq))):
                 self._lost = "budget state lost or rolled back: account counter went back, failing closed"
@@ -123,10 +133,10 @@ class StateBudgetLedger:
                           seq=seq, seen_seq=floor_seq)
                 raise LedgerUnavailable(self._lost)
         last = self._seen.get(key)
-        if last is None or (period, seq) > last:
-            self._seen[key] = (period, seq)
+        if last is None or last[0] != period_s or (period, seq) > last[1:]:
+            self._seen[key] = (period_s, period, seq)
 
-    def _floor(self, key: str) -> tuple[int, int] | None:
+    def _floor(self, key: str) -> tuple[int, int, int] | None:
         """The highest (period, counter) seen for ``key`` so far: taken before a call is sent."""
         return self._seen.get(key)
 
@@ -207,7 +217,8 @@ class StateBudgetLedger:
                                                 period_s=self._period_s(period))
         except StateUnavailable as exc:
             raise LedgerUnavailable(str(exc)) from exc
-        self._witness(key, floor, decision.period, decision.seq, granted_new=decision.granted)
+        self._witness(key, floor, self._period_s(period), decision.period, decision.seq,
+                      granted_new=decision.granted)
         if not decision.granted or decision.reservation is None:
             return Refused(retry_after_s=max(decision.reset_s, 1.0), used=(decision.spent,))
         token = secrets.token_hex(16)
@@ -226,7 +237,8 @@ class StateBudgetLedger:
             decision = await self._vectors.reserve(self._key(key), amount, limit, self._period_s(period))
         except StateUnavailable as exc:
             raise LedgerUnavailable(str(exc)) from exc
-        self._witness(key, floor, decision.period, decision.seq, granted_new=decision.status == 1)
+        self._witness(key, floor, self._period_s(period), decision.period, decision.seq,
+                      granted_new=decision.status == 1)
         if decision.status < 0:
             # SECURITY: fail closed rather than start a fresh budget under another accounting.
             raise LedgerMismatch("budget account holds another kind of budget this period")
@@ -288,7 +300,7 @@ class StateBudgetLedger:
                                                                             self._period_s(period))
             except StateUnavailable as exc:
                 raise LedgerUnavailable(str(exc)) from exc
-            self._witness(key, floor, store_period, seq, granted_new=False)
+            self._witness(key, floor, self._period_s(period), store_period, seq, granted_new=False)
             if status < 0:
                 raise LedgerMismatch("budget account holds another kind of budget this period")
             return used
@@ -300,7 +312,8 @@ class StateBudgetLedger:
             # A zero-cost reservation reads the period's spend atomically; settling it changes nothing.
             decision = await self.state.reserve(self._key(key), 0.0, capacity=1e18,
                                                 period_s=self._period_s(period), reservation_id=probe)
-            self._witness(key, floor, decision.period, decision.seq, granted_new=decision.granted)
+            self._witness(key, floor, self._period_s(period), decision.period, decision.seq,
+                      granted_new=decision.granted)
             if decision.reservation is not None:
                 await self.state.refund(decision.reservation)
         except StateUnavailable as exc:

@@ -70,14 +70,21 @@ local amount, limit = parse(ARGV[7]), parse(ARGV[8])
 local period = period_of(period_us)
 local stop = (period + 1) * period_us
 if #amount ~= n or #limit ~= n then return redis.error_reply('dp vector length') end
-local h = redis.call('HMGET', key, 'p', 'n', 'u', 'q')
+local h = redis.call('HMGET', key, 'p', 'n', 'u', 'q', 'l')
 local used, seq = {}, 0
-if h[1] and tonumber(h[1]) == period then
+local standing = account_standing(h[1], h[5], period, period_us)
+if standing ~= 'fresh' then
   seq = tonumber(h[4]) or 0
   if not h[2] or tonumber(h[2]) ~= n then return {-1, '', fmt(period), stop - now, '', fmt(seq)} end
   used = parse(h[3])
-  local held = redis.call('HGET', key, rid)
-  if held then return {1, h[3], fmt(period), stop - now, held, fmt(seq)} end
+  if standing == 'carry' then
+    -- the period length changed mid-period (a policy edit): what was spent stays spent
+    redis.call('HSET', key, 'p', fmt(period), 'l', fmt(period_us))
+    redis.call('PEXPIRE', key, ms(stop + grace - now))
+  else
+    local held = redis.call('HGET', key, rid)
+    if held then return {1, h[3], fmt(period), stop - now, held, fmt(seq)} end
+  end
 else
   if h[1] then redis.call('DEL', key) end
   for i = 1, n do used[i] = 0 end
@@ -93,7 +100,8 @@ if not fits then return {0, pack(used), fmt(period), stop - now, '', fmt(seq)} e
 for i = 1, n do used[i] = used[i] + amount[i] end
 local u = pack(used)
 seq = seq + 1
-redis.call('HSET', key, 'p', fmt(period), 'n', n, 'u', u, 's', '""" + SCALAR_LOCK + """', 'q', fmt(seq), rid, ARGV[7])
+redis.call('HSET', key, 'p', fmt(period), 'l', fmt(period_us), 'n', n, 'u', u,
+  's', '""" + SCALAR_LOCK + """', 'q', fmt(seq), rid, ARGV[7])
 redis.call('PEXPIRE', key, ms(stop + grace - now))
 return {1, u, fmt(period), stop - now, ARGV[7], fmt(seq)}
 """
@@ -119,9 +127,10 @@ return 1
 # ARGV: now period_us n. Returns {status, used, period, seq}: 1 with '' for a fresh account,
 # -1 mismatch.
 USAGE_VECTOR_LUA: Final = SCRIPT_PREAMBLE + """
-local h = redis.call('HMGET', KEYS[1], 'p', 'n', 'u', 'q')
-local period = period_of(tonumber(ARGV[2]))
-if not h[1] or tonumber(h[1]) ~= period then return {1, '', fmt(period), '0'} end
+local h = redis.call('HMGET', KEYS[1], 'p', 'n', 'u', 'q', 'l')
+local period_us = tonumber(ARGV[2])
+local period = period_of(period_us)
+if account_standing(h[1], h[5], period, period_us) == 'fresh' then return {1, '', fmt(period), '0'} end
 local seq = fmt(tonumber(h[4]) or 0)
 if not h[2] or tonumber(h[2]) ~= tonumber(ARGV[3]) then return {-1, '', fmt(period), seq} end
 return {1, h[3], fmt(period), seq}

@@ -135,6 +135,20 @@ local function period_of(us)
   if p * us > now then p = p - 1 end
   return p
 end
+-- A budget account's standing in the current period of length period_us: 'same' (the
+-- account is of this period), 'carry' (written under another period length, i.e. before a
+-- policy edit changed period_s, by a period that overlaps this one: its spend counts here)
+-- or 'fresh' (no account, or one of an earlier period).
+local function account_standing(p, l, period, period_us)
+  if not p then return 'fresh' end
+  local old_p, old_l = tonumber(p), tonumber(l) or period_us
+  if old_l == period_us then
+    if old_p == period then return 'same' end
+    return 'fresh'
+  end
+  if (old_p + 1) * old_l > period * period_us then return 'carry' end
+  return 'fresh'
+end
 """
 
 # Limits: decide every check, then charge all or none. KEYS[i] belongs to check i.
@@ -275,18 +289,24 @@ local capacity, period_us, amount = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumb
 local rid, grace, eps = 'r:' .. ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local period = period_of(period_us)
 local stop = (period + 1) * period_us
-local h = redis.call('HMGET', key, 'p', 's', 'q')
+local h = redis.call('HMGET', key, 'p', 's', 'q', 'l')
 local spent, seq = 0, 0
-if h[1] and tonumber(h[1]) == period then
+local standing = account_standing(h[1], h[4], period, period_us)
+if standing == 'same' then
   spent, seq = tonumber(h[2]), tonumber(h[3]) or 0
   local held = redis.call('HGET', key, rid)
   if held then return {1, fmt17(spent), fmt(period), stop - now, held, fmt(seq)} end
+elseif standing == 'carry' then
+  -- the period length changed mid-period (a policy edit): what was spent stays spent
+  spent, seq = tonumber(h[2]) or 0, tonumber(h[3]) or 0
+  redis.call('HSET', key, 'p', fmt(period), 'l', fmt(period_us))
+  redis.call('PEXPIRE', key, ms(stop + grace - now))
 elseif h[1] then
   redis.call('DEL', key)
 end
 if spent + amount > capacity * (1 + eps) then return {0, fmt17(spent), fmt(period), stop - now, '', fmt(seq)} end
 spent, seq = spent + amount, seq + 1
-redis.call('HSET', key, 'p', fmt(period), 's', fmt17(spent), 'q', fmt(seq), rid, fmt17(amount))
+redis.call('HSET', key, 'p', fmt(period), 'l', fmt(period_us), 's', fmt17(spent), 'q', fmt(seq), rid, fmt17(amount))
 redis.call('PEXPIRE', key, ms(stop + grace - now))
 return {1, fmt17(spent), fmt(period), stop - now, fmt17(amount), fmt(seq)}
 """

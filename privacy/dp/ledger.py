@@ -20,6 +20,10 @@ Protocol (:class:`BudgetLedger`), as the stage uses it:
    may have left is never un-charged. Idempotent.
 4. ``usage(key, period, size)`` — the current ``used`` vector (zeros for a new account).
 
+A policy edit of the period length renames the current period; the spend of a period of
+the old length that overlaps the new one is carried into it (:func:`carried_spend`; Redis:
+``account_standing`` in the scripts), so a reload never grants a fresh budget mid-period.
+
 Periods come from one clock: the stage picks the period with the clock it was built
 with, and the ledger measures ``retry_after_s`` with the same clock object. A shared
 (Redis) ledger should use one time source for both, e.g. Redis ``TIME``.
@@ -44,7 +48,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -183,6 +187,26 @@ def _fits(used: FloatArray, amount: FloatArray, limit: FloatArray) -> bool:
     return bool((used + amount <= limit + LEDGER_RELATIVE_TOLERANCE * np.abs(limit)).any())
 
 
+def carried_spend(others: Iterable[tuple[Period, FloatArray]], period: Period, size: int) -> FloatArray:
+    """What a new account of ``period`` starts with: the spend of the same key's accounts
+    written under *another* period length whose span overlaps ``period``.
+
+    # SECURITY: a policy edit of ``period_s`` renames the current period; without this the
+    # tenant's spend so far would be forgotten and a fresh budget granted mid-period (an
+    # exhausted day turned into an hour with a full budget). Overlapping spend is counted
+    # in full (an over-estimate when the old period was longer: under-use, never overspend).
+    """
+    total = np.zeros(size, dtype=np.float64)
+    length = period.end_s - period.start_s
+    for other, used in others:
+        if other.end_s - other.start_s == length or other.end_s <= period.start_s or other.start_s >= period.end_s:
+            continue
+        if used.size != size:
+            raise LedgerMismatch("budget account holds a vector of another size")
+        total = total + used
+    return total
+
+
 class InMemoryBudgetLedger:
     """:class:`BudgetLedger` in this process: one lock, no await inside it.
 
@@ -244,7 +268,7 @@ class InMemoryBudgetLedger:
         with self._lock:
             account = self._accounts.get((key, period.id))
             if account is None:
-                return tuple(0.0 for _ in range(size))
+                return tuple(carried_spend(self._others(key, period), period, size).tolist())
             if account.used.size != size:
                 raise LedgerMismatch("budget account holds a vector of another size")
             return tuple(account.used.tolist())
@@ -257,12 +281,15 @@ class InMemoryBudgetLedger:
     def _account(self, key: str, period: Period, size: int) -> _Account:
         account = self._accounts.get((key, period.id))
         if account is None:
-            account = _Account(period=period, used=np.zeros(size, dtype=np.float64))
+            account = _Account(period=period, used=carried_spend(self._others(key, period), period, size))
             self._accounts[(key, period.id)] = account
         elif account.used.size != size:
             # SECURITY: fail closed rather than start a fresh (full) budget mid-period.
             raise LedgerMismatch("budget account holds a vector of another size")
         return account
+
+    def _others(self, key: str, period: Period) -> list[tuple[Period, FloatArray]]:
+        return [(a.period, a.used) for (k, pid), a in self._accounts.items() if k == key and pid != period.id]
 
     def _expire(self, now: float) -> None:
         if now < self._next_sweep:

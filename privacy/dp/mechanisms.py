@@ -22,7 +22,10 @@ The release pipeline for one output tensor of ``rows x width`` elements:
    is exactly representable in FP16/FP32/FP64, so casting, JSON and binary encoding
    are all exact and the low bits carry nothing but the mechanism's own grid. The
    grid exponent ``k`` is picked so that this clamp is only reached beyond 40 noise
-   scales (probability ~e^-40), and clamping is post-processing anyway.
+   scales (probability ~e^-40), and clamping is post-processing anyway. The clamp never
+   exceeds the datatype's largest finite value (FP16: 65504), or the cast would release
+   ±inf; bounds and ε that no grid of the datatype can carry raise ValueError (a policy
+   error at load for FP64, a refused answer for a narrower output).
 
 Cost: OpenDP's exact sampler takes ~10 µs per element in Rust (Laplace; ~2x for the
 Gaussian) plus ~100 µs of Python marshalling per call through ``Measurement.__call__``.
@@ -60,6 +63,11 @@ CALIBRATION_MARGIN: Final = 1e-6
 SIGNIFICAND_BITS: Final[dict[str, int]] = {"FP16": 11, "FP32": 24, "FP64": 53}
 # The grid is chosen so that values up to |bound| + TAIL_SCALES * scale stay exact.
 TAIL_SCALES: Final = 40.0
+# The largest |value| + 40 noise scales a grid may cover (float64 headroom for the sampler).
+MAX_REACH: Final = 2.0**1000
+# OpenDP's smallest grid exponent: 2**-1074 is the smallest subnormal double.
+MIN_GRID_EXPONENT: Final = -1074
+FLOAT_DTYPES: Final[dict[str, type[np.floating[Any]]]] = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 # Measurements kept per mechanism (one per batch size seen).
 MAX_MEASUREMENTS: Final = 128
 
@@ -148,14 +156,40 @@ class GridMechanism:
             self.charged_per_row = spec.rho_per_row()  # ρ per row, RDP = α·ρ
             nominal_scale = self.sensitivity / math.sqrt(2.0 * self.charged_per_row)
         reach = max(abs(spec.lower), abs(spec.upper)) + TAIL_SCALES * nominal_scale
+        # SECURITY: bounds and ε that no float grid can carry (a range or a noise scale that
+        # overflows, a grid finer than the smallest subnormal) are a policy error here, at
+        # load time, never an OpenDP failure (a traceback, a 500) on a request.
+        if not (math.isfinite(self.sensitivity) and math.isfinite(nominal_scale) and math.isfinite(reach)
+                and reach <= MAX_REACH):
+            raise ValueError(f"noise for bounds [{spec.lower:g}, {spec.upper:g}], width {width} and epsilon "
+                             f"{spec.epsilon:g} overflows a float (scale {nominal_scale:g}); narrow the bounds or "
+                             "raise epsilon")
         bits = SIGNIFICAND_BITS[datatype]
         self.grid_exponent = math.ceil(math.log2(reach)) - bits
+        tiniest = float(np.finfo(FLOAT_DTYPES[datatype]).smallest_subnormal)
+        if self.grid_exponent < MIN_GRID_EXPONENT or math.ldexp(1.0, self.grid_exponent) < tiniest:
+            raise ValueError(f"bounds [{spec.lower:g}, {spec.upper:g}] are too narrow for a {datatype} grid "
+                             f"(noise scale {nominal_scale:g}); widen them")
         self.grid = math.ldexp(1.0, self.grid_exponent)
-        # SECURITY: every released value m * 2**k with |m| <= 2**bits is exact in `datatype`.
+        # SECURITY: every released value m * 2**k with |m| <= 2**bits is exact in `datatype`,
+        # and no larger than its largest finite value (FP16 tops out at 65504: a wider clamp
+        # would cast the tail to inf); a multiple of the grid below that is exact as well.
+        largest = float(np.finfo(FLOAT_DTYPES[datatype]).max)
         self.output_bound = math.ldexp(1.0, self.grid_exponent + bits)
+        if self.output_bound > largest:
+            self.output_bound = math.floor(largest / self.grid) * self.grid
+        if self.output_bound < max(abs(spec.lower), abs(spec.upper)) + nominal_scale:
+            raise ValueError(f"bounds [{spec.lower:g}, {spec.upper:g}] plus noise (scale {nominal_scale:g}) exceed "
+                             f"the range of {datatype}")
         self._invokers: dict[int, tuple[float, Invoker]] = {}
         # One row's measurement: its scale and OpenDP's own map of one row's sensitivity.
-        self.scale, self.actual_per_row = self._calibrate(1)
+        try:
+            self.scale, self.actual_per_row = self._calibrate(1)
+        except ValueError:
+            raise
+        except Exception as exc:  # OpenDP's own refusal (OpenDPException), reported as a policy error
+            raise ValueError(f"OpenDP cannot calibrate noise for bounds [{spec.lower:g}, {spec.upper:g}] and "
+                             f"epsilon {spec.epsilon:g}: {str(exc).strip()[:200]}") from exc
 
     # ------------------------------------------------------------------ calibration
 

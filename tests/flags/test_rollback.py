@@ -188,3 +188,28 @@ class TestSharing:
         fields = trip.audit_fields()
         assert fields["event"] == "canary_rollback" and fields["reason"] == ERROR_RATE
         assert all(isinstance(v, str | int | float) for v in fields.values())
+
+
+class TestSignalCallers:
+    """Detector and PII signals trip only with enough distinct callers (s8 probe)."""
+
+    def test_one_caller_never_trips_the_security_signals(self) -> None:
+        t, _, trips = tracker()
+        th = Thresholds(min_requests=5, max_error_rate=None, max_detector_rate=0.1, max_pii_rate=0.1,
+                        min_signal_callers=3)
+        feed(t, CallOutcome(error=False, latency_s=0.01, detector_hit=True, pii_hit=True, caller="1:a:x"), 100,
+             thresholds=th)
+        assert trips == []
+
+    def test_callers_leave_with_their_events(self) -> None:
+        t, clock, trips = tracker()
+        th = Thresholds(window_s=60, min_requests=5, max_error_rate=None, max_detector_rate=0.1,
+                        min_signal_callers=3)
+        for caller in ("a", "b"):
+            feed(t, CallOutcome(error=False, latency_s=0.01, detector_hit=True, caller=caller), 5, thresholds=th)
+        clock.now += 61  # a and b leave the window
+        feed(t, CallOutcome(error=False, latency_s=0.01, detector_hit=True, caller="c"), 10, thresholds=th)
+        assert trips == []
+        feed(t, CallOutcome(error=False, latency_s=0.01, detector_hit=True, caller="d"), 1, thresholds=th)
+        feed(t, CallOutcome(error=False, latency_s=0.01, detector_hit=True, caller="e"), 1, thresholds=th)
+        assert [trip.reason for trip in trips] == [DETECTOR_RATE]

@@ -198,3 +198,38 @@ class TestSpecValidation:
     def test_integer_outputs_are_refused(self) -> None:
         with pytest.raises(ValueError, match="float output"):
             GridMechanism(LAPLACE, width=1, datatype="INT64")
+
+
+# -- s8 probe: policy values no float grid can carry ----------------------------------------------
+
+
+@pytest.mark.parametrize(("epsilon", "width"), [(0.001, 1), (0.001, 10), (1.0, 1000)])
+def test_fp16_releases_stay_finite_and_exact(epsilon: float, width: int) -> None:
+    """FP16 tops out at 65504: the clamp at 2**(k+11) let noisy values past it, and the cast
+    turned them into ±inf (≈ every answer of a 10-wide output at ε 0.001)."""
+    mech = GridMechanism(NoiseSpec("laplace", 0.0, 1.0, epsilon), width, "FP16")
+    released = mech.release(np.full(200 * width, 0.5))
+    cast = released.astype(np.float16)
+    assert np.isfinite(cast).all()
+    assert np.array_equal(cast.astype(np.float64), released)
+    assert on_grid(released, mech.grid)
+
+
+@pytest.mark.parametrize(("bounds", "epsilon"), [
+    ((0.0, 1.0), 1e-290),          # a noise scale OpenDP refused ("scale (inf) must be finite")
+    ((0.0, 1.0), 1e-300),
+    ((-1e300, 1e300), 0.5),        # servable by nobody: outputs of ±1e301
+    ((0.0, 5e-324), 0.5),          # a grid below the smallest subnormal (OpenDP: "k must not be smaller")
+])
+def test_unservable_noise_is_a_value_error_not_an_opendp_failure(bounds: tuple[float, float],
+                                                                 epsilon: float) -> None:
+    with pytest.raises(ValueError, match="overflows|too narrow|cannot calibrate"):
+        GridMechanism(NoiseSpec("laplace", bounds[0], bounds[1], epsilon), 1, "FP64")
+
+
+def test_a_datatype_too_narrow_for_the_noise_is_refused() -> None:
+    """Bounds fine in FP32 but beyond FP16's range: refused for FP16 (the stage answers 502)."""
+    spec = NoiseSpec("laplace", 0.0, 1e6, 0.5)
+    GridMechanism(spec, 1, "FP32")
+    with pytest.raises(ValueError, match="range of FP16"):
+        GridMechanism(spec, 1, "FP16")

@@ -255,9 +255,31 @@ class TestAutomaticRollback:
         runtime, hooks, _ = self.runtime()
         metadata: dict[str, Any] = {setting: 0.1}
         stage = flags(runtime=runtime, rollback__min_requests=5, **metadata)
-        for _ in range(5):
-            await self.call(stage, CANARY_USER, error, **notes)
+        cohort = [principal(f"cat{i}", roles=("analyst", "canary-tester")) for i in range(3)]
+        for i in range(6):
+            await self.call(stage, cohort[i % 3], error, **notes)
         assert [t.reason for t in hooks.trips] == [reason]
+
+    @pytest.mark.parametrize(("notes", "error", "setting"), [
+        ({"detectors_fired": ["mahalanobis"]}, None, "rollback__max_detector_rate"),
+        ({}, InputRejected(reason="input_adversarial"), "rollback__max_detector_rate"),
+        ({"pii": {"in": {}, "out": {"EMAIL": 1}}}, None, "rollback__max_pii_rate"),
+    ])
+    async def test_one_cohort_client_cannot_roll_the_canary_back(self, notes: dict[str, Any],
+                                                                 error: GatewayError | None, setting: str) -> None:
+        """Probe (s8): one caller in the canary cohort sending adversarial-looking inputs
+        (or texts the model echoes with PII) tripped the rollback for everyone. The
+        signals now need `rollback.min_signal_callers` (default 3) distinct callers."""
+        runtime, hooks, _ = self.runtime()
+        metadata: dict[str, Any] = {setting: 0.1}
+        stage = flags(runtime=runtime, rollback__min_requests=5, **metadata)
+        for _ in range(50):
+            await self.call(stage, CANARY_USER, error, **notes)
+        helper = principal("cat2", roles=("analyst", "canary-tester"))
+        await self.call(stage, helper, error, **notes)  # two distinct callers: still not enough
+        assert hooks.trips == []
+        route = stage.routes["digits"]
+        assert runtime.tracker.stats(route.flag, route.definition_hash, "canary").requests == 51
 
     async def test_pii_in_the_input_is_the_clients(self) -> None:
         runtime, hooks, _ = self.runtime()
