@@ -16,6 +16,35 @@ from gateway.devissuer import issue_token
 from gateway.settings import Settings
 from tests.support.redis_server import RedisServer
 
+
+@pytest.fixture(autouse=True)
+def _process_logging_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``infergate serve`` run in-process (CLI refusal tests) configures the process's
+    logging with the stream of that moment, pytest's per-test capture file, closed once the
+    test ends; structlog also caches each module logger on first use. Every later test's log
+    line then raised "I/O operation on closed file". Here such a configuration does not
+    cache, and the previous one is put back after the test."""
+    import logging
+
+    import structlog
+
+    import gateway.observability.logging as logging_setup
+
+    real = logging_setup.configure_logging
+
+    def uncached(level: str = "info") -> None:
+        real(level)
+        structlog.configure(cache_logger_on_first_use=False)
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(logging_setup, "configure_logging", uncached)
+    yield
+    structlog.configure(**saved)
+    root.handlers = handlers
+    root.setLevel(level)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A real handwritten zero from scikit-learn's digits (integers 0..16): constant or
