@@ -39,6 +39,7 @@ def record(worker: int, n: int) -> dict[str, Any]:
     subject = (worker * 7919 + n) % SUBJECTS
     return {
         "request_id": f"{worker:04x}{n:012x}", "tenant": "acme", "subject_id": f"user-{subject}",
+        "subject_tenant": "acme",
         "client_addr": f"10.0.{subject % 256}.{n % 256}", "roles": ["analyst"], "model": "digits",
         "model_version": "1", "action": "infer", "purpose": "scoring", "decision": "allow", "reason": "ok",
         "status": 200, "latency_ms": 3.217, "policy_revision": "3f2a9c1b7e00", "eps": 0.5,
@@ -59,8 +60,9 @@ def gateway_record(worker: int, n: int) -> dict[str, Any]:
     return {
         "request_id": f"{worker:08x}{n:024x}", "policy_revision": "553c67e4c311", "transport": "http",
         "route": "/v2/models/{model}/infer", "action": "infer", "model": "digits", "model_version": "1",
-        "tenant": "acme", "subject_id": f"user-{subject}", "client_addr": "127.0.0.1", "roles": ["analyst"],
-        "decision": "allow", "reason": "ok", "status": 200, "latency_ms": round(4.967 + n % 7 / 3, 3),
+        "tenant": "acme", "subject_id": f"user-{subject}", "subject_tenant": "acme", "client_addr": "127.0.0.1",
+        "roles": ["analyst"], "decision": "allow", "reason": "ok", "status": 200,
+        "latency_ms": round(4.967 + n % 7 / 3, 3),
         "stages": [{"stage": s, "outcome": "allowed", "reason": None, "us": round(7.4 + i * 3.1 + n % 5, 1)}
                    for i, s in enumerate(_STAGES)],
         "upstream_called": True,

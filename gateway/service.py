@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway import __version__
-from gateway.audit import AuditAggregator, AuditLog
+from gateway.audit import SUBJECT_TENANT, AuditAggregator, AuditLog
 from gateway.catalog import ModelCatalog
 from gateway.conformance import check_request, check_response
 from gateway.context import NOTE_REQUESTED_MODEL, Action, RequestContext, RequestIds
@@ -379,8 +379,11 @@ class InferenceService:
             # SECURITY: tenant and roles are token claims, verified but free text: an unknown
             # tenant or role ("078-05-1120") is recorded only redacted, like the model name.
             "tenant": redact_text(principal.tenant) if principal else None,
-            # Pseudonymized and encrypted by the audit log (the person's key; erasable).
+            # Pseudonymized and encrypted by the audit log (the person's key; erasable). The
+            # person is (tenant, sub): the tenant as authenticated, unredacted, goes with it
+            # (encrypted too, never in clear), so one sub in two tenants is two people.
             "subject_id": principal.subject if principal else None,
+            SUBJECT_TENANT: principal.tenant if principal else None,
             "client_addr": ctx.client_addr or None,
             "roles": sorted(redact_text(role) for role in principal.roles) if principal else None,
             "decision": decision,

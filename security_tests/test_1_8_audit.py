@@ -425,39 +425,52 @@ def _audit_cli(*args: str) -> tuple[int, str]:
 async def test_aud_10_officer_export_erase_verify(side_gateways: Any, world: World, tokens: Tokens,
                                                   tmp_path: Path) -> None:
     """Export a subject, erase them, verify: still ok, their personal fields unreadable; an
-    unknown or already-erased subject is a clear exit 1 that records nothing."""
+    unknown or already-erased subject is a clear exit 1 that records nothing. The same sub
+    in another tenant is another person (s8 probe: erasing one shredded both): untouched."""
     side: SideGateway = side_gateways("officer")
     client, subject = side.client(), tokens.sub("officer-victim")
     for i in range(4):
         await client.infer("pub_clf", PUB_BODY, token=world.tokens.rs(sub=subject) if i % 2 else tokens.u1())
+    namesake = await client.infer("beta_fraud", PUB_BODY, token=world.tokens.rs(sub=subject, tenant="beta"))
+    assert namesake.status == 200
     assert side.service is not None
     cfg = side.service.audit_log.config
     side.stop()  # the log is free: erasure records are appended directly
     where = [str(cfg.log_dir), "--anchors", str(cfg.anchor_dir), "--keys", str(cfg.key_dir)]
+    alpha = ["--subject", subject, "--tenant", "alpha"]
 
-    code, out = _audit_cli("export", *where, "--subject", subject, "--out", str(tmp_path / "before"))
+    # A sub alone names no one (which tenant's person?): a usage error that touches nothing.
+    for argv in (["erase", *where, "--subject", subject],
+                 ["export", *where, "--subject", subject, "--out", str(tmp_path / "no-tenant")]):
+        code, out = _audit_cli(*argv)
+        assert code == 2 and "--subject needs --tenant" in out and "Traceback" not in out
+    assert not (tmp_path / "no-tenant").exists()
+
+    code, out = _audit_cli("export", *where, *alpha, "--out", str(tmp_path / "before"))
     assert code == 0 and "2 record(s) (0 with erased" in out
     assert subject in (tmp_path / "before").joinpath(next(p.name for p in (tmp_path / "before").glob("*.csv"))
                                                      ).read_text()
     records_before = len(side.audit_records())
 
-    code, out = _audit_cli("erase", *where, "--subject", f"nobody-{tokens.suffix}")
+    code, out = _audit_cli("erase", *where, "--subject", f"nobody-{tokens.suffix}", "--tenant", "alpha")
     assert code == 1 and "nothing to erase" in out
     assert len(side.audit_records()) == records_before  # nothing recorded for a mistyped id
 
-    code, out = _audit_cli("erase", *where, "--subject", subject)
+    code, out = _audit_cli("erase", *where, *alpha)
     assert code == 0 and "1 key(s) destroyed" in out
     code, out = _audit_cli("verify", *where)
     assert code == 0 and out.startswith("ok")
 
-    code, out = _audit_cli("export", *where, "--subject", subject, "--out", str(tmp_path / "after"))
+    code, out = _audit_cli("export", *where, *alpha, "--out", str(tmp_path / "after"))
     assert code == 0 and "(2 with erased personal data)" in out
     assert subject not in (tmp_path / "after").joinpath(next(p.name for p in (tmp_path / "after").glob("*.csv"))
                                                         ).read_text()
     assert subject.encode() not in b"".join(p.read_bytes() for p in cfg.log_dir.rglob("*") if p.is_file())
 
-    code, out = _audit_cli("erase", *where, "--subject", subject)
+    code, out = _audit_cli("erase", *where, *alpha)
     assert code == 1 and "erased already" in out
+    code, out = _audit_cli("export", *where, "--subject", subject, "--tenant", "beta", "--out", str(tmp_path / "b"))
+    assert code == 0 and "1 record(s) (0 with erased personal data)" in out  # beta's namesake kept
 
 
 async def test_aud_08_not_ready_while_the_sink_fails(audit_side: AuditSide, world: World, tokens: Tokens) -> None:

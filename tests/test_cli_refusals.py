@@ -171,3 +171,38 @@ def test_serve_on_a_truncated_audit_trail_is_refused_in_one_line(tmp_path: Path,
     line = _refused(capsys, ["serve", "--dev", "--listen", f"127.0.0.1:{free_port()}", "--audit-dir", str(audit),
                              "--state-dir", str(tmp_path / "state"), "--log-level", "error"])
     assert line.startswith("infergate: refusing to start: the audit trail does not verify:")
+
+
+@pytest.mark.parametrize("argv", [
+    ["erase", "--subject", "alice"],
+    ["export", "--subject", "alice", "--out", "{tmp}/out"],
+    ["export", "--client-addr", "192.0.2.1", "--tenant", "acme", "--out", "{tmp}/out"],
+    ["erase", "--subject", "alice", "--tenant", "ac\x1fme"],
+])
+def test_audit_subject_without_its_tenant_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           argv: list[str]) -> None:
+    """s8 probe: ``audit erase --subject alice`` shredded alice of every tenant (one owner per
+    sub). A sub names a person only within a tenant: --subject needs --tenant, an address
+    takes none; exit 2 with the reason, and nothing erased, recorded or written."""
+    import asyncio
+
+    from gateway.audit import AuditConfig, AuditLog
+
+    audit = tmp_path / "audit"
+
+    async def write() -> None:
+        log = AuditLog(AuditConfig.for_dir(audit))
+        for n, tenant in enumerate(("acme", "globex")):
+            await log.append({"request_id": f"r{n}", "tenant": tenant, "subject_id": "alice",
+                              "subject_tenant": tenant, "decision": "allow", "status": 200})
+        await log.close()
+
+    asyncio.run(write())
+    before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
+    line = _refused(capsys, ["audit", argv[0], str(audit), *(a.format(tmp=tmp_path) for a in argv[1:])])
+    assert line.startswith("error: ")
+    if "--tenant" not in argv:
+        assert "--subject needs --tenant" in line
+    elif "--client-addr" in argv:
+        assert "--tenant goes with --subject only" in line
+    assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*")) == before

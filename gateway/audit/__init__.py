@@ -23,13 +23,14 @@ from gateway.audit.aggregate import AuditAggregator
 from gateway.audit.config import AuditConfig
 from gateway.audit.crypto import KeyStore
 from gateway.audit.export import ExportResult, access_report, export_subject
-from gateway.audit.log import AuditIntegrityError, AuditLog, AuditStats
+from gateway.audit.log import SUBJECT_TENANT, AuditIntegrityError, AuditLog, AuditStats
 from gateway.audit.records import GENESIS, canonical, iter_records, list_segments
 from gateway.audit.sinks import Sink, StdoutSink
 from gateway.audit.verify import VerifyResult, verify, verify_audit
 
 __all__ = [
     "GENESIS",
+    "SUBJECT_TENANT",
     "AuditAggregator",
     "AuditConfig",
     "AuditIntegrityError",

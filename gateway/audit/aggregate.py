@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from gateway.audit.log import SUBJECT_TENANT
 from gateway.audit.records import utc_now_iso
 from gateway.errors import GatewayError
 
@@ -27,8 +28,8 @@ log = structlog.get_logger("gateway.audit")
 OVERFLOW_KEY = "*overflow*"
 # Fields of the first refusal carried into the counter record (never request ids of the
 # suppressed ones: they were never recorded individually).
-_CARRIED = ("tenant", "subject_id", "client_addr", "route", "action", "model", "model_version", "transport",
-            "decision", "status", "policy_revision")
+_CARRIED = ("tenant", "subject_id", SUBJECT_TENANT, "client_addr", "route", "action", "model", "model_version",
+            "transport", "decision", "status", "policy_revision")
 
 
 class Appender(Protocol):
@@ -112,6 +113,7 @@ class AuditAggregator:
             if key == OVERFLOW_KEY:
                 record.pop("client_addr", None)
                 record.pop("subject_id", None)
+                record.pop(SUBJECT_TENANT, None)
             try:
                 await self._log.append(record)
             except GatewayError:

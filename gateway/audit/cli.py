@@ -30,7 +30,7 @@ from typing import Any
 
 from gateway.audit.anchors import AnchorKeys, load_public_pem, valid_anchor_kid
 from gateway.audit.config import AuditConfig
-from gateway.audit.crypto import KeyStore, KeyStoreError, address_owner, subject_owner
+from gateway.audit.crypto import KeyStore, KeyStoreError, owner_for
 from gateway.audit.export import access_report, export_subject
 from gateway.audit.log import INBOX, LOCK_FILE, AuditIntegrityError, AuditLog, KeyFamilyName, erasure_notice
 from gateway.audit.records import canonical, parse_time, utc_now_iso
@@ -82,10 +82,28 @@ def _time_arg(name: str, value: str | None) -> datetime | None:
 
 
 def _who_arg(value: str) -> str:
-    """``--subject``/``--client-addr``: an empty id names no one (and would match nothing)."""
+    """``--subject``/``--tenant``/``--client-addr``: an empty id names no one (and would match nothing)."""
     if not value:
         raise argparse.ArgumentTypeError("must not be empty")
     return value
+
+
+def _owner_arg(args: argparse.Namespace) -> str:
+    """The owner ``--subject``/``--tenant`` or ``--client-addr`` name (a usage error otherwise).
+
+    SECURITY: a ``sub`` is unique only within its tenant, so ``--subject`` alone would
+    have to mean every tenant's person of that name: erase would shred someone else's
+    records, export would disclose them. The tenant is required, never guessed.
+    """
+    if args.subject is not None and args.tenant is None:
+        raise _UsageError("--subject needs --tenant (the subject's tenant): the same subject id in another "
+                          "tenant is another person")
+    if args.client_addr is not None and args.tenant is not None:
+        raise _UsageError("--tenant goes with --subject only: a client address belongs to no tenant")
+    try:
+        return owner_for(subject_id=args.subject, tenant=args.tenant, client_addr=args.client_addr)
+    except ValueError as exc:  # a control character in the subject or tenant
+        raise _UsageError(str(exc)) from exc
 
 
 def _days_arg(value: str) -> float:
@@ -161,13 +179,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 @_usage_errors
 def cmd_erase(args: argparse.Namespace) -> int:
     config = _config(args)
-    subject_id, client_addr = args.subject, args.client_addr
+    owner = _owner_arg(args)
+    subject_id, tenant, client_addr = args.subject, args.tenant, args.client_addr
     if _no_log(config):
         return 2
     if not config.key_dir.is_dir():
         print(f"no key store at {config.key_dir}: nothing recorded, nothing to erase", file=sys.stderr)
         return 1
-    owner = subject_owner(subject_id) if subject_id is not None else address_owner(client_addr)
     try:
         held = KeyStore(config.key_dir, create=False).holds(owner)
     except KeyStoreError as exc:
@@ -176,13 +194,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if not held:
         # Why not exit 0: a mistyped id would read as a completed erasure. Nothing is
         # written either: the trail holds nothing readable about this id.
-        who = "subject" if subject_id is not None else "client address"
+        who = "subject of this tenant" if subject_id is not None else "client address"
         print(f"nothing to erase: no personal data of this {who} is held (never recorded, or erased "
               "already); check the id. Nothing was recorded.", file=sys.stderr)
         return 1
     if not _locked(config.log_dir):
         try:
-            notice = asyncio.run(_erase_offline(config, subject_id, client_addr))
+            notice = asyncio.run(_erase_offline(config, subject_id, tenant, client_addr))
         except AuditIntegrityError as exc:
             print(f"warning: {exc}; erasing keys and leaving the notice in the inbox", file=sys.stderr)
         else:
@@ -207,11 +225,12 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _erase_offline(config: AuditConfig, subject_id: str | None, client_addr: str | None) -> dict[str, Any]:
+async def _erase_offline(config: AuditConfig, subject_id: str | None, tenant: str | None,
+                         client_addr: str | None) -> dict[str, Any]:
     audit = AuditLog(config)
     await audit.start()
     try:
-        notice = await audit.erase(subject_id=subject_id, client_addr=client_addr)
+        notice = await audit.erase(subject_id=subject_id, tenant=tenant, client_addr=client_addr)
     finally:
         await audit.close()
     return notice
@@ -220,6 +239,7 @@ async def _erase_offline(config: AuditConfig, subject_id: str | None, client_add
 @_usage_errors
 def cmd_export(args: argparse.Namespace) -> int:
     config = _config(args)
+    _owner_arg(args)
     if _no_log(config):
         return 2
     if not config.key_dir.is_dir():
@@ -227,7 +247,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     try:
         result = export_subject(config.log_dir, config.key_dir, Path(args.out), subject_id=args.subject,
-                                client_addr=args.client_addr, tenant=getattr(args, "tenant", None),
+                                tenant=args.tenant, client_addr=args.client_addr,
                                 anchor_dir=config.anchor_dir if config.anchor_dir.is_dir() else None)
     except (OSError, KeyStoreError) as exc:
         print(f"cannot export: {exc}", file=sys.stderr)
@@ -317,8 +337,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _who(parser: argparse.ArgumentParser) -> None:
     who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--subject", type=_who_arg, help="the data subject's id (the token's sub)")
+    who.add_argument("--subject", type=_who_arg,
+                     help="the data subject's id (the token's sub); needs --tenant")
     who.add_argument("--client-addr", type=_who_arg, help="a client address (refusals before authentication)")
+    parser.add_argument("--tenant", type=_who_arg,
+                        help="the subject's tenant (required with --subject: the same sub in another tenant "
+                             "is another person)")
 
 
 def add_audit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -345,7 +369,6 @@ def add_audit_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     _common(p)
     _who(p)
     p.add_argument("--out", default=".", help="output directory (default .)")
-    p.add_argument("--tenant", help="only this tenant's records (the same sub may be another person elsewhere)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="access per model, tenant and purpose for a period")

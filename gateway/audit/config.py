@@ -28,7 +28,9 @@ class AuditConfig:
 
     ``personal_fields`` are encrypted under the data subject's key (``enc``) and can be
     crypto-shredded; ``subject_id`` and ``client_addr`` additionally leave a keyed
-    pseudonym in clear (``subject``, ``client``) so records stay linkable for review.
+    pseudonym in clear (``subject``, ``client``) so records stay linkable for review. A
+    record's subject is the pair (``subject_tenant``, ``subject_id``): one ``sub`` in two
+    tenants is two people (see ``crypto.subject_owner``).
     """
 
     log_dir: Path

@@ -49,14 +49,46 @@ class KeyStoreError(Exception):
     """The key store is missing, unreadable or inconsistent."""
 
 
-def subject_owner(subject_id: str) -> str:
-    """The owner string of an authenticated data subject (namespaced, never an address)."""
-    return "sub:" + subject_id
+# Between tenant and subject in an owner string: a control character, which neither holds
+# (the gateway refuses a token whose sub or tenant has one; subject_owner refuses it too).
+OWNER_SEPARATOR = "\x1f"
+
+
+def subject_owner(tenant: str, subject_id: str) -> str:
+    """The owner string of an authenticated data subject (namespaced, never an address).
+
+    SECURITY: a person is (tenant, sub), never sub alone: each tenant has its own users, so
+    ``alice`` of acme and ``alice`` of globex are two people. One owner for both would give
+    them one pseudonym (linkable across tenants) and one key (erasing one shreds the other's
+    audit evidence). The separator keeps the string injective: it is refused in either part.
+    """
+    if not tenant or not subject_id:
+        raise ValueError("a data subject needs both a tenant and a subject id")
+    if OWNER_SEPARATOR in tenant or OWNER_SEPARATOR in subject_id:
+        raise ValueError("a tenant or subject id holds a control character (U+001F): it names no one")
+    return "sub:" + tenant + OWNER_SEPARATOR + subject_id
 
 
 def address_owner(client_addr: str) -> str:
     """The owner string of a client address (refusals before authentication)."""
     return "addr:" + client_addr
+
+
+def owner_for(*, subject_id: str | None = None, tenant: str | None = None, client_addr: str | None = None) -> str:
+    """The owner an erasure or access request names: a subject of a tenant, or an address.
+
+    Raises ValueError for anything else: a subject without its tenant would have to mean
+    every tenant's person of that name, and an address belongs to no tenant.
+    """
+    if (subject_id is None) == (client_addr is None):
+        raise ValueError("name exactly one of subject_id or client_addr")
+    if subject_id is not None:
+        if tenant is None:
+            raise ValueError("a subject id names a person only within a tenant: name the tenant too")
+        return subject_owner(tenant, subject_id)
+    if tenant is not None:
+        raise ValueError("a client address belongs to no tenant: name no tenant with it")
+    return address_owner(client_addr or "")
 
 
 def valid_family_kid(kid: object) -> bool:

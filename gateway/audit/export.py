@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import os
@@ -26,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.crypto import KeyStore, Unreadable, address_owner, subject_owner, unseal
+from gateway.audit.crypto import KeyStore, Unreadable, owner_for, unseal
 from gateway.audit.records import iter_records, parse_time
 from gateway.audit.verify import verify
 from gateway.files import ensure_dir
@@ -52,19 +51,12 @@ class ExportResult:
     chain_ok: bool
 
 
-def _owner(subject_id: str | None, client_addr: str | None) -> str:
-    if (subject_id is None) == (client_addr is None):
-        raise ValueError("name exactly one of subject_id or client_addr")
-    return subject_owner(subject_id) if subject_id is not None else address_owner(client_addr or "")
-
-
-def subject_records(log_dir: Path, keys: KeyStore, owner: str, *,
-                    tenant: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+def subject_records(log_dir: Path, keys: KeyStore, owner: str) -> tuple[list[str], list[dict[str, Any]]]:
     """The owner's pseudonyms and every record about them, personal fields decrypted.
 
-    One row per request, with its final ``outcome`` (see :func:`_pair_outcomes`).
-    ``tenant``: only that tenant's records (a tenant-scoped request, where the same
-    ``sub`` may name someone else in another tenant); erasure records are always kept.
+    One row per request, with its final ``outcome`` (see :func:`_pair_outcomes`). A
+    subject owner is one tenant's person (crypto.subject_owner): the same ``sub`` in
+    another tenant has other pseudonyms, so their records are never matched here.
 
     An address owner gets only the records where the address is the only identity
     (refusals before authentication): an authenticated request from that address is
@@ -97,9 +89,6 @@ def subject_records(log_dir: Path, keys: KeyStore, owner: str, *,
         # SECURITY: an address DSAR never discloses an authenticated person's records
         # (their subject id and activity) just because they shared the address.
         if field == "client" and record.get("subject") not in (None, *wanted):
-            continue
-        # SECURITY: a tenant-scoped export holds nothing of another tenant.
-        if tenant is not None and record.get("tenant") != tenant:
             continue
         row = {k: v for k, v in record.items() if k not in _CHAIN_FIELDS}
         enc = record.get("enc")
@@ -144,18 +133,20 @@ def _pair_outcomes(rows: list[dict[str, Any]], abandoned: Mapping[int, Mapping[s
 
 
 def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: str | None = None,
-                   client_addr: str | None = None, anchor_dir: Path | None = None,
-                   now: datetime | None = None, tenant: str | None = None) -> ExportResult:
+                   tenant: str | None = None, client_addr: str | None = None, anchor_dir: Path | None = None,
+                   now: datetime | None = None) -> ExportResult:
     """Write ``dsar-<pseudonym>.json`` and ``.csv`` (mode 0600) into ``out_dir``.
 
-    Raises FileNotFoundError if ``log_dir`` is not a directory: an empty report for a
-    mistyped path would read as "we hold nothing about this person".
+    A subject is named with its ``tenant`` (the subject's tenant, required: ValueError
+    without it); a client address without one. Raises FileNotFoundError if ``log_dir``
+    is not a directory: an empty report for a mistyped path would read as "we hold
+    nothing about this person".
     """
+    owner = owner_for(subject_id=subject_id, tenant=tenant, client_addr=client_addr)
     if not log_dir.is_dir():
         raise FileNotFoundError(f"no audit log at {log_dir}")
-    owner = _owner(subject_id, client_addr)
     keys = KeyStore(key_dir, create=False)
-    pseudonyms, rows = subject_records(log_dir, keys, owner, tenant=tenant)
+    pseudonyms, rows = subject_records(log_dir, keys, owner)
     check = verify(log_dir, anchor_dir=anchor_dir, key_dir=key_dir)
     if not check.ok:
         # SECURITY: never pass a possibly forged record off as genuine: every row from the
@@ -171,8 +162,8 @@ def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: s
     report = {
         "kind": "data_subject_access_report",
         "generated_at": stamp,
-        "subject": ({"subject_id": subject_id} if subject_id is not None else {"client_addr": client_addr})
-        | ({"tenant": tenant} if tenant is not None else {}),
+        "subject": ({"subject_id": subject_id, "tenant": tenant} if subject_id is not None
+                    else {"client_addr": client_addr}),
         "pseudonyms": pseudonyms,
         "chain": {"ok": check.ok, "records": check.records, "first_bad_seq": check.first_bad_seq,
                   "problem": check.problem},
@@ -182,7 +173,7 @@ def export_subject(log_dir: Path, key_dir: Path, out_dir: Path, *, subject_id: s
         "erased_records": erased,
     }
     ensure_dir(out_dir)
-    tag = (pseudonyms[0][:16] if pseudonyms else "none") + (f"-t{_tenant_tag(tenant)}" if tenant is not None else "")
+    tag = pseudonyms[0][:16] if pseudonyms else "none"
     json_path = out_dir / f"dsar-{tag}.json"
     csv_path = out_dir / f"dsar-{tag}.csv"
     _write_private_text(json_path, json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
@@ -216,11 +207,6 @@ def data_categories(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         out.append({"category": "privacy budget use", "items": ["differential-privacy epsilon spent per request"],
                     "source": source, "purposes": purposes, "protection": "counts only"})
     return out
-
-
-def _tenant_tag(tenant: str) -> str:
-    """A file-name-safe tag of a tenant name (any text: never a path component)."""
-    return hashlib.sha256(tenant.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def _write_private_text(path: Path, text: str) -> None:

@@ -63,7 +63,7 @@ from gateway.audit.anchors import (
     sign_with,
 )
 from gateway.audit.config import AuditConfig
-from gateway.audit.crypto import KeyStore, address_owner, seal, subject_owner
+from gateway.audit.crypto import KeyStore, address_owner, owner_for, seal, subject_owner
 from gateway.audit.records import (
     GENESIS,
     RESERVED,
@@ -93,6 +93,10 @@ INTERNAL_TYPES = frozenset({"tombstone", "erasure", "key_rotation", "recovery", 
                             "refusals_dropped"})
 # Set only by the log on a record it writes late for a request it refused (AUD-08).
 DEFERRED = "deferred"
+# The tenant of a record's ``subject_id``, exactly as authenticated: with it the subject
+# names one person (see crypto.subject_owner). Never written in clear: it only ever goes
+# into the encrypted personal fields. (The clear ``tenant`` field may be redacted.)
+SUBJECT_TENANT = "subject_tenant"
 
 
 class AuditIntegrityError(Exception):
@@ -251,9 +255,9 @@ class AuditLog:
         (client gone) after it was written, so no 2xx left for it (see :meth:`_abandon`)."""
         self._abandon(seq, request_id, cause)
 
-    def pseudonym(self, subject_id: str) -> str:
-        """The keyed pseudonym a record carries for ``subject_id`` (linkable, not reversible)."""
-        return self.keys.pseudonym(subject_owner(subject_id))
+    def pseudonym(self, tenant: str, subject_id: str) -> str:
+        """The keyed pseudonym a record carries for ``subject_id`` of ``tenant`` (linkable, not reversible)."""
+        return self.keys.pseudonym(subject_owner(tenant, subject_id))
 
     async def start(self) -> None:
         """Recover the chain head (sealing a torn tail) and start the writer."""
@@ -293,6 +297,7 @@ class AuditLog:
             raise _unavailable("audit trail closed")
         try:
             body = _checked_body(record)
+            self._check_subject(body)
         except (TypeError, ValueError) as exc:
             log.error("audit_record_rejected", error=str(exc))  # noqa: TRY400 - a bug, but no trace needed
             raise _unavailable("audit record not representable") from exc
@@ -340,9 +345,14 @@ class AuditLog:
         """Delete sealed segments older than ``retention_s`` behind a signed tombstone."""
         return await self._call(lambda: self._retention_sync(self._retention_now() if now is None else now))
 
-    async def erase(self, *, subject_id: str | None = None, client_addr: str | None = None) -> dict[str, Any]:
-        """Crypto-shred a data subject's keys and record a signed erasure in the chain."""
-        owner = _owner(subject_id, client_addr)
+    async def erase(self, *, subject_id: str | None = None, tenant: str | None = None,
+                    client_addr: str | None = None) -> dict[str, Any]:
+        """Crypto-shred a data subject's keys and record a signed erasure in the chain.
+
+        A subject is named with its ``tenant`` (ValueError without it): the same ``sub`` in
+        another tenant is another person, whose keys stay.
+        """
+        owner = owner_for(subject_id=subject_id, tenant=tenant, client_addr=client_addr)
         return await self._call(lambda: self._erase_sync(owner))
 
     async def rotate_key(self, family: KeyFamilyName) -> str:
@@ -369,6 +379,19 @@ class AuditLog:
             self._executor.shutdown()
 
     # ------------------------------------------------------------------ event-loop side
+
+    def _check_subject(self, body: Mapping[str, Any]) -> None:
+        """A record naming a subject must name the subject's tenant (ValueError otherwise).
+
+        Checked here, before the record is queued, so a bad one is refused alone (503)
+        rather than failing the batch it would have been written in.
+        """
+        subject_id = body.get("subject_id")
+        if "subject_id" in self.config.personal_fields and isinstance(subject_id, str) and subject_id:
+            tenant = body.get(SUBJECT_TENANT)
+            # SECURITY: no fallback to sub alone or to the clear (redacted) tenant: either
+            # would merge two tenants' people under one pseudonym and one key.
+            subject_owner(tenant if isinstance(tenant, str) else "", subject_id)
 
     async def _call(self, fn: Callable[[], T]) -> T:
         if self._state == "new":
@@ -668,6 +691,7 @@ class AuditLog:
 
     def _prepare(self, record: Mapping[str, Any], seq: int, head: str, mac_kid: str) -> dict[str, Any]:
         body = dict(record)
+        subject_tenant = body.pop(SUBJECT_TENANT, None)  # never in clear (see SUBJECT_TENANT)
         personal = {k: body.pop(k) for k in self.config.personal_fields if k in body}
         personal = {k: v for k, v in personal.items() if v not in (None, "")}
         owner: str | None = None
@@ -675,8 +699,9 @@ class AuditLog:
         if isinstance(client_addr, str):
             body["client"] = self.keys.pseudonym(address_owner(client_addr))
             owner = body["client"]
-        if isinstance(subject_id, str):
-            body["subject"] = self.keys.pseudonym(subject_owner(subject_id))
+        if isinstance(subject_id, str) and isinstance(subject_tenant, str):  # checked on append
+            body["subject"] = self.keys.pseudonym(subject_owner(subject_tenant, subject_id))
+            personal[SUBJECT_TENANT] = subject_tenant
             owner = body["subject"]
         if personal:
             if owner is None:
@@ -884,12 +909,6 @@ def _checked_body(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _looks_like_jwt(value: str) -> bool:
     return value.startswith("eyJ") and value.count(".") == 2 and len(value) > 40
-
-
-def _owner(subject_id: str | None, client_addr: str | None) -> str:
-    if (subject_id is None) == (client_addr is None):
-        raise ValueError("name exactly one of subject_id or client_addr")
-    return subject_owner(subject_id) if subject_id is not None else address_owner(client_addr or "")
 
 
 def erasure_notice(keys: AnchorKeys, pseudonyms: Sequence[str], key_ids: Sequence[str],

@@ -24,6 +24,8 @@ def request_record(n: int, **extra: Any) -> dict[str, Any]:
         "reason": "ok", "status": 200, "latency_ms": 1.5, "policy_revision": "abc123", "n": n,
     }
     record.update(extra)
+    # As the gateway writes it: the subject's tenant, unredacted, beside the subject id.
+    record.setdefault("subject_tenant", record.get("tenant"))
     return record
 
 

@@ -30,6 +30,7 @@ async def run(root: Path, concurrency: int) -> None:
         while True:
             n = next(counter)
             seq = await log.append({"request_id": f"k-{n}", "n": n, "subject_id": f"user-{n % 7}",
+                                    "subject_tenant": "acme",
                                     "client_addr": "127.0.0.1", "decision": "allow", "status": 200})
             out.write(f"{seq} {n}\n")
             out.flush()

@@ -55,6 +55,7 @@ class Tag(str):
 
 
 SUBJECTS = ("alice", "bob", "carol")
+TENANT = "acme"
 ADDRESSES = ("10.0.0.7", "192.0.2.1")
 
 
@@ -64,7 +65,7 @@ def _write_keys(key_dir: Path) -> None:
         ensure_dir(key_dir / family)
         write_private(key_dir / family / f"{kid}.key", _key(kid))
         write_private(key_dir / family / "CURRENT", kid.encode("ascii"))
-    owners = [subject_owner(s) for s in SUBJECTS] + [address_owner(a) for a in ADDRESSES]
+    owners = [subject_owner(TENANT, s) for s in SUBJECTS] + [address_owner(a) for a in ADDRESSES]
     owners += [f"day:{day}" for day in ("2025-11-24", "2025-11-23")]
     ensure_dir(key_dir / "subjects")
     for owner in owners:
@@ -94,7 +95,8 @@ def gateway_record(n: int) -> dict[str, Any]:
     return {
         "request_id": f"{n:032x}", "policy_revision": "553c67e4c311", "transport": "http",
         "route": "/v2/models/{model}/infer", "action": "infer", "model": "digits", "model_version": "1",
-        "tenant": "acme", "subject_id": SUBJECTS[n % len(SUBJECTS)], "client_addr": ADDRESSES[n % 2],
+        "tenant": TENANT, "subject_id": SUBJECTS[n % len(SUBJECTS)], "subject_tenant": TENANT,
+        "client_addr": ADDRESSES[n % 2],
         "roles": ["analyst", "auditor"], "decision": "allow", "reason": "ok", "status": 200,
         "latency_ms": round(4.967 + n / 7, 3),
         "stages": [{"stage": s, "outcome": "allowed", "reason": None, "us": round(7.4 * (i + 1) + n / 3, 1)}
@@ -120,6 +122,7 @@ def edge_records() -> list[dict[str, Any]]:
          "enum": Colour.RED, "intenum": Level.HIGH, "tag": Tag("tagged"), "ordered": OrderedDict(z=1, a=2.0),
          "nested": {"deep": {"deeper": [{"x": 1.5}, [], {}]}}},
         {"authorization": "Bearer abc", "Token": "t", "note": JWT_LIKE, "subject_id": SUBJECTS[0],
+         "subject_tenant": TENANT,
          "api_key": {"nested": "secret"}, "harmless": "eyJ.short"},
         {"subject_id": 12345, "reason": "personal data without a known person: per-day key"},
     ]

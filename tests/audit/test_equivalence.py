@@ -2,7 +2,9 @@
 
 The golden file was written by the audit log as it was before the issue-11 hot-path work
 (canonical encoding, chain, MAC and AES-GCM blobs included), so any change of the writer
-that moves a byte fails here. Regenerate it only for an intended format change::
+that moves a byte fails here. Regenerated once since, for an intended format change (s8: a
+subject's owner is tenant + sub, so ``subject``, ``enc`` and the chain moved; nothing else).
+Regenerate it only for an intended format change::
 
     .venv/bin/python tests/audit/equivalence_scenario.py tests/audit/data/equivalence_segment.jsonl
 """

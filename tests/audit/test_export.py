@@ -40,12 +40,12 @@ async def mixed(tmp_path: Path) -> Path:
 class TestSubjectExport:
     def test_json_and_csv_hold_everything_about_the_person_and_nothing_else(self, mixed: Path) -> None:
         config = make_config(mixed)
-        result = export_subject(config.log_dir, config.key_dir, mixed / "out", subject_id="alice",
+        result = export_subject(config.log_dir, config.key_dir, mixed / "out", subject_id="alice", tenant="acme",
                                 anchor_dir=config.anchor_dir)
         assert (result.records, result.erased, result.chain_ok) == (2, 0, True)
         report = json.loads(result.json_path.read_text())
         assert report["kind"] == "data_subject_access_report"
-        assert report["subject"] == {"subject_id": "alice"}
+        assert report["subject"] == {"subject_id": "alice", "tenant": "acme"}
         assert [r["model"] for r in report["records"]] == ["digits", "risk"]
         assert {r["subject_id"] for r in report["records"]} == {"alice"}
         assert "bob" not in result.json_path.read_text()
@@ -61,7 +61,7 @@ class TestSubjectExport:
 
     def test_unknown_subject_gives_an_empty_report(self, mixed: Path) -> None:
         config = make_config(mixed)
-        result = export_subject(config.log_dir, config.key_dir, mixed / "out", subject_id="nobody")
+        result = export_subject(config.log_dir, config.key_dir, mixed / "out", subject_id="nobody", tenant="acme")
         assert result.records == 0
         assert json.loads(result.json_path.read_text())["records"] == []
 
@@ -96,7 +96,7 @@ class TestCli:
     async def test_export_and_report_commands(self, mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config = make_config(mixed)
         common = {"dir": str(config.log_dir), "anchors": str(config.anchor_dir), "keys": str(config.key_dir)}
-        args = argparse.Namespace(**common, subject="bob", client_addr=None, out=str(mixed / "dsar"))
+        args = argparse.Namespace(**common, subject="bob", tenant="globex", client_addr=None, out=str(mixed / "dsar"))
         assert await asyncio.to_thread(cmd_export, args) == 0
         assert "1 record(s)" in capsys.readouterr().out
         assert len(list((mixed / "dsar").iterdir())) == 2
@@ -114,19 +114,37 @@ class TestOfficerProbes:
     and addresses, planted output files, mistyped directories, a forged log."""
 
     async def test_a_tenant_scoped_export_holds_nothing_of_the_other_tenant(self, tmp_path: Path) -> None:
+        """One sub in two tenants is two people: each export is one tenant's, and there is
+        no export of "u1" in every tenant at once."""
         config = make_config(tmp_path)
         log = AuditLog(config)
         await log.append(request_record(0, subject_id="u1", tenant="alpha", model="digits"))
         await log.append(request_record(1, subject_id="u1", tenant="beta", model="beta-secret-model"))
         await log.close()
-        both = export_subject(config.log_dir, config.key_dir, tmp_path / "all", subject_id="u1")
-        assert both.records == 2
+        with pytest.raises(ValueError, match="tenant"):
+            export_subject(config.log_dir, config.key_dir, tmp_path / "all", subject_id="u1")
+        assert not (tmp_path / "all").exists()
         alpha = export_subject(config.log_dir, config.key_dir, tmp_path / "alpha", subject_id="u1", tenant="alpha")
         text = alpha.json_path.read_text() + alpha.csv_path.read_text()
         assert alpha.records == 1 and "beta" not in text
         assert json.loads(alpha.json_path.read_text())["subject"] == {"subject_id": "u1", "tenant": "alpha"}
-        # Its own file name: a scoped export never overwrites the full one.
-        assert alpha.json_path.name != both.json_path.name
+        beta = export_subject(config.log_dir, config.key_dir, tmp_path / "beta", subject_id="u1", tenant="beta")
+        assert beta.records == 1 and "digits" not in beta.json_path.read_text()
+        # Two people, two pseudonyms: neither file name is the other's.
+        assert alpha.json_path.name != beta.json_path.name
+
+    async def test_the_subject_is_found_by_its_authenticated_tenant_not_the_clear_one(self, tmp_path: Path) -> None:
+        """The clear ``tenant`` field is redacted when it looks like personal data; the
+        person is keyed on the tenant as authenticated (``subject_tenant``, encrypted)."""
+        config = make_config(tmp_path)
+        log = AuditLog(config)
+        await log.append(request_record(0, subject_id="u1", tenant="[US_SSN]", subject_tenant="078-05-1120"))
+        await log.append(request_record(1, subject_id="u1", tenant="[US_SSN]", subject_tenant="078-05-1121"))
+        await log.close()
+        assert "078-05-112" not in "".join(json.dumps(r) for r in records(config))  # never in clear
+        mine = export_subject(config.log_dir, config.key_dir, tmp_path / "a", subject_id="u1", tenant="078-05-1120")
+        [row] = json.loads(mine.json_path.read_text())["records"]
+        assert (row["seq"], row["subject_tenant"], row["personal_data"]) == (1, "078-05-1120", "readable")
 
     async def test_an_address_export_never_opens_an_authenticated_persons_records(self, tmp_path: Path) -> None:
         config = make_config(tmp_path)
@@ -143,7 +161,7 @@ class TestOfficerProbes:
     @pytest.mark.parametrize("plant", ["world_readable_file", "symlink"])
     async def test_a_file_planted_at_the_output_name_is_replaced_not_reused(self, mixed: Path, plant: str) -> None:
         config = make_config(mixed)
-        first = export_subject(config.log_dir, config.key_dir, mixed / "probe", subject_id="alice")
+        first = export_subject(config.log_dir, config.key_dir, mixed / "probe", subject_id="alice", tenant="acme")
         shared = mixed / "shared"
         shared.mkdir()
         victim = mixed / "victim"
@@ -153,7 +171,7 @@ class TestOfficerProbes:
             else:
                 (shared / name).write_text("planted")
                 (shared / name).chmod(0o666)
-        result = export_subject(config.log_dir, config.key_dir, shared, subject_id="alice")
+        result = export_subject(config.log_dir, config.key_dir, shared, subject_id="alice", tenant="acme")
         for path in (result.json_path, result.csv_path):
             assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
             assert "alice" in path.read_text()
@@ -174,7 +192,7 @@ class TestOfficerProbes:
         lines[index] = lines[index].replace(b'"decision":"allow"', b'"decision":"deny"')
         path.write_bytes(b"".join(lines))
         args = argparse.Namespace(dir=str(config.log_dir), anchors=str(config.anchor_dir), keys=str(config.key_dir),
-                                  subject="alice", client_addr=None, out=str(mixed / "dsar"))
+                                  subject="alice", tenant="acme", client_addr=None, out=str(mixed / "dsar"))
         assert await asyncio.to_thread(cmd_export, args) == 1
         assert "TAMPERED" in capsys.readouterr().err
         rows = list(csv.DictReader(io.StringIO(next((mixed / "dsar").glob("*.csv")).read_text())))
@@ -188,7 +206,8 @@ class TestOfficerProbes:
         config = make_config(mixed)
         wrong = mixed / "lgo"
         args = argparse.Namespace(dir=str(wrong), anchors=str(config.anchor_dir), keys=str(config.key_dir),
-                                  subject="alice", client_addr=None, out=str(mixed / "dsar"), since=None, until=None,
+                                  subject="alice", tenant="acme", client_addr=None, out=str(mixed / "dsar"),
+                                  since=None, until=None,
                                   json=False, days=1.0, family="pseudonym")
         keys_before = sorted(p.relative_to(config.key_dir) for p in config.key_dir.rglob("*"))
         func = {"export": cli.cmd_export, "report": cli.cmd_report, "erase": cli.cmd_erase,
@@ -205,9 +224,14 @@ class TestOfficerProbes:
         ["retention", "{log}", "--days", "-1"],
         ["retention", "{log}", "--days", "nan"],
         ["retention", "{log}", "--days", "0"],
-        ["export", "{log}", "--keys", "{log}", "--subject", "alice", "--out", "{tmp}/o"],
-        ["erase", "{log}", "--subject", ""],
+        ["export", "{log}", "--keys", "{log}", "--subject", "alice", "--tenant", "acme", "--out", "{tmp}/o"],
+        ["erase", "{log}", "--subject", "", "--tenant", "acme"],
+        ["erase", "{log}", "--subject", "alice", "--tenant", ""],
+        ["erase", "{log}", "--subject", "alice", "--tenant", "ac\x1fme"],
         ["export", "{log}", "--client-addr", "", "--out", "{tmp}/o"],
+        ["erase", "{log}", "--subject", "alice"],
+        ["export", "{log}", "--subject", "alice", "--out", "{tmp}/o"],
+        ["export", "{log}", "--client-addr", "192.0.2.1", "--tenant", "acme", "--out", "{tmp}/o"],
     ])
     def test_bad_arguments_are_exit_2_with_a_message_never_a_traceback(
             self, mixed: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -228,16 +252,18 @@ class TestOfficerProbes:
     async def test_the_report_names_the_categories_it_holds(self, mixed: Path) -> None:
         """CCPA right to know: categories, source and purposes, from what is really held."""
         config = make_config(mixed)
-        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "a", subject_id="alice")
+        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "a", subject_id="alice",
+                                           tenant="acme")
                             .json_path.read_text())
         by_name = {c["category"]: c for c in report["categories"]}
         assert by_name["identifiers"]["items"] == ["account identifier (the token's subject)", "IP address"]
         assert by_name["identifiers"]["purposes"] == ["fraud", "scoring"]
         assert "internet or other electronic network activity" in by_name
         log = AuditLog(config)
-        await log.erase(subject_id="alice")
+        await log.erase(subject_id="alice", tenant="acme")
         await log.close()
-        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "b", subject_id="alice")
+        report = json.loads(export_subject(config.log_dir, config.key_dir, mixed / "b", subject_id="alice",
+                                           tenant="acme")
                             .json_path.read_text())
         assert "identifiers" not in {c["category"] for c in report["categories"]}
         assert report["erased_records"] == 2

@@ -32,7 +32,7 @@ async def test_markers_and_events_are_paired_with_their_request(tmp_path: Path) 
     log.mark_abandoned(other, "req-4", "client_gone")
     await log.close()
 
-    result = export_subject(config.log_dir, config.key_dir, tmp_path / "out", subject_id="alice",
+    result = export_subject(config.log_dir, config.key_dir, tmp_path / "out", subject_id="alice", tenant="acme",
                             anchor_dir=config.anchor_dir)
     report = json.loads(result.json_path.read_text())
     rows = {r["request_id"]: r for r in report["records"]}

@@ -321,7 +321,8 @@ class TestChainShape:
         assert record["time"].endswith("Z")
         # SECURITY: no raw subject or address in clear; the pseudonym is a keyed HMAC.
         assert "user-1" not in line.decode() and "10.0.0.7" not in line.decode()
-        assert record["subject"] == log.pseudonym("user-1")
+        assert "subject_tenant" not in record  # the unredacted tenant is only ever encrypted
+        assert record["subject"] == log.pseudonym("acme", "user-1")
 
     async def test_credentials_never_reach_the_log(self, tmp_path: Path) -> None:
         """AUD-10, last line of defence: a token passed by mistake is redacted."""

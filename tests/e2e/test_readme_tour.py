@@ -67,7 +67,9 @@ def test_the_shell_tour_runs_as_written(served: tuple[GatewayProcess, Path]) -> 
     assert "X-Privacy-Budget-Remaining:" in out and '"name":"score"' in out  # 5. noised score
     assert '"epsilon_spent":0.5' in out  # 5. one row spent of the tenant's budget
     assert "verifies" in out  # 6. the audit trail checks out
-    assert list((workdir / "alice-report").glob("dsar-*.json"))  # 6. alice's records exported
+    [report] = (workdir / "alice-report").glob("dsar-*.json")  # 6. alice's records exported
+    rows = json.loads(report.read_text())["records"]
+    assert rows and {(r["subject_id"], r["subject_tenant"]) for r in rows} == {("alice", "acme")}
 
 
 def test_the_python_snippet_runs_as_written(served: tuple[GatewayProcess, Path]) -> None:
