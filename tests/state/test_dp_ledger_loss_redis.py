@@ -22,7 +22,7 @@ from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.state.redis import RedisState, eviction_policy_of
 from privacy.dp.accounting import RDP_ORDERS, RdpAccountant
 from privacy.dp.ledger import LedgerUnavailable, Period, PeriodScheme, Refused, Reservation
-from tests.support.dp_stage import MIDNIGHT, T0, Clock
+from tests.support.dp_stage import MIDNIGHT, T0, Clock, spend_once
 from tests.support.redis_server import RedisServer
 
 KEY = "alpha/tab_dp"
@@ -51,19 +51,7 @@ def period_at(clock: Clock) -> Period:
 
 async def spend(ledger: StateBudgetLedger, clock: Clock, n: int, key: str = KEY) -> list[str]:
     """n one-query requests; what each got: ok (answered and committed), 429, 503."""
-    out: list[str] = []
-    for _ in range(n):
-        try:
-            result = await ledger.reserve(key, period_at(clock), (EPS,), (BUDGET,))
-        except LedgerUnavailable:
-            out.append("503")
-            continue
-        if isinstance(result, Reservation):
-            await ledger.commit(result)
-            out.append("ok")
-        else:
-            out.append("429")
-    return out
+    return [await spend_once(ledger, key, period_at(clock), (EPS,), (BUDGET,)) for _ in range(n)]
 
 
 def account_key(store: RedisState, key: str = KEY) -> str:

@@ -22,8 +22,8 @@ import pytest
 from gateway.state.dp_file_ledger import FileBudgetLedger
 from gateway.state.dp_ledger import StateBudgetLedger
 from gateway.state.redis import RedisState
-from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger, LedgerUnavailable, PeriodScheme, Reservation
-from tests.support.dp_stage import Clock
+from privacy.dp.ledger import BudgetLedger, InMemoryBudgetLedger, PeriodScheme
+from tests.support.dp_stage import Clock, spend_once
 from tests.support.redis_server import RedisServer
 
 KEY = "acme/risk"
@@ -34,19 +34,8 @@ NEXT_MIDNIGHT = datetime(2026, 12, 4, tzinfo=UTC).timestamp()
 
 async def spend(ledger: BudgetLedger, clock: Clock, period_s: int, n: int, *, size: int = 1) -> list[str]:
     """n one-row requests of ε 0.5 against ε 5 per period of ``period_s``: ok / 429 / 503."""
-    out: list[str] = []
-    for _ in range(n):
-        try:
-            result = await ledger.reserve(KEY, PeriodScheme(period_s).at(clock()), (0.5,) * size, (5.0,) * size)
-        except LedgerUnavailable:
-            out.append("503")
-            continue
-        if isinstance(result, Reservation):
-            await ledger.commit(result)
-            out.append("ok")
-        else:
-            out.append("429")
-    return out
+    return [await spend_once(ledger, KEY, PeriodScheme(period_s).at(clock()), (0.5,) * size, (5.0,) * size)
+            for _ in range(n)]
 
 
 @pytest.fixture

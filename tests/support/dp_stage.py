@@ -15,6 +15,7 @@ from gateway.observability.metrics import Metrics
 from gateway.pipeline import BoundStage, Pipeline
 from gateway.stages.base import Mode
 from gateway.stages.dp_noise import DpNoiser
+from privacy.dp.ledger import BudgetLedger, LedgerUnavailable, Period, Reservation
 
 # 2026-12-02T23:00:00Z: one hour before a UTC midnight, so a period roll-over is one clock step away.
 T0 = datetime(2026, 12, 2, 23, 0, tzinfo=UTC).timestamp()
@@ -77,3 +78,17 @@ async def call_stage(stage: DpNoiser, ctx: RequestContext, req: InferRequest, up
         return resp
     finally:
         await stage.finalize(ctx, ok)
+
+
+async def spend_once(ledger: BudgetLedger, key: str, period: Period, costs: tuple[float, ...],
+                     budgets: tuple[float, ...]) -> str:
+    """One request against a ledger, as the stage spends: ``ok`` (reserved and committed),
+    ``429`` (refused) or ``503`` (ledger unavailable)."""
+    try:
+        result = await ledger.reserve(key, period, costs, budgets)
+    except LedgerUnavailable:
+        return "503"
+    if isinstance(result, Reservation):
+        await ledger.commit(result)
+        return "ok"
+    return "429"
