@@ -34,6 +34,12 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TRACEPARENT_RE = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 
+def _holds_pii(value: str) -> bool:
+    """Whether the PII recognizers find anything in a client-chosen identifier (one rule for
+    the request id and the trace id, which both travel unmasked)."""
+    return redact_text(value) != value
+
+
 def traceparent_for(offered: str | None) -> str:
     """Continue the client's trace when its header is valid and holds no PII, else start one.
 
@@ -45,7 +51,7 @@ def traceparent_for(offered: str | None) -> str:
     valid = offered is not None and _TRACEPARENT_RE.fullmatch(offered)
     trace_id = offered[3:35] if valid and offered else ""
     # SECURITY: a trace id the PII recognizers find anything in is replaced, never forwarded.
-    if not trace_id or redact_text(trace_id) != trace_id:
+    if not trace_id or _holds_pii(trace_id):
         trace_id = random_hex(16)
     return f"00-{trace_id}-{random_hex(8)}-01"
 
@@ -59,7 +65,7 @@ def new_request_id(offered: str | None = None) -> str:
     an id (``078-05-1120`` is well-formed) would reach them all unmasked (catalogue I3).
     """
     # SECURITY: a client id the PII recognizers find anything in is replaced, never echoed.
-    if offered is not None and _REQUEST_ID_RE.fullmatch(offered) and redact_text(offered) == offered:
+    if offered is not None and _REQUEST_ID_RE.fullmatch(offered) and not _holds_pii(offered):
         return offered
     return random_hex(16)
 
